@@ -1,0 +1,235 @@
+//! Loading a Linux kernel and writing the boot parameters it reads on entry (the Linux x86
+//! 64-bit boot protocol, `Documentation/arch/x86/boot.rst`).
+//!
+//! Both kernel formats are entered the same way, in 64-bit mode with the boot parameters'
+//! address in RSI: a bzImage at its 64-bit entry (`startup_64`, 0x200 past the protected-mode
+//! code), an ELF vmlinux at its ELF entry point (as Firecracker does).
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::{BzImage, Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use crate::layout::{self, BOOT_PARAMS_START, CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_MEMORY_START};
+use crate::{Error, Result};
+
+/// `setup_header` magic values and flags.
+const BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const HDRS_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const LOADER_TYPE_UNDEFINED: u8 = 0xff;
+const XLF_KERNEL_64: u16 = 1 << 0;
+/// Offset of `startup_64` from the start of a bzImage's protected-mode code.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// Limits for kernels that do not state them (ELF vmlinux, old headers).
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
+const DEFAULT_CMDLINE_SIZE: usize = 2048;
+const KERNEL_ALIGNMENT: u32 = 0x100_0000;
+
+/// Which kind of image the kernel file was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFormat {
+    BzImage,
+    Elf,
+}
+
+/// A kernel placed in guest memory, ready to be entered.
+#[derive(Clone, Debug)]
+pub struct LoadedKernel {
+    pub format: KernelFormat,
+    /// Guest-physical address of the 64-bit entry point.
+    pub entry: GuestAddress,
+    /// First byte after the kernel image.
+    pub end: u64,
+    /// The bzImage's own setup header, which the boot params carry back to it.
+    header: Option<setup_header>,
+}
+
+impl LoadedKernel {
+    fn initrd_addr_max(&self) -> u64 {
+        match &self.header {
+            Some(h) if h.initrd_addr_max != 0 => u64::from(h.initrd_addr_max),
+            _ => DEFAULT_INITRD_ADDR_MAX,
+        }
+    }
+
+    /// Longest command line (without the NUL) this kernel accepts.
+    pub fn cmdline_limit(&self) -> usize {
+        let stated = match &self.header {
+            Some(h) if h.version >= 0x0206 && h.cmdline_size != 0 => h.cmdline_size as usize,
+            _ => DEFAULT_CMDLINE_SIZE - 1,
+        };
+        stated.min(CMDLINE_MAX_SIZE - 1)
+    }
+}
+
+/// Loads the kernel file at `path` (bzImage or ELF vmlinux) into guest memory.
+pub fn load_kernel<M: GuestMemory>(mem: &M, path: &Path) -> Result<LoadedKernel> {
+    let shown = path.display().to_string();
+    let read_err = |source| Error::KernelRead {
+        path: shown.clone(),
+        source,
+    };
+    let mut file = File::open(path).map_err(read_err)?;
+    let mut head = [0u8; 0x206];
+    let got = read_up_to(&mut file, &mut head).map_err(read_err)?;
+    let head = &head[..got];
+    let load_err = |e: linux_loader::loader::Error| Error::KernelLoad {
+        path: shown.clone(),
+        reason: e.to_string(),
+    };
+    let highmem = Some(GuestAddress(HIGH_MEMORY_START));
+    if head.starts_with(b"\x7fELF") {
+        let result = Elf::load(mem, None, &mut file, highmem).map_err(load_err)?;
+        return Ok(LoadedKernel {
+            format: KernelFormat::Elf,
+            entry: result.kernel_load,
+            end: result.kernel_end,
+            header: None,
+        });
+    }
+    if head.len() >= 0x206 && head[0x202..0x206] == HDRS_MAGIC.to_le_bytes() {
+        let result = BzImage::load(mem, None, &mut file, highmem).map_err(load_err)?;
+        let header = result.setup_header.unwrap_or_default();
+        if header.xloadflags & XLF_KERNEL_64 == 0 {
+            return Err(Error::KernelLoad {
+                path: shown,
+                reason: "this bzImage has no 64-bit entry point (not an x86-64 kernel)".into(),
+            });
+        }
+        return Ok(LoadedKernel {
+            format: KernelFormat::BzImage,
+            entry: GuestAddress(result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET),
+            end: result.kernel_end,
+            header: Some(header),
+        });
+    }
+    Err(Error::NotAKernel { path: shown })
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Where the initrd was placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InitrdPlacement {
+    pub addr: GuestAddress,
+    pub size: u64,
+}
+
+/// Loads the initrd as high as the kernel allows: below its `initrd_addr_max`, below the MMIO
+/// hole and the end of RAM, above the kernel, page aligned.
+pub fn load_initrd<M: GuestMemory>(
+    mem: &M,
+    kernel: &LoadedKernel,
+    path: &Path,
+    mem_size: u64,
+) -> Result<InitrdPlacement> {
+    let data = std::fs::read(path).map_err(|source| Error::InitrdRead {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let size = data.len() as u64;
+    let limit = (kernel.initrd_addr_max() + 1)
+        .min(layout::MMIO_HOLE_START)
+        .min(mem_size);
+    let too_big = Error::InitrdTooBig {
+        size,
+        limit,
+        mem_mib: mem_size >> 20,
+    };
+    let addr = limit.checked_sub(size).ok_or(too_big)? & !0xfff;
+    if addr < kernel.end {
+        return Err(Error::InitrdTooBig {
+            size,
+            limit,
+            mem_mib: mem_size >> 20,
+        });
+    }
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(|source| Error::GuestWrite {
+            what: "initrd",
+            source,
+        })?;
+    Ok(InitrdPlacement {
+        addr: GuestAddress(addr),
+        size,
+    })
+}
+
+/// Everything the boot parameters describe besides the kernel itself.
+#[derive(Clone, Debug)]
+pub struct BootSetup<'a> {
+    pub cmdline: &'a str,
+    pub initrd: Option<InitrdPlacement>,
+    pub mem_size: u64,
+    pub rsdp: GuestAddress,
+}
+
+/// Writes the command line and the boot parameters ("zero page") for `kernel`.
+pub fn write_boot_params<M: GuestMemory>(
+    mem: &M,
+    kernel: &LoadedKernel,
+    setup: &BootSetup,
+) -> Result<()> {
+    let cmdline = setup.cmdline.as_bytes();
+    if cmdline.contains(&0) {
+        return Err(Error::CmdlineNul);
+    }
+    let max = kernel.cmdline_limit();
+    if cmdline.len() > max {
+        return Err(Error::CmdlineTooLong {
+            len: cmdline.len(),
+            max,
+        });
+    }
+    let mut with_nul = cmdline.to_vec();
+    with_nul.push(0);
+    mem.write_slice(&with_nul, GuestAddress(CMDLINE_START))
+        .map_err(|source| Error::GuestWrite {
+            what: "kernel command line",
+            source,
+        })?;
+
+    let mut params = boot_params::default();
+    params.hdr = kernel.header.unwrap_or(setup_header {
+        boot_flag: BOOT_FLAG_MAGIC,
+        header: HDRS_MAGIC,
+        kernel_alignment: KERNEL_ALIGNMENT,
+        ..Default::default()
+    });
+    params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline.len() as u32;
+    if let Some(initrd) = setup.initrd {
+        params.hdr.ramdisk_image = initrd.addr.0 as u32;
+        params.ext_ramdisk_image = (initrd.addr.0 >> 32) as u32;
+        params.hdr.ramdisk_size = initrd.size as u32;
+        params.ext_ramdisk_size = (initrd.size >> 32) as u32;
+    }
+    params.acpi_rsdp_addr = setup.rsdp.0;
+    let map = layout::e820_map(setup.mem_size);
+    for (slot, entry) in params.e820_table.iter_mut().zip(&map) {
+        *slot = boot_e820_entry {
+            addr: entry.addr,
+            size: entry.size,
+            type_: entry.kind,
+        };
+    }
+    params.e820_entries = map.len() as u8;
+    mem.write_obj(params, GuestAddress(BOOT_PARAMS_START))
+        .map_err(|source| Error::GuestWrite {
+            what: "boot parameters",
+            source,
+        })
+}
