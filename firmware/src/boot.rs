@@ -33,6 +33,8 @@ const KERNEL_ALIGNMENT: u32 = 0x100_0000;
 pub enum KernelFormat {
     BzImage,
     Elf,
+    /// Code with no headers, entered at its first byte.
+    Raw,
 }
 
 /// A kernel placed in guest memory, ready to be entered.
@@ -232,4 +234,20 @@ pub fn write_boot_params<M: GuestMemory>(
             what: "boot parameters",
             source,
         })
+}
+
+/// Places raw 64-bit code at [`HIGH_MEMORY_START`] and enters it like a vmlinux (used for
+/// nixvmm's built-in guest).
+pub fn load_raw<M: GuestMemory>(mem: &M, code: &[u8]) -> Result<LoadedKernel> {
+    mem.write_slice(code, GuestAddress(HIGH_MEMORY_START))
+        .map_err(|source| Error::GuestWrite {
+            what: "built-in guest",
+            source,
+        })?;
+    Ok(LoadedKernel {
+        format: KernelFormat::Raw,
+        entry: GuestAddress(HIGH_MEMORY_START),
+        end: HIGH_MEMORY_START + code.len() as u64,
+        header: None,
+    })
 }

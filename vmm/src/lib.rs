@@ -1,1 +1,114 @@
+//! nixvmm: a KVM virtual-machine monitor that boots NixOS systems directly.
+//!
+//! Front doors ([`cli`]) produce a [`VmConfig`]; [`run`] builds a [`vm::Vm`] from it, runs it,
+//! and rebuilds it when the guest reboots.
 
+pub mod builtin_guest;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod cpu;
+pub mod system;
+pub mod vcpu;
+pub mod vm;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub use config::{Kernel, VmConfig};
+use devices::bus::lock;
+use devices::serial::SerialConsole;
+use devices::{ExitSender, VmExit};
+use kvm_ioctls::Kvm;
+
+use crate::console::ConsoleOutput;
+use crate::vm::{Vm, VmError};
+
+/// How a run ended, when it ended well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off.
+    PoweredOff,
+    /// The guest rebooted (or panicked into a reboot) and `no_reboot` was set.
+    Rebooted,
+    /// [`Control::stop`] was called (Ctrl-A x on the console).
+    Stopped,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("{0}")]
+    Kvm(String),
+    #[error(transparent)]
+    Build(#[from] VmError),
+    #[error("the VM failed: {0}")]
+    Failed(String),
+}
+
+/// Reaches the running VM from other threads: console input and stopping. Stays valid across
+/// guest reboots, following each new VM.
+#[derive(Clone, Default)]
+pub struct Control {
+    current: Arc<Mutex<Option<(ExitSender, Arc<Mutex<SerialConsole>>)>>>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl Control {
+    /// Stops the VM; `run` returns [`Outcome::Stopped`].
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        if let Some((exit, _)) = &*lock(&self.current) {
+            let _ = exit.send(VmExit::Stopped);
+        }
+    }
+
+    /// Queues console input for the guest; returns how many bytes it took.
+    pub fn send_input(&self, bytes: &[u8]) -> usize {
+        match &*lock(&self.current) {
+            Some((_, serial)) => lock(serial).enqueue_input(bytes),
+            None => 0,
+        }
+    }
+
+    fn attach(&self, vm: &Vm) {
+        *lock(&self.current) = Some((vm.exit_sender(), vm.serial()));
+        if self.stopped.load(Ordering::Acquire) {
+            let _ = vm.exit_sender().send(VmExit::Stopped);
+        }
+    }
+}
+
+/// Opens /dev/kvm, turning the usual failures into advice.
+pub fn open_kvm() -> Result<Kvm, RunError> {
+    Kvm::new().map_err(|e| {
+        RunError::Kvm(match e.errno() {
+            libc::ENOENT => "/dev/kvm does not exist: enable KVM on this host (load kvm_intel or \
+                             kvm_amd, or turn on virtualization in the firmware)"
+                .into(),
+            libc::EACCES | libc::EPERM => "no permission to open /dev/kvm: add your user to the \
+                                           kvm group (usermod -aG kvm $USER) and log in again"
+                .into(),
+            _ => format!("cannot open /dev/kvm: {e}"),
+        })
+    })
+}
+
+/// Boots `config` and runs it until the guest powers off, reboots with `no_reboot`, fails or
+/// is stopped. A reboot without `no_reboot` builds a fresh VM and boots again.
+pub fn run(config: &VmConfig, output: &ConsoleOutput, control: &Control) -> Result<Outcome, RunError> {
+    config.validate()?;
+    let kvm = open_kvm()?;
+    loop {
+        let vm = Vm::build(&kvm, config, output)?;
+        control.attach(&vm);
+        match vm.run() {
+            VmExit::Shutdown => return Ok(Outcome::PoweredOff),
+            VmExit::Stopped => return Ok(Outcome::Stopped),
+            VmExit::Reset if config.no_reboot => return Ok(Outcome::Rebooted),
+            VmExit::Reset => log::info!("guest reboot: starting again"),
+            VmExit::Failed(reason) => return Err(RunError::Failed(reason)),
+        }
+    }
+}

@@ -1,1 +1,68 @@
-fn main() {}
+//! The `nixvmm` binary: parse, run, map the outcome to an exit status. Errors are one line on
+//! stderr and status 1.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::cli::{Cli, Command};
+use vmm::console::{spawn_stdin_pump, ConsoleOutput, RawTerminal};
+use vmm::Control;
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            eprint!("nixvmm: {}: {}\r\n", record.level().as_str().to_lowercase(), record.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Usage errors end with status 1 like every other error; --help and --version with 0.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let _ = log::set_logger(&StderrLogger);
+    log::set_max_level(match cli.verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    });
+    let result = match cli.command {
+        Command::Run(args) => args
+            .into_config()
+            .map_err(|e| e.to_string())
+            .and_then(|config| {
+                let control = Control::default();
+                let terminal = RawTerminal::enter();
+                spawn_stdin_pump(control.clone());
+                let outcome = vmm::run(&config, &ConsoleOutput::stdout(), &control);
+                drop(terminal);
+                outcome.map_err(|e| e.to_string())
+            }),
+    };
+    match result {
+        Ok(outcome) => {
+            log::info!("guest ended: {outcome:?}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("nixvmm: error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The COM1 16550A UART (vm-superio's 8250 model) with its interrupt on an eventfd.
+
+use std::io::Write;
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// Raises the UART's interrupt by writing its eventfd (registered with KVM as an irqfd).
+pub struct EventFdTrigger(EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The guest's serial console: what it transmits goes to `out`; host input is queued with
+/// [`SerialConsole::enqueue_input`].
+pub struct SerialConsole {
+    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialConsole {
+    pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> SerialConsole {
+        SerialConsole {
+            uart: Serial::new(EventFdTrigger(interrupt), out),
+        }
+    }
+
+    /// Queues host bytes for the guest to read; returns how many fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity().min(bytes.len());
+        if room == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(&bytes[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial input dropped: {e:?}");
+                0
+            }
+        }
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let Some(first) = data.first_mut() {
+            *first = self.uart.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(value) = data.first() {
+            if let Err(e) = self.uart.write(offset as u8, *value) {
+                log::warn!("serial output failed: {e:?}");
+            }
+        }
+    }
+}

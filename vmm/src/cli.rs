@@ -1,0 +1,139 @@
+//! The native front door: `nixvmm run …`. It only parses; [`RunArgs::into_config`] produces
+//! the [`VmConfig`] everything downstream uses.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{parse_size, ConfigError, Kernel, VmConfig, MAX_CPUS};
+use crate::system::{read_system, SystemError};
+
+#[derive(Debug, Parser)]
+#[command(name = "nixvmm", version, about = "A fast KVM VMM for directly booted NixOS systems")]
+pub struct Cli {
+    /// More log output on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a kernel or a NixOS system. Without a kernel, a built-in tiny guest greets and
+    /// powers off.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kernel image: a bzImage or an ELF vmlinux.
+    #[arg(long, conflicts_with = "system")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, conflicts_with = "system")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; with --system, appended to the system's own.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// A NixOS system (toplevel): boots its kernel, initrd, kernel-params and init.
+    #[arg(long)]
+    pub system: Option<PathBuf>,
+    /// The closure-info `registration` file passed to the guest as regInfo=.
+    #[arg(long, requires = "system")]
+    pub reg_info: Option<String>,
+    /// Guest RAM, e.g. 512M or 4G (a bare number is MiB).
+    #[arg(long, short = 'm', default_value = "512M")]
+    pub memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_CPUS)))]
+    pub cpus: u8,
+    /// End nixvmm (status 0) when the guest reboots, instead of booting it again.
+    #[arg(long)]
+    pub no_reboot: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    System(#[from] SystemError),
+}
+
+impl RunArgs {
+    pub fn into_config(self) -> Result<VmConfig, CliError> {
+        let memory = parse_size(&self.memory)?;
+        let (kernel, initrd, cmdline) = match &self.system {
+            Some(dir) => {
+                let boot = read_system(dir, self.reg_info.as_deref(), &self.cmdline)?;
+                (Kernel::File(boot.kernel), Some(boot.initrd), boot.cmdline)
+            }
+            None => (
+                self.kernel.map_or(Kernel::BuiltinGreeting, Kernel::File),
+                self.initrd,
+                self.cmdline,
+            ),
+        };
+        let config = VmConfig {
+            kernel,
+            initrd,
+            cmdline,
+            memory,
+            cpus: self.cpus,
+            no_reboot: self.no_reboot,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("nixvmm").chain(args.iter().copied()))
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        match parse(args).unwrap().command {
+            Command::Run(run) => run,
+        }
+    }
+
+    #[test]
+    fn defaults_boot_the_builtin_guest() {
+        let config = run_args(&["run"]).into_config().unwrap();
+        assert_eq!(config.kernel, Kernel::BuiltinGreeting);
+        assert_eq!((config.memory, config.cpus, config.no_reboot), (512 << 20, 1, false));
+    }
+
+    #[test]
+    fn kernel_options_reach_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("bzImage");
+        std::fs::write(&kernel, b"x").unwrap();
+        let k = kernel.to_str().unwrap();
+        let config = run_args(&[
+            "run", "--kernel", k, "--cmdline", "console=ttyS0", "--memory", "2G", "--cpus", "4",
+            "--no-reboot",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(config.kernel, Kernel::File(kernel.clone()));
+        assert_eq!(config.cmdline, "console=ttyS0");
+        assert_eq!((config.memory, config.cpus, config.no_reboot), (2 << 30, 4, true));
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        assert!(parse(&["run", "--cpus", "0"]).is_err());
+        assert!(parse(&["run", "--bogus"]).is_err());
+        assert!(parse(&["run", "--system", "/x", "--kernel", "/y"]).is_err());
+        let err = run_args(&["run", "--memory", "lots"]).into_config().unwrap_err();
+        assert!(err.to_string().contains("--memory lots"), "{err}");
+        let err = run_args(&["run", "--kernel", "/no/such/bzImage"]).into_config().unwrap_err();
+        assert!(err.to_string().contains("/no/such/bzImage"), "{err}");
+    }
+}

@@ -1,0 +1,173 @@
+//! `VmConfig`: the one validated description of a VM, whichever front door built it.
+
+use std::path::PathBuf;
+
+use firmware::layout::MIN_MEMORY;
+
+/// Highest vCPU count: APIC IDs are 8-bit in the MADT entries nixvmm writes.
+pub const MAX_CPUS: u8 = 254;
+/// Guest RAM beyond this is almost certainly a typo (2 TiB); the user can still ask for less.
+pub const MAX_MEMORY: u64 = 2 << 40;
+
+/// What to boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// A bzImage or ELF vmlinux file.
+    File(PathBuf),
+    /// The tiny guest embedded in nixvmm: prints a greeting and powers off.
+    BuiltinGreeting,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: Kernel,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    pub cpus: u8,
+    /// A guest reboot ends nixvmm (status 0) instead of restarting the guest (QEMU's
+    /// `-no-reboot`).
+    pub no_reboot: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            kernel: Kernel::BuiltinGreeting,
+            initrd: None,
+            cmdline: String::new(),
+            memory: 512 << 20,
+            cpus: 1,
+            no_reboot: false,
+        }
+    }
+}
+
+/// A user error in the configuration, worded with the option to change.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--memory {0}: not a size; write e.g. 512M or 2G (a bare number means MiB)")]
+    BadSize(String),
+    #[error("--memory {given}: at least {min} MiB is needed to boot")]
+    MemoryTooSmall { given: String, min: u64 },
+    #[error("--memory {0}: more than 2 TiB; give a smaller size")]
+    MemoryTooLarge(String),
+    #[error("--cpus {0}: give a number of vCPUs from 1 to {MAX_CPUS}")]
+    BadCpus(u32),
+    #[error("{what} {path}: file not found; check the path")]
+    Missing { what: &'static str, path: String },
+    #[error("--initrd needs a kernel: give --kernel or --system")]
+    InitrdWithoutKernel,
+}
+
+impl VmConfig {
+    /// Checks everything that can be checked before touching KVM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.memory < MIN_MEMORY {
+            return Err(ConfigError::MemoryTooSmall {
+                given: format!("{}M", self.memory >> 20),
+                min: MIN_MEMORY >> 20,
+            });
+        }
+        if self.memory > MAX_MEMORY {
+            return Err(ConfigError::MemoryTooLarge(format!("{}M", self.memory >> 20)));
+        }
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(ConfigError::BadCpus(u32::from(self.cpus)));
+        }
+        match &self.kernel {
+            Kernel::File(path) if !path.is_file() => {
+                return Err(ConfigError::Missing {
+                    what: "kernel",
+                    path: path.display().to_string(),
+                })
+            }
+            Kernel::BuiltinGreeting if self.initrd.is_some() => {
+                return Err(ConfigError::InitrdWithoutKernel)
+            }
+            _ => {}
+        }
+        if let Some(initrd) = &self.initrd {
+            if !initrd.is_file() {
+                return Err(ConfigError::Missing {
+                    what: "initrd",
+                    path: initrd.display().to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a memory size as QEMU's `-m` does: a bare number is MiB; suffixes K, M, G, T
+/// (binary, optionally followed by `B` or `iB`).
+pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize(text.to_string());
+    let trimmed = text.trim();
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, suffix) = trimmed.split_at(digits_end);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let suffix = suffix.trim().to_ascii_uppercase();
+    let unit = suffix
+        .strip_suffix("IB")
+        .or_else(|| suffix.strip_suffix('B'))
+        .unwrap_or(&suffix);
+    let shift = match unit {
+        "" | "M" => 20,
+        "K" => 10,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(bad()),
+    };
+    if number.leading_zeros() < shift {
+        return Err(ConfigError::MemoryTooLarge(text.to_string()));
+    }
+    Ok(number << shift)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_qemu() {
+        assert_eq!(parse_size("512"), Ok(512 << 20));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1024k"), Ok(1 << 20));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        for bad in ["", "M", "12X", "-1", "1.5G", "G2"] {
+            assert_eq!(parse_size(bad), Err(ConfigError::BadSize(bad.into())), "{bad}");
+        }
+        assert!(matches!(
+            parse_size("99999999999999999T"),
+            Err(ConfigError::MemoryTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn validation_names_the_option() {
+        let ok = VmConfig::default();
+        assert_eq!(ok.validate(), Ok(()));
+        let small = VmConfig {
+            memory: 1 << 20,
+            ..VmConfig::default()
+        };
+        assert!(small.validate().unwrap_err().to_string().contains("--memory"));
+        let cpus = VmConfig {
+            cpus: 0,
+            ..VmConfig::default()
+        };
+        assert!(cpus.validate().unwrap_err().to_string().contains("--cpus 0"));
+        let missing = VmConfig {
+            kernel: Kernel::File("/nonexistent/bzImage".into()),
+            ..VmConfig::default()
+        };
+        let err = missing.validate().unwrap_err().to_string();
+        assert!(err.contains("kernel /nonexistent/bzImage"), "{err}");
+    }
+}

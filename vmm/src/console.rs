@@ -1,0 +1,146 @@
+//! The guest's serial console on the host: output to a writer (the terminal, or a buffer in
+//! tests), input from stdin with the terminal in raw mode, restored on every exit path.
+
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use devices::bus::lock;
+
+use crate::Control;
+
+/// A cloneable writer for the guest's console output.
+#[derive(Clone)]
+pub struct ConsoleOutput(Arc<Mutex<dyn Write + Send>>);
+
+impl ConsoleOutput {
+    pub fn stdout() -> ConsoleOutput {
+        ConsoleOutput(Arc::new(Mutex::new(std::io::stdout())))
+    }
+
+    /// Output collected in memory; the returned buffer fills as the guest writes.
+    pub fn buffer() -> (ConsoleOutput, Arc<Mutex<Vec<u8>>>) {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        (ConsoleOutput(buffer.clone()), buffer)
+    }
+}
+
+impl Write for ConsoleOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        lock(&self.0).flush()
+    }
+}
+
+/// Ctrl-A, then `x`: leave the console and stop the VM (as in QEMU's `-nographic`).
+const ESCAPE: u8 = 0x01;
+const QUIT: u8 = b'x';
+
+/// Forwards stdin to the running guest's UART until stdin closes. Runs for the life of the
+/// process, across guest reboots.
+pub fn spawn_stdin_pump(control: Control) {
+    let pump = move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 256];
+        let mut after_escape = false;
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mut input = Vec::with_capacity(n);
+            for &byte in &buf[..n] {
+                match (after_escape, byte) {
+                    (true, QUIT) => {
+                        control.stop();
+                        return;
+                    }
+                    (false, ESCAPE) => after_escape = true,
+                    (true, ESCAPE) => {
+                        input.push(ESCAPE);
+                        after_escape = false;
+                    }
+                    (true, other) => {
+                        input.extend([ESCAPE, other]);
+                        after_escape = false;
+                    }
+                    (false, other) => input.push(other),
+                }
+            }
+            let mut rest = &input[..];
+            while !rest.is_empty() {
+                let taken = control.send_input(rest);
+                rest = &rest[taken..];
+                if taken == 0 {
+                    // The guest has not drained its receive FIFO yet.
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(pump)
+    {
+        log::warn!("no console input: cannot start the stdin thread: {e}");
+    }
+}
+
+static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
+
+/// Puts the terminal on stdin in raw mode (keys go to the guest, Ctrl-C included) and restores
+/// it when dropped, or when a terminating signal arrives.
+pub struct RawTerminal(());
+
+impl RawTerminal {
+    /// `None` when stdin is not a terminal.
+    pub fn enter() -> Option<RawTerminal> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it for a terminal descriptor.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: stdin is a terminal and `saved` is a valid termios to fill.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+            return None;
+        }
+        let saved = *SAVED_TERMIOS.get_or_init(|| saved);
+        restore_on_signals();
+        let mut raw = saved;
+        // SAFETY: cfmakeraw edits the struct it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // Keep output post-processing so host-side messages still start at column 0.
+        raw.c_oflag = saved.c_oflag;
+        // SAFETY: `raw` is a valid termios derived from the terminal's own settings.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) };
+        Some(RawTerminal(()))
+    }
+}
+
+fn restore_terminal() {
+    if let Some(saved) = SAVED_TERMIOS.get() {
+        // SAFETY: restores settings read from this same terminal; async-signal-safe.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        restore_terminal();
+    }
+}
+
+fn restore_on_signals() {
+    extern "C" fn on_signal(signal: libc::c_int) {
+        restore_terminal();
+        // SAFETY: _exit is async-signal-safe and ends the process at once.
+        unsafe { libc::_exit(128 + signal) };
+    }
+    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
+        // SAFETY: installs a handler that calls only async-signal-safe functions.
+        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+    }
+}

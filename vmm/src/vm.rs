@@ -1,0 +1,278 @@
+//! Building a VM from a [`VmConfig`] and running it until it stops.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devices::acpi_power::AcpiPower;
+use devices::bus::Bus;
+use devices::i8042::I8042;
+use devices::serial::SerialConsole;
+use devices::{ExitSender, VmExit};
+use firmware::acpi::{write_acpi_tables, AcpiConfig};
+use firmware::boot::{self, BootSetup, LoadedKernel};
+use firmware::layout::{self, ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::builtin_guest;
+use crate::config::{Kernel, VmConfig};
+use crate::console::ConsoleOutput;
+use crate::cpu::{self, CpuSetup};
+use crate::vcpu::{self, Buses};
+
+/// The KVM identity-map and TSS pages, just below the IOAPIC in the MMIO hole.
+const KVM_IDENTITY_MAP_START: u64 = 0xfeff_c000;
+const KVM_TSS_START: u64 = KVM_IDENTITY_MAP_START + 0x1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Firmware(#[from] firmware::Error),
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    #[error("cannot allocate {mib} MiB of guest memory: {reason}; give less --memory")]
+    Memory { mib: u64, reason: String },
+    #[error("--cpus {asked}: this host's KVM allows at most {max} vCPUs")]
+    TooManyCpus { asked: u8, max: usize },
+    #[error("device layout: {0}")]
+    Layout(#[from] devices::bus::Overlap),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// A built VM, ready to run. Field order is drop order: vCPUs and the VM file descriptor go
+/// before the guest memory they point into.
+pub struct Vm {
+    vcpus: Vec<VcpuFd>,
+    buses: Arc<Buses>,
+    serial: Arc<Mutex<SerialConsole>>,
+    exit_tx: ExitSender,
+    exit_rx: Receiver<VmExit>,
+    _vm_fd: VmFd,
+    _memory: GuestMemoryMmap,
+}
+
+impl Vm {
+    /// Creates the KVM VM, its memory, boot state, devices and vCPUs.
+    pub fn build(kvm: &Kvm, config: &VmConfig, console: &ConsoleOutput) -> Result<Vm, VmError> {
+        let max = kvm.get_max_vcpus();
+        if usize::from(config.cpus) > max {
+            return Err(VmError::TooManyCpus {
+                asked: config.cpus,
+                max,
+            });
+        }
+        let vm_fd = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
+        // Needed on Intel hosts for real-mode guest code (AP start-up); harmless elsewhere.
+        vm_fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(kvm_err("identity map address"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_START as usize)
+            .map_err(kvm_err("TSS address"))?;
+        vm_fd.create_irq_chip().map_err(kvm_err("in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("PIT"))?;
+
+        let memory = guest_memory(&vm_fd, config.memory)?;
+        let kernel = load_kernel(&memory, config)?;
+        let cr3 = firmware::paging::write_gdt_and_page_tables(&memory)?;
+        let rsdp = write_acpi_tables(&memory, &AcpiConfig { cpus: config.cpus })?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(boot::load_initrd(&memory, &kernel, path, config.memory)?),
+            None => None,
+        };
+        boot::write_boot_params(
+            &memory,
+            &kernel,
+            &BootSetup {
+                cmdline: &config.cmdline,
+                initrd,
+                mem_size: config.memory,
+                rsdp,
+            },
+        )?;
+
+        let (exit_tx, exit_rx) = mpsc::channel();
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm_fd
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("serial interrupt"))?;
+        let serial = Arc::new(Mutex::new(SerialConsole::new(
+            serial_irq,
+            Box::new(console.clone()),
+        )));
+        let mut io = Bus::new();
+        io.insert(u64::from(COM1_PORT), 8, serial.clone())?;
+        io.insert(
+            u64::from(I8042_DATA_PORT),
+            5,
+            Arc::new(Mutex::new(I8042::new(exit_tx.clone()))),
+        )?;
+        io.insert(
+            u64::from(ACPI_SLEEP_PORT),
+            1,
+            Arc::new(Mutex::new(AcpiPower::new(exit_tx.clone()))),
+        )?;
+        let buses = Arc::new(Buses {
+            io,
+            mmio: Bus::new(),
+        });
+
+        let supported_cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("supported CPUID"))?;
+        let supported_msrs = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("MSR index list"))?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for id in 0..config.cpus {
+            let vcpu = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("creating a vCPU"))?;
+            cpu::configure(
+                &vcpu,
+                &CpuSetup {
+                    id,
+                    count: config.cpus,
+                    supported_cpuid: &supported_cpuid,
+                    supported_msrs: supported_msrs.as_slice(),
+                    entry: (id == 0).then_some((kernel.entry.0, cr3)),
+                },
+            )?;
+            vcpus.push(vcpu);
+        }
+        Ok(Vm {
+            vcpus,
+            buses,
+            serial,
+            exit_tx,
+            exit_rx,
+            _vm_fd: vm_fd,
+            _memory: memory,
+        })
+    }
+
+    pub fn serial(&self) -> Arc<Mutex<SerialConsole>> {
+        self.serial.clone()
+    }
+
+    /// A sender that ends this VM's [`Vm::run`] with the value sent.
+    pub fn exit_sender(&self) -> ExitSender {
+        self.exit_tx.clone()
+    }
+
+    /// Runs the vCPUs until the first exit reason arrives, then stops them all.
+    pub fn run(mut self) -> VmExit {
+        install_kick_handler();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for (id, vcpu) in self.vcpus.drain(..).enumerate() {
+            let (buses, flag, exit) = (self.buses.clone(), stop.clone(), self.exit_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run(vcpu, id as u8, buses, flag, exit));
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    stop_vcpus(&stop, threads);
+                    return VmExit::Failed(VmError::Thread(e).to_string());
+                }
+            }
+        }
+        // `self` holds a sender, so this only ends with a message.
+        let reason = self
+            .exit_rx
+            .recv()
+            .unwrap_or_else(|_| VmExit::Failed("VM exit channel closed".into()));
+        stop_vcpus(&stop, threads);
+        reason
+    }
+}
+
+fn guest_memory(vm_fd: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let memory =
+        GuestMemoryMmap::from_ranges(&layout::ram_ranges(size)).map_err(|e| VmError::Memory {
+            mib: size >> 20,
+            reason: e.to_string(),
+        })?;
+    for (slot, region) in memory.iter().enumerate() {
+        let host = memory
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmError::Memory {
+                mib: size >> 20,
+                reason: e.to_string(),
+            })?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which the returned `Vm`
+        // keeps until after the VM file descriptor is closed (field order).
+        unsafe { vm_fd.set_user_memory_region(region) }
+            .map_err(kvm_err("registering guest memory"))?;
+    }
+    Ok(memory)
+}
+
+fn load_kernel(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<LoadedKernel, VmError> {
+    Ok(match &config.kernel {
+        Kernel::File(path) => boot::load_kernel(memory, path)?,
+        Kernel::BuiltinGreeting => boot::load_raw(memory, &builtin_guest::code())?,
+    })
+}
+
+/// The signal that interrupts KVM_RUN so a vCPU thread sees its stop flag.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), on_kick) {
+            log::warn!("cannot install the vCPU kick handler: {e}");
+        }
+    });
+}
+
+/// Sets `stop` and kicks each vCPU thread out of KVM_RUN until it has returned. Kicks repeat
+/// because one that lands just before a thread enters KVM_RUN is lost.
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    for handle in threads {
+        while !handle.is_finished() {
+            if let Err(e) = handle.kill(kick_signal()) {
+                log::debug!("kicking a vCPU thread: {e}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if handle.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}
