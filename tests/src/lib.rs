@@ -1,1 +1,28 @@
+//! Test kits shared by nixvmm's integration tests and benchmarks:
+//! - [`tiny`]: tiny guests assembled in the tests, booted through nixvmm's real boot path;
+//! - [`linux_kit`]: Debian's stock kernel and a busybox initrd, booted under QEMU (tier 3) or
+//!   nixvmm (tier 4).
 
+pub mod tiny;
+
+use std::path::PathBuf;
+
+/// The `nixvmm` binary built with this workspace: `$NIXVMM_BIN`, else the one beside the test
+/// executable's `deps/` folder (cargo builds it for `cargo test --workspace`).
+pub fn nixvmm_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("NIXVMM_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("path of the test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("nixvmm");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p vmm` (or `cargo test --workspace`) first, or set NIXVMM_BIN",
+        bin.display()
+    );
+    bin
+}

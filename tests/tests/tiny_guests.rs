@@ -1,0 +1,363 @@
+//! Tier 2: tiny guests under KVM through nixvmm's real `Vm` (and its binary). Here KVM is PVM
+//! and runs these guests through its instruction emulator; they are small enough for that.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use firmware::layout::{e820_map, ACPI_START, E820Entry};
+use iced_x86::code_asm::*;
+use nixvmm_tests::nixvmm_bin;
+use nixvmm_tests::tiny::Guest;
+use vmm::console::ConsoleOutput;
+use vmm::{Control, Kernel, Outcome, VmConfig};
+
+fn write_guest(dir: &Path, guest: Guest) -> std::path::PathBuf {
+    let path = dir.join("guest.elf");
+    std::fs::write(&path, guest.build().expect("guest assembles")).unwrap();
+    path
+}
+
+fn config(kernel: &Path) -> VmConfig {
+    VmConfig {
+        kernel: Kernel::File(kernel.to_path_buf()),
+        memory: 64 << 20,
+        ..VmConfig::default()
+    }
+}
+
+/// Runs `config` in-process and returns the outcome and everything the guest printed.
+fn run(config: &VmConfig) -> (Outcome, String) {
+    let (output, buffer) = ConsoleOutput::buffer();
+    let outcome = vmm::run(config, &output, &Control::default()).expect("VM runs");
+    let text = String::from_utf8_lossy(&buffer.lock().unwrap()).to_string();
+    (outcome, text)
+}
+
+#[test]
+fn guest_output_reaches_the_console_and_poweroff_ends_nixvmm_with_status_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::new();
+    g.text("hello from a tiny guest\n").unwrap();
+    g.poweroff().unwrap();
+    let kernel = write_guest(dir.path(), g);
+    let out = Command::new(nixvmm_bin())
+        .args(["run", "--memory", "64M", "--kernel"])
+        .arg(&kernel)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from a tiny guest\n"
+    );
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn builtin_guest_greets_and_powers_off() {
+    let out = Command::new(nixvmm_bin()).arg("run").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        vmm::builtin_guest::GREETING
+    );
+}
+
+fn resetting_guest(dir: &Path) -> std::path::PathBuf {
+    let mut g = Guest::new();
+    g.text("boot\n").unwrap();
+    g.i8042_reset().unwrap();
+    write_guest(dir, g)
+}
+
+#[test]
+fn i8042_reset_with_no_reboot_ends_with_status_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = resetting_guest(dir.path());
+    let (outcome, text) = run(&VmConfig {
+        no_reboot: true,
+        ..config(&kernel)
+    });
+    assert_eq!(outcome, Outcome::Rebooted);
+    assert_eq!(text, "boot\n");
+    let out = Command::new(nixvmm_bin())
+        .args(["run", "--memory", "64M", "--no-reboot", "--kernel"])
+        .arg(&kernel)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "boot\n");
+}
+
+#[test]
+fn i8042_reset_without_no_reboot_boots_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = resetting_guest(dir.path());
+    let (output, buffer) = ConsoleOutput::buffer();
+    let control = Control::default();
+    let config = config(&kernel);
+    let runner = {
+        let control = control.clone();
+        std::thread::spawn(move || vmm::run(&config, &output, &control))
+    };
+    let boots = |buffer: &Arc<Mutex<Vec<u8>>>| {
+        String::from_utf8_lossy(&buffer.lock().unwrap()).matches("boot\n").count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while boots(&buffer) < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    control.stop();
+    let outcome = runner.join().unwrap().expect("VM runs");
+    assert_eq!(outcome, Outcome::Stopped);
+    assert!(boots(&buffer) >= 3, "the guest booted {} times", boots(&buffer));
+}
+
+/// Offsets into Linux's `struct boot_params`.
+mod zero_page {
+    pub const ACPI_RSDP_ADDR: i32 = 0x070;
+    pub const EXT_RAMDISK_IMAGE: i32 = 0x0c0;
+    pub const EXT_RAMDISK_SIZE: i32 = 0x0c4;
+    pub const E820_ENTRIES: i32 = 0x1e8;
+    pub const RAMDISK_IMAGE: i32 = 0x218;
+    pub const RAMDISK_SIZE: i32 = 0x21c;
+    pub const CMD_LINE_PTR: i32 = 0x228;
+    pub const E820_TABLE: i32 = 0x2d0;
+}
+
+/// A guest entered as a kernel is, reporting what it finds: its registers, the boot params
+/// (E820, command line, initrd, RSDP) and the memory they point to.
+fn boot_state_reporter() -> Guest {
+    use zero_page::*;
+    let mut g = Guest::new();
+    let r = || -> Result<Guest, IcedError> {
+        g.a.mov(rbx, rsi)?;
+        g.text("RSI=")?;
+        g.hex(rbx)?;
+        g.a.mov(r12, cr0)?;
+        g.text("\nCR0=")?;
+        g.hex(r12)?;
+        g.a.mov(r12, cr3)?;
+        g.text("\nCR3=")?;
+        g.hex(r12)?;
+        g.a.mov(r12, cr4)?;
+        g.text("\nCR4=")?;
+        g.hex(r12)?;
+        g.a.mov(ecx, 0xc000_0080u32)?; // EFER
+        g.a.rdmsr()?;
+        g.a.shl(rdx, 32)?;
+        g.a.or(rax, rdx)?;
+        g.a.mov(r12, rax)?;
+        g.text("\nEFER=")?;
+        g.hex(r12)?;
+        g.a.mov(r12, rsp)?;
+        g.text("\nRSP=")?;
+        g.hex(r12)?;
+
+        // E820: count, then each entry (20 bytes: addr, size, type).
+        g.a.movzx(r13, byte_ptr(rbx + E820_ENTRIES))?;
+        g.text("\nE820_ENTRIES=")?;
+        g.hex(r13)?;
+        g.a.lea(r14, ptr(rbx + E820_TABLE))?;
+        let mut entry = g.a.create_label();
+        let mut entries_done = g.a.create_label();
+        g.a.set_label(&mut entry)?;
+        g.a.test(r13, r13)?;
+        g.a.jz(entries_done)?;
+        g.a.mov(r12, qword_ptr(r14))?;
+        g.text("\nE820 ")?;
+        g.hex(r12)?;
+        g.a.mov(r12, qword_ptr(r14 + 8))?;
+        g.text(" ")?;
+        g.hex(r12)?;
+        g.a.mov(r12d, dword_ptr(r14 + 16))?;
+        g.text(" ")?;
+        g.hex(r12)?;
+        g.a.add(r14, 20)?;
+        g.a.dec(r13)?;
+        g.a.jmp(entry)?;
+        g.a.set_label(&mut entries_done)?;
+
+        // Command line.
+        g.a.mov(r12d, dword_ptr(rbx + CMD_LINE_PTR))?;
+        g.text("\nCMDLINE=")?;
+        g.string_at(r12)?;
+
+        // Initrd: 64-bit address and size from the split fields, and its first 8 bytes.
+        g.a.mov(r12d, dword_ptr(rbx + EXT_RAMDISK_IMAGE))?;
+        g.a.shl(r12, 32)?;
+        g.a.mov(eax, dword_ptr(rbx + RAMDISK_IMAGE))?;
+        g.a.or(r12, rax)?;
+        g.text("\nINITRD_ADDR=")?;
+        g.hex(r12)?;
+        g.a.mov(r13d, dword_ptr(rbx + EXT_RAMDISK_SIZE))?;
+        g.a.shl(r13, 32)?;
+        g.a.mov(eax, dword_ptr(rbx + RAMDISK_SIZE))?;
+        g.a.or(r13, rax)?;
+        g.text("\nINITRD_SIZE=")?;
+        g.hex(r13)?;
+        g.a.mov(r12, qword_ptr(r12))?;
+        g.text("\nINITRD_HEAD=")?;
+        g.hex(r12)?;
+
+        // RSDP address and the signature found there.
+        g.a.mov(r12, qword_ptr(rbx + ACPI_RSDP_ADDR))?;
+        g.text("\nRSDP=")?;
+        g.hex(r12)?;
+        g.a.mov(r12, qword_ptr(r12))?;
+        g.text("\nRSDP_SIGNATURE=")?;
+        g.hex(r12)?;
+        g.text("\nEND\n")?;
+        g.poweroff()?;
+        Ok(g)
+    };
+    r().expect("reporter assembles")
+}
+
+fn value<'a>(text: &'a str, key: &str) -> &'a str {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("guest did not report {key}:\n{text}"))
+}
+
+fn hex(text: &str, key: &str) -> u64 {
+    u64::from_str_radix(value(text, key), 16).unwrap()
+}
+
+#[test]
+fn guest_sees_the_linux_boot_state_it_was_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_guest(dir.path(), boot_state_reporter());
+    let initrd = dir.path().join("initrd.img");
+    let mut initrd_bytes = b"INITRD!!".to_vec();
+    initrd_bytes.resize(300_001, 0x5a);
+    std::fs::write(&initrd, &initrd_bytes).unwrap();
+    let cmdline = "console=ttyS0 init=/nix/store/abc-nixos-system/init regInfo=/nix/store/x/registration";
+    // 256 MiB stays below the MMIO hole; 5 GiB puts RAM above 4 GiB.
+    for memory in [256u64 << 20, 5 << 30] {
+        let (outcome, text) = run(&VmConfig {
+            initrd: Some(initrd.clone()),
+            cmdline: cmdline.into(),
+            memory,
+            ..config(&kernel)
+        });
+        assert_eq!(outcome, Outcome::PoweredOff, "{text}");
+        assert!(text.ends_with("END\n"), "{text}");
+
+        assert_eq!(hex(&text, "RSI"), 0x7000, "boot params in RSI");
+        assert_eq!(hex(&text, "CR0") & 0x8000_0001, 0x8000_0001, "paging, protected mode");
+        assert_eq!(hex(&text, "CR4") & 0x20, 0x20, "PAE");
+        assert_eq!(hex(&text, "EFER") & 0x500, 0x500, "long mode enabled and active");
+        assert_eq!(hex(&text, "CR3"), 0x9000);
+
+        let reported: Vec<E820Entry> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("E820 "))
+            .map(|l| {
+                let f: Vec<u64> = l
+                    .split(' ')
+                    .map(|n| u64::from_str_radix(n, 16).unwrap())
+                    .collect();
+                E820Entry {
+                    addr: f[0],
+                    size: f[1],
+                    kind: f[2] as u32,
+                }
+            })
+            .collect();
+        assert_eq!(hex(&text, "E820_ENTRIES") as usize, reported.len());
+        assert_eq!(reported, e820_map(memory), "memory {memory:#x}");
+        let ram: u64 = reported.iter().filter(|e| e.kind == 1).map(|e| e.size).sum();
+        assert!(ram <= memory && ram > memory - (1 << 20), "RAM {ram:#x} of {memory:#x}");
+
+        assert_eq!(value(&text, "CMDLINE"), cmdline);
+
+        let addr = hex(&text, "INITRD_ADDR");
+        assert_eq!(hex(&text, "INITRD_SIZE"), initrd_bytes.len() as u64);
+        assert_eq!(addr % 4096, 0, "initrd page aligned");
+        assert!(addr + initrd_bytes.len() as u64 <= memory.min(0xc000_0000));
+        assert!(addr >= 0x100_0000, "initrd placed high, above the kernel");
+        assert_eq!(
+            hex(&text, "INITRD_HEAD").to_le_bytes(),
+            initrd_bytes[..8],
+            "initrd contents"
+        );
+
+        assert_eq!(hex(&text, "RSDP"), ACPI_START);
+        assert_eq!(&hex(&text, "RSDP_SIGNATURE").to_le_bytes(), b"RSD PTR ");
+    }
+}
+
+/// The application processor's start-up code, in real mode: it reports its APIC ID from
+/// CPUID, then sets a flag the boot CPU waits for.
+fn ap_trampoline() -> Vec<u8> {
+    let mut a = CodeAssembler::new(16).unwrap();
+    let mut r = || -> Result<Vec<u8>, IcedError> {
+        a.mov(eax, 1u32)?;
+        a.cpuid()?;
+        a.shr(ebx, 24)?;
+        a.mov(dx, 0x3f8u32)?;
+        for byte in *b"AP apic_id=" {
+            a.mov(al, byte as u32)?;
+            a.out(dx, al)?;
+        }
+        a.mov(al, bl)?;
+        a.add(al, b'0' as u32)?;
+        a.out(dx, al)?;
+        a.mov(al, b'\n' as u32)?;
+        a.out(dx, al)?;
+        a.mov(byte_ptr(AP_FLAG), 1u32)?;
+        let mut halt = a.create_label();
+        a.set_label(&mut halt)?;
+        a.cli()?;
+        a.hlt()?;
+        a.jmp(halt)?;
+        a.assemble(AP_START)
+    };
+    r().expect("trampoline assembles")
+}
+
+const AP_START: u64 = 0x6000;
+const AP_FLAG: u64 = 0x6ff0;
+
+#[test]
+fn second_vcpu_starts_through_init_sipi() {
+    let mut g = Guest::new();
+    let trampoline = ap_trampoline();
+    let len = trampoline.len();
+    let blob = g.blob(trampoline);
+    let r = || -> Result<Guest, IcedError> {
+        g.text("BSP\n")?;
+        // Copy the trampoline below 1 MiB, where a SIPI can start a CPU.
+        g.a.lea(rsi, ptr(blob))?;
+        g.a.mov(rdi, AP_START)?;
+        g.a.mov(rcx, len as u64)?;
+        g.a.rep().movsb()?;
+        g.a.mov(byte_ptr(AP_FLAG), 0u32)?;
+        // INIT then SIPI to APIC ID 1 through the local APIC's ICR.
+        g.a.mov(rbx, 0xfee0_0000u64)?;
+        g.a.mov(dword_ptr(rbx + 0x310), 1u32 << 24)?;
+        g.a.mov(dword_ptr(rbx + 0x300), 0x4500u32)?;
+        g.a.mov(dword_ptr(rbx + 0x310), 1u32 << 24)?;
+        g.a.mov(dword_ptr(rbx + 0x300), 0x4600u32 | (AP_START >> 12) as u32)?;
+        let mut wait = g.a.create_label();
+        g.a.set_label(&mut wait)?;
+        g.a.pause()?;
+        g.a.cmp(byte_ptr(AP_FLAG), 1u32)?;
+        g.a.jne(wait)?;
+        g.text("BSP saw the AP\n")?;
+        g.poweroff()?;
+        Ok(g)
+    };
+    let g = r().expect("guest assembles");
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_guest(dir.path(), g);
+    let (outcome, text) = run(&VmConfig {
+        cpus: 2,
+        ..config(&kernel)
+    });
+    assert_eq!(outcome, Outcome::PoweredOff, "{text}");
+    assert_eq!(text, "BSP\nAP apic_id=1\nBSP saw the AP\n");
+}
