@@ -75,7 +75,9 @@ impl Bus {
 /// Locks a device even if another thread panicked while holding it: device state stays usable
 /// (each access is self-contained), and a panic is reported by that thread itself.
 pub fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

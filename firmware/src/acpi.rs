@@ -5,13 +5,15 @@
 //! points the sleep control/status and reset registers at one I/O port, which the VMM's ACPI
 //! power device watches; the DSDT's `_S5_` gives the sleep type Linux writes for poweroff.
 
-use acpi_tables::{aml, Aml};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use zerocopy::byteorder::little_endian::{U16, U32};
 use zerocopy::{Immutable, IntoBytes};

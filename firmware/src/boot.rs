@@ -203,13 +203,15 @@ pub fn write_boot_params<M: GuestMemory>(
             source,
         })?;
 
-    let mut params = boot_params::default();
-    params.hdr = kernel.header.unwrap_or(setup_header {
-        boot_flag: BOOT_FLAG_MAGIC,
-        header: HDRS_MAGIC,
-        kernel_alignment: KERNEL_ALIGNMENT,
+    let mut params = boot_params {
+        hdr: kernel.header.unwrap_or(setup_header {
+            boot_flag: BOOT_FLAG_MAGIC,
+            header: HDRS_MAGIC,
+            kernel_alignment: KERNEL_ALIGNMENT,
+            ..Default::default()
+        }),
         ..Default::default()
-    });
+    };
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = cmdline.len() as u32;

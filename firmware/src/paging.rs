@@ -94,7 +94,11 @@ pub fn write_gdt_and_page_tables<M: GuestMemory>(mem: &M) -> Result<u64> {
         write(pd | PRESENT | WRITABLE, PDPT_START + gib * 8, "PDPT")?;
         for i in 0..512u64 {
             let phys = (gib << 30) | (i << 21);
-            write(phys | PRESENT | WRITABLE | HUGE_PAGE, pd + i * 8, "page directory")?;
+            write(
+                phys | PRESENT | WRITABLE | HUGE_PAGE,
+                pd + i * 8,
+                "page directory",
+            )?;
         }
     }
     Ok(PML4_START)
@@ -125,11 +129,20 @@ mod tests {
     /// Walks the written tables like the MMU does and checks the identity mapping.
     #[test]
     fn page_tables_identity_map_low_4_gib() {
-        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)])
-            .expect("test memory");
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("test memory");
         let cr3 = write_gdt_and_page_tables(&mem).expect("tables fit");
-        for virt in [0u64, 0x10_0000, 0x3fff_ffff, 0x4000_0000, 0xfee0_0000, 0xffff_ffff] {
-            let pml4e: u64 = mem.read_obj(GuestAddress(cr3 + ((virt >> 39) & 511) * 8)).unwrap();
+        for virt in [
+            0u64,
+            0x10_0000,
+            0x3fff_ffff,
+            0x4000_0000,
+            0xfee0_0000,
+            0xffff_ffff,
+        ] {
+            let pml4e: u64 = mem
+                .read_obj(GuestAddress(cr3 + ((virt >> 39) & 511) * 8))
+                .unwrap();
             let pdpte: u64 = mem
                 .read_obj(GuestAddress((pml4e & !0xfff) + ((virt >> 30) & 511) * 8))
                 .unwrap();
@@ -137,8 +150,8 @@ mod tests {
                 .read_obj(GuestAddress((pdpte & !0xfff) + ((virt >> 21) & 511) * 8))
                 .unwrap();
             assert_eq!(pde & HUGE_PAGE, HUGE_PAGE);
-            let phys = (pde & !0x1f_ffff & !(1 << 63)) | (virt & 0x1f_ffff);
-            assert_eq!(phys & 0xffff_ffff_ff, virt, "virt {virt:#x}");
+            let phys = (pde & 0x000f_ffff_ffe0_0000) | (virt & 0x1f_ffff);
+            assert_eq!(phys, virt, "virt {virt:#x}");
         }
         let gdt1: u64 = mem.read_obj(GuestAddress(GDT_START + 8)).unwrap();
         assert_eq!(gdt1, GDT[1]);

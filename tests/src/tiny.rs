@@ -86,8 +86,8 @@ impl Guest {
         self.a.jmp(again)
     }
 
-    /// Appends the helpers and data, assembles at [`LOAD_ADDR`], and wraps it in an ELF64.
-    pub fn build(mut self) -> R<Vec<u8>> {
+    /// Appends the helpers and data and assembles at the 64-bit entry address.
+    fn build_code(mut self, at: u64) -> R<Vec<u8>> {
         self.halt_forever()?;
         let a = &mut self.a;
 
@@ -130,8 +130,18 @@ impl Guest {
             a.set_label(&mut label)?;
             a.db(&bytes)?;
         }
-        let code = a.assemble(LOAD_ADDR)?;
-        Ok(elf64(&code, LOAD_ADDR))
+        a.assemble(at)
+    }
+
+    /// Assembles the guest as an ELF vmlinux.
+    pub fn build_elf(self) -> R<Vec<u8>> {
+        Ok(elf64(&self.build_code(LOAD_ADDR)?, LOAD_ADDR))
+    }
+
+    /// Assembles the guest as a bzImage whose 64-bit entry (0x200 into the protected-mode
+    /// part) is the guest's first instruction.
+    pub fn build_bzimage(self) -> R<Vec<u8>> {
+        Ok(bzimage(&self.build_code(LOAD_ADDR + BZIMAGE_ENTRY_OFFSET)?))
     }
 }
 
@@ -172,4 +182,31 @@ pub fn elf64(code: &[u8], addr: u64) -> Vec<u8> {
     elf.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
     elf.extend_from_slice(code);
     elf
+}
+
+/// Offset of the 64-bit entry point in a bzImage's protected-mode code.
+pub const BZIMAGE_ENTRY_OFFSET: u64 = 0x200;
+
+/// A minimal bzImage (boot protocol 2.15): one setup sector carrying the header, then the
+/// protected-mode code loaded at 1 MiB, with `code` at its 64-bit entry point. The guest code
+/// is assembled for `LOAD_ADDR + BZIMAGE_ENTRY_OFFSET`.
+pub fn bzimage(code: &[u8]) -> Vec<u8> {
+    let setup_sects = 1u8;
+    let mut image = vec![0u8; (usize::from(setup_sects) + 1) * 512];
+    let mut put =
+        |offset: usize, bytes: &[u8]| image[offset..offset + bytes.len()].copy_from_slice(bytes);
+    put(0x1f1, &[setup_sects]);
+    put(0x1fe, &0xaa55u16.to_le_bytes()); // boot_flag
+    put(0x202, b"HdrS");
+    put(0x206, &0x020fu16.to_le_bytes()); // version
+    put(0x211, &[1]); // loadflags: LOADED_HIGH
+    put(0x214, &(LOAD_ADDR as u32).to_le_bytes()); // code32_start
+    put(0x22c, &0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+    put(0x230, &0x20_0000u32.to_le_bytes()); // kernel_alignment
+    put(0x236, &1u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
+    put(0x238, &255u32.to_le_bytes()); // cmdline_size
+    put(0x258, &LOAD_ADDR.to_le_bytes()); // pref_address
+    image.extend_from_slice(&[0xf4; BZIMAGE_ENTRY_OFFSET as usize]); // 32-bit entry: hlt
+    image.extend_from_slice(code);
+    image
 }

@@ -1,12 +1,14 @@
 //! Tier 2: tiny guests under KVM through nixvmm's real `Vm` (and its binary). Here KVM is PVM
 //! and runs these guests through its instruction emulator; they are small enough for that.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use firmware::layout::{e820_map, ACPI_START, E820Entry};
+use firmware::layout::{e820_map, E820Entry, ACPI_START};
 use iced_x86::code_asm::*;
 use nixvmm_tests::nixvmm_bin;
 use nixvmm_tests::tiny::Guest;
@@ -15,7 +17,13 @@ use vmm::{Control, Kernel, Outcome, VmConfig};
 
 fn write_guest(dir: &Path, guest: Guest) -> std::path::PathBuf {
     let path = dir.join("guest.elf");
-    std::fs::write(&path, guest.build().expect("guest assembles")).unwrap();
+    std::fs::write(&path, guest.build_elf().expect("guest assembles")).unwrap();
+    path
+}
+
+fn write_bzimage(dir: &Path, guest: Guest) -> std::path::PathBuf {
+    let path = dir.join("bzImage");
+    std::fs::write(&path, guest.build_bzimage().expect("guest assembles")).unwrap();
     path
 }
 
@@ -51,7 +59,11 @@ fn guest_output_reaches_the_console_and_poweroff_ends_nixvmm_with_status_0() {
         String::from_utf8_lossy(&out.stdout),
         "hello from a tiny guest\n"
     );
-    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.status.code(), Some(0));
 }
 
@@ -103,7 +115,9 @@ fn i8042_reset_without_no_reboot_boots_again() {
         std::thread::spawn(move || vmm::run(&config, &output, &control))
     };
     let boots = |buffer: &Arc<Mutex<Vec<u8>>>| {
-        String::from_utf8_lossy(&buffer.lock().unwrap()).matches("boot\n").count()
+        String::from_utf8_lossy(&buffer.lock().unwrap())
+            .matches("boot\n")
+            .count()
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while boots(&buffer) < 3 && Instant::now() < deadline {
@@ -112,7 +126,11 @@ fn i8042_reset_without_no_reboot_boots_again() {
     control.stop();
     let outcome = runner.join().unwrap().expect("VM runs");
     assert_eq!(outcome, Outcome::Stopped);
-    assert!(boots(&buffer) >= 3, "the guest booted {} times", boots(&buffer));
+    assert!(
+        boots(&buffer) >= 3,
+        "the guest booted {} times",
+        boots(&buffer)
+    );
 }
 
 /// Offsets into Linux's `struct boot_params`.
@@ -227,29 +245,66 @@ fn hex(text: &str, key: &str) -> u64 {
 }
 
 #[test]
-fn guest_sees_the_linux_boot_state_it_was_given() {
+fn vmlinux_sees_the_linux_boot_state_it_was_given() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = write_guest(dir.path(), boot_state_reporter());
-    let initrd = dir.path().join("initrd.img");
+    check_boot_state(dir.path(), &kernel);
+}
+
+#[test]
+fn bzimage_sees_the_linux_boot_state_it_was_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_bzimage(dir.path(), boot_state_reporter());
+    check_boot_state(dir.path(), &kernel);
+}
+
+#[test]
+fn bzimage_command_line_limit_is_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_bzimage(dir.path(), boot_state_reporter());
+    let (output, _) = ConsoleOutput::buffer();
+    let err = vmm::run(
+        &VmConfig {
+            cmdline: "x".repeat(256),
+            ..config(&kernel)
+        },
+        &output,
+        &Control::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("at most 255"), "{err}");
+}
+
+fn check_boot_state(dir: &Path, kernel: &Path) {
+    let initrd = dir.join("initrd.img");
     let mut initrd_bytes = b"INITRD!!".to_vec();
     initrd_bytes.resize(300_001, 0x5a);
     std::fs::write(&initrd, &initrd_bytes).unwrap();
-    let cmdline = "console=ttyS0 init=/nix/store/abc-nixos-system/init regInfo=/nix/store/x/registration";
+    let cmdline =
+        "console=ttyS0 init=/nix/store/abc-nixos-system/init regInfo=/nix/store/x/registration";
     // 256 MiB stays below the MMIO hole; 5 GiB puts RAM above 4 GiB.
     for memory in [256u64 << 20, 5 << 30] {
         let (outcome, text) = run(&VmConfig {
             initrd: Some(initrd.clone()),
             cmdline: cmdline.into(),
             memory,
-            ..config(&kernel)
+            ..config(kernel)
         });
         assert_eq!(outcome, Outcome::PoweredOff, "{text}");
         assert!(text.ends_with("END\n"), "{text}");
 
         assert_eq!(hex(&text, "RSI"), 0x7000, "boot params in RSI");
-        assert_eq!(hex(&text, "CR0") & 0x8000_0001, 0x8000_0001, "paging, protected mode");
+        assert_eq!(
+            hex(&text, "CR0") & 0x8000_0001,
+            0x8000_0001,
+            "paging, protected mode"
+        );
         assert_eq!(hex(&text, "CR4") & 0x20, 0x20, "PAE");
-        assert_eq!(hex(&text, "EFER") & 0x500, 0x500, "long mode enabled and active");
+        assert_eq!(
+            hex(&text, "EFER") & 0x500,
+            0x500,
+            "long mode enabled and active"
+        );
         assert_eq!(hex(&text, "CR3"), 0x9000);
 
         let reported: Vec<E820Entry> = text
@@ -269,8 +324,15 @@ fn guest_sees_the_linux_boot_state_it_was_given() {
             .collect();
         assert_eq!(hex(&text, "E820_ENTRIES") as usize, reported.len());
         assert_eq!(reported, e820_map(memory), "memory {memory:#x}");
-        let ram: u64 = reported.iter().filter(|e| e.kind == 1).map(|e| e.size).sum();
-        assert!(ram <= memory && ram > memory - (1 << 20), "RAM {ram:#x} of {memory:#x}");
+        let ram: u64 = reported
+            .iter()
+            .filter(|e| e.kind == 1)
+            .map(|e| e.size)
+            .sum();
+        assert!(
+            ram <= memory && ram > memory - (1 << 20),
+            "RAM {ram:#x} of {memory:#x}"
+        );
 
         assert_eq!(value(&text, "CMDLINE"), cmdline);
 

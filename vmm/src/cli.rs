@@ -9,7 +9,11 @@ use crate::config::{parse_size, ConfigError, Kernel, VmConfig, MAX_CPUS};
 use crate::system::{read_system, SystemError};
 
 #[derive(Debug, Parser)]
-#[command(name = "nixvmm", version, about = "A fast KVM VMM for directly booted NixOS systems")]
+#[command(
+    name = "nixvmm",
+    version,
+    about = "A fast KVM VMM for directly booted NixOS systems"
+)]
 pub struct Cli {
     /// More log output on stderr (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -106,7 +110,10 @@ mod tests {
     fn defaults_boot_the_builtin_guest() {
         let config = run_args(&["run"]).into_config().unwrap();
         assert_eq!(config.kernel, Kernel::BuiltinGreeting);
-        assert_eq!((config.memory, config.cpus, config.no_reboot), (512 << 20, 1, false));
+        assert_eq!(
+            (config.memory, config.cpus, config.no_reboot),
+            (512 << 20, 1, false)
+        );
     }
 
     #[test]
@@ -116,14 +123,25 @@ mod tests {
         std::fs::write(&kernel, b"x").unwrap();
         let k = kernel.to_str().unwrap();
         let config = run_args(&[
-            "run", "--kernel", k, "--cmdline", "console=ttyS0", "--memory", "2G", "--cpus", "4",
+            "run",
+            "--kernel",
+            k,
+            "--cmdline",
+            "console=ttyS0",
+            "--memory",
+            "2G",
+            "--cpus",
+            "4",
             "--no-reboot",
         ])
         .into_config()
         .unwrap();
         assert_eq!(config.kernel, Kernel::File(kernel.clone()));
         assert_eq!(config.cmdline, "console=ttyS0");
-        assert_eq!((config.memory, config.cpus, config.no_reboot), (2 << 30, 4, true));
+        assert_eq!(
+            (config.memory, config.cpus, config.no_reboot),
+            (2 << 30, 4, true)
+        );
     }
 
     #[test]
@@ -131,9 +149,13 @@ mod tests {
         assert!(parse(&["run", "--cpus", "0"]).is_err());
         assert!(parse(&["run", "--bogus"]).is_err());
         assert!(parse(&["run", "--system", "/x", "--kernel", "/y"]).is_err());
-        let err = run_args(&["run", "--memory", "lots"]).into_config().unwrap_err();
+        let err = run_args(&["run", "--memory", "lots"])
+            .into_config()
+            .unwrap_err();
         assert!(err.to_string().contains("--memory lots"), "{err}");
-        let err = run_args(&["run", "--kernel", "/no/such/bzImage"]).into_config().unwrap_err();
+        let err = run_args(&["run", "--kernel", "/no/such/bzImage"])
+            .into_config()
+            .unwrap_err();
         assert!(err.to_string().contains("/no/such/bzImage"), "{err}");
     }
 }

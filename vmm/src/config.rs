@@ -71,7 +71,10 @@ impl VmConfig {
             });
         }
         if self.memory > MAX_MEMORY {
-            return Err(ConfigError::MemoryTooLarge(format!("{}M", self.memory >> 20)));
+            return Err(ConfigError::MemoryTooLarge(format!(
+                "{}M",
+                self.memory >> 20
+            )));
         }
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(ConfigError::BadCpus(u32::from(self.cpus)));
@@ -141,7 +144,11 @@ mod tests {
         assert_eq!(parse_size("1024k"), Ok(1 << 20));
         assert_eq!(parse_size("1T"), Ok(1 << 40));
         for bad in ["", "M", "12X", "-1", "1.5G", "G2"] {
-            assert_eq!(parse_size(bad), Err(ConfigError::BadSize(bad.into())), "{bad}");
+            assert_eq!(
+                parse_size(bad),
+                Err(ConfigError::BadSize(bad.into())),
+                "{bad}"
+            );
         }
         assert!(matches!(
             parse_size("99999999999999999T"),
@@ -157,12 +164,20 @@ mod tests {
             memory: 1 << 20,
             ..VmConfig::default()
         };
-        assert!(small.validate().unwrap_err().to_string().contains("--memory"));
+        assert!(small
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--memory"));
         let cpus = VmConfig {
             cpus: 0,
             ..VmConfig::default()
         };
-        assert!(cpus.validate().unwrap_err().to_string().contains("--cpus 0"));
+        assert!(cpus
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--cpus 0"));
         let missing = VmConfig {
             kernel: Kernel::File("/nonexistent/bzImage".into()),
             ..VmConfig::default()

@@ -80,10 +80,7 @@ pub fn spawn_stdin_pump(control: Control) {
             }
         }
     };
-    if let Err(e) = std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(pump)
-    {
+    if let Err(e) = std::thread::Builder::new().name("stdin".into()).spawn(pump) {
         log::warn!("no console input: cannot start the stdin thread: {e}");
     }
 }

@@ -33,9 +33,8 @@ pub fn cpuid_for(supported: &CpuId, id: u8, count: u8) -> CpuId {
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
-                entry.ebx = (entry.ebx & 0x0000_ffff)
-                    | (u32::from(id) << 24)
-                    | (u32::from(count) << 16);
+                entry.ebx =
+                    (entry.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
                 entry.ecx |= 1 << 31; // running on a hypervisor
                 if count > 1 {
                     entry.edx |= 1 << 28; // HTT: the count in EBX[23:16] is valid
@@ -170,7 +169,10 @@ pub fn configure(vcpu: &VcpuFd, setup: &CpuSetup) -> Result<(), CpuError> {
     let written = vcpu.set_msrs(&msrs).map_err(kvm("MSRs"))?;
     if let Some(refused) = entries.get(written) {
         // KVM stops at the first MSR it refuses; the rest are optional for Linux.
-        log::warn!("vCPU {cpu}: KVM refused MSR {:#x}; continuing", refused.index);
+        log::warn!(
+            "vCPU {cpu}: KVM refused MSR {:#x}; continuing",
+            refused.index
+        );
     }
     let fpu = kvm_fpu {
         fcw: 0x37f,

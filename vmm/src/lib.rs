@@ -47,11 +47,17 @@ pub enum RunError {
     Failed(String),
 }
 
+/// The running VM as other threads reach it: where to send its exit, its console UART.
+struct Attached {
+    exit: ExitSender,
+    serial: Arc<Mutex<SerialConsole>>,
+}
+
 /// Reaches the running VM from other threads: console input and stopping. Stays valid across
 /// guest reboots, following each new VM.
 #[derive(Clone, Default)]
 pub struct Control {
-    current: Arc<Mutex<Option<(ExitSender, Arc<Mutex<SerialConsole>>)>>>,
+    current: Arc<Mutex<Option<Attached>>>,
     stopped: Arc<AtomicBool>,
 }
 
@@ -59,21 +65,24 @@ impl Control {
     /// Stops the VM; `run` returns [`Outcome::Stopped`].
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
-        if let Some((exit, _)) = &*lock(&self.current) {
-            let _ = exit.send(VmExit::Stopped);
+        if let Some(vm) = &*lock(&self.current) {
+            let _ = vm.exit.send(VmExit::Stopped);
         }
     }
 
     /// Queues console input for the guest; returns how many bytes it took.
     pub fn send_input(&self, bytes: &[u8]) -> usize {
         match &*lock(&self.current) {
-            Some((_, serial)) => lock(serial).enqueue_input(bytes),
+            Some(vm) => lock(&vm.serial).enqueue_input(bytes),
             None => 0,
         }
     }
 
     fn attach(&self, vm: &Vm) {
-        *lock(&self.current) = Some((vm.exit_sender(), vm.serial()));
+        *lock(&self.current) = Some(Attached {
+            exit: vm.exit_sender(),
+            serial: vm.serial(),
+        });
         if self.stopped.load(Ordering::Acquire) {
             let _ = vm.exit_sender().send(VmExit::Stopped);
         }
@@ -97,7 +106,11 @@ pub fn open_kvm() -> Result<Kvm, RunError> {
 
 /// Boots `config` and runs it until the guest powers off, reboots with `no_reboot`, fails or
 /// is stopped. A reboot without `no_reboot` builds a fresh VM and boots again.
-pub fn run(config: &VmConfig, output: &ConsoleOutput, control: &Control) -> Result<Outcome, RunError> {
+pub fn run(
+    config: &VmConfig,
+    output: &ConsoleOutput,
+    control: &Control,
+) -> Result<Outcome, RunError> {
     config.validate()?;
     let kvm = open_kvm()?;
     loop {

@@ -16,7 +16,11 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) {
-            eprint!("nixvmm: {}: {}\r\n", record.level().as_str().to_lowercase(), record.args());
+            eprint!(
+                "nixvmm: {}: {}\r\n",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            );
         }
     }
     fn flush(&self) {}

@@ -29,7 +29,11 @@ pub enum SystemError {
 ///
 /// `DIR` is resolved through symlinks (`./result` → `/nix/store/…`) because the guest sees
 /// only store paths.
-pub fn read_system(dir: &Path, reg_info: Option<&str>, extra: &str) -> Result<NixosBoot, SystemError> {
+pub fn read_system(
+    dir: &Path,
+    reg_info: Option<&str>,
+    extra: &str,
+) -> Result<NixosBoot, SystemError> {
     let shown = dir.display().to_string();
     let toplevel = dir
         .canonicalize()
@@ -51,11 +55,12 @@ pub fn read_system(dir: &Path, reg_info: Option<&str>, extra: &str) -> Result<Ni
     let initrd = require("initrd")?;
     let params_file = require("kernel-params")?;
     require("init")?;
-    let params = std::fs::read_to_string(&params_file).map_err(|source| SystemError::Unreadable {
-        dir: shown.clone(),
-        file: "kernel-params".into(),
-        source,
-    })?;
+    let params =
+        std::fs::read_to_string(&params_file).map_err(|source| SystemError::Unreadable {
+            dir: shown.clone(),
+            file: "kernel-params".into(),
+            source,
+        })?;
     let mut words = vec![
         params.trim().to_string(),
         format!("init={}", toplevel.join("init").display()),
@@ -127,7 +132,9 @@ mod tests {
         std::fs::remove_file(result.join("initrd")).unwrap();
         let err = read_system(&result, None, "").unwrap_err().to_string();
         assert!(err.contains("initrd is missing"), "{err}");
-        let err = read_system(Path::new("/nonexistent"), None, "").unwrap_err().to_string();
+        let err = read_system(Path::new("/nonexistent"), None, "")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a directory"), "{err}");
     }
 }

@@ -87,7 +87,9 @@ impl Vm {
         vm_fd
             .set_tss_address(KVM_TSS_START as usize)
             .map_err(kvm_err("TSS address"))?;
-        vm_fd.create_irq_chip().map_err(kvm_err("in-kernel irqchip"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("in-kernel irqchip"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
