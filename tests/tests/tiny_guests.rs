@@ -35,11 +35,28 @@ fn config(kernel: &Path) -> VmConfig {
     }
 }
 
-/// Runs `config` in-process and returns the outcome and everything the guest printed.
+/// Runs `config` in-process and returns the outcome and everything the guest printed. A guest
+/// still running after a minute is stopped and the test fails with what it printed.
 fn run(config: &VmConfig) -> (Outcome, String) {
     let (output, buffer) = ConsoleOutput::buffer();
-    let outcome = vmm::run(config, &output, &Control::default()).expect("VM runs");
+    let control = Control::default();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let runner = {
+        let (config, control) = (config.clone(), control.clone());
+        std::thread::spawn(move || {
+            let result = vmm::run(&config, &output, &control);
+            let _ = done_tx.send(());
+            result
+        })
+    };
+    let timed_out = done_rx.recv_timeout(Duration::from_secs(60)).is_err();
+    control.stop();
+    let outcome = runner.join().unwrap().expect("VM runs");
     let text = String::from_utf8_lossy(&buffer.lock().unwrap()).to_string();
+    assert!(
+        !timed_out,
+        "guest still running after 60 s; it printed:\n{text}"
+    );
     (outcome, text)
 }
 
@@ -151,9 +168,9 @@ fn boot_state_reporter() -> Guest {
     use zero_page::*;
     let mut g = Guest::new();
     let r = || -> Result<Guest, IcedError> {
-        g.a.mov(rbx, rsi)?;
+        g.a.mov(r15, rsi)?; // CPUID clobbers rbx: keep the boot params in r15
         g.text("RSI=")?;
-        g.hex(rbx)?;
+        g.hex(r15)?;
         g.a.mov(r12, cr0)?;
         g.text("\nCR0=")?;
         g.hex(r12)?;
@@ -173,12 +190,29 @@ fn boot_state_reporter() -> Guest {
         g.a.mov(r12, rsp)?;
         g.text("\nRSP=")?;
         g.hex(r12)?;
+        // CPUID: APIC ID and hypervisor bit (leaf 1), the hypervisor leaf's signature.
+        g.a.mov(eax, 1u32)?;
+        g.a.cpuid()?;
+        g.a.mov(r12d, ebx)?;
+        g.a.mov(r13d, ecx)?;
+        g.text("\nCPUID1_EBX=")?;
+        g.hex(r12)?;
+        g.text("\nCPUID1_ECX=")?;
+        g.hex(r13)?;
+        g.a.mov(eax, 0x4000_0000u32)?;
+        g.a.cpuid()?;
+        g.a.mov(r12d, ebx)?;
+        g.a.mov(r13d, ecx)?;
+        g.a.shl(r13, 32)?;
+        g.a.or(r12, r13)?;
+        g.text("\nHYPERVISOR_SIGNATURE=")?;
+        g.hex(r12)?;
 
         // E820: count, then each entry (20 bytes: addr, size, type).
-        g.a.movzx(r13, byte_ptr(rbx + E820_ENTRIES))?;
+        g.a.movzx(r13, byte_ptr(r15 + E820_ENTRIES))?;
         g.text("\nE820_ENTRIES=")?;
         g.hex(r13)?;
-        g.a.lea(r14, ptr(rbx + E820_TABLE))?;
+        g.a.lea(r14, ptr(r15 + E820_TABLE))?;
         let mut entry = g.a.create_label();
         let mut entries_done = g.a.create_label();
         g.a.set_label(&mut entry)?;
@@ -199,20 +233,20 @@ fn boot_state_reporter() -> Guest {
         g.a.set_label(&mut entries_done)?;
 
         // Command line.
-        g.a.mov(r12d, dword_ptr(rbx + CMD_LINE_PTR))?;
+        g.a.mov(r12d, dword_ptr(r15 + CMD_LINE_PTR))?;
         g.text("\nCMDLINE=")?;
         g.string_at(r12)?;
 
         // Initrd: 64-bit address and size from the split fields, and its first 8 bytes.
-        g.a.mov(r12d, dword_ptr(rbx + EXT_RAMDISK_IMAGE))?;
+        g.a.mov(r12d, dword_ptr(r15 + EXT_RAMDISK_IMAGE))?;
         g.a.shl(r12, 32)?;
-        g.a.mov(eax, dword_ptr(rbx + RAMDISK_IMAGE))?;
+        g.a.mov(eax, dword_ptr(r15 + RAMDISK_IMAGE))?;
         g.a.or(r12, rax)?;
         g.text("\nINITRD_ADDR=")?;
         g.hex(r12)?;
-        g.a.mov(r13d, dword_ptr(rbx + EXT_RAMDISK_SIZE))?;
+        g.a.mov(r13d, dword_ptr(r15 + EXT_RAMDISK_SIZE))?;
         g.a.shl(r13, 32)?;
-        g.a.mov(eax, dword_ptr(rbx + RAMDISK_SIZE))?;
+        g.a.mov(eax, dword_ptr(r15 + RAMDISK_SIZE))?;
         g.a.or(r13, rax)?;
         g.text("\nINITRD_SIZE=")?;
         g.hex(r13)?;
@@ -221,7 +255,7 @@ fn boot_state_reporter() -> Guest {
         g.hex(r12)?;
 
         // RSDP address and the signature found there.
-        g.a.mov(r12, qword_ptr(rbx + ACPI_RSDP_ADDR))?;
+        g.a.mov(r12, qword_ptr(r15 + ACPI_RSDP_ADDR))?;
         g.text("\nRSDP=")?;
         g.hex(r12)?;
         g.a.mov(r12, qword_ptr(r12))?;
@@ -306,6 +340,14 @@ fn check_boot_state(dir: &Path, kernel: &Path) {
             "long mode enabled and active"
         );
         assert_eq!(hex(&text, "CR3"), 0x9000);
+        assert_eq!(hex(&text, "RSP"), 0x8ff0);
+        assert_eq!(hex(&text, "CPUID1_EBX") >> 24, 0, "boot CPU's APIC ID");
+        assert_ne!(hex(&text, "CPUID1_ECX") & (1 << 31), 0, "hypervisor bit");
+        assert_eq!(
+            &hex(&text, "HYPERVISOR_SIGNATURE").to_le_bytes(),
+            b"KVMKVMKV",
+            "KVM's hypervisor leaf (kvmclock is announced there)"
+        );
 
         let reported: Vec<E820Entry> = text
             .lines()

@@ -106,6 +106,12 @@ impl RawTerminal {
         }
         let saved = *SAVED_TERMIOS.get_or_init(|| saved);
         restore_on_signals();
+        // Release builds abort on panic, so Drop would not run: restore in the hook too.
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore_terminal();
+            default_hook(info);
+        }));
         let mut raw = saved;
         // SAFETY: cfmakeraw edits the struct it is given.
         unsafe { libc::cfmakeraw(&mut raw) };
