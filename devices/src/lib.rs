@@ -8,6 +8,7 @@
 pub mod acpi_power;
 pub mod bus;
 pub mod i8042;
+pub mod pci;
 pub mod serial;
 
 /// Why a VM stopped running. Devices and vCPUs send it; the VMM's main loop acts on it.
