@@ -10,6 +10,7 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -20,7 +21,8 @@ use zerocopy::{Immutable, IntoBytes};
 
 use crate::layout::{
     ACPI_END, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_PORT, ACPI_START, COM1_IRQ,
-    COM1_PORT, IOAPIC_START, LAPIC_START,
+    COM1_PORT, IOAPIC_START, LAPIC_START, PCI_CONFIG_PORT, PCI_ECAM_START, PCI_MMIO_END,
+    PCI_MMIO_START,
 };
 use crate::{Error, Result};
 
@@ -51,7 +53,47 @@ fn sleep_register() -> GAS {
     )
 }
 
-/// The DSDT: the `_S5_` sleep state and the COM1 UART.
+/// The PCI host bridge (bus 0): its configuration ports and the windows its BARs live in.
+fn pci_root(body: &mut Vec<u8>) {
+    use aml::{AddressSpace, AddressSpaceCacheable};
+    aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &AddressSpace::new_bus_number(0u16, 0u16),
+                    &aml::IO::new(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, 8),
+                    &AddressSpace::new_io(0u16, PCI_CONFIG_PORT - 1, None),
+                    &AddressSpace::new_io(PCI_CONFIG_PORT + 8, 0xffffu16, None),
+                    &AddressSpace::new_memory(
+                        AddressSpaceCacheable::NotCacheable,
+                        true,
+                        PCI_MMIO_START as u32,
+                        (PCI_MMIO_END - 1) as u32,
+                        None,
+                    ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(body);
+}
+
+/// The MCFG: ECAM for segment 0, bus 0.
+pub fn mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(PCI_ECAM_START, 0, 0, 0);
+    to_bytes(&mcfg)
+}
+
+/// The DSDT: the `_S5_` sleep state, the COM1 UART and the PCI host bridge.
 pub fn dsdt() -> Vec<u8> {
     let mut body = Vec::new();
     aml::Name::new(
@@ -74,6 +116,7 @@ pub fn dsdt() -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut body);
+    pci_root(&mut body);
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     table.append_slice(&body);
     table.as_slice().to_vec()
@@ -188,9 +231,12 @@ pub fn write_acpi_tables<M: GuestMemory>(mem: &M, config: &AcpiConfig) -> Result
     let fadt_addr = place(fadt.len());
     let madt = madt(config.cpus);
     let madt_addr = place(madt.len());
+    let mcfg = mcfg();
+    let mcfg_addr = place(mcfg.len());
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let xsdt = to_bytes(&xsdt);
     let xsdt_addr = place(xsdt.len());
     let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
@@ -206,6 +252,7 @@ pub fn write_acpi_tables<M: GuestMemory>(mem: &M, config: &AcpiConfig) -> Result
         (dsdt_addr, &dsdt),
         (fadt_addr, &fadt),
         (madt_addr, &madt),
+        (mcfg_addr, &mcfg),
         (xsdt_addr, &xsdt),
     ] {
         mem.write_slice(bytes, GuestAddress(addr))

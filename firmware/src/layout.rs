@@ -32,6 +32,11 @@ pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// The 32-bit hole for device memory below 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// Where PCI BARs are allocated: the hole below ECAM.
+pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
+pub const PCI_MMIO_END: u64 = PCI_ECAM_START;
+/// PCI configuration ports (mechanism #1).
+pub const PCI_CONFIG_PORT: u16 = 0xcf8;
 /// PCI Express configuration space (ECAM), one bus: 1 MiB.
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
 pub const PCI_ECAM_SIZE: u64 = 0x10_0000;

@@ -151,3 +151,24 @@ fn madt_lists_every_cpu_and_the_ioapic() {
         assert_eq!(field(madt, "PC-AT Compatibility"), ["1"], "{madt}");
     }
 }
+
+#[test]
+fn pci_root_bridge_and_mcfg_describe_ecam() {
+    let tables = decompiled(1);
+    let dsdt = find(&tables, "DSDT");
+    assert!(dsdt.contains("Device (_SB.PCI0)"), "{dsdt}");
+    assert!(dsdt.contains("EisaId (\"PNP0A08\")"), "{dsdt}");
+    assert!(dsdt.contains("WordBusNumber"), "{dsdt}");
+    assert!(
+        dsdt.contains("0xC0000000"),
+        "32-bit BAR window start in {dsdt}"
+    );
+    assert!(
+        dsdt.contains("0xDFFFFFFF"),
+        "32-bit BAR window end in {dsdt}"
+    );
+    let mcfg = find(&tables, "MCFG");
+    assert_eq!(field(mcfg, "Base Address"), ["00000000E0000000"], "{mcfg}");
+    assert_eq!(field(mcfg, "Start Bus Number"), ["00"], "{mcfg}");
+    assert_eq!(field(mcfg, "End Bus Number"), ["00"], "{mcfg}");
+}

@@ -465,3 +465,46 @@ fn second_vcpu_starts_through_init_sipi() {
     assert_eq!(outcome, Outcome::PoweredOff, "{text}");
     assert_eq!(text, "BSP\nAP apic_id=1\nBSP saw the AP\n");
 }
+
+/// Reads the vendor/device register of bus 0 slots 0..3 through both configuration
+/// mechanisms and reports them.
+#[test]
+fn guest_enumerates_pci_through_cf8_and_ecam() {
+    let mut g = Guest::new();
+    let r = || -> Result<Guest, IcedError> {
+        for slot in 0..3u32 {
+            g.a.mov(eax, 0x8000_0000u32 | (slot << 11))?;
+            g.a.mov(dx, 0xcf8u32)?;
+            g.a.out(dx, eax)?;
+            g.a.mov(dx, 0xcfcu32)?;
+            g.a.in_(eax, dx)?;
+            g.a.mov(r12d, eax)?;
+            g.text(&format!("CF8_SLOT{slot}="))?;
+            g.hex(r12)?;
+            g.a.mov(rbx, 0xe000_0000u64 + (u64::from(slot) << 15))?;
+            g.a.mov(r12d, dword_ptr(rbx))?;
+            g.text(&format!("\nECAM_SLOT{slot}="))?;
+            g.hex(r12)?;
+            g.text("\n")?;
+        }
+        g.poweroff()?;
+        Ok(g)
+    };
+    let g = r().expect("guest assembles");
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_guest(dir.path(), g);
+    let (outcome, text) = run(&config(&kernel));
+    assert_eq!(outcome, Outcome::PoweredOff, "{text}");
+    for mechanism in ["CF8", "ECAM"] {
+        assert_eq!(
+            hex(&text, &format!("{mechanism}_SLOT0")),
+            0x0d57_8086,
+            "host bridge"
+        );
+        assert_eq!(
+            hex(&text, &format!("{mechanism}_SLOT1")),
+            0xffff_ffff,
+            "empty slot"
+        );
+    }
+}

@@ -9,11 +9,15 @@ use std::time::Duration;
 use devices::acpi_power::AcpiPower;
 use devices::bus::Bus;
 use devices::i8042::I8042;
+use devices::pci::{PciConfigIo, PciEcam, PciRoot};
 use devices::serial::SerialConsole;
 use devices::{ExitSender, VmExit};
 use firmware::acpi::{write_acpi_tables, AcpiConfig};
 use firmware::boot::{self, BootSetup, LoadedKernel};
-use firmware::layout::{self, ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT};
+use firmware::layout::{
+    self, ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT, PCI_CONFIG_PORT, PCI_ECAM_SIZE,
+    PCI_ECAM_START,
+};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
@@ -136,10 +140,19 @@ impl Vm {
             1,
             Arc::new(Mutex::new(AcpiPower::new(exit_tx.clone()))),
         )?;
-        let buses = Arc::new(Buses {
-            io,
-            mmio: Bus::new(),
-        });
+        let pci = Arc::new(PciRoot::new());
+        io.insert(
+            u64::from(PCI_CONFIG_PORT),
+            PciConfigIo::LEN,
+            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+        )?;
+        let mut mmio = Bus::new();
+        mmio.insert(
+            PCI_ECAM_START,
+            PCI_ECAM_SIZE,
+            Arc::new(Mutex::new(PciEcam::new(pci))),
+        )?;
+        let buses = Arc::new(Buses { io, mmio });
 
         let supported_cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)

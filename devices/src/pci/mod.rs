@@ -121,7 +121,6 @@ pub struct PciConfigIo {
 }
 
 impl PciConfigIo {
-    pub const PORT: u16 = 0xcf8;
     pub const LEN: u64 = 8;
 
     pub fn new(root: Arc<PciRoot>) -> PciConfigIo {
