@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// End nixvmm (status 0) when the guest reboots, instead of booting it again.
     #[arg(long)]
     pub no_reboot: bool,
+    /// Give the guest a virtio-rng device (/dev/hwrng) fed from the host's getrandom.
+    #[arg(long)]
+    pub rng: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +89,7 @@ impl RunArgs {
             memory,
             cpus: self.cpus,
             no_reboot: self.no_reboot,
+            rng: self.rng,
         };
         config.validate()?;
         Ok(config)

@@ -29,6 +29,8 @@ pub struct VmConfig {
     /// A guest reboot ends nixvmm (status 0) instead of restarting the guest (QEMU's
     /// `-no-reboot`).
     pub no_reboot: bool,
+    /// A virtio-rng device fed from the host's getrandom.
+    pub rng: bool,
 }
 
 impl Default for VmConfig {
@@ -40,6 +42,7 @@ impl Default for VmConfig {
             memory: 512 << 20,
             cpus: 1,
             no_reboot: false,
+            rng: false,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod console;
 pub mod cpu;
 pub mod system;
 pub mod vcpu;
+pub mod virtio_devices;
 pub mod vm;
 
 use std::sync::atomic::{AtomicBool, Ordering};

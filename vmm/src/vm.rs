@@ -29,6 +29,7 @@ use crate::config::{Kernel, VmConfig};
 use crate::console::ConsoleOutput;
 use crate::cpu::{self, CpuSetup};
 use crate::vcpu::{self, Buses};
+use crate::virtio_devices::{EventLoop, VirtioDevices};
 
 /// The KVM identity-map and TSS pages, just below the IOAPIC in the MMIO hole.
 const KVM_IDENTITY_MAP_START: u64 = 0xfeff_c000;
@@ -53,7 +54,11 @@ pub enum VmError {
     Layout(#[from] devices::bus::Overlap),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
-    #[error("cannot start a vCPU thread: {0}")]
+    #[error("too many devices for the PCI memory window")]
+    TooManyDevices,
+    #[error("device setup: {0}")]
+    Device(String),
+    #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
 }
 
@@ -69,7 +74,8 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     exit_tx: ExitSender,
     exit_rx: Receiver<VmExit>,
-    _vm_fd: VmFd,
+    virtio: Option<VirtioDevices>,
+    _vm_fd: Arc<VmFd>,
     _memory: GuestMemoryMmap,
 }
 
@@ -83,7 +89,7 @@ impl Vm {
                 max,
             });
         }
-        let vm_fd = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("creating the VM"))?);
         // Needed on Intel hosts for real-mode guest code (AP start-up); harmless elsewhere.
         vm_fd
             .set_identity_map_address(KVM_IDENTITY_MAP_START)
@@ -140,13 +146,16 @@ impl Vm {
             1,
             Arc::new(Mutex::new(AcpiPower::new(exit_tx.clone()))),
         )?;
-        let pci = Arc::new(PciRoot::new());
+        let mut pci = PciRoot::new();
+        let mut mmio = Bus::new();
+        let virtio =
+            VirtioDevices::attach(device_models(config), &vm_fd, &memory, &mut pci, &mut mmio)?;
+        let pci = Arc::new(pci);
         io.insert(
             u64::from(PCI_CONFIG_PORT),
             PciConfigIo::LEN,
             Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
         )?;
-        let mut mmio = Bus::new();
         mmio.insert(
             PCI_ECAM_START,
             PCI_ECAM_SIZE,
@@ -183,6 +192,7 @@ impl Vm {
             serial,
             exit_tx,
             exit_rx,
+            virtio: Some(virtio),
             _vm_fd: vm_fd,
             _memory: memory,
         })
@@ -200,6 +210,11 @@ impl Vm {
     /// Runs the vCPUs until the first exit reason arrives, then stops them all.
     pub fn run(mut self) -> VmExit {
         install_kick_handler();
+        let _event_loop: EventLoop = match self.virtio.take().map(VirtioDevices::start) {
+            Some(Ok(event_loop)) => event_loop,
+            Some(Err(e)) => return VmExit::Failed(e.to_string()),
+            None => return VmExit::Failed("the VM was already run".into()),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
@@ -223,6 +238,15 @@ impl Vm {
         stop_vcpus(&stop, threads);
         reason
     }
+}
+
+/// The virtio device models `config` asks for.
+fn device_models(config: &VmConfig) -> Vec<Box<dyn virtio::VirtioDevice>> {
+    let mut models: Vec<Box<dyn virtio::VirtioDevice>> = Vec::new();
+    if config.rng {
+        models.push(Box::new(virtio::rng::Rng::new()));
+    }
+    models
 }
 
 fn guest_memory(vm_fd: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
