@@ -27,6 +27,20 @@ pub enum Command {
     /// Boot a kernel or a NixOS system. Without a kernel, a built-in tiny guest greets and
     /// powers off.
     Run(RunArgs),
+    /// Serve one of nixvmm's device models to a vhost-user frontend (e.g. QEMU's
+    /// vhost-user-rng-pci) on a Unix socket, until the frontend disconnects.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// virtio-rng fed from the host's getrandom.
+    Rng {
+        /// The Unix socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -98,6 +112,8 @@ impl RunArgs {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -107,6 +123,7 @@ mod tests {
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).unwrap().command {
             Command::Run(run) => run,
+            other => panic!("not a run command: {other:?}"),
         }
     }
 
@@ -146,6 +163,16 @@ mod tests {
             (config.memory, config.cpus, config.no_reboot),
             (2 << 30, 4, true)
         );
+    }
+
+    #[test]
+    fn device_subcommand_takes_a_socket() {
+        let cli = parse(&["device", "rng", "--socket", "/run/rng.sock"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Device(DeviceCommand::Rng { socket }) if socket == Path::new("/run/rng.sock")
+        ));
+        assert!(parse(&["device", "rng"]).is_err(), "--socket is required");
     }
 
     #[test]

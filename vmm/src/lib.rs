@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod console;
 pub mod cpu;
+pub mod device_server;
 pub mod system;
 pub mod vcpu;
 pub mod virtio_devices;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::cli::{Cli, Command};
+use vmm::cli::{Cli, Command, DeviceCommand};
 use vmm::console::{spawn_stdin_pump, ConsoleOutput, RawTerminal};
 use vmm::Control;
 
@@ -58,6 +58,11 @@ fn main() -> ExitCode {
                 drop(terminal);
                 outcome.map_err(|e| e.to_string())
             }),
+        Command::Device(DeviceCommand::Rng { socket }) => {
+            vmm::device_server::serve("rng", Box::new(virtio::rng::Rng::new()), &socket)
+                .map(|()| vmm::Outcome::Stopped)
+                .map_err(|e| e.to_string())
+        }
     };
     match result {
         Ok(outcome) => {
