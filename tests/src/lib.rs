@@ -3,6 +3,8 @@
 //! - [`linux_kit`]: Debian's stock kernel and a busybox initrd, booted under QEMU (tier 3) or
 //!   nixvmm (tier 4).
 
+pub mod cpio;
+pub mod linux_kit;
 pub mod tiny;
 
 use std::path::PathBuf;
