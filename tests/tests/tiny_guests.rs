@@ -753,3 +753,104 @@ fn guest_drives_virtio_rng_over_pci_and_gets_an_msix_interrupt() {
     assert_eq!(hex(&text, "USED_LEN"), 16, "{text}");
     assert_ne!(hex(&text, "BUF"), 0, "random bytes in the buffer: {text}");
 }
+
+/// A guest that echoes what it reads from the UART until a newline, then powers off.
+fn echo_guest() -> Result<Guest, IcedError> {
+    let mut g = Guest::new();
+    let mut wait = g.a.create_label();
+    let mut done = g.a.create_label();
+    g.text("ready\n")?;
+    g.a.set_label(&mut wait)?;
+    g.a.mov(dx, 0x3fdu32)?; // line status: bit 0 = data ready
+    g.a.in_(al, dx)?;
+    g.a.test(al, 1u32)?;
+    g.a.jz(wait)?;
+    g.a.mov(dx, 0x3f8u32)?;
+    g.a.in_(al, dx)?;
+    g.a.cmp(al, b'\n' as u32)?;
+    g.a.je(done)?;
+    g.a.xor(al, 0x20u32)?; // swap case, so the test sees the guest's work
+    g.a.out(dx, al)?;
+    g.a.jmp(wait)?;
+    g.a.set_label(&mut done)?;
+    g.text("\n")?;
+    g.poweroff()?;
+    Ok(g)
+}
+
+#[test]
+fn stdin_reaches_the_guest_uart() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_guest(dir.path(), echo_guest().expect("guest assembles"));
+    let mut child = Command::new(nixvmm_bin())
+        .args(["run", "--memory", "64M", "--kernel"])
+        .arg(&kernel)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello, Guest\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ready\nhELLO\x0c\x00gUEST\n"
+    );
+    assert_eq!(out.status.code(), Some(0));
+}
+
+/// The terminal's settings are the same after nixvmm as before (run under a pseudo-terminal
+/// by util-linux's `script`), whether the guest powers off or nixvmm is killed.
+#[test]
+fn terminal_is_restored_on_exit_and_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::new();
+    g.text("hi\n").unwrap();
+    g.poweroff().unwrap();
+    let poweroff = write_guest(dir.path(), g);
+    let spinning = dir.path().join("spin.elf");
+    let mut g = Guest::new();
+    g.halt_forever().unwrap();
+    std::fs::write(&spinning, g.build_elf().unwrap()).unwrap();
+    let bin = nixvmm_bin();
+    let during = dir.path().join("during");
+    let kill = format!(
+        "< /dev/tty & sleep 1; stty -g > {}; kill -TERM $!; wait",
+        during.display()
+    );
+    for (kernel, how) in [(&poweroff, ""), (&spinning, kill.as_str())] {
+        let before = dir.path().join("before");
+        let after = dir.path().join("after");
+        let shell = format!(
+            "stty -g > {b}; {bin} run --memory 64M --kernel {k} {how}; stty -g > {a}",
+            b = before.display(),
+            a = after.display(),
+            bin = bin.display(),
+            k = kernel.display(),
+        );
+        let out = Command::new("script")
+            .args(["-qec", &shell, "/dev/null"])
+            .output()
+            .expect("util-linux's script runs");
+        let before = std::fs::read_to_string(&before).unwrap();
+        let after = std::fs::read_to_string(&after).unwrap();
+        assert!(
+            !before.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(before, after, "terminal settings changed ({how:?})");
+    }
+    let during = std::fs::read_to_string(&during).unwrap();
+    let after = std::fs::read_to_string(dir.path().join("after")).unwrap();
+    assert_ne!(
+        during, after,
+        "the terminal was in raw mode while the guest ran"
+    );
+}

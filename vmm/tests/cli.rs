@@ -59,3 +59,21 @@ fn help_and_version_succeed() {
     assert_eq!(nixvmm(&["--help"]).0, Some(0));
     assert_eq!(nixvmm(&["--version"]).0, Some(0));
 }
+
+/// A host without KVM, made with a mount namespace whose /dev is empty (needs root, as the
+/// development and CI machines are).
+#[test]
+fn missing_dev_kvm_is_explained() {
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} run",
+        env!("CARGO_BIN_EXE_nixvmm")
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("util-linux's unshare runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/dev/kvm does not exist"), "{stderr}");
+    assert!(stderr.contains("enable KVM"), "{stderr}");
+}
