@@ -33,54 +33,9 @@ pub fn code() -> Vec<u8> {
     code
 }
 
-/// An ELF64 with the code in one PT_LOAD at [`LOAD_ADDR`] and a PT_NOTE carrying
-/// XEN_ELFNOTE_PHYS32_ENTRY (the PVH entry point QEMU looks for).
+/// The guest as an ELF that both VMMs boot (see the module comment).
 pub fn pvh_elf() -> Vec<u8> {
-    let code = code();
-    let mut note = Vec::new();
-    note.extend_from_slice(&4u32.to_le_bytes()); // namesz ("Xen\0")
-    note.extend_from_slice(&4u32.to_le_bytes()); // descsz
-    note.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
-    note.extend_from_slice(b"Xen\0");
-    note.extend_from_slice(&(LOAD_ADDR as u32).to_le_bytes());
-    let ehdr = 64u64;
-    let phdr = 56u64;
-    let note_offset = ehdr + 2 * phdr;
-    let code_offset = note_offset + note.len() as u64;
-    let mut elf = Vec::new();
-    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
-    elf.extend_from_slice(&ehdr.to_le_bytes()); // e_phoff
-    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    elf.extend_from_slice(&(ehdr as u16).to_le_bytes());
-    elf.extend_from_slice(&(phdr as u16).to_le_bytes());
-    elf.extend_from_slice(&2u16.to_le_bytes()); // e_phnum
-    elf.extend_from_slice(&[64, 0, 0, 0, 0, 0]); // e_shentsize, e_shnum, e_shstrndx
-    let program_header = |kind: u32, flags: u32, offset: u64, addr: u64, size: u64, align: u64| {
-        let mut h = Vec::new();
-        h.extend_from_slice(&kind.to_le_bytes());
-        h.extend_from_slice(&flags.to_le_bytes());
-        for v in [offset, addr, addr, size, size, align] {
-            h.extend_from_slice(&v.to_le_bytes());
-        }
-        h
-    };
-    elf.extend(program_header(
-        1,
-        5,
-        code_offset,
-        LOAD_ADDR,
-        code.len() as u64,
-        0x1000,
-    ));
-    elf.extend(program_header(4, 4, note_offset, 0, note.len() as u64, 4));
-    elf.extend_from_slice(&note);
-    elf.extend_from_slice(&code);
-    elf
+    nixvmm_tests::tiny::pvh_elf64(&code(), LOAD_ADDR)
 }
 
 #[cfg(test)]

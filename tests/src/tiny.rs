@@ -154,9 +154,28 @@ impl Default for Guest {
 /// A minimal x86-64 ELF executable: one PT_LOAD segment holding `code` at `addr`, entered at
 /// its first byte — the shape of a vmlinux.
 pub fn elf64(code: &[u8], addr: u64) -> Vec<u8> {
+    build_elf(code, addr, None)
+}
+
+/// The same with a PT_NOTE carrying XEN_ELFNOTE_PHYS32_ENTRY = `addr`: the PVH entry point
+/// QEMU's `-kernel` looks for (it enters there in 32-bit protected mode).
+pub fn pvh_elf64(code: &[u8], addr: u64) -> Vec<u8> {
+    const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes()); // namesz
+    note.extend_from_slice(&4u32.to_le_bytes()); // descsz
+    note.extend_from_slice(&XEN_ELFNOTE_PHYS32_ENTRY.to_le_bytes());
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(addr as u32).to_le_bytes());
+    build_elf(code, addr, Some(&note))
+}
+
+fn build_elf(code: &[u8], addr: u64, note: Option<&[u8]>) -> Vec<u8> {
     const EHDR: u64 = 64;
     const PHDR: u64 = 56;
-    let offset = EHDR + PHDR;
+    let headers = 1 + u16::from(note.is_some());
+    let note_offset = EHDR + PHDR * u64::from(headers);
+    let code_offset = note_offset + note.map_or(0, |n| n.len() as u64);
     let mut elf = Vec::new();
     elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0"); // 64-bit, LE, SysV
     elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
@@ -168,18 +187,23 @@ pub fn elf64(code: &[u8], addr: u64) -> Vec<u8> {
     elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
     elf.extend_from_slice(&(EHDR as u16).to_le_bytes());
     elf.extend_from_slice(&(PHDR as u16).to_le_bytes());
-    elf.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    elf.extend_from_slice(&headers.to_le_bytes()); // e_phnum
     elf.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
     elf.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
     elf.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
-    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    elf.extend_from_slice(&7u32.to_le_bytes()); // RWX
-    elf.extend_from_slice(&offset.to_le_bytes()); // p_offset
-    elf.extend_from_slice(&addr.to_le_bytes()); // p_vaddr
-    elf.extend_from_slice(&addr.to_le_bytes()); // p_paddr
-    elf.extend_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
-    elf.extend_from_slice(&(code.len() as u64).to_le_bytes()); // p_memsz
-    elf.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
+    let mut program_header =
+        |kind: u32, flags: u32, offset: u64, paddr: u64, size: u64, align: u64| {
+            elf.extend_from_slice(&kind.to_le_bytes());
+            elf.extend_from_slice(&flags.to_le_bytes());
+            for value in [offset, paddr, paddr, size, size, align] {
+                elf.extend_from_slice(&value.to_le_bytes()); // offset, vaddr, paddr, filesz, memsz, align
+            }
+        };
+    program_header(1, 7, code_offset, addr, code.len() as u64, 0x1000); // PT_LOAD, RWX
+    if let Some(note) = note {
+        program_header(4, 4, note_offset, 0, note.len() as u64, 4); // PT_NOTE
+        elf.extend_from_slice(note);
+    }
     elf.extend_from_slice(code);
     elf
 }
