@@ -9,6 +9,7 @@ pub mod config;
 pub mod console;
 pub mod cpu;
 pub mod device_server;
+pub mod msi;
 pub mod options;
 pub mod system;
 pub mod vcpu;

@@ -9,31 +9,14 @@ use std::thread::JoinHandle;
 use devices::bus::{lock, Bus};
 use devices::pci::PciRoot;
 use firmware::layout::{PCI_MMIO_END, PCI_MMIO_START};
-use kvm_bindings::kvm_msi;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use virtio::pci::{MsiMessage, MsiSink, VirtioPciDevice, BAR_SIZE};
+use virtio::pci::{MsiSink, VirtioPciDevice, BAR_SIZE};
 use virtio::{Memory, VirtioDevice};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::msi::KvmMsiRoutes;
 use crate::vm::VmError;
-
-/// Delivers MSI messages with KVM_SIGNAL_MSI.
-pub struct KvmMsi(pub Arc<VmFd>);
-
-impl MsiSink for KvmMsi {
-    fn send(&self, message: MsiMessage) {
-        let msi = kvm_msi {
-            address_lo: message.addr as u32,
-            address_hi: (message.addr >> 32) as u32,
-            data: message.data,
-            ..Default::default()
-        };
-        if let Err(e) = self.0.signal_msi(msi) {
-            log::warn!("cannot deliver an MSI: {e}");
-        }
-    }
-}
 
 /// One queue of one device, as the event loop sees it.
 struct QueueWatch {
@@ -57,7 +40,7 @@ impl VirtioDevices {
         pci: &mut PciRoot,
         mmio: &mut Bus,
     ) -> Result<VirtioDevices, VmError> {
-        let interrupts: Arc<dyn MsiSink> = Arc::new(KvmMsi(vm_fd.clone()));
+        let interrupts: Arc<dyn MsiSink> = Arc::new(KvmMsiRoutes::new(vm_fd.clone()));
         let mut watches = Vec::new();
         for (n, model) in models.into_iter().enumerate() {
             let bar = PCI_MMIO_START + n as u64 * BAR_SIZE;
