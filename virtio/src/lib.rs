@@ -6,6 +6,7 @@
 //! transport (in-VMM virtio-pci, or vhost-user for `nixvmm device …`) signals the guest when
 //! [`VirtioDevice::process_queue`] says buffers were used.
 
+pub mod block;
 pub mod pci;
 pub mod rng;
 
