@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{parse_size, ConfigError, Kernel, VmConfig, MAX_CPUS};
+use crate::config::{parse_disk, parse_size, ConfigError, Kernel, VmConfig, MAX_CPUS};
 use crate::system::{read_system, SystemError};
 
 #[derive(Debug, Parser)]
@@ -41,6 +41,15 @@ pub enum DeviceCommand {
         #[arg(long)]
         socket: PathBuf,
     },
+    /// virtio-blk on a raw or qcow2 image (for vhost-user-blk-pci).
+    Blk {
+        /// The Unix socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]
+        #[arg(long, value_name = "OPTIONS")]
+        disk: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +81,10 @@ pub struct RunArgs {
     /// Give the guest a virtio-rng device (/dev/hwrng) fed from the host's getrandom.
     #[arg(long)]
     pub rng: bool,
+    /// A virtio-blk disk: path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]. Repeat for
+    /// more disks (vda, vdb, …).
+    #[arg(long, value_name = "OPTIONS")]
+    pub disk: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +117,11 @@ impl RunArgs {
             cpus: self.cpus,
             no_reboot: self.no_reboot,
             rng: self.rng,
+            disks: self
+                .disk
+                .iter()
+                .map(|d| parse_disk(d))
+                .collect::<Result<_, _>>()?,
         };
         config.validate()?;
         Ok(config)

@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 
 use firmware::layout::MIN_MEMORY;
+use virtio::block::{BlockConfig, Format};
+
+use crate::options::{OptionError, Options};
 
 /// Highest vCPU count: APIC IDs are 8-bit in the MADT entries nixvmm writes.
 pub const MAX_CPUS: u8 = 254;
@@ -31,6 +34,8 @@ pub struct VmConfig {
     pub no_reboot: bool,
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: bool,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, …).
+    pub disks: Vec<BlockConfig>,
 }
 
 impl Default for VmConfig {
@@ -43,6 +48,7 @@ impl Default for VmConfig {
             cpus: 1,
             no_reboot: false,
             rng: false,
+            disks: Vec::new(),
         }
     }
 }
@@ -62,6 +68,37 @@ pub enum ConfigError {
     Missing { what: &'static str, path: String },
     #[error("--initrd needs a kernel: give --kernel or --system")]
     InitrdWithoutKernel,
+    #[error(transparent)]
+    Option(#[from] OptionError),
+}
+
+/// Parses `--disk path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]`.
+pub fn parse_disk(text: &str) -> Result<BlockConfig, ConfigError> {
+    let o = Options::parse("--disk", text, &["path", "format", "readonly", "serial"])?;
+    let path = PathBuf::from(o.required("path")?);
+    if !path.is_file() {
+        return Err(ConfigError::Missing {
+            what: "--disk",
+            path: path.display().to_string(),
+        });
+    }
+    let format = match o.choice("format", &["raw", "qcow2"])?.as_deref() {
+        Some("qcow2") => Some(Format::Qcow2),
+        Some(_) => Some(Format::Raw),
+        None => None,
+    };
+    let serial = o.get("serial").map(String::from);
+    if let Some(id) = &serial {
+        if id.len() > 20 {
+            return Err(o.bad("serial", id, "at most 20 characters").into());
+        }
+    }
+    Ok(BlockConfig {
+        path,
+        format,
+        readonly: o.flag("readonly", false)?,
+        serial,
+    })
 }
 
 impl VmConfig {
@@ -157,6 +194,31 @@ mod tests {
             parse_size("99999999999999999T"),
             Err(ConfigError::MemoryTooLarge(_))
         ));
+    }
+
+    #[test]
+    fn disks_parse_with_their_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("nixos.qcow2");
+        std::fs::write(&image, b"QFI\xfb").unwrap();
+        let text = format!("path={},serial=root,format=qcow2", image.display());
+        let disk = parse_disk(&text).unwrap();
+        assert_eq!(disk.path, image);
+        assert_eq!(disk.format, Some(Format::Qcow2));
+        assert_eq!(disk.serial.as_deref(), Some("root"));
+        assert!(!disk.readonly);
+        let text = format!("path={},readonly=on", image.display());
+        assert!(parse_disk(&text).unwrap().readonly);
+        for (bad, says) in [
+            ("path=/no/such.img", "--disk /no/such.img"),
+            ("readonly=on", "`path` is required"),
+            ("path=x,format=vmdk", "expected one of raw, qcow2"),
+            ("path=x,cache=none", "unknown key `cache`"),
+        ] {
+            let bad = bad.replace("path=x", &format!("path={}", image.display()));
+            let err = parse_disk(&bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -26,6 +26,21 @@ impl log::Log for StderrLogger {
     fn flush(&self) {}
 }
 
+/// `nixvmm device …`: serve one device model until the frontend disconnects.
+fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
+    let (name, model, socket): (_, Box<dyn virtio::VirtioDevice>, _) = match device {
+        DeviceCommand::Rng { socket } => ("rng", Box::new(virtio::rng::Rng::new()), socket),
+        DeviceCommand::Blk { socket, disk } => {
+            let config = vmm::config::parse_disk(&disk).map_err(|e| e.to_string())?;
+            let block = virtio::block::Block::open(&config).map_err(|e| e.to_string())?;
+            ("blk", Box::new(block), socket)
+        }
+    };
+    vmm::device_server::serve(name, model, &socket)
+        .map(|()| vmm::Outcome::Stopped)
+        .map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -58,11 +73,7 @@ fn main() -> ExitCode {
                 drop(terminal);
                 outcome.map_err(|e| e.to_string())
             }),
-        Command::Device(DeviceCommand::Rng { socket }) => {
-            vmm::device_server::serve("rng", Box::new(virtio::rng::Rng::new()), &socket)
-                .map(|()| vmm::Outcome::Stopped)
-                .map_err(|e| e.to_string())
-        }
+        Command::Device(device) => serve_device(device),
     };
     match result {
         Ok(outcome) => {

@@ -149,7 +149,7 @@ impl Vm {
         let mut pci = PciRoot::new();
         let mut mmio = Bus::new();
         let virtio =
-            VirtioDevices::attach(device_models(config), &vm_fd, &memory, &mut pci, &mut mmio)?;
+            VirtioDevices::attach(device_models(config)?, &vm_fd, &memory, &mut pci, &mut mmio)?;
         let pci = Arc::new(pci);
         io.insert(
             u64::from(PCI_CONFIG_PORT),
@@ -240,13 +240,17 @@ impl Vm {
     }
 }
 
-/// The virtio device models `config` asks for.
-fn device_models(config: &VmConfig) -> Vec<Box<dyn virtio::VirtioDevice>> {
+/// The virtio device models `config` asks for: disks first (vda, vdb, … in order), then rng.
+fn device_models(config: &VmConfig) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, VmError> {
     let mut models: Vec<Box<dyn virtio::VirtioDevice>> = Vec::new();
+    for disk in &config.disks {
+        let block = virtio::block::Block::open(disk).map_err(|e| VmError::Device(e.to_string()))?;
+        models.push(Box::new(block));
+    }
     if config.rng {
         models.push(Box::new(virtio::rng::Rng::new()));
     }
-    models
+    Ok(models)
 }
 
 fn guest_memory(vm_fd: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
