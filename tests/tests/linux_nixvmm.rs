@@ -90,3 +90,55 @@ fn tier4_virtio_rng_in_vmm() {
     assert_eq!(log.value_of("RNG_BYTES").map(str::len), Some(64), "{tail}");
     assert!(log.exit_ok, "{tail}");
 }
+
+#[test]
+#[ignore = "tier 4: needs NIXVMM_TEST_KERNEL or VMX/SVM; run by scripts/test"]
+fn tier4_disks_in_vmm() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |program: &str, args: &[&str]| {
+        let ok = std::process::Command::new(program)
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{program} {args:?}");
+    };
+    let raw = dir.path().join("root.raw");
+    let root = dir.path().join("root.qcow2");
+    let store = dir.path().join("store.raw");
+    run("truncate", &["-s", "64M", raw.to_str().unwrap()]);
+    run("mkfs.ext4", &["-q", "-L", "nixos", raw.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            root.to_str().unwrap(),
+        ],
+    );
+    run("truncate", &["-s", "16M", store.to_str().unwrap()]);
+    let disks = [
+        "--disk".to_string(),
+        format!("path={},serial=root", root.display()),
+        "--disk".into(),
+        format!("path={},format=raw,readonly=on", store.display()),
+    ];
+    let disks: Vec<&str> = disks.iter().map(String::as_str).collect();
+    let modules = ["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"];
+    let script = "echo SERIAL=$(cat /sys/block/vda/serial)\n\
+                  echo VDB_RO=$(cat /sys/block/vdb/ro)\n\
+                  mount -t ext4 /dev/vda /mnt && echo data > /mnt/f && sync && umount /mnt && echo WROTE=yes";
+    let log = boot(&modules, script, 512, 1, &disks);
+    let tail = log.tail();
+    assert_eq!(log.value_of("SERIAL"), Some("root"), "{tail}");
+    assert_eq!(log.value_of("VDB_RO"), Some("1"), "{tail}");
+    assert_eq!(log.value_of("WROTE"), Some("yes"), "{tail}");
+    let check = std::process::Command::new("qemu-img")
+        .arg("check")
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(check.success());
+}
