@@ -2,6 +2,7 @@
 //! medians of process start → first console output → marker → exit, and peak RSS, with
 //! nixvmm/QEMU ratios, as a markdown table.
 
+mod block;
 mod guest;
 mod measure;
 mod report;
@@ -25,6 +26,12 @@ struct Cli {
 enum Bench {
     /// Boot time and memory overhead against QEMU.
     Boot(BootArgs),
+    /// The block request path (device model on a mock queue) against qemu-io.
+    Blk {
+        /// Image size in MiB.
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -193,8 +200,11 @@ fn default_nixvmm() -> Result<PathBuf, String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let Bench::Boot(args) = Cli::parse().command;
-    match boot(&args) {
+    let result = match Cli::parse().command {
+        Bench::Boot(args) => boot(&args),
+        Bench::Blk { size_mib } => block::run(size_mib),
+    };
+    match result {
         Ok(table) => {
             println!("{table}");
             std::process::ExitCode::SUCCESS
