@@ -4,6 +4,7 @@
 
 mod block;
 mod guest;
+mod guest_disk;
 mod measure;
 mod report;
 
@@ -31,6 +32,19 @@ enum Bench {
         /// Image size in MiB.
         #[arg(long, default_value_t = 256)]
         size_mib: u64,
+    },
+    /// dd inside a Linux guest on a virtio disk, under nixvmm and QEMU (needs a kernel KVM
+    /// runs at speed: --kernel, NIXVMM_TEST_KERNEL, or Debian's on a VMX/SVM host).
+    BlkGuest {
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        /// Seconds before a boot counts as hung.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        #[arg(long)]
+        nixvmm: Option<PathBuf>,
     },
 }
 
@@ -203,6 +217,14 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Bench::Boot(args) => boot(&args),
         Bench::Blk { size_mib } => block::run(size_mib),
+        Bench::BlkGuest {
+            kernel,
+            size_mib,
+            timeout,
+            nixvmm,
+        } => nixvmm
+            .map_or_else(default_nixvmm, Ok)
+            .and_then(|bin| guest_disk::run(&bin, kernel, size_mib, Duration::from_secs(timeout))),
     };
     match result {
         Ok(table) => {
