@@ -32,6 +32,8 @@ pub struct Bar {
     pub index: usize,
     pub addr: u64,
     pub size: u64,
+    /// A 64-bit BAR also takes register `index + 1`.
+    pub is64: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -78,7 +80,9 @@ impl PciConfiguration {
 
     /// Adds a 64-bit prefetchable-off memory BAR at `index` (taking `index` and `index + 1`).
     pub fn add_bar64(&mut self, index: usize, addr: u64, size: u64) -> Result<(), ConfigError> {
-        if index + 1 >= BAR_COUNT || self.bars.iter().any(|b| b.index.abs_diff(index) <= 1) {
+        let taken =
+            |b: &Bar| b.index == index || b.index == index + 1 || (b.is64 && b.index + 1 == index);
+        if index + 1 >= BAR_COUNT || self.bars.iter().any(taken) {
             return Err(ConfigError::BarUnavailable(index));
         }
         if !size.is_power_of_two() || size < 16 {
@@ -90,7 +94,36 @@ impl PciConfiguration {
         self.regs[BAR0_REG + index + 1] = (addr >> 32) as u32;
         self.writable[BAR0_REG + index] = mask as u32 & 0xffff_fff0;
         self.writable[BAR0_REG + index + 1] = (mask >> 32) as u32;
-        self.bars.push(Bar { index, addr, size });
+        self.bars.push(Bar {
+            index,
+            addr,
+            size,
+            is64: true,
+        });
+        Ok(())
+    }
+
+    /// Adds a 32-bit memory BAR at `index` (below 4 GiB by construction).
+    pub fn add_bar32(&mut self, index: usize, addr: u32, size: u32) -> Result<(), ConfigError> {
+        if index >= BAR_COUNT
+            || self
+                .bars
+                .iter()
+                .any(|b| b.index == index || b.index + 1 == index && b.is64)
+        {
+            return Err(ConfigError::BarUnavailable(index));
+        }
+        if !size.is_power_of_two() || size < 16 {
+            return Err(ConfigError::BarSize(u64::from(size)));
+        }
+        self.regs[BAR0_REG + index] = addr & 0xffff_fff0;
+        self.writable[BAR0_REG + index] = !(size - 1) & 0xffff_fff0;
+        self.bars.push(Bar {
+            index,
+            addr: u64::from(addr),
+            size: u64::from(size),
+            is64: false,
+        });
         Ok(())
     }
 
@@ -106,8 +139,11 @@ impl PciConfiguration {
     }
 
     fn bar_address(&self, index: usize) -> u64 {
-        u64::from(self.regs[BAR0_REG + index] & 0xffff_fff0)
-            | (u64::from(self.regs[BAR0_REG + index + 1]) << 32)
+        let low = u64::from(self.regs[BAR0_REG + index] & 0xffff_fff0);
+        match self.bars.iter().find(|b| b.index == index) {
+            Some(bar) if bar.is64 => low | (u64::from(self.regs[BAR0_REG + index + 1]) << 32),
+            _ => low,
+        }
     }
 
     /// Appends a capability: `body` starts with its ID byte, then a placeholder "next" byte,
@@ -230,6 +266,20 @@ mod tests {
             Err(ConfigError::BarUnavailable(5))
         );
         assert_eq!(c.add_bar64(2, 0, 0x1001), Err(ConfigError::BarSize(0x1001)));
+        // A 32-bit BAR beside it.
+        c.add_bar32(2, 0xc000_1000, 0x1000).unwrap();
+        c.write_reg(6, 0, &[0xff; 4]);
+        assert_eq!(c.read_reg(6), 0xffff_f000);
+        c.write_reg(6, 0, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(c.bars()[1].addr, 0xd000_0000);
+        assert_eq!(
+            c.add_bar32(1, 0, 0x1000),
+            Err(ConfigError::BarUnavailable(1))
+        );
+        assert_eq!(
+            c.add_bar32(2, 0, 0x1000),
+            Err(ConfigError::BarUnavailable(2))
+        );
     }
 
     #[test]
