@@ -233,3 +233,130 @@ fn linux_cannot_write_a_read_only_disk() {
         "the image is unchanged"
     );
 }
+
+fn vhost_user_fs(socket: &Path, tag: &str) -> Vec<String> {
+    vec![
+        "-chardev".into(),
+        format!("socket,id={tag},path={}", socket.display()),
+        "-device".into(),
+        format!("vhost-user-fs-pci,chardev={tag},tag={tag}"),
+    ]
+}
+
+/// A store-like share: a file, a relative symlink, a static binary, and a symlink that points
+/// out of the share at a host file beside it.
+fn store_like_share(dir: &Path) -> PathBuf {
+    let share = dir.join("store");
+    std::fs::create_dir_all(share.join("abc-hello/bin")).unwrap();
+    std::fs::write(
+        share.join("abc-hello/greeting"),
+        "hello from the host store\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("abc-hello/greeting", share.join("link")).unwrap();
+    std::fs::copy("/bin/busybox", share.join("abc-hello/bin/busybox")).unwrap();
+    std::fs::write(dir.join("outside-secret"), "host secret\n").unwrap();
+    std::os::unix::fs::symlink("../outside-secret", share.join("escape")).unwrap();
+    share
+}
+
+#[test]
+fn linux_mounts_nixvmm_virtiofs_like_a_nix_store() {
+    let kit = KernelKit::obtain().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let share = store_like_share(dir.path());
+    let socket = dir.path().join("fs.sock");
+    let shared = share.to_str().unwrap();
+    let server = DeviceServer::start(
+        &[
+            "fs",
+            "--shared-dir",
+            shared,
+            "--sandbox",
+            "none",
+            "--seccomp",
+            "none",
+            "--xattr",
+        ],
+        &socket,
+    );
+    let script = "mount -t virtiofs store /mnt || echo MOUNT=failed\n\
+                  echo GREETING=$(cat /mnt/abc-hello/greeting)\n\
+                  echo LINK=$(readlink /mnt/link) VIA_LINK=$(cat /mnt/link)\n\
+                  echo EXEC=$(/mnt/abc-hello/bin/busybox echo ran-from-share)\n\
+                  echo ESCAPE=$(cat /mnt/escape 2>/dev/null || echo blocked)\n\
+                  echo PARENT=$(ls /mnt/.. | head -1)\n\
+                  echo written-by-guest > /mnt/from-guest && sync && echo WROTE=yes\n\
+                  umount /mnt";
+    let log = boot(
+        &kit,
+        &["virtio_pci", "virtiofs"],
+        script,
+        &vhost_user_fs(&socket, "store"),
+    );
+    let tail = log.tail();
+    assert!(!log.has("MOUNT=failed"), "{tail}");
+    assert_eq!(
+        log.value_of("GREETING"),
+        Some("hello from the host store"),
+        "{tail}"
+    );
+    assert_eq!(
+        log.value_of("LINK"),
+        Some("abc-hello/greeting VIA_LINK=hello from the host store"),
+        "{tail}"
+    );
+    assert_eq!(log.value_of("EXEC"), Some("ran-from-share"), "{tail}");
+    assert_eq!(
+        log.value_of("ESCAPE"),
+        Some("blocked"),
+        "a symlink out of the share: {tail}"
+    );
+    assert_ne!(log.value_of("PARENT"), Some("outside-secret"), "{tail}");
+    assert_eq!(log.value_of("WROTE"), Some("yes"), "{tail}");
+    assert_eq!(
+        std::fs::read_to_string(share.join("from-guest")).unwrap(),
+        "written-by-guest\n",
+        "the host sees the guest's file"
+    );
+    assert_eq!(server.exit_code(), Some(0));
+}
+
+#[test]
+fn linux_cannot_write_a_read_only_virtiofs_share() {
+    let kit = KernelKit::obtain().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let share = store_like_share(dir.path());
+    let socket = dir.path().join("ro.sock");
+    let _server = DeviceServer::start(
+        &["fs", "--shared-dir", share.to_str().unwrap(), "--readonly"],
+        &socket,
+    );
+    let script = "mount -t virtiofs store /mnt\n\
+                  echo READ=$(cat /mnt/abc-hello/greeting)\n\
+                  if echo x > /mnt/new 2>/dev/null; then echo CREATE=allowed; else echo CREATE=refused; fi\n\
+                  if echo x >> /mnt/abc-hello/greeting 2>/dev/null; then echo APPEND=allowed; else echo APPEND=refused; fi\n\
+                  if rm /mnt/link 2>/dev/null; then echo RM=allowed; else echo RM=refused; fi\n\
+                  if mkdir /mnt/d 2>/dev/null; then echo MKDIR=allowed; else echo MKDIR=refused; fi";
+    let log = boot(
+        &kit,
+        &["virtio_pci", "virtiofs"],
+        script,
+        &vhost_user_fs(&socket, "store"),
+    );
+    let tail = log.tail();
+    assert_eq!(
+        log.value_of("READ"),
+        Some("hello from the host store"),
+        "{tail}"
+    );
+    for key in ["CREATE", "APPEND", "RM", "MKDIR"] {
+        assert_eq!(log.value_of(key), Some("refused"), "{key}: {tail}");
+    }
+    assert!(!share.join("new").exists() && !share.join("d").exists());
+    assert!(share.join("link").symlink_metadata().is_ok());
+    assert_eq!(
+        std::fs::read_to_string(share.join("abc-hello/greeting")).unwrap(),
+        "hello from the host store\n"
+    );
+}

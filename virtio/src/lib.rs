@@ -7,6 +7,7 @@
 //! [`VirtioDevice::process_queue`] says buffers were used.
 
 pub mod block;
+pub mod fs;
 pub mod pci;
 pub mod rng;
 

@@ -41,6 +41,9 @@ pub enum DeviceCommand {
         #[arg(long)]
         socket: PathBuf,
     },
+    /// virtio-fs on a host directory (for vhost-user-fs-pci): a virtiofsd drop-in that also
+    /// takes virtiofsd's options as qemu-vm.nix and runInLinuxVM pass them.
+    Fs(FsArgs),
     /// virtio-blk on a raw or qcow2 image (for vhost-user-blk-pci).
     Blk {
         /// The Unix socket to listen on.
@@ -85,6 +88,29 @@ pub struct RunArgs {
     /// more disks (vda, vdb, …).
     #[arg(long, value_name = "OPTIONS")]
     pub disk: Vec<String>,
+}
+
+/// `nixvmm device fs` (and virtiofsd's spelling of the same options).
+#[derive(Debug, Args)]
+pub struct FsArgs {
+    /// The Unix socket to listen on.
+    #[arg(long, alias = "socket-path")]
+    pub socket: PathBuf,
+    /// The directory to share.
+    #[arg(long)]
+    pub shared_dir: PathBuf,
+    /// Refuse every change to the share.
+    #[arg(long)]
+    pub readonly: bool,
+    /// Pass extended attributes through.
+    #[arg(long)]
+    pub xattr: bool,
+    /// virtiofsd's sandbox mode; nixvmm accepts `none` (it confines by file descriptors).
+    #[arg(long, value_parser = ["none"])]
+    pub sandbox: Option<String>,
+    /// virtiofsd's seccomp mode; accepted for compatibility (`none`).
+    #[arg(long, value_parser = ["none"])]
+    pub seccomp: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

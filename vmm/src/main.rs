@@ -30,6 +30,16 @@ impl log::Log for StderrLogger {
 fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
     let (name, model, socket): (_, Box<dyn virtio::VirtioDevice>, _) = match device {
         DeviceCommand::Rng { socket } => ("rng", Box::new(virtio::rng::Rng::new()), socket),
+        DeviceCommand::Fs(fs) => {
+            let config = virtio::fs::FsConfig {
+                shared_dir: fs.shared_dir,
+                tag: None,
+                readonly: fs.readonly,
+                xattr: fs.xattr,
+            };
+            let model = virtio::fs::VirtioFs::new(&config).map_err(|e| e.to_string())?;
+            ("fs", Box::new(model), fs.socket)
+        }
         DeviceCommand::Blk { socket, disk } => {
             let config = vmm::config::parse_disk(&disk).map_err(|e| e.to_string())?;
             let block = virtio::block::Block::open(&config).map_err(|e| e.to_string())?;

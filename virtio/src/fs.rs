@@ -1,0 +1,233 @@
+//! virtio-fs served in-process: the FUSE protocol answered by fuse-backend-rs's passthrough
+//! filesystem over a host directory, so a share needs no virtiofsd (nothing to start, race or
+//! clean up). The same model is served over vhost-user by `nixvmm device fs`.
+//!
+//! Confinement comes from the passthrough filesystem: every operation is relative to a
+//! directory file descriptor inside the share, lookups use O_NOFOLLOW, `..` at the root stays at
+//! the root, and symlinks are resolved by the guest, never by the host. Read-only shares are
+//! enforced here, before a request reaches the filesystem: every request that would change
+//! anything is answered with EROFS.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{Config, PassthroughFs};
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::{device_type, process_chains, Chain, Error, Memory, VirtioDevice, COMMON_FEATURES};
+
+/// Queue 0 is the high-priority queue, queue 1 the one request queue.
+const QUEUE_SIZES: &[u16] = &[1024, 1024];
+const TAG_LEN: usize = 36;
+
+/// FUSE opcodes that change the filesystem (linux/fuse.h).
+const MUTATING_OPCODES: &[u32] = &[
+    4,  // SETATTR
+    6,  // SYMLINK
+    8,  // MKNOD
+    9,  // MKDIR
+    10, // UNLINK
+    11, // RMDIR
+    12, // RENAME
+    13, // LINK
+    16, // WRITE
+    21, // SETXATTR
+    24, // REMOVEXATTR
+    35, // CREATE
+    43, // FALLOCATE
+    45, // RENAME2
+    47, // COPY_FILE_RANGE
+    51, // TMPFILE
+];
+const FUSE_OPEN: u32 = 14;
+const IN_HEADER_LEN: usize = 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("shared directory {path}: {reason}")]
+    Share { path: PathBuf, reason: String },
+}
+
+/// A shared host directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsConfig {
+    pub shared_dir: PathBuf,
+    /// The mount tag the guest sees (virtio-fs config space); `None` when the frontend
+    /// provides it (QEMU's vhost-user-fs-pci has its own `tag=`).
+    pub tag: Option<String>,
+    pub readonly: bool,
+    /// Pass extended attributes through.
+    pub xattr: bool,
+}
+
+pub struct VirtioFs {
+    server: Server<Arc<PassthroughFs>>,
+    tag: Option<String>,
+    readonly: bool,
+}
+
+impl VirtioFs {
+    pub fn new(config: &FsConfig) -> Result<VirtioFs, FsError> {
+        let err = |reason: String| FsError::Share {
+            path: config.shared_dir.clone(),
+            reason,
+        };
+        if !config.shared_dir.is_dir() {
+            return Err(err("not a directory; check the path".into()));
+        }
+        if let Some(tag) = &config.tag {
+            if tag.is_empty() || tag.len() > TAG_LEN {
+                return Err(err(format!("tag `{tag}` must be 1 to {TAG_LEN} bytes")));
+            }
+        }
+        let root = config
+            .shared_dir
+            .to_str()
+            .ok_or_else(|| err("the path is not UTF-8".into()))?;
+        let fs = PassthroughFs::<()>::new(Config {
+            root_dir: root.to_string(),
+            xattr: config.xattr,
+            do_import: true,
+            ..Default::default()
+        })
+        .map_err(|e| err(e.to_string()))?;
+        fs.import().map_err(|e| err(e.to_string()))?;
+        Ok(VirtioFs {
+            server: Server::new(Arc::new(fs)),
+            tag: config.tag.clone(),
+            readonly: config.readonly,
+        })
+    }
+
+    /// Handles one FUSE request; returns the bytes written into the chain.
+    fn handle(&self, chain: Chain, mem: &Memory) -> u32 {
+        if self.readonly {
+            if let Some(written) = refuse_if_mutating(&chain, mem) {
+                return written;
+            }
+        }
+        let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                log::debug!("virtio-fs: bad request chain: {e}");
+                return 0;
+            }
+        };
+        let writer = match VirtioFsWriter::new(mem, chain) {
+            Ok(w) => Writer::VirtioFs(w),
+            Err(e) => {
+                log::debug!("virtio-fs: bad reply chain: {e}");
+                return 0;
+            }
+        };
+        match self.server.handle_message(reader, writer, None, None) {
+            Ok(written) => written as u32,
+            Err(e) => {
+                log::debug!("virtio-fs: request failed: {e}");
+                0
+            }
+        }
+    }
+}
+
+/// A guest buffer: where and how long.
+type Buffer = (GuestAddress, u32);
+
+/// Where a chain's readable and writable buffers are.
+fn buffers(chain: &Chain) -> (Vec<Buffer>, Vec<Buffer>) {
+    let readable = chain
+        .clone()
+        .readable()
+        .map(|d| (d.addr(), d.len()))
+        .collect();
+    let writable = chain
+        .clone()
+        .writable()
+        .map(|d| (d.addr(), d.len()))
+        .collect();
+    (readable, writable)
+}
+
+/// Reads up to `len` bytes from the start of the readable buffers.
+fn peek(mem: &Memory, readable: &[Buffer], len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    for (addr, size) in readable {
+        let take = (len - out.len()).min(*size as usize);
+        let mut part = vec![0u8; take];
+        if mem.read_slice(&mut part, *addr).is_err() {
+            break;
+        }
+        out.extend_from_slice(&part);
+        if out.len() == len {
+            break;
+        }
+    }
+    out
+}
+
+/// For a read-only share: answers a mutating request (or an open for writing) with EROFS and
+/// returns the reply's length; `None` lets the request through.
+fn refuse_if_mutating(chain: &Chain, mem: &Memory) -> Option<u32> {
+    let (readable, writable) = buffers(chain);
+    let head = peek(mem, &readable, IN_HEADER_LEN + 4);
+    if head.len() < IN_HEADER_LEN {
+        return None; // the server rejects malformed headers itself
+    }
+    let opcode = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let open_for_write = opcode == FUSE_OPEN && head.len() >= IN_HEADER_LEN + 4 && {
+        let flags = u32::from_le_bytes([head[40], head[41], head[42], head[43]]) as i32;
+        flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+    };
+    if !MUTATING_OPCODES.contains(&opcode) && !open_for_write {
+        return None;
+    }
+    let mut reply = Vec::with_capacity(16);
+    reply.extend_from_slice(&16u32.to_le_bytes());
+    reply.extend_from_slice(&(-libc::EROFS).to_le_bytes());
+    reply.extend_from_slice(&head[8..16]); // unique
+    let (addr, len) = writable.first()?;
+    if (*len as usize) < reply.len() || mem.write_slice(&reply, *addr).is_err() {
+        return Some(0);
+    }
+    Some(reply.len() as u32)
+}
+
+impl VirtioDevice for VirtioFs {
+    fn device_type(&self) -> u32 {
+        device_type::FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        COMMON_FEATURES
+    }
+
+    /// struct virtio_fs_config: tag[36], num_request_queues.
+    fn config(&self) -> Vec<u8> {
+        let Some(tag) = &self.tag else {
+            return Vec::new();
+        };
+        let mut config = vec![0u8; TAG_LEN];
+        config[..tag.len()].copy_from_slice(tag.as_bytes());
+        config.extend_from_slice(&1u32.to_le_bytes());
+        config
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &Memory,
+    ) -> Result<bool, Error> {
+        if index >= QUEUE_SIZES.len() {
+            return Err(Error::NoQueue(index));
+        }
+        process_chains(queue, mem, |chain| self.handle(chain, mem))
+    }
+}
