@@ -142,3 +142,27 @@ fn tier4_disks_in_vmm() {
         .unwrap();
     assert!(check.success());
 }
+
+#[test]
+#[ignore = "tier 4: needs NIXVMM_TEST_KERNEL or VMX/SVM; run by scripts/test"]
+fn tier4_virtiofs_share_in_vmm() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("greeting"), "hello\n").unwrap();
+    let share = format!("tag=data,path={},fs=virtiofs", dir.path().display());
+    let script = "mount -t virtiofs data /mnt && echo GREETING=$(cat /mnt/greeting)\n\
+                  echo from-guest > /mnt/back && sync && umount /mnt && echo WROTE=yes";
+    let log = boot(
+        &["virtio_pci", "virtiofs"],
+        script,
+        512,
+        1,
+        &["--share", &share],
+    );
+    let tail = log.tail();
+    assert_eq!(log.value_of("GREETING"), Some("hello"), "{tail}");
+    assert_eq!(log.value_of("WROTE"), Some("yes"), "{tail}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("back")).unwrap(),
+        "from-guest\n"
+    );
+}

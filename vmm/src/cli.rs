@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{parse_disk, parse_size, ConfigError, Kernel, VmConfig, MAX_CPUS};
+use crate::config::{parse_disk, parse_share, parse_size, ConfigError, Kernel, VmConfig, MAX_CPUS};
 use crate::system::{read_system, SystemError};
 
 #[derive(Debug, Parser)]
@@ -88,6 +88,10 @@ pub struct RunArgs {
     /// more disks (vda, vdb, …).
     #[arg(long, value_name = "OPTIONS")]
     pub disk: Vec<String>,
+    /// A shared host directory: tag=TAG,path=DIR,fs=virtiofs[,readonly=on][,xattr=on]. The guest
+    /// mounts it with `mount -t virtiofs TAG /mnt`. Repeat for more shares.
+    #[arg(long, value_name = "OPTIONS")]
+    pub share: Vec<String>,
 }
 
 /// `nixvmm device fs` (and virtiofsd's spelling of the same options).
@@ -147,6 +151,11 @@ impl RunArgs {
                 .disk
                 .iter()
                 .map(|d| parse_disk(d))
+                .collect::<Result<_, _>>()?,
+            shares: self
+                .share
+                .iter()
+                .map(|s| parse_share(s))
                 .collect::<Result<_, _>>()?,
         };
         config.validate()?;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use firmware::layout::MIN_MEMORY;
 use virtio::block::{BlockConfig, Format};
+use virtio::fs::FsConfig;
 
 use crate::options::{OptionError, Options};
 
@@ -36,6 +37,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, …).
     pub disks: Vec<BlockConfig>,
+    /// Shared host directories.
+    pub shares: Vec<FsConfig>,
 }
 
 impl Default for VmConfig {
@@ -49,6 +52,7 @@ impl Default for VmConfig {
             no_reboot: false,
             rng: false,
             disks: Vec::new(),
+            shares: Vec::new(),
         }
     }
 }
@@ -70,6 +74,54 @@ pub enum ConfigError {
     InitrdWithoutKernel,
     #[error(transparent)]
     Option(#[from] OptionError),
+}
+
+/// Parses `--share tag=TAG,path=DIR[,readonly=on][,fs=virtiofs][,xattr=on]`.
+pub fn parse_share(text: &str) -> Result<FsConfig, ConfigError> {
+    let o = Options::parse(
+        "--share",
+        text,
+        &["tag", "path", "readonly", "fs", "xattr", "security-model"],
+    )?;
+    let tag = o.required("tag")?.to_string();
+    let path = PathBuf::from(o.required("path")?);
+    if !path.is_dir() {
+        return Err(ConfigError::Missing {
+            what: "--share",
+            path: path.display().to_string(),
+        });
+    }
+    match o.get("fs").unwrap_or("9p") {
+        "virtiofs" => {}
+        "9p" => {
+            return Err(o
+                .bad(
+                    "fs",
+                    "9p",
+                    "nixvmm's 9p device is not built yet; use fs=virtiofs (mount -t virtiofs TAG)",
+                )
+                .into())
+        }
+        other => return Err(o.bad("fs", other, "expected virtiofs").into()),
+    }
+    if let Some(model) = o.get("security-model") {
+        return Err(o
+            .bad(
+                "security-model",
+                model,
+                "security models apply to 9p shares only",
+            )
+            .into());
+    }
+    if tag.is_empty() || tag.len() > 36 {
+        return Err(o.bad("tag", &tag, "1 to 36 bytes").into());
+    }
+    Ok(FsConfig {
+        shared_dir: path,
+        tag: Some(tag),
+        readonly: o.flag("readonly", false)?,
+        xattr: o.flag("xattr", false)?,
+    })
 }
 
 /// Parses `--disk path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]`.
@@ -219,6 +271,25 @@ mod tests {
             let err = parse_disk(&bad).unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn shares_parse_and_name_what_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "tag=data,path={},fs=virtiofs,readonly=on",
+            dir.path().display()
+        );
+        let share = parse_share(&text).unwrap();
+        assert_eq!(share.tag.as_deref(), Some("data"));
+        assert!(share.readonly);
+        let nine_p = format!("tag=nix-store,path={}", dir.path().display());
+        let err = parse_share(&nine_p).unwrap_err().to_string();
+        assert!(err.contains("use fs=virtiofs"), "{err}");
+        let err = parse_share("tag=x,path=/no/such/dir,fs=virtiofs")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--share /no/such/dir"), "{err}");
     }
 
     #[test]

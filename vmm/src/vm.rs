@@ -240,12 +240,17 @@ impl Vm {
     }
 }
 
-/// The virtio device models `config` asks for: disks first (vda, vdb, … in order), then rng.
+/// The virtio device models `config` asks for: disks first (vda, vdb, … in order), shares,
+/// then rng.
 fn device_models(config: &VmConfig) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, VmError> {
     let mut models: Vec<Box<dyn virtio::VirtioDevice>> = Vec::new();
     for disk in &config.disks {
         let block = virtio::block::Block::open(disk).map_err(|e| VmError::Device(e.to_string()))?;
         models.push(Box::new(block));
+    }
+    for share in &config.shares {
+        let fs = virtio::fs::VirtioFs::new(share).map_err(|e| VmError::Device(e.to_string()))?;
+        models.push(Box::new(fs));
     }
     if config.rng {
         models.push(Box::new(virtio::rng::Rng::new()));
