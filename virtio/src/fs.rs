@@ -104,11 +104,10 @@ impl VirtioFs {
 
     /// Handles one FUSE request; returns the bytes written into the chain.
     fn handle(&self, chain: Chain, mem: &Memory) -> u32 {
-        if self.readonly {
-            if let Some(written) = refuse_if_mutating(&chain, mem) {
-                return written;
-            }
+        if self.readonly && is_mutating(&chain, mem) {
+            return reply_error(&chain, mem, libc::EROFS).unwrap_or(0);
         }
+        let chain_copy = chain.clone();
         let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
             Ok(r) => r,
             Err(e) => {
@@ -126,8 +125,10 @@ impl VirtioFs {
         match self.server.handle_message(reader, writer, None, None) {
             Ok(written) => written as u32,
             Err(e) => {
+                // A request the server could not decode still gets an answer, or the guest's
+                // caller would wait for it forever.
                 log::debug!("virtio-fs: request failed: {e}");
-                0
+                reply_error(&chain_copy, mem, libc::EINVAL).unwrap_or(0)
             }
         }
     }
@@ -168,29 +169,34 @@ fn peek(mem: &Memory, readable: &[Buffer], len: usize) -> Vec<u8> {
     out
 }
 
-/// For a read-only share: answers a mutating request (or an open for writing) with EROFS and
-/// returns the reply's length; `None` lets the request through.
-fn refuse_if_mutating(chain: &Chain, mem: &Memory) -> Option<u32> {
-    let (readable, writable) = buffers(chain);
+/// Whether the request changes the share: a mutating opcode, or an open for writing.
+fn is_mutating(chain: &Chain, mem: &Memory) -> bool {
+    let (readable, _) = buffers(chain);
     let head = peek(mem, &readable, IN_HEADER_LEN + 4);
     if head.len() < IN_HEADER_LEN {
-        return None; // the server rejects malformed headers itself
+        return false; // the server rejects malformed headers itself
     }
     let opcode = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
     let open_for_write = opcode == FUSE_OPEN && head.len() >= IN_HEADER_LEN + 4 && {
         let flags = u32::from_le_bytes([head[40], head[41], head[42], head[43]]) as i32;
         flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
     };
-    if !MUTATING_OPCODES.contains(&opcode) && !open_for_write {
-        return None;
-    }
+    MUTATING_OPCODES.contains(&opcode) || open_for_write
+}
+
+/// Answers the request with just an error header (`-errno`); returns the reply's length, or
+/// `None` when the chain has no header to answer or no room for the reply.
+fn reply_error(chain: &Chain, mem: &Memory, errno: i32) -> Option<u32> {
+    let (readable, writable) = buffers(chain);
+    let head = peek(mem, &readable, 16);
+    let unique = head.get(8..16)?;
     let mut reply = Vec::with_capacity(16);
     reply.extend_from_slice(&16u32.to_le_bytes());
-    reply.extend_from_slice(&(-libc::EROFS).to_le_bytes());
-    reply.extend_from_slice(&head[8..16]); // unique
+    reply.extend_from_slice(&(-errno).to_le_bytes());
+    reply.extend_from_slice(unique);
     let (addr, len) = writable.first()?;
     if (*len as usize) < reply.len() || mem.write_slice(&reply, *addr).is_err() {
-        return Some(0);
+        return None;
     }
     Some(reply.len() as u32)
 }

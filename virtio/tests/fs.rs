@@ -1,0 +1,210 @@
+//! Tier 1: virtio-fs answered through a mock virtqueue with real FUSE messages: the INIT
+//! handshake, lookups and reads, confinement at the root, read-only shares, malformed requests.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::Path;
+
+use virtio::fs::{FsConfig, VirtioFs};
+use virtio::{Memory, VirtioDevice};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress};
+
+const REQUEST: u64 = 0x10_0000;
+const REPLY: u64 = 0x20_0000;
+const REPLY_ROOM: u32 = 0x2_0000;
+const ROOT: u64 = 1;
+
+const INIT: u32 = 26;
+const LOOKUP: u32 = 1;
+const OPEN: u32 = 14;
+const READ: u32 = 15;
+const MKDIR: u32 = 9;
+const CREATE: u32 = 35;
+
+struct Guest {
+    fs: VirtioFs,
+    mem: Memory,
+    unique: u64,
+}
+
+/// A FUSE reply: the error (0 or -errno) and the body after the 16-byte header.
+struct Reply {
+    error: i32,
+    body: Vec<u8>,
+}
+
+impl Guest {
+    fn new(dir: &Path, readonly: bool) -> Guest {
+        let fs = VirtioFs::new(&FsConfig {
+            shared_dir: dir.to_path_buf(),
+            tag: Some("t".into()),
+            readonly,
+            xattr: false,
+        })
+        .unwrap();
+        let mut guest = Guest {
+            fs,
+            mem: Memory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap(),
+            unique: 0,
+        };
+        let mut init = Vec::new();
+        for v in [7u32, 31, 0x2_0000, 0] {
+            init.extend_from_slice(&v.to_le_bytes());
+        }
+        let reply = guest.call(INIT, ROOT, &init);
+        assert_eq!(reply.error, 0);
+        assert_eq!(
+            u32::from_le_bytes(reply.body[..4].try_into().unwrap()),
+            7,
+            "FUSE major"
+        );
+        guest
+    }
+
+    /// Sends raw request bytes on the request queue; returns the used length.
+    fn send_raw(&mut self, request: &[u8]) -> u32 {
+        self.mem
+            .write_slice(request, GuestAddress(REQUEST))
+            .unwrap();
+        let mock = MockSplitQueue::new(&self.mem, 16);
+        mock.build_desc_chain(&[
+            RawDescriptor::from(Descriptor::new(REQUEST, request.len() as u32, 0, 0)),
+            RawDescriptor::from(Descriptor::new(REPLY, REPLY_ROOM, 2, 0)),
+        ])
+        .unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        assert!(self.fs.process_queue(1, &mut queue, &self.mem).unwrap());
+        mock.used().ring().ref_at(0).unwrap().load().len()
+    }
+
+    fn call(&mut self, opcode: u32, nodeid: u64, body: &[u8]) -> Reply {
+        self.unique += 1;
+        let mut request = Vec::new();
+        request.extend_from_slice(&(40 + body.len() as u32).to_le_bytes());
+        request.extend_from_slice(&opcode.to_le_bytes());
+        request.extend_from_slice(&self.unique.to_le_bytes());
+        request.extend_from_slice(&nodeid.to_le_bytes());
+        request.extend_from_slice(&[0u8; 16]); // uid, gid, pid, extlen, padding
+        request.extend_from_slice(body);
+        let used = self.send_raw(&request);
+        let mut reply = vec![0u8; used as usize];
+        self.mem
+            .read_slice(&mut reply, GuestAddress(REPLY))
+            .unwrap();
+        assert!(reply.len() >= 16, "reply header");
+        assert_eq!(
+            u64::from_le_bytes(reply[8..16].try_into().unwrap()),
+            self.unique
+        );
+        Reply {
+            error: i32::from_le_bytes(reply[4..8].try_into().unwrap()),
+            body: reply[16..].to_vec(),
+        }
+    }
+
+    fn lookup(&mut self, parent: u64, name: &str) -> Reply {
+        let mut body = name.as_bytes().to_vec();
+        body.push(0);
+        self.call(LOOKUP, parent, &body)
+    }
+}
+
+fn nodeid(entry: &Reply) -> u64 {
+    u64::from_le_bytes(entry.body[..8].try_into().unwrap())
+}
+
+fn share() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("greeting"), "hello over FUSE\n").unwrap();
+    dir
+}
+
+#[test]
+fn lookup_open_read() {
+    let dir = share();
+    let mut g = Guest::new(dir.path(), false);
+    let entry = g.lookup(ROOT, "greeting");
+    assert_eq!(entry.error, 0);
+    let node = nodeid(&entry);
+    let opened = g.call(OPEN, node, &[0u8; 8]); // O_RDONLY
+    assert_eq!(opened.error, 0);
+    let fh = u64::from_le_bytes(opened.body[..8].try_into().unwrap());
+    let mut read = Vec::new();
+    read.extend_from_slice(&fh.to_le_bytes());
+    read.extend_from_slice(&0u64.to_le_bytes());
+    read.extend_from_slice(&4096u32.to_le_bytes());
+    read.extend_from_slice(&[0u8; 20]);
+    let data = g.call(READ, node, &read);
+    assert_eq!(data.error, 0);
+    assert_eq!(data.body, b"hello over FUSE\n");
+    assert_eq!(g.lookup(ROOT, "missing").error, -libc::ENOENT);
+}
+
+#[test]
+fn dotdot_at_the_root_stays_at_the_root() {
+    let dir = share();
+    let mut g = Guest::new(dir.path(), false);
+    let up = g.lookup(ROOT, "..");
+    assert_eq!(up.error, 0);
+    assert_eq!(nodeid(&up), ROOT);
+    assert_eq!(
+        g.lookup(ROOT, "a/b").error,
+        -libc::EINVAL,
+        "names with a slash"
+    );
+}
+
+#[test]
+fn read_only_share_refuses_changes() {
+    let dir = share();
+    let mut g = Guest::new(dir.path(), true);
+    let mut mkdir = Vec::new();
+    mkdir.extend_from_slice(&0o755u32.to_le_bytes());
+    mkdir.extend_from_slice(&0u32.to_le_bytes());
+    mkdir.extend_from_slice(b"newdir\0");
+    assert_eq!(g.call(MKDIR, ROOT, &mkdir).error, -libc::EROFS);
+    let mut create = Vec::new();
+    for v in [libc::O_WRONLY as u32 | libc::O_CREAT as u32, 0o644, 0, 0] {
+        create.extend_from_slice(&v.to_le_bytes());
+    }
+    create.extend_from_slice(b"newfile\0");
+    assert_eq!(g.call(CREATE, ROOT, &create).error, -libc::EROFS);
+    let node = nodeid(&g.lookup(ROOT, "greeting"));
+    let write_open = (libc::O_WRONLY as u32).to_le_bytes();
+    assert_eq!(
+        g.call(OPEN, node, &[&write_open[..], &[0; 4]].concat())
+            .error,
+        -libc::EROFS
+    );
+    assert_eq!(g.call(OPEN, node, &[0u8; 8]).error, 0, "reading is allowed");
+    assert!(!dir.path().join("newdir").exists() && !dir.path().join("newfile").exists());
+
+    let mut rw = Guest::new(dir.path(), false);
+    assert_eq!(rw.call(MKDIR, ROOT, &mkdir).error, 0);
+    assert!(
+        dir.path().join("newdir").is_dir(),
+        "a writable share does change"
+    );
+}
+
+#[test]
+fn malformed_requests_do_not_panic() {
+    let dir = share();
+    let mut g = Guest::new(dir.path(), true);
+    assert_eq!(g.send_raw(&[1, 2, 3]), 0, "header too short: no reply");
+    // A header whose length field claims more than was sent, and a lookup without a name.
+    let mut lying = Vec::new();
+    lying.extend_from_slice(&4096u32.to_le_bytes());
+    lying.extend_from_slice(&LOOKUP.to_le_bytes());
+    lying.extend_from_slice(&[0u8; 32]);
+    g.send_raw(&lying);
+    assert_eq!(
+        g.call(LOOKUP, ROOT, &[]).error,
+        -libc::EINVAL,
+        "answered, not dropped"
+    );
+    assert_eq!(g.lookup(ROOT, "greeting").error, 0, "still serving");
+}
