@@ -6,6 +6,7 @@
 pub mod cpio;
 pub mod linux_kit;
 pub mod tiny;
+pub mod tiny_run;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,298 @@
+//! Tier 2: a tiny guest enumerates PCI and drives nixvmm's virtio-pci transport end to end,
+//! taking an MSI-X interrupt.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use iced_x86::code_asm::*;
+use vmm::{Outcome, VmConfig};
+
+use nixvmm_tests::tiny::Guest;
+use nixvmm_tests::tiny_run::{config, hex, run, write_guest};
+
+/// Reads the vendor/device register of bus 0 slots 0..3 through both configuration
+/// mechanisms and reports them.
+#[test]
+fn guest_enumerates_pci_through_cf8_and_ecam() {
+    let mut g = Guest::new();
+    let r = || -> Result<Guest, IcedError> {
+        for slot in 0..3u32 {
+            g.a.mov(eax, 0x8000_0000u32 | (slot << 11))?;
+            g.a.mov(dx, 0xcf8u32)?;
+            g.a.out(dx, eax)?;
+            g.a.mov(dx, 0xcfcu32)?;
+            g.a.in_(eax, dx)?;
+            g.a.mov(r12d, eax)?;
+            g.text(&format!("CF8_SLOT{slot}="))?;
+            g.hex(r12)?;
+            g.a.mov(rbx, 0xe000_0000u64 + (u64::from(slot) << 15))?;
+            g.a.mov(r12d, dword_ptr(rbx))?;
+            g.text(&format!("\nECAM_SLOT{slot}="))?;
+            g.hex(r12)?;
+            g.text("\n")?;
+        }
+        g.poweroff()?;
+        Ok(g)
+    };
+    let g = r().expect("guest assembles");
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_guest(dir.path(), g);
+    let (outcome, text) = run(&config(&kernel));
+    assert_eq!(outcome, Outcome::PoweredOff, "{text}");
+    for mechanism in ["CF8", "ECAM"] {
+        assert_eq!(
+            hex(&text, &format!("{mechanism}_SLOT0")),
+            0x0d57_8086,
+            "host bridge"
+        );
+        assert_eq!(
+            hex(&text, &format!("{mechanism}_SLOT1")),
+            0xffff_ffff,
+            "empty slot"
+        );
+    }
+}
+
+/// Guest addresses used by the virtio guest.
+mod virtio_guest {
+    pub const IDT: u64 = 0x3000;
+    pub const IDTR: u64 = 0x20_3100;
+    pub const DESC: u64 = 0x20_0000;
+    pub const AVAIL: u64 = 0x20_1000;
+    pub const USED: u64 = 0x20_2000;
+    pub const COUNTER: u64 = 0x20_3000;
+    pub const COMMON_OFF: u64 = 0x20_3010;
+    pub const NOTIFY_OFF: u64 = 0x20_3018;
+    pub const BUF: u64 = 0x21_0000;
+    pub const VECTOR: u32 = 0x40;
+}
+
+/// A guest acting as a virtio driver: finds the virtio-rng function on bus 0, walks its
+/// capabilities, programs MSI-X vector 0, sets up queue 0 through the common configuration,
+/// offers a buffer, notifies, and waits for the interrupt.
+fn virtio_rng_driver() -> Result<Guest, IcedError> {
+    use virtio_guest::*;
+    let mut g = Guest::new();
+    let mut handler = g.a.create_label();
+    let mut found = g.a.create_label();
+    let mut scan = g.a.create_label();
+
+    // IDT entry for VECTOR: a 64-bit interrupt gate to `handler`.
+    g.a.lea(rax, ptr(handler))?;
+    g.a.mov(rdi, IDT + u64::from(VECTOR) * 16)?;
+    g.a.mov(word_ptr(rdi), ax)?;
+    g.a.mov(word_ptr(rdi + 2), 0x08u32)?;
+    g.a.mov(word_ptr(rdi + 4), 0x8e00u32)?;
+    g.a.shr(rax, 16)?;
+    g.a.mov(word_ptr(rdi + 6), ax)?;
+    g.a.shr(rax, 16)?;
+    g.a.mov(dword_ptr(rdi + 8), eax)?;
+    g.a.mov(dword_ptr(rdi + 12), 0u32)?;
+    g.a.mov(rdi, IDTR)?;
+    g.a.mov(word_ptr(rdi), 0xfffu32)?;
+    g.a.mov(rax, IDT)?;
+    g.a.mov(qword_ptr(rdi + 2), rax)?;
+    g.a.lidt(ptr(rdi))?;
+    // Software-enable the local APIC.
+    g.a.mov(rbx, 0xfee0_0000u64)?;
+    g.a.mov(eax, dword_ptr(rbx + 0xf0))?;
+    g.a.or(eax, 0x1ffu32)?;
+    g.a.mov(dword_ptr(rbx + 0xf0), eax)?;
+
+    // Configuration reads/writes through 0xCF8/0xCFC for slot r13.
+    fn cfg_select(g: &mut Guest, offset: AsmRegister32) -> Result<(), IcedError> {
+        g.a.mov(eax, r13d)?;
+        g.a.shl(eax, 11)?;
+        g.a.or(eax, offset)?;
+        g.a.or(eax, 0x8000_0000u32)?;
+        g.a.mov(dx, 0xcf8u32)?;
+        g.a.out(dx, eax)?;
+        g.a.mov(dx, 0xcfcu32)
+    }
+    fn cfg_read(g: &mut Guest, offset: u32) -> Result<(), IcedError> {
+        g.a.mov(ecx, offset)?;
+        cfg_select(g, ecx)?;
+        g.a.in_(eax, dx)
+    }
+
+    g.a.xor(r13d, r13d)?;
+    g.a.set_label(&mut scan)?;
+    cfg_read(&mut g, 0)?;
+    g.a.cmp(eax, 0x1044_1af4u32)?;
+    g.a.je(found)?;
+    g.a.inc(r13d)?;
+    g.a.cmp(r13d, 32u32)?;
+    g.a.jb(scan)?;
+    g.text("NO_DEVICE\n")?;
+    g.poweroff()?;
+    g.a.set_label(&mut found)?;
+    g.text("RNG_SLOT=")?;
+    g.hex(r13)?;
+
+    // BAR 0 (64-bit) into r14; enable memory decoding and bus mastering.
+    cfg_read(&mut g, 0x14)?;
+    g.a.mov(r14d, eax)?;
+    g.a.shl(r14, 32)?;
+    cfg_read(&mut g, 0x10)?;
+    g.a.and(eax, 0xffff_fff0u32)?;
+    g.a.or(r14, rax)?;
+    g.text("\nBAR0=")?;
+    g.hex(r14)?;
+    cfg_read(&mut g, 0x04)?;
+    g.a.or(eax, 0x6u32)?;
+    g.a.mov(ebx, eax)?;
+    g.a.mov(ecx, 0x04u32)?;
+    cfg_select(&mut g, ecx)?;
+    g.a.mov(eax, ebx)?;
+    g.a.out(dx, eax)?;
+
+    // Walk the capability list: remember common/notify offsets and the MSI-X capability.
+    cfg_read(&mut g, 0x34)?;
+    g.a.movzx(r12d, al)?;
+    let mut walk = g.a.create_label();
+    let mut walked = g.a.create_label();
+    let mut not_vendor = g.a.create_label();
+    let mut next_cap = g.a.create_label();
+    let mut not_common = g.a.create_label();
+    g.a.set_label(&mut walk)?;
+    g.a.test(r12d, r12d)?;
+    g.a.jz(walked)?;
+    cfg_select(&mut g, r12d)?;
+    g.a.in_(eax, dx)?;
+    g.a.mov(ebx, eax)?; // id | next << 8 | len << 16 | cfg_type << 24
+    g.a.cmp(bl, 0x11u32)?;
+    g.a.jne(not_vendor)?;
+    g.a.mov(r15d, r12d)?; // MSI-X capability
+    g.a.jmp(next_cap)?;
+    g.a.set_label(&mut not_vendor)?;
+    g.a.cmp(bl, 0x09u32)?;
+    g.a.jne(next_cap)?;
+    g.a.mov(ecx, ebx)?;
+    g.a.shr(ecx, 24)?;
+    g.a.mov(r8d, ecx)?; // cfg_type
+    g.a.lea(ecx, ptr(r12 + 8))?;
+    cfg_select(&mut g, ecx)?;
+    g.a.in_(eax, dx)?;
+    g.a.mov(r9d, eax)?; // offset in BAR
+    g.text("\nCAP ")?;
+    g.hex(r8)?;
+    g.text(" ")?;
+    g.hex(r9)?;
+    g.a.cmp(r8d, 1u32)?;
+    g.a.jne(not_common)?;
+    g.a.mov(qword_ptr(COMMON_OFF), r9)?;
+    g.a.set_label(&mut not_common)?;
+    g.a.cmp(r8d, 2u32)?;
+    g.a.jne(next_cap)?;
+    g.a.mov(qword_ptr(NOTIFY_OFF), r9)?;
+    g.a.set_label(&mut next_cap)?;
+    g.a.mov(r12d, ebx)?;
+    g.a.shr(r12d, 8)?;
+    g.a.and(r12d, 0xffu32)?;
+    g.a.jmp(walk)?;
+    g.a.set_label(&mut walked)?;
+
+    // MSI-X: enable in the capability, program entry 0 (table at BAR + its offset).
+    g.a.mov(ecx, r15d)?;
+    cfg_select(&mut g, ecx)?;
+    g.a.in_(eax, dx)?;
+    g.a.or(eax, 0x8000_0000u32)?;
+    g.a.out(dx, eax)?;
+    g.a.lea(ecx, ptr(r15 + 4))?;
+    cfg_select(&mut g, ecx)?;
+    g.a.in_(eax, dx)?;
+    g.a.and(eax, 0xffff_fff8u32)?;
+    g.a.lea(rbx, ptr(r14 + rax))?;
+    g.a.mov(dword_ptr(rbx), 0xfee0_0000u32)?;
+    g.a.mov(dword_ptr(rbx + 4), 0u32)?;
+    g.a.mov(dword_ptr(rbx + 8), VECTOR)?;
+    g.a.mov(dword_ptr(rbx + 12), 0u32)?;
+
+    // Virtio initialisation through the common configuration.
+    g.a.mov(rbx, r14)?;
+    g.a.add(rbx, qword_ptr(COMMON_OFF))?;
+    g.a.mov(byte_ptr(rbx + 0x14), 0u32)?;
+    g.a.mov(byte_ptr(rbx + 0x14), 3u32)?;
+    g.a.mov(dword_ptr(rbx + 0x08), 1u32)?;
+    g.a.mov(dword_ptr(rbx + 0x0c), 1u32)?; // VIRTIO_F_VERSION_1
+    g.a.mov(byte_ptr(rbx + 0x14), 0xbu32)?;
+    g.a.mov(word_ptr(rbx + 0x16), 0u32)?;
+    g.a.mov(word_ptr(rbx + 0x18), 8u32)?;
+    g.a.mov(word_ptr(rbx + 0x1a), 0u32)?;
+    for (offset, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+        g.a.mov(dword_ptr(rbx + offset), addr as u32)?;
+        g.a.mov(dword_ptr(rbx + offset + 4), 0u32)?;
+    }
+    g.a.mov(word_ptr(rbx + 0x1c), 1u32)?;
+    g.a.mov(byte_ptr(rbx + 0x14), 0xfu32)?; // DRIVER_OK
+    g.a.movzx(r12d, byte_ptr(rbx + 0x14))?;
+    g.text("\nSTATUS=")?;
+    g.hex(r12)?;
+
+    // One 16-byte device-writable buffer, made available, then notify queue 0.
+    g.a.mov(rax, BUF)?;
+    g.a.mov(qword_ptr(DESC), rax)?;
+    g.a.mov(dword_ptr(DESC + 8), 16u32)?;
+    g.a.mov(word_ptr(DESC + 12), 2u32)?;
+    g.a.mov(word_ptr(DESC + 14), 0u32)?;
+    g.a.mov(word_ptr(AVAIL), 0u32)?;
+    g.a.mov(word_ptr(AVAIL + 4), 0u32)?;
+    g.a.mov(word_ptr(AVAIL + 2), 1u32)?;
+    g.a.mov(dword_ptr(COUNTER), 0u32)?;
+    g.a.sti()?;
+    g.a.mov(rbx, r14)?;
+    g.a.add(rbx, qword_ptr(NOTIFY_OFF))?;
+    g.a.mov(word_ptr(rbx), 0u32)?;
+    let mut wait = g.a.create_label();
+    g.a.set_label(&mut wait)?;
+    g.a.pause()?;
+    g.a.cmp(dword_ptr(COUNTER), 0u32)?;
+    g.a.je(wait)?;
+    g.a.mov(r12d, dword_ptr(COUNTER))?;
+    g.text("\nIRQS=")?;
+    g.hex(r12)?;
+    g.a.movzx(r12d, word_ptr(USED + 2))?;
+    g.text("\nUSED_IDX=")?;
+    g.hex(r12)?;
+    g.a.mov(r12d, dword_ptr(USED + 8))?;
+    g.text("\nUSED_LEN=")?;
+    g.hex(r12)?;
+    g.a.mov(r12, qword_ptr(BUF))?;
+    g.text("\nBUF=")?;
+    g.hex(r12)?;
+    g.text("\n")?;
+    g.poweroff()?;
+
+    // The interrupt handler: count, EOI, return.
+    g.a.set_label(&mut handler)?;
+    g.a.push(rax)?;
+    g.a.inc(dword_ptr(COUNTER))?;
+    g.a.mov(rax, 0xfee0_00b0u64)?;
+    g.a.mov(dword_ptr(rax), 0u32)?;
+    g.a.pop(rax)?;
+    g.a.iretq()?;
+    Ok(g)
+}
+
+#[test]
+fn guest_drives_virtio_rng_over_pci_and_gets_an_msix_interrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_guest(dir.path(), virtio_rng_driver().expect("guest assembles"));
+    let (outcome, text) = run(&VmConfig {
+        rng: true,
+        ..config(&kernel)
+    });
+    assert_eq!(outcome, Outcome::PoweredOff, "{text}");
+    assert_eq!(hex(&text, "RNG_SLOT"), 1, "{text}");
+    assert_eq!(hex(&text, "BAR0"), 0xc000_0000, "{text}");
+    let caps: Vec<&str> = text.lines().filter(|l| l.starts_with("CAP ")).collect();
+    assert_eq!(
+        caps.len(),
+        4,
+        "common, ISR, device, notify capabilities: {text}"
+    );
+    assert_eq!(hex(&text, "STATUS"), 0xf, "DRIVER_OK accepted: {text}");
+    assert_eq!(hex(&text, "IRQS"), 1, "one MSI-X interrupt: {text}");
+    assert_eq!(hex(&text, "USED_IDX"), 1, "{text}");
+    assert_eq!(hex(&text, "USED_LEN"), 16, "{text}");
+    assert_ne!(hex(&text, "BUF"), 0, "random bytes in the buffer: {text}");
+}
