@@ -3,6 +3,7 @@
 //! nixvmm/QEMU ratios, as a markdown table.
 
 mod block;
+mod fs;
 mod guest;
 mod guest_disk;
 mod measure;
@@ -32,6 +33,17 @@ enum Bench {
         /// Image size in MiB.
         #[arg(long, default_value_t = 256)]
         size_mib: u64,
+    },
+    /// A store-like tree read through virtio-fs by a Linux guest under QEMU: nixvmm device fs
+    /// against virtiofsd.
+    Fs {
+        /// Store-like packages in the tree (8 files and a symlink each).
+        #[arg(long, default_value_t = 500)]
+        packages: usize,
+        #[arg(long)]
+        virtiofsd: Option<PathBuf>,
+        #[arg(long)]
+        nixvmm: Option<PathBuf>,
     },
     /// dd inside a Linux guest on a virtio disk, under nixvmm and QEMU (needs a kernel KVM
     /// runs at speed: --kernel, NIXVMM_TEST_KERNEL, or Debian's on a VMX/SVM host).
@@ -217,6 +229,13 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Bench::Boot(args) => boot(&args),
         Bench::Blk { size_mib } => block::run(size_mib),
+        Bench::Fs {
+            packages,
+            virtiofsd,
+            nixvmm,
+        } => nixvmm
+            .map_or_else(default_nixvmm, Ok)
+            .and_then(|bin| fs::run(&bin, virtiofsd, packages)),
         Bench::BlkGuest {
             kernel,
             size_mib,

@@ -1,0 +1,189 @@
+//! `nixvmm-bench fs`: a store-like tree (thousands of small files and symlinks) read through
+//! virtio-fs by the same Linux guest under the same QEMU, served once by `nixvmm device fs` and
+//! once by virtiofsd: metadata-heavy (`find`) and read-heavy (`find | xargs cat`) times, as the
+//! guest measures them, with ratios.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nixvmm_tests::linux_kit::{boot_qemu_tcg, Boot, KernelKit};
+
+/// Writes `packages` store-like folders of small files, each with a symlink.
+pub fn store_tree(root: &Path, packages: usize) -> Result<usize, String> {
+    let mut files = 0;
+    for p in 0..packages {
+        let pkg = root.join(format!("{p:032x}-package-{p}"));
+        std::fs::create_dir_all(pkg.join("bin")).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(pkg.join("share/doc")).map_err(|e| e.to_string())?;
+        for f in 0..8 {
+            let body = format!("{p}:{f}\n").repeat(64 + f * 32);
+            std::fs::write(pkg.join(format!("share/doc/file{f}")), body)
+                .map_err(|e| e.to_string())?;
+            files += 1;
+        }
+        std::os::unix::fs::symlink("../share/doc/file0", pkg.join("bin/tool"))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(files)
+}
+
+const SCRIPT: &str = "mount -t virtiofs store /mnt || echo MOUNT=failed\n\
+    t() { cut -d' ' -f1 /proc/uptime; }\n\
+    a=$(t); n=$(find /mnt | wc -l); b=$(t)\n\
+    echo ENTRIES=$n\n\
+    echo FIND_S=$(awk -v a=$a -v b=$b 'BEGIN { printf \"%.2f\", b - a }')\n\
+    a=$(t); find /mnt -type f | xargs cat | wc -c > /tmp/bytes; b=$(t)\n\
+    echo BYTES=$(cat /tmp/bytes)\n\
+    echo CAT_S=$(awk -v a=$a -v b=$b 'BEGIN { printf \"%.2f\", b - a }')";
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(mut cmd: Command, socket: &Path) -> Result<Server, String> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{:?} did not listen on {}",
+                cmd.get_program(),
+                socket.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(Server(child))
+}
+
+/// Boots the guest against the server listening on `socket`; returns (find s, cat s).
+fn measure(kit: &KernelKit, socket: &Path, entries: usize) -> Result<(f64, f64), String> {
+    let initrd = kit.initrd(&["virtio_pci", "virtiofs"], SCRIPT)?;
+    let extra: Vec<String> = [
+        "-object",
+        "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-machine",
+        "memory-backend=mem",
+        "-chardev",
+        &format!("socket,id=store,path={}", socket.display()),
+        "-device",
+        "vhost-user-fs-pci,chardev=store,tag=store",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = boot_qemu_tcg(
+        &Boot {
+            kernel: &kit.vmlinuz,
+            initrd: &initrd,
+            cmdline: "quiet",
+            memory_mib: 512,
+            cpus: 1,
+            timeout: Duration::from_secs(600),
+        },
+        &extra,
+    )?;
+    let number = |key: &str| -> Result<f64, String> {
+        log.value_of(key)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("the guest did not report {key}:\n{}", log.tail()))
+    };
+    let seen = number("ENTRIES")? as usize;
+    if seen < entries {
+        return Err(format!("the guest saw {seen} entries of {entries}"));
+    }
+    Ok((number("FIND_S")?, number("CAT_S")?))
+}
+
+pub fn run(nixvmm: &Path, virtiofsd: Option<PathBuf>, packages: usize) -> Result<String, String> {
+    let kit = KernelKit::obtain()?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let store = dir.path().join("store");
+    let files = store_tree(&store, packages)?;
+    // Every package: its folder, bin, share, doc, the files and the link; plus /mnt itself.
+    let entries = 1 + packages * (4 + 8 + 1);
+    let mut rows = Vec::new();
+
+    let socket = dir.path().join("nixvmm.sock");
+    let mut cmd = Command::new(nixvmm);
+    cmd.args(["device", "fs", "--socket"])
+        .arg(&socket)
+        .arg("--shared-dir")
+        .arg(&store);
+    let server = start(cmd, &socket)?;
+    rows.push(("nixvmm device fs", measure(&kit, &socket, entries)));
+    drop(server);
+
+    let virtiofsd = virtiofsd.unwrap_or_else(|| PathBuf::from("virtiofsd"));
+    let socket = dir.path().join("virtiofsd.sock");
+    let mut cmd = Command::new(&virtiofsd);
+    cmd.arg("--socket-path")
+        .arg(&socket)
+        .arg("--shared-dir")
+        .arg(&store)
+        .args(["--sandbox", "none", "--seccomp", "none", "--cache", "auto"]);
+    match start(cmd, &socket) {
+        Ok(_server) => rows.push(("virtiofsd", measure(&kit, &socket, entries))),
+        Err(e) => rows.push((
+            "virtiofsd",
+            Err(format!(
+                "{e} (install it with `cargo install virtiofsd`, or pass --virtiofsd)"
+            )),
+        )),
+    }
+
+    let mut out = String::from("| server | find (s) | find + cat (s) |\n|---|---|---|\n");
+    for (name, result) in &rows {
+        match result {
+            Ok((find, cat)) => out.push_str(&format!("| {name} | {find:.2} | {cat:.2} |\n")),
+            Err(e) => out.push_str(&format!(
+                "| {name} | failed: {} | |\n",
+                e.lines().next().unwrap_or("")
+            )),
+        }
+    }
+    if let [(_, Ok(ours)), (_, Ok(theirs))] = &rows[..] {
+        out.push_str(&format!(
+            "| **nixvmm / virtiofsd** | {:.2} | {:.2} |\n",
+            ours.0 / theirs.0.max(0.01),
+            ours.1 / theirs.1.max(0.01)
+        ));
+    }
+    out.push_str(&format!(
+        "\n{packages} store-like packages ({files} files, {packages} symlinks), Debian's kernel \
+         under QEMU TCG (the same guest for both servers; times as the guest measures them)."
+    ));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_tree_has_files_and_links() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(store_tree(dir.path(), 3).unwrap(), 24);
+        let pkg = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        assert_eq!(
+            std::fs::read_link(pkg.join("bin/tool")).unwrap(),
+            Path::new("../share/doc/file0")
+        );
+    }
+}
