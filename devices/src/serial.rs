@@ -21,12 +21,15 @@ impl Trigger for EventFdTrigger {
 /// [`SerialConsole::enqueue_input`].
 pub struct SerialConsole {
     uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    /// Whether an output failure was already reported (a closed terminal fails every byte).
+    output_failed: bool,
 }
 
 impl SerialConsole {
     pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> SerialConsole {
         SerialConsole {
             uart: Serial::new(EventFdTrigger(interrupt), out),
+            output_failed: false,
         }
     }
 
@@ -56,7 +59,10 @@ impl BusDevice for SerialConsole {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let Some(value) = data.first() {
             if let Err(e) = self.uart.write(offset as u8, *value) {
-                log::warn!("serial output failed: {e:?}");
+                if !self.output_failed {
+                    log::warn!("serial output failed (further failures not reported): {e:?}");
+                    self.output_failed = true;
+                }
             }
         }
     }
