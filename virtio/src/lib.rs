@@ -8,6 +8,7 @@
 
 pub mod block;
 pub mod fs;
+pub mod ninep;
 pub mod pci;
 pub mod rng;
 

@@ -1,0 +1,164 @@
+//! The few system calls the 9p server needs that std does not offer, each relative to a
+//! directory file descriptor (so no path is ever resolved from outside the share), behind safe
+//! wrappers. All unsafe code of the 9p server is here.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+fn name(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `openat(dir, name, flags, mode)`.
+pub fn openat(dir: RawFd, path: &str, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
+    let path = name(path)?;
+    // SAFETY: `path` is a valid C string; the returned descriptor is new and owned by us.
+    let fd = check(unsafe { libc::openat(dir, path.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens the file an O_PATH descriptor refers to, with `flags`, through /proc/self/fd. The
+/// caller must not pass a symlink's descriptor (that would follow the link).
+pub fn reopen(fd: &OwnedFd, flags: libc::c_int) -> io::Result<OwnedFd> {
+    openat(
+        libc::AT_FDCWD,
+        &format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY),
+        0,
+    )
+}
+
+/// `fstatat(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)`: the file the descriptor is.
+pub fn stat(fd: &OwnedFd) -> io::Result<libc::stat> {
+    // SAFETY: stat is plain data that the call fills.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let empty = name("")?;
+    // SAFETY: valid descriptor, C string and out pointer.
+    check(unsafe {
+        libc::fstatat(
+            fd.as_raw_fd(),
+            empty.as_ptr(),
+            &mut st,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(st)
+}
+
+pub fn mkdirat(dir: &OwnedFd, path: &str, mode: u32) -> io::Result<()> {
+    let path = name(path)?;
+    // SAFETY: valid descriptor and C string.
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), path.as_ptr(), mode) }).map(drop)
+}
+
+pub fn mknodat(dir: &OwnedFd, path: &str, mode: u32, dev: u64) -> io::Result<()> {
+    let path = name(path)?;
+    // SAFETY: valid descriptor and C string.
+    check(unsafe { libc::mknodat(dir.as_raw_fd(), path.as_ptr(), mode, dev) }).map(drop)
+}
+
+pub fn symlinkat(target: &str, dir: &OwnedFd, path: &str) -> io::Result<()> {
+    let (target, path) = (name(target)?, name(path)?);
+    // SAFETY: valid descriptor and C strings.
+    check(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), path.as_ptr()) }).map(drop)
+}
+
+/// The target of the symlink the descriptor (O_PATH | O_NOFOLLOW) refers to.
+pub fn readlink(fd: &OwnedFd) -> io::Result<String> {
+    let empty = name("")?;
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    // SAFETY: valid descriptor, C string, and a buffer of the length given.
+    let n = unsafe {
+        libc::readlinkat(
+            fd.as_raw_fd(),
+            empty.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    String::from_utf8(buf).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// A hard link to the file `fd` refers to, named `path` in `dir`.
+pub fn linkat(fd: &OwnedFd, dir: &OwnedFd, path: &str) -> io::Result<()> {
+    let (empty, path) = (name("")?, name(path)?);
+    // SAFETY: valid descriptors and C strings.
+    check(unsafe {
+        libc::linkat(
+            fd.as_raw_fd(),
+            empty.as_ptr(),
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    })
+    .map(drop)
+}
+
+pub fn renameat(old_dir: &OwnedFd, old: &str, new_dir: &OwnedFd, new: &str) -> io::Result<()> {
+    let (old, new) = (name(old)?, name(new)?);
+    // SAFETY: valid descriptors and C strings.
+    check(unsafe {
+        libc::renameat(
+            old_dir.as_raw_fd(),
+            old.as_ptr(),
+            new_dir.as_raw_fd(),
+            new.as_ptr(),
+        )
+    })
+    .map(drop)
+}
+
+pub fn unlinkat(dir: &OwnedFd, path: &str, flags: libc::c_int) -> io::Result<()> {
+    let path = name(path)?;
+    // SAFETY: valid descriptor and C string.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), path.as_ptr(), flags) }).map(drop)
+}
+
+/// Changes owner and group of the file itself (never a symlink's target).
+pub fn chown(fd: &OwnedFd, uid: u32, gid: u32) -> io::Result<()> {
+    let empty = name("")?;
+    // SAFETY: valid descriptor and C string.
+    check(unsafe {
+        libc::fchownat(
+            fd.as_raw_fd(),
+            empty.as_ptr(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub fn fchmod(fd: &OwnedFd, mode: u32) -> io::Result<()> {
+    // SAFETY: valid descriptor.
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
+}
+
+pub fn futimens(fd: &OwnedFd, times: &[libc::timespec; 2]) -> io::Result<()> {
+    // SAFETY: valid descriptor and a pointer to two timespecs.
+    check(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) }).map(drop)
+}
+
+pub fn statvfs(fd: &OwnedFd) -> io::Result<libc::statvfs> {
+    // SAFETY: statvfs is plain data that the call fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and out pointer.
+    check(unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut st) })?;
+    Ok(st)
+}

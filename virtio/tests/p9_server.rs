@@ -1,0 +1,325 @@
+//! Tier 1: the 9P2000.L server answering real T-messages against a temp folder: the
+//! operations a root-like filesystem needs, escape attempts, read-only shares, bad messages.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::Path;
+
+use virtio::ninep::{SecurityModel, Server, ShareConfig};
+
+struct Client {
+    server: Server,
+    tag: u16,
+}
+
+/// A reply: its type and body.
+struct R {
+    kind: u8,
+    body: Vec<u8>,
+}
+
+impl R {
+    fn errno(&self) -> Option<i32> {
+        (self.kind == 7).then(|| i32::from_le_bytes(self.body[..4].try_into().unwrap()))
+    }
+    fn ok(self) -> R {
+        assert_ne!(self.kind, 7, "Rlerror {:?}", self.errno());
+        self
+    }
+    fn u32_at(&self, at: usize) -> u32 {
+        u32::from_le_bytes(self.body[at..at + 4].try_into().unwrap())
+    }
+}
+
+#[derive(Default)]
+struct T(Vec<u8>);
+
+impl T {
+    fn u16(mut self, v: u16) -> T {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u32(mut self, v: u32) -> T {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u64(mut self, v: u64) -> T {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn s(self, v: &str) -> T {
+        let mut t = self.u16(v.len() as u16);
+        t.0.extend_from_slice(v.as_bytes());
+        t
+    }
+    fn bytes(mut self, v: &[u8]) -> T {
+        self.0.extend_from_slice(v);
+        self
+    }
+}
+
+impl Client {
+    fn new(root: &Path, readonly: bool) -> Client {
+        let server = Server::new(ShareConfig {
+            root: root.to_path_buf(),
+            readonly,
+            security_model: SecurityModel::None,
+        })
+        .unwrap();
+        let mut c = Client { server, tag: 0 };
+        let r = c.call(100, T::default().u32(1 << 20).s("9P2000.L")).ok();
+        assert_eq!(r.kind, 101);
+        assert_eq!(
+            r.u32_at(0),
+            1 << 20,
+            "the client's msize, within the server's limit"
+        );
+        c.call(104, T::default().u32(0).u32(!0).s("root").s("").u32(0))
+            .ok();
+        c
+    }
+
+    fn call(&mut self, kind: u8, body: T) -> R {
+        self.tag += 1;
+        let mut msg = ((7 + body.0.len()) as u32).to_le_bytes().to_vec();
+        msg.push(kind);
+        msg.extend_from_slice(&self.tag.to_le_bytes());
+        msg.extend_from_slice(&body.0);
+        let reply = self.server.handle(&msg);
+        assert_eq!(
+            u32::from_le_bytes(reply[..4].try_into().unwrap()) as usize,
+            reply.len()
+        );
+        R {
+            kind: reply[4],
+            body: reply[7..].to_vec(),
+        }
+    }
+
+    fn walk(&mut self, fid: u32, new: u32, names: &[&str]) -> R {
+        let mut t = T::default().u32(fid).u32(new).u16(names.len() as u16);
+        for n in names {
+            t = t.s(n);
+        }
+        self.call(110, t)
+    }
+
+    fn open(&mut self, fid: u32, flags: u32) -> R {
+        self.call(12, T::default().u32(fid).u32(flags))
+    }
+
+    fn read(&mut self, fid: u32) -> Vec<u8> {
+        let r = self.call(116, T::default().u32(fid).u64(0).u32(4096)).ok();
+        let n = r.u32_at(0) as usize;
+        r.body[4..4 + n].to_vec()
+    }
+}
+
+fn share() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("share");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::write(root.join("greeting"), "hello over 9p\n").unwrap();
+    std::fs::write(dir.path().join("outside"), "host secret\n").unwrap();
+    std::os::unix::fs::symlink("../outside", root.join("escape")).unwrap();
+    std::os::unix::fs::symlink("/", root.join("slash")).unwrap();
+    dir
+}
+
+#[test]
+fn walk_open_read_getattr_readdir() {
+    let dir = share();
+    let mut c = Client::new(&dir.path().join("share"), false);
+    let w = c.walk(0, 1, &["greeting"]).ok();
+    assert_eq!(u16::from_le_bytes([w.body[0], w.body[1]]), 1);
+    c.open(1, libc::O_RDONLY as u32).ok();
+    assert_eq!(c.read(1), b"hello over 9p\n");
+    let attr = c.call(24, T::default().u32(1).u64(0x7ff)).ok();
+    let size = u64::from_le_bytes(
+        attr.body[8 + 13 + 12 + 16..8 + 13 + 12 + 24]
+            .try_into()
+            .unwrap(),
+    );
+    assert_eq!(size, 14);
+    c.walk(0, 2, &[]).ok();
+    c.open(2, libc::O_RDONLY as u32 | libc::O_DIRECTORY as u32)
+        .ok();
+    let listing = c.call(40, T::default().u32(2).u64(0).u32(8192)).ok();
+    let text = String::from_utf8_lossy(&listing.body);
+    for name in ["greeting", "sub", "escape", "slash"] {
+        assert!(text.contains(name), "{name} listed");
+    }
+    c.call(120, T::default().u32(2)).ok();
+    assert_eq!(c.call(120, T::default().u32(2)).errno(), Some(libc::EBADF));
+}
+
+#[test]
+fn the_guest_cannot_leave_the_share() {
+    let dir = share();
+    let mut c = Client::new(&dir.path().join("share"), false);
+    // ".." at the root is the root.
+    let root_qid = c.walk(0, 1, &[".."]).ok().body[2..15].to_vec();
+    let again = c.walk(0, 2, &["."]).ok().body[2..15].to_vec();
+    assert_eq!(root_qid, again);
+    let deep = c.walk(0, 3, &["..", "..", "..", "sub", "..", ".."]).ok();
+    assert_eq!(&deep.body[2 + 5 * 13..2 + 6 * 13], &root_qid[..]);
+    // Symlinks are not followed by the server: opening one fails, walking through it fails.
+    c.walk(0, 4, &["escape"]).ok();
+    assert_eq!(c.open(4, libc::O_RDONLY as u32).errno(), Some(libc::ELOOP));
+    c.walk(0, 5, &["slash"]).ok();
+    assert_eq!(c.walk(5, 6, &["etc"]).errno(), Some(libc::ENOTDIR));
+    // Names are single components.
+    assert_eq!(
+        c.walk(0, 7, &["sub/../../outside"]).errno(),
+        Some(libc::EINVAL)
+    );
+    // Renames and links can only name entries inside the share.
+    let rename = T::default().u32(0).s("greeting").u32(0).s("../stolen");
+    assert_eq!(c.call(74, rename).errno(), Some(libc::EINVAL));
+    c.walk(0, 8, &["greeting"]).ok();
+    assert_eq!(
+        c.call(70, T::default().u32(0).u32(8).s("../x")).errno(),
+        Some(libc::EINVAL)
+    );
+    assert!(!dir.path().join("stolen").exists() && !dir.path().join("x").exists());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("outside")).unwrap(),
+        "host secret\n"
+    );
+}
+
+#[test]
+fn create_write_rename_remove() {
+    let dir = share();
+    let root = dir.path().join("share");
+    let mut c = Client::new(&root, false);
+    c.walk(0, 1, &[]).ok();
+    let create = T::default()
+        .u32(1)
+        .s("new")
+        .u32(libc::O_RDWR as u32)
+        .u32(0o644)
+        .u32(0);
+    c.call(14, create).ok();
+    let data = b"written over 9p";
+    let w = c
+        .call(
+            118,
+            T::default()
+                .u32(1)
+                .u64(0)
+                .u32(data.len() as u32)
+                .bytes(data),
+        )
+        .ok();
+    assert_eq!(w.u32_at(0) as usize, data.len());
+    c.call(50, T::default().u32(1).u32(0)).ok();
+    assert_eq!(std::fs::read(root.join("new")).unwrap(), data);
+    c.call(72, T::default().u32(0).s("dir").u32(0o755).u32(0))
+        .ok();
+    c.walk(0, 2, &["dir"]).ok();
+    c.call(74, T::default().u32(0).s("new").u32(2).s("moved"))
+        .ok();
+    assert!(root.join("dir/moved").exists());
+    c.call(16, T::default().u32(0).s("link").s("dir/moved").u32(0))
+        .ok();
+    c.walk(0, 3, &["link"]).ok();
+    let target = c.call(22, T::default().u32(3)).ok();
+    assert_eq!(&target.body[2..], b"dir/moved");
+    c.call(76, T::default().u32(2).s("moved").u32(0)).ok();
+    c.call(
+        76,
+        T::default().u32(0).s("dir").u32(libc::AT_REMOVEDIR as u32),
+    )
+    .ok();
+    assert!(!root.join("dir").exists());
+    // setattr: truncate and chmod.
+    c.walk(0, 4, &["greeting"]).ok();
+    let setattr = T::default()
+        .u32(4)
+        .u32(1 | 8)
+        .u32(0o600)
+        .u32(0)
+        .u32(0)
+        .u64(5);
+    c.call(26, setattr.u64(0).u64(0).u64(0).u64(0)).ok();
+    assert_eq!(std::fs::read(root.join("greeting")).unwrap(), b"hello");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(root.join("greeting"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+}
+
+#[test]
+fn read_only_share_refuses_every_change() {
+    let dir = share();
+    let root = dir.path().join("share");
+    let mut c = Client::new(&root, true);
+    c.walk(0, 1, &["greeting"]).ok();
+    assert_eq!(c.open(1, libc::O_WRONLY as u32).errno(), Some(libc::EROFS));
+    assert_eq!(
+        c.open(1, (libc::O_RDONLY | libc::O_TRUNC) as u32).errno(),
+        Some(libc::EROFS)
+    );
+    c.open(1, libc::O_RDONLY as u32).ok();
+    assert_eq!(
+        c.call(118, T::default().u32(1).u64(0).u32(1).bytes(b"x"))
+            .errno(),
+        Some(libc::EROFS)
+    );
+    c.walk(0, 2, &[]).ok();
+    let create = T::default()
+        .u32(2)
+        .s("new")
+        .u32(libc::O_RDWR as u32)
+        .u32(0o644)
+        .u32(0);
+    assert_eq!(c.call(14, create).errno(), Some(libc::EROFS));
+    assert_eq!(
+        c.call(72, T::default().u32(0).s("d").u32(0o755).u32(0))
+            .errno(),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        c.call(76, T::default().u32(0).s("greeting").u32(0)).errno(),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("greeting")).unwrap(),
+        "hello over 9p\n"
+    );
+    assert!(!root.join("new").exists() && !root.join("d").exists());
+}
+
+#[test]
+fn malformed_messages_get_errors() {
+    let dir = share();
+    let mut c = Client::new(&dir.path().join("share"), false);
+    assert_eq!(
+        c.server.handle(&[1, 2]),
+        [11, 0, 0, 0, 7, 0xff, 0xff, 71, 0, 0, 0]
+    );
+    // A walk whose name length runs past the message.
+    let bad = T::default().u32(0).u32(1).u16(1).u16(500).bytes(b"abc");
+    assert_eq!(c.call(110, bad).errno(), Some(libc::EPROTO));
+    // A write claiming more data than it carries.
+    c.walk(0, 1, &["greeting"]).ok();
+    c.open(1, libc::O_RDWR as u32).ok();
+    let lying = T::default().u32(1).u64(0).u32(1 << 30).bytes(b"tiny");
+    assert_eq!(c.call(118, lying).errno(), Some(libc::EPROTO));
+    assert_eq!(
+        c.walk(0, 9, &["x"; 17]).errno(),
+        Some(libc::EINVAL),
+        "too many names"
+    );
+    assert_eq!(c.call(99, T::default()).errno(), Some(libc::EOPNOTSUPP));
+    assert_eq!(
+        c.call(116, T::default().u32(77).u64(0).u32(1)).errno(),
+        Some(libc::EBADF)
+    );
+}
