@@ -360,3 +360,120 @@ fn linux_cannot_write_a_read_only_virtiofs_share() {
         "hello from the host store\n"
     );
 }
+
+/// `nixvmm device 9p --listen tcp:127.0.0.1:PORT`, killed when dropped.
+fn start_9p_server(share: &Path, readonly: bool) -> (Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(nixvmm_bin());
+    cmd.args([
+        "device",
+        "9p",
+        "--listen",
+        &format!("tcp:127.0.0.1:{port}"),
+        "--shared-dir",
+    ])
+    .arg(share);
+    if readonly {
+        cmd.arg("--readonly");
+    }
+    let child = cmd.stdin(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nixvmm device 9p did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (child, port)
+}
+
+/// Guest networking through QEMU's user network (the host is 10.0.2.2) and the 9p mount with
+/// qemu-vm.nix's options, over TCP.
+fn mount_9p_over_tcp(port: u16) -> String {
+    format!(
+        "ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0\n\
+         mount -t 9p -o trans=tcp,port={port},version=9p2000.L,msize=16384,cache=loose 10.0.2.2 /mnt || echo MOUNT=failed\n"
+    )
+}
+
+const NINE_P_OVER_TCP: &[&str] = &["virtio_pci", "virtio_net", "9pnet_fd", "9p"];
+
+fn user_network() -> Vec<String> {
+    [
+        "-netdev",
+        "user,id=n0",
+        "-device",
+        "virtio-net-pci,netdev=n0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn linux_mounts_nixvmm_9p_over_tcp_like_a_nix_store() {
+    let kit = KernelKit::obtain().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let share = store_like_share(dir.path());
+    let (mut server, port) = start_9p_server(&share, false);
+    let script = mount_9p_over_tcp(port)
+        + "echo GREETING=$(cat /mnt/abc-hello/greeting)\n\
+           echo LINK=$(readlink /mnt/link) VIA_LINK=$(cat /mnt/link)\n\
+           echo EXEC=$(/mnt/abc-hello/bin/busybox echo ran-from-share)\n\
+           echo ESCAPE=$(cat /mnt/escape 2>/dev/null || echo blocked)\n\
+           mkdir /mnt/xchg && echo written-by-guest > /mnt/xchg/out && sync && echo WROTE=yes\n\
+           umount /mnt";
+    let log = boot(&kit, NINE_P_OVER_TCP, &script, &user_network());
+    let _ = server.kill();
+    let _ = server.wait();
+    let tail = log.tail();
+    assert!(!log.has("MOUNT=failed"), "{tail}");
+    assert_eq!(
+        log.value_of("GREETING"),
+        Some("hello from the host store"),
+        "{tail}"
+    );
+    assert_eq!(
+        log.value_of("LINK"),
+        Some("abc-hello/greeting VIA_LINK=hello from the host store"),
+        "{tail}"
+    );
+    assert_eq!(log.value_of("EXEC"), Some("ran-from-share"), "{tail}");
+    assert_eq!(log.value_of("ESCAPE"), Some("blocked"), "{tail}");
+    assert_eq!(log.value_of("WROTE"), Some("yes"), "{tail}");
+    assert_eq!(
+        std::fs::read_to_string(share.join("xchg/out")).unwrap(),
+        "written-by-guest\n"
+    );
+}
+
+#[test]
+fn linux_cannot_write_a_read_only_9p_share() {
+    let kit = KernelKit::obtain().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let share = store_like_share(dir.path());
+    let (mut server, port) = start_9p_server(&share, true);
+    let script = mount_9p_over_tcp(port)
+        + "echo READ=$(cat /mnt/abc-hello/greeting)\n\
+           if echo x > /mnt/new 2>/dev/null; then echo CREATE=allowed; else echo CREATE=refused; fi\n\
+           if rm /mnt/link 2>/dev/null; then echo RM=allowed; else echo RM=refused; fi\n\
+           if mkdir /mnt/d 2>/dev/null; then echo MKDIR=allowed; else echo MKDIR=refused; fi";
+    let log = boot(&kit, NINE_P_OVER_TCP, &script, &user_network());
+    let _ = server.kill();
+    let _ = server.wait();
+    let tail = log.tail();
+    assert_eq!(
+        log.value_of("READ"),
+        Some("hello from the host store"),
+        "{tail}"
+    );
+    for key in ["CREATE", "RM", "MKDIR"] {
+        assert_eq!(log.value_of(key), Some("refused"), "{key}: {tail}");
+    }
+    assert!(!share.join("new").exists() && share.join("link").symlink_metadata().is_ok());
+}

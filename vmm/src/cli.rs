@@ -44,6 +44,23 @@ pub enum DeviceCommand {
     /// virtio-fs on a host directory (for vhost-user-fs-pci): a virtiofsd drop-in that also
     /// takes virtiofsd's options as qemu-vm.nix and runInLinuxVM pass them.
     Fs(FsArgs),
+    /// The 9P2000.L server on a socket, for Linux's 9p client (`mount -t 9p -o trans=tcp` or
+    /// `trans=unix`).
+    #[command(name = "9p")]
+    NineP {
+        /// unix:PATH or tcp:HOST:PORT
+        #[arg(long)]
+        listen: String,
+        /// The directory to share.
+        #[arg(long)]
+        shared_dir: PathBuf,
+        /// Refuse every change to the share.
+        #[arg(long)]
+        readonly: bool,
+        /// none or passthrough (qemu-vm.nix's security_model).
+        #[arg(long, default_value = "none")]
+        security_model: String,
+    },
     /// virtio-blk on a raw or qcow2 image (for vhost-user-blk-pci).
     Blk {
         /// The Unix socket to listen on.

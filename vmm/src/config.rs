@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use firmware::layout::MIN_MEMORY;
 use virtio::block::{BlockConfig, Format};
 use virtio::fs::FsConfig;
+use virtio::ninep::ShareConfig;
 
 use crate::options::{OptionError, Options};
 
@@ -38,7 +39,7 @@ pub struct VmConfig {
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, …).
     pub disks: Vec<BlockConfig>,
     /// Shared host directories.
-    pub shares: Vec<FsConfig>,
+    pub shares: Vec<Share>,
 }
 
 impl Default for VmConfig {
@@ -76,8 +77,15 @@ pub enum ConfigError {
     Option(#[from] OptionError),
 }
 
-/// Parses `--share tag=TAG,path=DIR[,readonly=on][,fs=virtiofs][,xattr=on]`.
-pub fn parse_share(text: &str) -> Result<FsConfig, ConfigError> {
+/// A shared host directory, served by virtio-fs or virtio-9p.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Share {
+    VirtioFs(FsConfig),
+    NineP { tag: String, config: ShareConfig },
+}
+
+/// Parses `--share tag=TAG,path=DIR[,fs=9p|virtiofs][,readonly=on][,security-model=M][,xattr=on]`.
+pub fn parse_share(text: &str) -> Result<Share, ConfigError> {
     let o = Options::parse(
         "--share",
         text,
@@ -91,37 +99,47 @@ pub fn parse_share(text: &str) -> Result<FsConfig, ConfigError> {
             path: path.display().to_string(),
         });
     }
+    if tag.is_empty() {
+        return Err(o.bad("tag", &tag, "a non-empty mount tag").into());
+    }
+    let readonly = o.flag("readonly", false)?;
     match o.get("fs").unwrap_or("9p") {
-        "virtiofs" => {}
-        "9p" => {
-            return Err(o
-                .bad(
-                    "fs",
-                    "9p",
-                    "nixvmm's 9p device is not built yet; use fs=virtiofs (mount -t virtiofs TAG)",
-                )
-                .into())
+        "virtiofs" => {
+            if let Some(model) = o.get("security-model") {
+                return Err(o
+                    .bad(
+                        "security-model",
+                        model,
+                        "security models apply to 9p shares only",
+                    )
+                    .into());
+            }
+            if tag.len() > 36 {
+                return Err(o.bad("tag", &tag, "at most 36 bytes for virtio-fs").into());
+            }
+            Ok(Share::VirtioFs(FsConfig {
+                shared_dir: path,
+                tag: Some(tag),
+                readonly,
+                xattr: o.flag("xattr", false)?,
+            }))
         }
-        other => return Err(o.bad("fs", other, "expected virtiofs").into()),
+        "9p" => {
+            let model = o.get("security-model").unwrap_or("none");
+            let security_model = model
+                .parse()
+                .map_err(|why: String| o.bad("security-model", model, &why))?;
+            Ok(Share::NineP {
+                tag,
+                config: ShareConfig {
+                    root: path,
+                    readonly,
+                    security_model,
+                },
+            })
+        }
+        other => Err(o.bad("fs", other, "expected 9p or virtiofs").into()),
     }
-    if let Some(model) = o.get("security-model") {
-        return Err(o
-            .bad(
-                "security-model",
-                model,
-                "security models apply to 9p shares only",
-            )
-            .into());
-    }
-    if tag.is_empty() || tag.len() > 36 {
-        return Err(o.bad("tag", &tag, "1 to 36 bytes").into());
-    }
-    Ok(FsConfig {
-        shared_dir: path,
-        tag: Some(tag),
-        readonly: o.flag("readonly", false)?,
-        xattr: o.flag("xattr", false)?,
-    })
 }
 
 /// Parses `--disk path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]`.
@@ -280,12 +298,22 @@ mod tests {
             "tag=data,path={},fs=virtiofs,readonly=on",
             dir.path().display()
         );
-        let share = parse_share(&text).unwrap();
+        let Share::VirtioFs(share) = parse_share(&text).unwrap() else {
+            panic!("a virtio-fs share")
+        };
         assert_eq!(share.tag.as_deref(), Some("data"));
         assert!(share.readonly);
-        let nine_p = format!("tag=nix-store,path={}", dir.path().display());
-        let err = parse_share(&nine_p).unwrap_err().to_string();
-        assert!(err.contains("use fs=virtiofs"), "{err}");
+        let nine_p = format!("tag=nix-store,path={},readonly=on", dir.path().display());
+        let Share::NineP { tag, config } = parse_share(&nine_p).unwrap() else {
+            panic!("9p is the default")
+        };
+        assert_eq!((tag.as_str(), config.readonly), ("nix-store", true));
+        let mapped = format!(
+            "tag=x,path={},security-model=mapped-xattr",
+            dir.path().display()
+        );
+        let err = parse_share(&mapped).unwrap_err().to_string();
+        assert!(err.contains("not supported yet"), "{err}");
         let err = parse_share("tag=x,path=/no/such/dir,fs=virtiofs")
             .unwrap_err()
             .to_string();

@@ -29,6 +29,24 @@ impl log::Log for StderrLogger {
 /// `nixvmm device …`: serve one device model until the frontend disconnects.
 fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
     let (name, model, socket): (_, Box<dyn virtio::VirtioDevice>, _) = match device {
+        DeviceCommand::NineP {
+            listen,
+            shared_dir,
+            readonly,
+            security_model,
+        } => {
+            let address: virtio::ninep::listen::Address = listen.parse()?;
+            let config = virtio::ninep::ShareConfig {
+                root: shared_dir,
+                readonly,
+                security_model: security_model.parse()?,
+            };
+            virtio::ninep::Server::new(config.clone())
+                .map_err(|e| format!("--shared-dir {}: {e}", config.root.display()))?;
+            virtio::ninep::listen::listen(&address, &config)
+                .map_err(|e| format!("--listen {listen}: {e}"))?;
+            return Ok(vmm::Outcome::Stopped);
+        }
         DeviceCommand::Rng { socket } => ("rng", Box::new(virtio::rng::Rng::new()), socket),
         DeviceCommand::Fs(fs) => {
             let config = virtio::fs::FsConfig {

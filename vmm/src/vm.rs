@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::builtin_guest;
-use crate::config::{Kernel, VmConfig};
+use crate::config::{Kernel, Share, VmConfig};
 use crate::console::ConsoleOutput;
 use crate::cpu::{self, CpuSetup};
 use crate::vcpu::{self, Buses};
@@ -249,8 +249,17 @@ fn device_models(config: &VmConfig) -> Result<Vec<Box<dyn virtio::VirtioDevice>>
         models.push(Box::new(block));
     }
     for share in &config.shares {
-        let fs = virtio::fs::VirtioFs::new(share).map_err(|e| VmError::Device(e.to_string()))?;
-        models.push(Box::new(fs));
+        let model: Box<dyn virtio::VirtioDevice> = match share {
+            Share::VirtioFs(fs) => {
+                Box::new(virtio::fs::VirtioFs::new(fs).map_err(|e| VmError::Device(e.to_string()))?)
+            }
+            Share::NineP { tag, config } => Box::new(
+                virtio::ninep::Virtio9p::new(tag, config.clone()).map_err(|e| {
+                    VmError::Device(format!("--share {}: {e}", config.root.display()))
+                })?,
+            ),
+        };
+        models.push(model);
     }
     if config.rng {
         models.push(Box::new(virtio::rng::Rng::new()));

@@ -8,10 +8,13 @@
 //! the root stays at the root, symlinks are never followed by the server, and files are opened
 //! for I/O through their own descriptor, never by path.
 
+mod device;
+pub mod listen;
 mod server;
 mod sys;
 pub mod wire;
 
+pub use device::Virtio9p;
 pub use server::{Server, ShareConfig};
 
 /// How guest ownership and modes map to the host (qemu-vm.nix's `security_model`).

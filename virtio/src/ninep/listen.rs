@@ -1,0 +1,81 @@
+//! The 9p server on a socket, which Linux's own 9p client mounts with `trans=unix` or
+//! `trans=tcp`: messages framed by their size field, one server state per connection.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+
+use super::server::{Server, ShareConfig, MAX_MSIZE};
+
+/// Serves one connection until it closes or sends something that is not a 9p message.
+pub fn serve_connection<S: Read + Write>(
+    mut stream: S,
+    config: ShareConfig,
+) -> std::io::Result<()> {
+    let mut server = Server::new(config)?;
+    loop {
+        let mut size = [0u8; 4];
+        match stream.read_exact(&mut size) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let size = u32::from_le_bytes(size);
+        if !(7..=MAX_MSIZE).contains(&size) {
+            return Err(std::io::Error::other(format!("a {size}-byte 9p message")));
+        }
+        let mut message = size.to_le_bytes().to_vec();
+        message.resize(size as usize, 0);
+        stream.read_exact(&mut message[4..])?;
+        stream.write_all(&server.handle(&message))?;
+    }
+}
+
+/// Where to listen: `unix:PATH` or `tcp:HOST:PORT`.
+pub enum Address {
+    Unix(std::path::PathBuf),
+    Tcp(String),
+}
+
+impl std::str::FromStr for Address {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Address, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            Ok(Address::Unix(path.into()))
+        } else if let Some(addr) = s.strip_prefix("tcp:") {
+            Ok(Address::Tcp(addr.into()))
+        } else {
+            Err(format!("--listen {s}: give unix:PATH or tcp:HOST:PORT"))
+        }
+    }
+}
+
+/// Accepts connections forever, each served on its own thread.
+pub fn listen(address: &Address, config: &ShareConfig) -> std::io::Result<()> {
+    let spawn = |stream: Box<dyn ReadWrite>, config: ShareConfig| {
+        std::thread::spawn(move || {
+            if let Err(e) = serve_connection(stream, config) {
+                log::warn!("9p connection ended: {e}");
+            }
+        });
+    };
+    match address {
+        Address::Unix(path) => {
+            let listener = UnixListener::bind(path)?;
+            for stream in listener.incoming() {
+                spawn(Box::new(stream?), config.clone());
+            }
+        }
+        Address::Tcp(addr) => {
+            let listener = TcpListener::bind(addr)?;
+            for stream in listener.incoming() {
+                spawn(Box::new(stream?), config.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A connected stream of either kind.
+pub trait ReadWrite: Read + Write + Send {}
+impl<T: Read + Write + Send> ReadWrite for T {}
