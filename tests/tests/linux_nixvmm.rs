@@ -166,3 +166,24 @@ fn tier4_virtiofs_share_in_vmm() {
         "from-guest\n"
     );
 }
+
+#[test]
+#[ignore = "tier 4: needs NIXVMM_TEST_KERNEL or VMX/SVM; run by scripts/test"]
+fn tier4_9p_share_in_vmm_as_qemu_vm_nix_mounts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("greeting"), "hello\n").unwrap();
+    let share = format!("tag=nix-store,path={},readonly=on", dir.path().display());
+    let script = "mount -t 9p -o trans=virtio,version=9p2000.L,msize=16384,cache=loose nix-store /mnt\n\
+                  echo GREETING=$(cat /mnt/greeting)\n\
+                  if echo x > /mnt/new 2>/dev/null; then echo CREATE=allowed; else echo CREATE=refused; fi";
+    let log = boot(
+        &["virtio_pci", "9pnet_virtio", "9p"],
+        script,
+        512,
+        1,
+        &["--share", &share],
+    );
+    let tail = log.tail();
+    assert_eq!(log.value_of("GREETING"), Some("hello"), "{tail}");
+    assert_eq!(log.value_of("CREATE"), Some("refused"), "{tail}");
+}
