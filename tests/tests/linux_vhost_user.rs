@@ -363,6 +363,10 @@ fn linux_cannot_write_a_read_only_virtiofs_share() {
 
 /// `nixvmm device 9p --listen tcp:127.0.0.1:PORT`, killed when dropped.
 fn start_9p_server(share: &Path, readonly: bool) -> (Child, u16) {
+    start_9p_server_with(share, readonly, "none")
+}
+
+fn start_9p_server_with(share: &Path, readonly: bool, model: &str) -> (Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -380,6 +384,7 @@ fn start_9p_server(share: &Path, readonly: bool) -> (Child, u16) {
     if readonly {
         cmd.arg("--readonly");
     }
+    cmd.args(["--security-model", model]);
     let child = cmd.stdin(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -476,4 +481,34 @@ fn linux_cannot_write_a_read_only_9p_share() {
         assert_eq!(log.value_of(key), Some("refused"), "{key}: {tail}");
     }
     assert!(!share.join("new").exists() && share.join("link").symlink_metadata().is_ok());
+}
+
+#[test]
+fn linux_sees_mapped_xattr_ownership_the_host_does_not_have() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let kit = KernelKit::obtain().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let share = store_like_share(dir.path());
+    let (mut server, port) = start_9p_server_with(&share, false, "mapped-xattr");
+    let script = mount_9p_over_tcp(port)
+        + "echo data > /mnt/owned && chown 1234:5678 /mnt/owned && chmod 0641 /mnt/owned\n\
+           echo OWNER=$(stat -c '%u:%g:%a' /mnt/owned)\n\
+           mknod /mnt/null c 1 3 && echo NODE=$(stat -c '%F:%t:%T' /mnt/null)\n\
+           umount /mnt";
+    let log = boot(&kit, NINE_P_OVER_TCP, &script, &user_network());
+    let _ = server.kill();
+    let _ = server.wait();
+    let tail = log.tail();
+    assert_eq!(log.value_of("OWNER"), Some("1234:5678:641"), "{tail}");
+    assert_eq!(
+        log.value_of("NODE"),
+        Some("character special file:1:3"),
+        "{tail}"
+    );
+    let host = std::fs::metadata(share.join("owned")).unwrap();
+    assert_eq!((host.uid(), host.permissions().mode() & 0o777), (0, 0o600));
+    assert!(
+        std::fs::metadata(share.join("null")).unwrap().is_file(),
+        "no device node on the host"
+    );
 }

@@ -60,10 +60,15 @@ impl T {
 
 impl Client {
     fn new(root: &Path, readonly: bool) -> Client {
+        Client::with(root, readonly, SecurityModel::None, 0)
+    }
+
+    /// A client attached as guest user `uid` to a share with `model`.
+    fn with(root: &Path, readonly: bool, model: SecurityModel, uid: u32) -> Client {
         let server = Server::new(ShareConfig {
             root: root.to_path_buf(),
             readonly,
-            security_model: SecurityModel::None,
+            security_model: model,
         })
         .unwrap();
         let mut c = Client { server, tag: 0 };
@@ -74,9 +79,50 @@ impl Client {
             1 << 20,
             "the client's msize, within the server's limit"
         );
-        c.call(104, T::default().u32(0).u32(!0).s("root").s("").u32(0))
+        c.call(104, T::default().u32(0).u32(!0).s("user").s("").u32(uid))
             .ok();
         c
+    }
+
+    /// Guest view of a file: (mode, uid, gid, rdev).
+    fn attrs(&mut self, fid: u32) -> (u32, u32, u32, u64) {
+        let a = self.call(24, T::default().u32(fid).u64(0x7ff)).ok();
+        let at = 8 + 13;
+        let u32_at = |o: usize| u32::from_le_bytes(a.body[o..o + 4].try_into().unwrap());
+        let rdev = u64::from_le_bytes(a.body[at + 20..at + 28].try_into().unwrap());
+        (u32_at(at), u32_at(at + 4), u32_at(at + 8), rdev)
+    }
+
+    /// Reads a whole xattr (or, with "", the name list) through Txattrwalk + Tread.
+    fn get_xattr(&mut self, fid: u32, name: &str) -> Result<Vec<u8>, i32> {
+        let walk = self.call(30, T::default().u32(fid).u32(500).s(name));
+        if let Some(e) = walk.errno() {
+            return Err(e);
+        }
+        let data = self.read(500);
+        self.call(120, T::default().u32(500)).ok();
+        Ok(data)
+    }
+
+    fn set_xattr(&mut self, fid: u32, name: &str, value: &[u8], flags: u32) -> Option<i32> {
+        self.walk(fid, 501, &[]).ok();
+        let create = T::default()
+            .u32(501)
+            .s(name)
+            .u64(value.len() as u64)
+            .u32(flags);
+        if let Some(e) = self.call(32, create).errno() {
+            return Some(e);
+        }
+        if !value.is_empty() {
+            let w = T::default()
+                .u32(501)
+                .u64(0)
+                .u32(value.len() as u32)
+                .bytes(value);
+            self.call(118, w).ok();
+        }
+        self.call(120, T::default().u32(501)).errno()
     }
 
     fn call(&mut self, kind: u8, body: T) -> R {
@@ -401,4 +447,109 @@ fn virtio_9p_device_answers_through_a_queue() {
     let mut reply = [0u8; 21];
     mem.read_slice(&mut reply, GuestAddress(0x20_0000)).unwrap();
     assert_eq!((reply[4], &reply[13..]), (101, &b"9P2000.L"[..]));
+}
+
+#[test]
+fn extended_attributes_round_trip() {
+    let dir = share();
+    let root = dir.path().join("share");
+    let mut c = Client::new(&root, false);
+    c.walk(0, 1, &["greeting"]).ok();
+    assert_eq!(c.set_xattr(1, "user.comment", b"from the guest", 0), None);
+    assert_eq!(c.get_xattr(1, "user.comment").unwrap(), b"from the guest");
+    let list = c.get_xattr(1, "").unwrap();
+    assert!(
+        list.split(|b| *b == 0).any(|n| n == b"user.comment"),
+        "{list:?}"
+    );
+    assert_eq!(c.get_xattr(1, "user.missing"), Err(libc::ENODATA));
+    // Removal: an empty value with XATTR_REPLACE.
+    assert_eq!(
+        c.set_xattr(1, "user.comment", b"", libc::XATTR_REPLACE as u32),
+        None
+    );
+    assert_eq!(c.get_xattr(1, "user.comment"), Err(libc::ENODATA));
+    let too_big = T::default().u32(1).s("user.big").u64(1 << 20).u32(0);
+    assert_eq!(c.call(32, too_big).errno(), Some(libc::E2BIG));
+}
+
+#[test]
+fn mapped_xattr_keeps_the_guests_ownership_and_special_files() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = share();
+    let root = dir.path().join("share");
+    let mut c = Client::with(&root, false, SecurityModel::MappedXattr, 1000);
+    c.walk(0, 1, &[]).ok();
+    let create = T::default()
+        .u32(1)
+        .s("owned")
+        .u32(libc::O_RDWR as u32)
+        .u32(0o640)
+        .u32(100);
+    c.call(14, create).ok();
+    c.walk(0, 2, &["owned"]).ok();
+    assert_eq!(c.attrs(2), (libc::S_IFREG | 0o640, 1000, 100, 0));
+    let host = std::fs::metadata(root.join("owned")).unwrap();
+    assert_eq!(
+        (host.permissions().mode() & 0o777, host.uid()),
+        (0o600, 0),
+        "host file private"
+    );
+    // chmod and chown change the guest's view only.
+    let setattr = T::default()
+        .u32(2)
+        .u32(1 | 2)
+        .u32(0o755)
+        .u32(2000)
+        .u32(0)
+        .u64(0);
+    c.call(26, setattr.u64(0).u64(0).u64(0).u64(0)).ok();
+    assert_eq!(c.attrs(2), (libc::S_IFREG | 0o755, 2000, 100, 0));
+    assert_eq!(
+        std::fs::metadata(root.join("owned"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    // A character device and a symlink are regular files on the host.
+    let mknod = T::default()
+        .u32(0)
+        .s("tty")
+        .u32(libc::S_IFCHR | 0o620)
+        .u32(4)
+        .u32(1)
+        .u32(5);
+    c.call(18, mknod).ok();
+    c.walk(0, 3, &["tty"]).ok();
+    let (mode, _, gid, rdev) = c.attrs(3);
+    assert_eq!(
+        (mode, gid, rdev),
+        (libc::S_IFCHR | 0o620, 5, libc::makedev(4, 1))
+    );
+    assert!(std::fs::metadata(root.join("tty")).unwrap().is_file());
+    c.call(16, T::default().u32(0).s("lnk").s("/nix/store/x").u32(0))
+        .ok();
+    c.walk(0, 4, &["lnk"]).ok();
+    assert_eq!(c.attrs(4).0 & libc::S_IFMT, libc::S_IFLNK);
+    assert_eq!(
+        &c.call(22, T::default().u32(4)).ok().body[2..],
+        b"/nix/store/x"
+    );
+    assert_eq!(c.open(4, libc::O_RDONLY as u32).errno(), Some(libc::ELOOP));
+    assert!(std::fs::symlink_metadata(root.join("lnk"))
+        .unwrap()
+        .is_file());
+    // The mapping's own attributes are invisible and untouchable.
+    let list = c.get_xattr(2, "").unwrap();
+    assert!(
+        !String::from_utf8_lossy(&list).contains("virtfs"),
+        "{list:?}"
+    );
+    assert_eq!(c.get_xattr(2, "user.virtfs.uid"), Err(libc::ENODATA));
+    assert_eq!(
+        c.set_xattr(2, "user.virtfs.uid", b"\0\0\0\0", 0),
+        Some(libc::EPERM)
+    );
 }

@@ -10,6 +10,7 @@
 
 mod device;
 pub mod listen;
+mod mapped;
 mod server;
 mod sys;
 pub mod wire;
@@ -24,6 +25,9 @@ pub enum SecurityModel {
     None,
     /// Host ownership and modes as they are; failures are reported.
     Passthrough,
+    /// Guest ownership, modes and special files kept in `user.virtfs.*` xattrs (QEMU's
+    /// `mapped-xattr`); host files stay private to the server.
+    MappedXattr,
 }
 
 impl std::str::FromStr for SecurityModel {
@@ -32,11 +36,12 @@ impl std::str::FromStr for SecurityModel {
         match s {
             "none" => Ok(SecurityModel::None),
             "passthrough" => Ok(SecurityModel::Passthrough),
-            "mapped-xattr" | "mapped-file" | "mapped" => Err(format!(
-                "security_model={s} is not supported yet; use none or passthrough"
+            "mapped-xattr" | "mapped" => Ok(SecurityModel::MappedXattr),
+            "mapped-file" => Err(format!(
+                "security_model={s} is not supported yet; use mapped-xattr, none or passthrough"
             )),
             other => Err(format!(
-                "unknown security_model `{other}` (none, passthrough)"
+                "unknown security_model `{other}` (none, passthrough, mapped-xattr)"
             )),
         }
     }

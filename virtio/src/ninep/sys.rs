@@ -162,3 +162,67 @@ pub fn statvfs(fd: &OwnedFd) -> io::Result<libc::statvfs> {
     check(unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut st) })?;
     Ok(st)
 }
+
+/// The path through which xattr calls reach the file `fd` refers to (never a symlink: the
+/// callers check, since this path would follow one).
+fn proc_path(fd: &OwnedFd) -> io::Result<CString> {
+    name(&format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// `getxattr`; `None` when the attribute does not exist.
+pub fn getxattr(fd: &OwnedFd, attr: &str) -> io::Result<Option<Vec<u8>>> {
+    let (path, attr) = (proc_path(fd)?, name(attr)?);
+    let mut buf = vec![0u8; 64 << 10];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            attr.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENODATA) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    buf.truncate(n as usize);
+    Ok(Some(buf))
+}
+
+/// `listxattr`: the names, each NUL-terminated.
+pub fn listxattr(fd: &OwnedFd) -> io::Result<Vec<u8>> {
+    let path = proc_path(fd)?;
+    let mut buf = vec![0u8; 64 << 10];
+    // SAFETY: valid C string and a buffer of the given length.
+    let n = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+pub fn setxattr(fd: &OwnedFd, attr: &str, value: &[u8], flags: libc::c_int) -> io::Result<()> {
+    let (path, attr) = (proc_path(fd)?, name(attr)?);
+    // SAFETY: valid C strings and a value buffer of the given length.
+    check(unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            attr.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+pub fn removexattr(fd: &OwnedFd, attr: &str) -> io::Result<()> {
+    let (path, attr) = (proc_path(fd)?, name(attr)?);
+    // SAFETY: valid C strings.
+    check(unsafe { libc::removexattr(path.as_ptr(), attr.as_ptr()) }).map(drop)
+}

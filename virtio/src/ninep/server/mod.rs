@@ -1,5 +1,8 @@
 //! The 9P2000.L operations.
 
+mod entries;
+mod xattr;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -7,9 +10,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use super::sys;
 use super::wire::{Decoder, Encoder, Errno, Qid, QID_DIR, QID_FILE, QID_SYMLINK};
 use super::SecurityModel;
+use super::{mapped, sys};
 
 /// The largest message nixvmm negotiates (Linux asks for up to its msize= option).
 pub const MAX_MSIZE: u32 = (1 << 20) + 4096;
@@ -29,11 +32,40 @@ pub struct ShareConfig {
 struct Fid {
     /// O_PATH | O_NOFOLLOW descriptor of the file.
     path: OwnedFd,
+    /// The guest user this fid acts for (from Tattach), owner of what it creates.
+    uid: u32,
     /// Set by lopen/lcreate: the file opened for I/O.
     open: Option<File>,
     /// A directory listing taken at readdir offset 0.
     listing: Option<Vec<(Qid, u8, String)>>,
+    /// An extended attribute being read (Txattrwalk) or written (Txattrcreate).
+    xattr: Option<Xattr>,
 }
+
+enum Xattr {
+    Read(Vec<u8>),
+    Write {
+        name: String,
+        size: usize,
+        flags: i32,
+        data: Vec<u8>,
+    },
+}
+
+impl Fid {
+    fn new(path: OwnedFd, uid: u32) -> Fid {
+        Fid {
+            path,
+            uid,
+            open: None,
+            listing: None,
+            xattr: None,
+        }
+    }
+}
+
+/// Largest extended attribute value (Linux's XATTR_SIZE_MAX).
+const XATTR_SIZE_MAX: u64 = 65536;
 
 pub struct Server {
     root: OwnedFd,
@@ -175,17 +207,11 @@ impl Server {
             104 => {
                 let fid = d.u32()?;
                 let (_afid, _uname, _aname) = (d.u32()?, d.string()?, d.string()?);
+                let uid = d.u32()?; // n_uname: the user this attach acts for
                 let path =
                     sys::openat(self.root.as_raw_fd(), ".", O_PATH_NOFOLLOW, 0).map_err(errno)?;
-                let qid = qid_of(&sys::stat(&path).map_err(errno)?);
-                self.insert_fid(
-                    fid,
-                    Fid {
-                        path,
-                        open: None,
-                        listing: None,
-                    },
-                )?;
+                let qid = qid_of(&self.stat(&path)?);
+                self.insert_fid(fid, Fid::new(path, uid))?;
                 r.qid(qid);
             }
             102 => return Err(libc::EOPNOTSUPP), // Tauth: no authentication
@@ -195,7 +221,16 @@ impl Server {
             110 => self.walk(d, &mut r)?,
             120 => {
                 let fid = d.u32()?;
-                self.fids.remove(&fid).ok_or(libc::EBADF)?;
+                let fid = self.fids.remove(&fid).ok_or(libc::EBADF)?;
+                if let Some(Xattr::Write {
+                    name,
+                    size,
+                    flags,
+                    data,
+                }) = fid.xattr
+                {
+                    self.commit_xattr(&fid.path, &name, size, flags, &data)?;
+                }
             }
             122 => {
                 let fid = d.u32()?;
@@ -218,89 +253,52 @@ impl Server {
             }
             22 => {
                 let fid = self.fid(d.u32()?)?;
-                r.string(&sys::readlink(&fid.path).map_err(errno)?);
+                r.string(&self.readlink(&fid.path)?);
             }
             _ => self.change(kind, d, &mut r)?,
         }
         Ok(r)
     }
 
-    /// Operations that create, rename or remove entries.
-    fn change(&mut self, kind: u8, d: &mut Decoder, r: &mut Encoder) -> Result<(), Errno> {
-        match kind {
-            72 => {
-                let (dir, name, mode, _gid) = (d.u32()?, d.string()?, d.u32()?, d.u32()?);
-                self.writable()?;
-                let dir = &self.fid(dir)?.path;
-                sys::mkdirat(dir, new_name(&name)?, mode & 0o7777).map_err(errno)?;
-                r.qid(self.qid_at(dir, &name)?);
-            }
-            16 => {
-                let (dir, name, target, _gid) = (d.u32()?, d.string()?, d.string()?, d.u32()?);
-                self.writable()?;
-                let dir = &self.fid(dir)?.path;
-                sys::symlinkat(&target, dir, new_name(&name)?).map_err(errno)?;
-                r.qid(self.qid_at(dir, &name)?);
-            }
-            18 => {
-                let (dir, name, mode) = (d.u32()?, d.string()?, d.u32()?);
-                let (major, minor, _gid) = (d.u32()?, d.u32()?, d.u32()?);
-                self.writable()?;
-                let dir = &self.fid(dir)?.path;
-                let dev = libc::makedev(major, minor);
-                sys::mknodat(dir, new_name(&name)?, mode, dev).map_err(errno)?;
-                r.qid(self.qid_at(dir, &name)?);
-            }
-            70 => {
-                let (dir, fid, name) = (d.u32()?, d.u32()?, d.string()?);
-                self.writable()?;
-                sys::linkat(&self.fid(fid)?.path, &self.fid(dir)?.path, new_name(&name)?)
-                    .map_err(errno)?;
-            }
-            74 => {
-                let (old_dir, old) = (d.u32()?, d.string()?);
-                let (new_dir, new) = (d.u32()?, d.string()?);
-                self.writable()?;
-                sys::renameat(
-                    &self.fid(old_dir)?.path,
-                    new_name(&old)?,
-                    &self.fid(new_dir)?.path,
-                    new_name(&new)?,
-                )
-                .map_err(errno)?;
-            }
-            76 => {
-                let (dir, name, flags) = (d.u32()?, d.string()?, d.u32()?);
-                self.writable()?;
-                let flags = flags as i32 & libc::AT_REMOVEDIR;
-                sys::unlinkat(&self.fid(dir)?.path, new_name(&name)?, flags).map_err(errno)?;
-            }
-            20 => return Err(libc::EOPNOTSUPP), // Trename: Linux falls back from renameat only
-            30 | 32 => return Err(libc::EOPNOTSUPP), // extended attributes: not yet
-            52 => {
-                // Tlock: locks are advisory between this guest's processes; grant them.
-                self.fid(d.u32()?)?;
-                r.u8(0);
-            }
-            54 => {
-                let fid = d.u32()?;
-                let (_kind, start, length, proc_id) = (d.u8()?, d.u64()?, d.u64()?, d.u32()?);
-                let client = d.string()?;
-                self.fid(fid)?;
-                r.u8(libc::F_UNLCK as u8)
-                    .u64(start)
-                    .u64(length)
-                    .u32(proc_id)
-                    .string(&client);
-            }
-            _ => return Err(libc::EOPNOTSUPP),
-        }
-        Ok(())
-    }
-
     fn qid_at(&self, dir: &OwnedFd, name: &str) -> Result<Qid, Errno> {
         let fd = self.lookup(dir, name)?;
-        Ok(qid_of(&sys::stat(&fd).map_err(errno)?))
+        Ok(qid_of(&self.stat(&fd)?))
+    }
+
+    fn mapped(&self) -> bool {
+        self.config.security_model == SecurityModel::MappedXattr
+    }
+
+    /// The file as the guest sees it: the host's stat, with the mapped owner and mode.
+    fn stat(&self, fd: &OwnedFd) -> Result<libc::stat, Errno> {
+        let mut st = sys::stat(fd).map_err(errno)?;
+        if self.mapped() && st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            mapped::overlay(fd, &mut st);
+        }
+        Ok(st)
+    }
+
+    /// Gives a new entry `name` in `dir` to the guest user: mapped, the guest's view goes
+    /// into xattrs; otherwise the host file is chowned (failures ignored under `none`).
+    fn take_ownership(
+        &self,
+        dir: &OwnedFd,
+        name: &str,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+        rdev: u64,
+    ) -> Result<(), Errno> {
+        let fd = self.lookup(dir, name)?;
+        let result = if self.mapped() {
+            mapped::record(&fd, uid, gid, mode, rdev)
+        } else {
+            sys::chown(&fd, uid, gid)
+        };
+        match result {
+            Err(e) if self.config.security_model != SecurityModel::None => Err(errno(e)),
+            _ => Ok(()),
+        }
     }
 
     fn walk(&mut self, d: &mut Decoder, r: &mut Encoder) -> Result<(), Errno> {
@@ -311,13 +309,14 @@ impl Server {
         let names = (0..count)
             .map(|_| d.string())
             .collect::<Result<Vec<_>, _>>()?;
-        let start = &self.fid(fid)?.path;
-        let mut current = start.try_clone().map_err(errno)?;
+        let start = self.fid(fid)?;
+        let uid = start.uid;
+        let mut current = start.path.try_clone().map_err(errno)?;
         let mut qids = Vec::new();
         for (i, name) in names.iter().enumerate() {
             match self.lookup(&current, name) {
                 Ok(next) => {
-                    qids.push(qid_of(&sys::stat(&next).map_err(errno)?));
+                    qids.push(qid_of(&self.stat(&next)?));
                     current = next;
                 }
                 Err(e) if i == 0 => return Err(e),
@@ -325,14 +324,7 @@ impl Server {
             }
         }
         if qids.len() == names.len() {
-            self.insert_fid(
-                new_fid,
-                Fid {
-                    path: current,
-                    open: None,
-                    listing: None,
-                },
-            )?;
+            self.insert_fid(new_fid, Fid::new(current, uid))?;
         }
         r.u16(qids.len() as u16);
         for q in qids {
@@ -344,7 +336,7 @@ impl Server {
     fn getattr(&self, d: &mut Decoder, r: &mut Encoder) -> Result<(), Errno> {
         let fid = self.fid(d.u32()?)?;
         let _mask = d.u64()?;
-        let st = sys::stat(&fid.path).map_err(errno)?;
+        let st = self.stat(&fid.path)?;
         const BASIC: u64 = 0x7ff; // mode … blocks, as Linux's P9_STATS_BASIC
         r.u64(BASIC).qid(qid_of(&st));
         r.u32(st.st_mode)
@@ -384,7 +376,15 @@ impl Server {
         const MTIME: u32 = 32;
         const ATIME_SET: u32 = 128;
         const MTIME_SET: u32 = 256;
-        if valid & (UID | GID) != 0 {
+        if self.mapped() && !symlink {
+            let uid = (valid & UID != 0).then_some(uid);
+            let gid = (valid & GID != 0).then_some(gid);
+            mapped::set_owner(&fid.path, uid, gid).map_err(errno)?;
+            if valid & MODE != 0 {
+                let kind = mapped::mode(&fid.path).unwrap_or(st.st_mode) & libc::S_IFMT;
+                mapped::set_mode(&fid.path, kind | (mode & 0o7777)).map_err(errno)?;
+            }
+        } else if valid & (UID | GID) != 0 {
             let uid = if valid & UID != 0 { uid } else { u32::MAX };
             let gid = if valid & GID != 0 { gid } else { u32::MAX };
             if let Err(e) = sys::chown(&fid.path, uid, gid) {
@@ -393,6 +393,8 @@ impl Server {
                 }
             }
         }
+        // Mapped, the guest's mode lives in the xattr only.
+        let valid = if self.mapped() { valid & !MODE } else { valid };
         // The rest works on the file itself, which a symlink's descriptor would follow to.
         if valid & (MODE | SIZE | ATIME | MTIME) == 0 || symlink {
             return Ok(());
@@ -461,11 +463,15 @@ impl Server {
             self.writable()?;
         }
         let iounit = self.msize - IO_HEADER;
-        let fid = self.fids.get_mut(&id).ok_or(libc::EBADF)?;
-        let st = sys::stat(&fid.path).map_err(errno)?;
-        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        // Neither a host symlink nor, mapped, a guest one is ever opened.
+        let path = &self.fid(id)?.path;
+        let (st, host) = (self.stat(path)?, sys::stat(path).map_err(errno)?);
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK
+            || host.st_mode & libc::S_IFMT == libc::S_IFLNK
+        {
             return Err(libc::ELOOP);
         }
+        let fid = self.fids.get_mut(&id).ok_or(libc::EBADF)?;
         let file = sys::reopen(&fid.path, open_flags(flags)).map_err(errno)?;
         fid.open = Some(File::from(file));
         fid.listing = None;
@@ -474,47 +480,68 @@ impl Server {
     }
 
     fn lcreate(&mut self, d: &mut Decoder, r: &mut Encoder) -> Result<(), Errno> {
-        let (id, name, flags, mode, _gid) = (d.u32()?, d.string()?, d.u32()?, d.u32()?, d.u32()?);
+        let (id, name, flags, mode, gid) = (d.u32()?, d.string()?, d.u32()?, d.u32()?, d.u32()?);
         self.writable()?;
         let iounit = self.msize - IO_HEADER;
-        let dir = &self.fid(id)?.path;
+        let (dir, uid) = (&self.fid(id)?.path, self.fid(id)?.uid);
         let name = new_name(&name)?;
+        let host_mode = if self.mapped() {
+            mapped::FILE_MODE
+        } else {
+            mode & 0o7777
+        };
         let file = sys::openat(
             dir.as_raw_fd(),
             name,
             open_flags(flags) | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-            mode & 0o7777,
+            host_mode,
         )
         .map_err(errno)?;
+        self.take_ownership(dir, name, uid, gid, libc::S_IFREG | (mode & 0o7777), 0)?;
         let path = self.lookup(dir, name)?;
-        let qid = qid_of(&sys::stat(&path).map_err(errno)?);
+        let qid = qid_of(&self.stat(&path)?);
         // The fid now stands for the new file, opened.
-        self.insert_fid(
-            id,
-            Fid {
-                path,
-                open: Some(File::from(file)),
-                listing: None,
-            },
-        )?;
+        let mut fid = Fid::new(path, uid);
+        fid.open = Some(File::from(file));
+        self.insert_fid(id, fid)?;
         r.qid(qid).u32(iounit);
         Ok(())
     }
 
     fn read(&self, d: &mut Decoder, r: &mut Encoder) -> Result<(), Errno> {
         let (fid, offset, count) = (d.u32()?, d.u64()?, d.u32()?);
-        let file = self.fid(fid)?.open.as_ref().ok_or(libc::EBADF)?;
         let count = count.min(self.msize - IO_HEADER) as usize;
+        if let Some(Xattr::Read(value)) = &self.fid(fid)?.xattr {
+            let start = (offset as usize).min(value.len());
+            let end = start.saturating_add(count).min(value.len());
+            r.u32((end - start) as u32).bytes(&value[start..end]);
+            return Ok(());
+        }
+        let file = self.fid(fid)?.open.as_ref().ok_or(libc::EBADF)?;
         let mut buf = vec![0u8; count];
         let n = file.read_at(&mut buf, offset).map_err(errno)?;
         r.u32(n as u32).bytes(&buf[..n]);
         Ok(())
     }
 
-    fn write(&self, d: &mut Decoder, r: &mut Encoder) -> Result<(), Errno> {
+    fn write(&mut self, d: &mut Decoder, r: &mut Encoder) -> Result<(), Errno> {
         let (fid, offset, count) = (d.u32()?, d.u64()?, d.u32()?);
         let data = d.bytes(count as usize)?;
         self.writable()?;
+        if let Some(Xattr::Write {
+            size, data: value, ..
+        }) = &mut self.fids.get_mut(&fid).ok_or(libc::EBADF)?.xattr
+        {
+            let end = (offset as usize)
+                .checked_add(data.len())
+                .ok_or(libc::EINVAL)?;
+            if offset as usize != value.len() || end > *size {
+                return Err(libc::EINVAL);
+            }
+            value.extend_from_slice(data);
+            r.u32(data.len() as u32);
+            return Ok(());
+        }
         let file = self.fid(fid)?.open.as_ref().ok_or(libc::EBADF)?;
         let n = file.write_at(data, offset).map_err(errno)?;
         r.u32(n as u32);

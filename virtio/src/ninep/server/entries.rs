@@ -1,0 +1,117 @@
+//! Operations that create, rename or remove directory entries, and locks.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+use super::{errno, new_name, Server};
+use crate::ninep::mapped;
+use crate::ninep::sys;
+use crate::ninep::wire::{Decoder, Encoder, Errno};
+
+impl Server {
+    /// Operations that create, rename or remove entries.
+    pub(super) fn change(
+        &mut self,
+        kind: u8,
+        d: &mut Decoder,
+        r: &mut Encoder,
+    ) -> Result<(), Errno> {
+        match kind {
+            72 => {
+                let (dir, name, mode, gid) = (d.u32()?, d.string()?, d.u32()?, d.u32()?);
+                self.writable()?;
+                let (dir, uid) = (&self.fid(dir)?.path, self.fid(dir)?.uid);
+                let host_mode = if self.mapped() {
+                    mapped::DIR_MODE
+                } else {
+                    mode & 0o7777
+                };
+                sys::mkdirat(dir, new_name(&name)?, host_mode).map_err(errno)?;
+                self.take_ownership(dir, &name, uid, gid, libc::S_IFDIR | (mode & 0o7777), 0)?;
+                r.qid(self.qid_at(dir, &name)?);
+            }
+            16 => {
+                let (dir, name, target, gid) = (d.u32()?, d.string()?, d.string()?, d.u32()?);
+                self.writable()?;
+                let (dir, uid) = (&self.fid(dir)?.path, self.fid(dir)?.uid);
+                let name = new_name(&name)?;
+                if self.mapped() {
+                    // A regular file holding the target, marked as a symlink.
+                    let flags = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW;
+                    let file = sys::openat(dir.as_raw_fd(), name, flags, mapped::FILE_MODE)
+                        .map_err(errno)?;
+                    File::from(file)
+                        .write_all_at(target.as_bytes(), 0)
+                        .map_err(errno)?;
+                } else {
+                    sys::symlinkat(&target, dir, name).map_err(errno)?;
+                }
+                if self.mapped() {
+                    self.take_ownership(dir, name, uid, gid, libc::S_IFLNK | 0o777, 0)?;
+                }
+                r.qid(self.qid_at(dir, name)?);
+            }
+            18 => {
+                let (dir, name, mode) = (d.u32()?, d.string()?, d.u32()?);
+                let (major, minor, gid) = (d.u32()?, d.u32()?, d.u32()?);
+                self.writable()?;
+                let (dir, uid) = (&self.fid(dir)?.path, self.fid(dir)?.uid);
+                let dev = libc::makedev(major, minor);
+                if self.mapped() {
+                    let host_mode = libc::S_IFREG | mapped::FILE_MODE;
+                    sys::mknodat(dir, new_name(&name)?, host_mode, 0).map_err(errno)?;
+                } else {
+                    sys::mknodat(dir, new_name(&name)?, mode, dev).map_err(errno)?;
+                }
+                self.take_ownership(dir, &name, uid, gid, mode, dev)?;
+                r.qid(self.qid_at(dir, &name)?);
+            }
+            70 => {
+                let (dir, fid, name) = (d.u32()?, d.u32()?, d.string()?);
+                self.writable()?;
+                sys::linkat(&self.fid(fid)?.path, &self.fid(dir)?.path, new_name(&name)?)
+                    .map_err(errno)?;
+            }
+            74 => {
+                let (old_dir, old) = (d.u32()?, d.string()?);
+                let (new_dir, new) = (d.u32()?, d.string()?);
+                self.writable()?;
+                sys::renameat(
+                    &self.fid(old_dir)?.path,
+                    new_name(&old)?,
+                    &self.fid(new_dir)?.path,
+                    new_name(&new)?,
+                )
+                .map_err(errno)?;
+            }
+            76 => {
+                let (dir, name, flags) = (d.u32()?, d.string()?, d.u32()?);
+                self.writable()?;
+                let flags = flags as i32 & libc::AT_REMOVEDIR;
+                sys::unlinkat(&self.fid(dir)?.path, new_name(&name)?, flags).map_err(errno)?;
+            }
+            20 => return Err(libc::EOPNOTSUPP), // Trename: Linux falls back from renameat only
+            30 => self.xattr_walk(d, r)?,
+            32 => self.xattr_create(d)?,
+            52 => {
+                // Tlock: locks are advisory between this guest's processes; grant them.
+                self.fid(d.u32()?)?;
+                r.u8(0);
+            }
+            54 => {
+                let fid = d.u32()?;
+                let (_kind, start, length, proc_id) = (d.u8()?, d.u64()?, d.u64()?, d.u32()?);
+                let client = d.string()?;
+                self.fid(fid)?;
+                r.u8(libc::F_UNLCK as u8)
+                    .u64(start)
+                    .u64(length)
+                    .u32(proc_id)
+                    .string(&client);
+            }
+            _ => return Err(libc::EOPNOTSUPP),
+        }
+        Ok(())
+    }
+}
