@@ -312,7 +312,18 @@ mod tests {
             "tag=x,path={},security-model=mapped-xattr",
             dir.path().display()
         );
-        let err = parse_share(&mapped).unwrap_err().to_string();
+        let Share::NineP { config, .. } = parse_share(&mapped).unwrap() else {
+            panic!("a 9p share")
+        };
+        assert_eq!(
+            config.security_model,
+            virtio::ninep::SecurityModel::MappedXattr
+        );
+        let file = format!(
+            "tag=x,path={},security-model=mapped-file",
+            dir.path().display()
+        );
+        let err = parse_share(&file).unwrap_err().to_string();
         assert!(err.contains("not supported yet"), "{err}");
         let err = parse_share("tag=x,path=/no/such/dir,fs=virtiofs")
             .unwrap_err()
