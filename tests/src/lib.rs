@@ -4,6 +4,7 @@
 //!   nixvmm (tier 4).
 
 pub mod cpio;
+pub mod fuse_mount;
 pub mod linux_kit;
 pub mod tiny;
 pub mod tiny_run;

@@ -83,20 +83,8 @@ impl VirtioFs {
                 return Err(err(format!("tag `{tag}` must be 1 to {TAG_LEN} bytes")));
             }
         }
-        let root = config
-            .shared_dir
-            .to_str()
-            .ok_or_else(|| err("the path is not UTF-8".into()))?;
-        let fs = PassthroughFs::<()>::new(Config {
-            root_dir: root.to_string(),
-            xattr: config.xattr,
-            do_import: true,
-            ..Default::default()
-        })
-        .map_err(|e| err(e.to_string()))?;
-        fs.import().map_err(|e| err(e.to_string()))?;
         Ok(VirtioFs {
-            server: Server::new(Arc::new(fs)),
+            server: Server::new(Arc::new(passthrough(config)?)),
             tag: config.tag.clone(),
             readonly: config.readonly,
         })
@@ -136,6 +124,28 @@ impl VirtioFs {
 
 /// A guest buffer: where and how long.
 type Buffer = (GuestAddress, u32);
+
+/// The passthrough filesystem over `config.shared_dir`, as nixvmm configures it (also what a
+/// host-side FUSE mount of the share serves, in tests and benchmarks).
+pub fn passthrough(config: &FsConfig) -> Result<PassthroughFs, FsError> {
+    let err = |reason: String| FsError::Share {
+        path: config.shared_dir.clone(),
+        reason,
+    };
+    let root = config
+        .shared_dir
+        .to_str()
+        .ok_or_else(|| err("the path is not UTF-8".into()))?;
+    let fs = PassthroughFs::<()>::new(Config {
+        root_dir: root.to_string(),
+        xattr: config.xattr,
+        do_import: true,
+        ..Default::default()
+    })
+    .map_err(|e| err(e.to_string()))?;
+    fs.import().map_err(|e| err(e.to_string()))?;
+    Ok(fs)
+}
 
 /// Where a chain's readable and writable buffers are.
 fn buffers(chain: &Chain) -> (Vec<Buffer>, Vec<Buffer>) {
