@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nixvmm_tests::fuse_mount::HostMount;
 use nixvmm_tests::linux_kit::{boot_qemu_tcg, Boot, KernelKit};
 
 /// Writes `packages` store-like folders of small files, each with a symlink.
@@ -106,6 +107,67 @@ fn measure(kit: &KernelKit, socket: &Path, entries: usize) -> Result<(f64, f64),
     Ok((number("FIND_S")?, number("CAT_S")?))
 }
 
+/// Walks `root` (lstat of every entry, links not followed) and, with `read`, reads every file:
+/// `find` and `find | xargs cat` on the host. Returns (entries, bytes, seconds).
+fn walk(root: &Path, read: bool) -> Result<(usize, u64, f64), String> {
+    let start = Instant::now();
+    let (mut entries, mut bytes) = (0usize, 0u64);
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|e| e.to_string())? {
+            let entry = entry.map_err(|e| e.to_string())?;
+            let meta = std::fs::symlink_metadata(entry.path()).map_err(|e| e.to_string())?;
+            entries += 1;
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else if read && meta.is_file() {
+                bytes += std::fs::read(entry.path())
+                    .map_err(|e| e.to_string())?
+                    .len() as u64;
+            }
+        }
+    }
+    Ok((entries, bytes, start.elapsed().as_secs_f64()))
+}
+
+/// The same tree walked on the host directly and through nixvmm's virtio-fs filesystem mounted
+/// with FUSE (each walk on a fresh mount, so the kernel's caches start cold for FUSE).
+fn host_side(store: &Path, mountpoint: &Path) -> Result<String, String> {
+    let config = virtio::fs::FsConfig {
+        shared_dir: store.to_path_buf(),
+        tag: None,
+        readonly: true,
+        xattr: false,
+    };
+    let mut out = String::from("| host side | find (ms) | find + cat (ms) |\n|---|---|---|\n");
+    let (_, _, direct_find) = walk(store, false)?;
+    let (_, _, direct_cat) = walk(store, true)?;
+    let fuse_find = {
+        let mount = HostMount::new(&config, mountpoint)?;
+        walk(&mount.path, false)?.2
+    };
+    let fuse_cat = {
+        let mount = HostMount::new(&config, mountpoint)?;
+        walk(&mount.path, true)?.2
+    };
+    for (name, find, cat) in [
+        ("host directory", direct_find, direct_cat),
+        ("nixvmm FUSE mount", fuse_find, fuse_cat),
+    ] {
+        out.push_str(&format!(
+            "| {name} | {:.1} | {:.1} |\n",
+            find * 1e3,
+            cat * 1e3
+        ));
+    }
+    out.push_str(&format!(
+        "| **FUSE / host** | {:.2} | {:.2} |\n",
+        fuse_find / direct_find.max(1e-9),
+        fuse_cat / direct_cat.max(1e-9)
+    ));
+    Ok(out)
+}
+
 pub fn run(nixvmm: &Path, virtiofsd: Option<PathBuf>, packages: usize) -> Result<String, String> {
     let kit = KernelKit::obtain()?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -162,8 +224,14 @@ pub fn run(nixvmm: &Path, virtiofsd: Option<PathBuf>, packages: usize) -> Result
     }
     out.push_str(&format!(
         "\n{packages} store-like packages ({files} files, {packages} symlinks), Debian's kernel \
-         under QEMU TCG (the same guest for both servers; times as the guest measures them)."
+         under QEMU TCG (the same guest for both servers; times as the guest measures them).\n\n"
     ));
+    let mountpoint = dir.path().join("mnt");
+    std::fs::create_dir_all(&mountpoint).map_err(|e| e.to_string())?;
+    match host_side(&store, &mountpoint) {
+        Ok(table) => out.push_str(&table),
+        Err(e) => out.push_str(&format!("Host-side FUSE rows skipped: {e}\n")),
+    }
     Ok(out)
 }
 
