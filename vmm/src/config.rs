@@ -138,6 +138,14 @@ pub fn parse_share(text: &str) -> Result<Share, ConfigError> {
                 },
             })
         }
+        "vhost-user" => Err(o
+            .bad(
+                "fs",
+                "vhost-user",
+                "connecting to an external virtiofsd is not built yet; use fs=virtiofs, nixvmm's \
+                 built-in virtio-fs, on the same directory",
+            )
+            .into()),
         other => Err(o.bad("fs", other, "expected 9p or virtiofs").into()),
     }
 }
