@@ -89,9 +89,27 @@ pub fn parse_share(text: &str) -> Result<Share, ConfigError> {
     let o = Options::parse(
         "--share",
         text,
-        &["tag", "path", "readonly", "fs", "xattr", "security-model"],
+        &[
+            "tag",
+            "path",
+            "readonly",
+            "fs",
+            "xattr",
+            "security-model",
+            "socket",
+        ],
     )?;
     let tag = o.required("tag")?.to_string();
+    if o.get("fs") == Some("vhost-user") || o.get("socket").is_some() {
+        return Err(o
+            .bad(
+                "fs",
+                o.get("fs").unwrap_or("(socket=)"),
+                "connecting to an external virtiofsd is not built yet; use fs=virtiofs, nixvmm's \
+                 built-in virtio-fs, on the same directory",
+            )
+            .into());
+    }
     let path = PathBuf::from(o.required("path")?);
     if !path.is_dir() {
         return Err(ConfigError::Missing {
@@ -138,14 +156,6 @@ pub fn parse_share(text: &str) -> Result<Share, ConfigError> {
                 },
             })
         }
-        "vhost-user" => Err(o
-            .bad(
-                "fs",
-                "vhost-user",
-                "connecting to an external virtiofsd is not built yet; use fs=virtiofs, nixvmm's \
-                 built-in virtio-fs, on the same directory",
-            )
-            .into()),
         other => Err(o.bad("fs", other, "expected 9p or virtiofs").into()),
     }
 }
