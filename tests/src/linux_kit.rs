@@ -49,17 +49,23 @@ impl KernelKit {
     /// unpacked into the cache (safe when several tests obtain it at once: each unpacks into
     /// its own folder and the first rename wins).
     pub fn obtain() -> Result<KernelKit, String> {
+        // Tests run as threads of one process: one of them downloads, the others wait.
+        static OBTAINING: Mutex<()> = Mutex::new(());
+        let _one_at_a_time = OBTAINING.lock().unwrap_or_else(|p| p.into_inner());
         let cache = cache_dir();
+        prune_old_initrds(&cache);
         if let Some(kit) = Self::find_in(&cache) {
             return Ok(kit);
         }
         std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
-        let depends = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
-        let package = depends
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Depends: linux-image-"))
-            .map(|p| format!("linux-image-{p}"))
-            .ok_or("apt-cache knows no linux-image-amd64: run `apt-get update`")?;
+        let package = match Self::package_name() {
+            Some(package) => package,
+            None => {
+                run(Command::new("apt-get").arg("update"))?;
+                Self::package_name()
+                    .ok_or("apt-cache knows no linux-image-amd64 after apt-get update")?
+            }
+        };
         let work = cache.join(format!("unpack-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
@@ -86,6 +92,15 @@ impl KernelKit {
         }
         let _ = std::fs::remove_dir_all(&work);
         Self::find_in(&cache).ok_or_else(|| format!("{package} has no boot/vmlinuz-*"))
+    }
+
+    /// The concrete package behind `linux-image-amd64`, if apt knows it.
+    fn package_name() -> Option<String> {
+        let depends = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"])).ok()?;
+        depends
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Depends: linux-image-"))
+            .map(|p| format!("linux-image-{p}"))
     }
 
     fn find_in(cache: &Path) -> Option<KernelKit> {
@@ -221,6 +236,26 @@ impl KernelKit {
             std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
         }
         Ok(path)
+    }
+}
+
+/// Initrds are cached by content, and tests that embed ports or paths make new ones each run:
+/// drop those not used for a day.
+fn prune_old_initrds(cache: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let is_initrd = entry.file_name().to_string_lossy().starts_with("initrd-");
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(24 * 3600));
+        if is_initrd && old {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
