@@ -89,63 +89,12 @@ impl Vm {
                 max,
             });
         }
-        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("creating the VM"))?);
-        // Needed on Intel hosts for real-mode guest code (AP start-up); harmless elsewhere.
-        vm_fd
-            .set_identity_map_address(KVM_IDENTITY_MAP_START)
-            .map_err(kvm_err("identity map address"))?;
-        vm_fd
-            .set_tss_address(KVM_TSS_START as usize)
-            .map_err(kvm_err("TSS address"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_err("in-kernel irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kvm_err("PIT"))?;
-
+        let vm_fd = Arc::new(create_vm(kvm)?);
         let memory = guest_memory(&vm_fd, config.memory)?;
-        let kernel = load_kernel(&memory, config)?;
-        let cr3 = firmware::paging::write_gdt_and_page_tables(&memory)?;
-        let rsdp = write_acpi_tables(&memory, &AcpiConfig { cpus: config.cpus })?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(boot::load_initrd(&memory, &kernel, path, config.memory)?),
-            None => None,
-        };
-        boot::write_boot_params(
-            &memory,
-            &kernel,
-            &BootSetup {
-                cmdline: &config.cmdline,
-                initrd,
-                mem_size: config.memory,
-                rsdp,
-            },
-        )?;
+        let (entry, cr3) = write_boot_state(&memory, config)?;
 
         let (exit_tx, exit_rx) = mpsc::channel();
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        vm_fd
-            .register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(kvm_err("serial interrupt"))?;
-        let serial = Arc::new(Mutex::new(SerialConsole::new(
-            serial_irq,
-            Box::new(console.clone()),
-        )));
-        let mut io = Bus::new();
-        io.insert(u64::from(COM1_PORT), 8, serial.clone())?;
-        io.insert(
-            u64::from(I8042_DATA_PORT),
-            5,
-            Arc::new(Mutex::new(I8042::new(exit_tx.clone()))),
-        )?;
-        io.insert(
-            u64::from(ACPI_SLEEP_PORT),
-            1,
-            Arc::new(Mutex::new(AcpiPower::new(exit_tx.clone()))),
-        )?;
+        let (mut io, serial) = legacy_devices(&vm_fd, console, &exit_tx)?;
         let mut pci = PciRoot::new();
         let mut mmio = Bus::new();
         let virtio =
@@ -161,34 +110,10 @@ impl Vm {
             PCI_ECAM_SIZE,
             Arc::new(Mutex::new(PciEcam::new(pci))),
         )?;
-        let buses = Arc::new(Buses { io, mmio });
 
-        let supported_cpuid = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("supported CPUID"))?;
-        let supported_msrs = kvm
-            .get_msr_index_list()
-            .map_err(kvm_err("MSR index list"))?;
-        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
-        for id in 0..config.cpus {
-            let vcpu = vm_fd
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("creating a vCPU"))?;
-            cpu::configure(
-                &vcpu,
-                &CpuSetup {
-                    id,
-                    count: config.cpus,
-                    supported_cpuid: &supported_cpuid,
-                    supported_msrs: supported_msrs.as_slice(),
-                    entry: (id == 0).then_some((kernel.entry.0, cr3)),
-                },
-            )?;
-            vcpus.push(vcpu);
-        }
         Ok(Vm {
-            vcpus,
-            buses,
+            vcpus: create_vcpus(kvm, &vm_fd, config.cpus, entry, cr3)?,
+            buses: Arc::new(Buses { io, mmio }),
             serial,
             exit_tx,
             exit_rx,
@@ -265,6 +190,113 @@ fn device_models(config: &VmConfig) -> Result<Vec<Box<dyn virtio::VirtioDevice>>
         models.push(Box::new(virtio::rng::Rng::new()));
     }
     Ok(models)
+}
+
+/// The KVM VM with the in-kernel irqchip and PIT.
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let vm_fd = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
+    // Needed on Intel hosts for real-mode guest code (AP start-up); harmless elsewhere.
+    vm_fd
+        .set_identity_map_address(KVM_IDENTITY_MAP_START)
+        .map_err(kvm_err("identity map address"))?;
+    vm_fd
+        .set_tss_address(KVM_TSS_START as usize)
+        .map_err(kvm_err("TSS address"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(kvm_err("PIT"))?;
+    Ok(vm_fd)
+}
+
+/// Loads the kernel and initrd and writes page tables, ACPI tables and boot parameters;
+/// returns the entry point and CR3.
+fn write_boot_state(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<(u64, u64), VmError> {
+    let kernel = load_kernel(memory, config)?;
+    let cr3 = firmware::paging::write_gdt_and_page_tables(memory)?;
+    let rsdp = write_acpi_tables(memory, &AcpiConfig { cpus: config.cpus })?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(memory, &kernel, path, config.memory)?),
+        None => None,
+    };
+    boot::write_boot_params(
+        memory,
+        &kernel,
+        &BootSetup {
+            cmdline: &config.cmdline,
+            initrd,
+            mem_size: config.memory,
+            rsdp,
+        },
+    )?;
+    Ok((kernel.entry.0, cr3))
+}
+
+/// COM1, the i8042 and the ACPI power register on a new I/O bus.
+fn legacy_devices(
+    vm_fd: &VmFd,
+    console: &ConsoleOutput,
+    exit_tx: &ExitSender,
+) -> Result<(Bus, Arc<Mutex<SerialConsole>>), VmError> {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm_fd
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(kvm_err("serial interrupt"))?;
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        serial_irq,
+        Box::new(console.clone()),
+    )));
+    let mut io = Bus::new();
+    io.insert(u64::from(COM1_PORT), 8, serial.clone())?;
+    io.insert(
+        u64::from(I8042_DATA_PORT),
+        5,
+        Arc::new(Mutex::new(I8042::new(exit_tx.clone()))),
+    )?;
+    io.insert(
+        u64::from(ACPI_SLEEP_PORT),
+        1,
+        Arc::new(Mutex::new(AcpiPower::new(exit_tx.clone()))),
+    )?;
+    Ok((io, serial))
+}
+
+/// The vCPUs, configured; the boot CPU enters at `entry` with page tables at `cr3`.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    count: u8,
+    entry: u64,
+    cr3: u64,
+) -> Result<Vec<VcpuFd>, VmError> {
+    let supported_cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("supported CPUID"))?;
+    let supported_msrs = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("MSR index list"))?;
+    let mut vcpus = Vec::with_capacity(usize::from(count));
+    for id in 0..count {
+        let vcpu = vm_fd
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("creating a vCPU"))?;
+        cpu::configure(
+            &vcpu,
+            &CpuSetup {
+                id,
+                count,
+                supported_cpuid: &supported_cpuid,
+                supported_msrs: supported_msrs.as_slice(),
+                entry: (id == 0).then_some((entry, cr3)),
+            },
+        )?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
 }
 
 fn guest_memory(vm_fd: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
