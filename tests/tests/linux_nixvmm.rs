@@ -187,3 +187,36 @@ fn tier4_9p_share_in_vmm_as_qemu_vm_nix_mounts_it() {
     assert_eq!(log.value_of("GREETING"), Some("hello"), "{tail}");
     assert_eq!(log.value_of("CREATE"), Some("refused"), "{tail}");
 }
+
+#[test]
+#[ignore = "tier 4: needs NIXVMM_TEST_KERNEL or VMX/SVM; run by scripts/test"]
+fn tier4_vhost_user_fs_share_served_by_an_external_backend() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("greeting"), "hello\n").unwrap();
+    let socket = dir.path().join("fs.sock");
+    let mut backend = Command::new(nixvmm_bin())
+        .args(["device", "fs", "--socket"])
+        .arg(&socket)
+        .arg("--shared-dir")
+        .arg(&shared)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    while !socket.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let share = format!("tag=data,socket={},fs=vhost-user", socket.display());
+    let script = "mount -t virtiofs data /mnt && echo GREETING=$(cat /mnt/greeting)";
+    let log = boot(
+        &["virtio_pci", "virtiofs"],
+        script,
+        512,
+        1,
+        &["--share", &share],
+    );
+    let _ = backend.kill();
+    assert_eq!(log.value_of("GREETING"), Some("hello"), "{}", log.tail());
+}

@@ -66,12 +66,22 @@ mod virtio_guest {
     pub const VECTOR: u32 = 0x40;
 }
 
-/// A guest acting as a virtio driver: finds the virtio-rng function on bus 0, walks its
-/// capabilities, programs MSI-X vector 0, sets up queue 0 through the common configuration,
-/// offers a buffer, notifies, and waits for the interrupt.
-fn virtio_rng_driver() -> Result<Guest, IcedError> {
+/// What the driver guest sends: to which function and queue, the request bytes (none for a
+/// device that only fills buffers), and the room for the reply.
+struct Request {
+    pci_id: u32,
+    queue: u16,
+    readable: Vec<u8>,
+    reply_len: u32,
+}
+
+/// A guest acting as a virtio driver: finds the function on bus 0, walks its capabilities,
+/// programs MSI-X vector 0, sets up one queue through the common configuration, offers the
+/// request, notifies, and waits for the interrupt.
+fn virtio_driver(request: &Request) -> Result<Guest, IcedError> {
     use virtio_guest::*;
     let mut g = Guest::new();
+    let request_blob = (!request.readable.is_empty()).then(|| g.blob(request.readable.clone()));
     let mut handler = g.a.create_label();
     let mut found = g.a.create_label();
     let mut scan = g.a.create_label();
@@ -117,7 +127,7 @@ fn virtio_rng_driver() -> Result<Guest, IcedError> {
     g.a.xor(r13d, r13d)?;
     g.a.set_label(&mut scan)?;
     cfg_read(&mut g, 0)?;
-    g.a.cmp(eax, 0x1044_1af4u32)?;
+    g.a.cmp(eax, request.pci_id)?;
     g.a.je(found)?;
     g.a.inc(r13d)?;
     g.a.cmp(r13d, 32u32)?;
@@ -125,7 +135,7 @@ fn virtio_rng_driver() -> Result<Guest, IcedError> {
     g.text("NO_DEVICE\n")?;
     g.poweroff()?;
     g.a.set_label(&mut found)?;
-    g.text("RNG_SLOT=")?;
+    g.text("SLOT=")?;
     g.hex(r13)?;
 
     // BAR 0 (64-bit) into r14; enable memory decoding and bus mastering.
@@ -215,7 +225,7 @@ fn virtio_rng_driver() -> Result<Guest, IcedError> {
     g.a.mov(dword_ptr(rbx + 0x08), 1u32)?;
     g.a.mov(dword_ptr(rbx + 0x0c), 1u32)?; // VIRTIO_F_VERSION_1
     g.a.mov(byte_ptr(rbx + 0x14), 0xbu32)?;
-    g.a.mov(word_ptr(rbx + 0x16), 0u32)?;
+    g.a.mov(word_ptr(rbx + 0x16), u32::from(request.queue))?;
     g.a.mov(word_ptr(rbx + 0x18), 8u32)?;
     g.a.mov(word_ptr(rbx + 0x1a), 0u32)?;
     for (offset, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
@@ -228,12 +238,21 @@ fn virtio_rng_driver() -> Result<Guest, IcedError> {
     g.text("\nSTATUS=")?;
     g.hex(r12)?;
 
-    // One 16-byte device-writable buffer, made available, then notify queue 0.
+    // The request (if any) chained to a device-writable reply buffer; then notify the queue.
+    let mut reply_desc = DESC;
+    if let Some(blob) = request_blob {
+        g.a.lea(rax, ptr(blob))?;
+        g.a.mov(qword_ptr(DESC), rax)?;
+        g.a.mov(dword_ptr(DESC + 8), request.readable.len() as u32)?;
+        g.a.mov(word_ptr(DESC + 12), 1u32)?; // NEXT
+        g.a.mov(word_ptr(DESC + 14), 1u32)?;
+        reply_desc = DESC + 16;
+    }
     g.a.mov(rax, BUF)?;
-    g.a.mov(qword_ptr(DESC), rax)?;
-    g.a.mov(dword_ptr(DESC + 8), 16u32)?;
-    g.a.mov(word_ptr(DESC + 12), 2u32)?;
-    g.a.mov(word_ptr(DESC + 14), 0u32)?;
+    g.a.mov(qword_ptr(reply_desc), rax)?;
+    g.a.mov(dword_ptr(reply_desc + 8), request.reply_len)?;
+    g.a.mov(word_ptr(reply_desc + 12), 2u32)?; // WRITE
+    g.a.mov(word_ptr(reply_desc + 14), 0u32)?;
     g.a.mov(word_ptr(AVAIL), 0u32)?;
     g.a.mov(word_ptr(AVAIL + 4), 0u32)?;
     g.a.mov(word_ptr(AVAIL + 2), 1u32)?;
@@ -241,7 +260,10 @@ fn virtio_rng_driver() -> Result<Guest, IcedError> {
     g.a.sti()?;
     g.a.mov(rbx, r14)?;
     g.a.add(rbx, qword_ptr(NOTIFY_OFF))?;
-    g.a.mov(word_ptr(rbx), 0u32)?;
+    g.a.mov(
+        word_ptr(rbx + 4 * i32::from(request.queue)),
+        u32::from(request.queue),
+    )?;
     let mut wait = g.a.create_label();
     g.a.set_label(&mut wait)?;
     g.a.pause()?;
@@ -258,6 +280,9 @@ fn virtio_rng_driver() -> Result<Guest, IcedError> {
     g.hex(r12)?;
     g.a.mov(r12, qword_ptr(BUF))?;
     g.text("\nBUF=")?;
+    g.hex(r12)?;
+    g.a.mov(r12, qword_ptr(BUF + 8))?;
+    g.text("\nBUF2=")?;
     g.hex(r12)?;
     g.text("\n")?;
     g.poweroff()?;
@@ -276,13 +301,19 @@ fn virtio_rng_driver() -> Result<Guest, IcedError> {
 #[test]
 fn guest_drives_virtio_rng_over_pci_and_gets_an_msix_interrupt() {
     let dir = tempfile::tempdir().unwrap();
-    let kernel = write_guest(dir.path(), virtio_rng_driver().expect("guest assembles"));
+    let rng = Request {
+        pci_id: 0x1044_1af4,
+        queue: 0,
+        readable: Vec::new(),
+        reply_len: 16,
+    };
+    let kernel = write_guest(dir.path(), virtio_driver(&rng).expect("guest assembles"));
     let (outcome, text) = run(&VmConfig {
         rng: true,
         ..config(&kernel)
     });
     assert_eq!(outcome, Outcome::PoweredOff, "{text}");
-    assert_eq!(hex(&text, "RNG_SLOT"), 1, "{text}");
+    assert_eq!(hex(&text, "SLOT"), 1, "{text}");
     assert_eq!(hex(&text, "BAR0"), 0xc000_0000, "{text}");
     let caps: Vec<&str> = text.lines().filter(|l| l.starts_with("CAP ")).collect();
     assert_eq!(
@@ -295,4 +326,76 @@ fn guest_drives_virtio_rng_over_pci_and_gets_an_msix_interrupt() {
     assert_eq!(hex(&text, "USED_IDX"), 1, "{text}");
     assert_eq!(hex(&text, "USED_LEN"), 16, "{text}");
     assert_ne!(hex(&text, "BUF"), 0, "random bytes in the buffer: {text}");
+}
+
+/// The guest sends FUSE_INIT on the request queue of a virtio-fs device whose queues
+/// `nixvmm device fs` serves over vhost-user: nixvmm as a vhost-user frontend, end to end
+/// (shared guest RAM, the queue handed over, the backend's interrupt through an irqfd).
+#[test]
+fn guest_reaches_a_vhost_user_fs_backend_through_nixvmm() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    use vmm::config::Share;
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fs.sock");
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let mut backend = Command::new(nixvmm_tests::nixvmm_bin())
+        .args(["device", "fs", "--socket"])
+        .arg(&socket)
+        .arg("--shared-dir")
+        .arg(&shared)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "nixvmm device fs did not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut init = Vec::new();
+    for v in [56u32, 26] {
+        init.extend_from_slice(&v.to_le_bytes()); // len, opcode FUSE_INIT
+    }
+    init.extend_from_slice(&1u64.to_le_bytes()); // unique
+    init.extend_from_slice(&[0u8; 24]); // nodeid, uid, gid, pid, extlen, padding
+    for v in [7u32, 31, 0x2_0000, 0] {
+        init.extend_from_slice(&v.to_le_bytes()); // major, minor, max_readahead, flags
+    }
+    let request = Request {
+        pci_id: 0x105a_1af4,
+        queue: 1,
+        readable: init,
+        reply_len: 4096,
+    };
+    let kernel = write_guest(
+        dir.path(),
+        virtio_driver(&request).expect("guest assembles"),
+    );
+    let (outcome, text) = run(&VmConfig {
+        shares: vec![Share::VhostUser {
+            tag: "t".into(),
+            socket: socket.clone(),
+        }],
+        ..config(&kernel)
+    });
+    let _ = backend.kill();
+    let _ = backend.wait();
+    assert_eq!(outcome, Outcome::PoweredOff, "{text}");
+    assert_eq!(hex(&text, "STATUS"), 0xf, "DRIVER_OK: {text}");
+    assert_eq!(
+        hex(&text, "IRQS"),
+        1,
+        "the backend's interrupt arrived: {text}"
+    );
+    let header = hex(&text, "BUF");
+    assert_eq!(header >> 32, 0, "FUSE_INIT succeeded: {text}");
+    assert!((header & 0xffff_ffff) >= 16, "a reply header: {text}");
+    assert_eq!(
+        hex(&text, "BUF2"),
+        1,
+        "the reply answers our request: {text}"
+    );
+    assert_eq!(hex(&text, "USED_LEN"), header & 0xffff_ffff, "{text}");
 }

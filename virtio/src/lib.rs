@@ -39,6 +39,8 @@ pub enum Error {
     Queue(#[from] virtio_queue::Error),
     #[error("no queue {0}")]
     NoQueue(usize),
+    #[error("{0}")]
+    Backend(String),
 }
 
 pub type Memory = GuestMemoryMmap;
@@ -68,6 +70,35 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, Error>;
     /// Forgets driver state (the driver reset the device).
     fn reset(&mut self) {}
+
+    /// Whether the device is served outside the VMM (vhost-user): it then takes its queues at
+    /// DRIVER_OK through [`VirtioDevice::activate_external`] instead of processing them.
+    fn is_external(&self) -> bool {
+        false
+    }
+
+    /// Hands a device served elsewhere the queues the driver set up.
+    fn activate_external(
+        &mut self,
+        _mem: &Memory,
+        _features: u64,
+        _queues: Vec<ExternalQueue>,
+    ) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// A queue as the driver set it up, for a device served outside the VMM.
+pub struct ExternalQueue {
+    pub index: usize,
+    pub size: u16,
+    pub desc: vm_memory::GuestAddress,
+    pub avail: vm_memory::GuestAddress,
+    pub used: vm_memory::GuestAddress,
+    /// Written by KVM when the guest notifies the queue.
+    pub kick: vmm_sys_util::eventfd::EventFd,
+    /// Raises the queue's interrupt (an irqfd routed to its MSI-X message).
+    pub call: vmm_sys_util::eventfd::EventFd,
 }
 
 /// Pops every available chain of `queue`, hands it to `handle` (which returns the number of

@@ -81,7 +81,15 @@ pub enum ConfigError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Share {
     VirtioFs(FsConfig),
-    NineP { tag: String, config: ShareConfig },
+    NineP {
+        tag: String,
+        config: ShareConfig,
+    },
+    /// virtio-fs served by an external backend (virtiofsd) listening on `socket`.
+    VhostUser {
+        tag: String,
+        socket: PathBuf,
+    },
 }
 
 /// Parses `--share tag=TAG,path=DIR[,fs=9p|virtiofs][,readonly=on][,security-model=M][,xattr=on]`.
@@ -101,14 +109,22 @@ pub fn parse_share(text: &str) -> Result<Share, ConfigError> {
     )?;
     let tag = o.required("tag")?.to_string();
     if o.get("fs") == Some("vhost-user") || o.get("socket").is_some() {
-        return Err(o
-            .bad(
-                "fs",
-                o.get("fs").unwrap_or("(socket=)"),
-                "connecting to an external virtiofsd is not built yet; use fs=virtiofs, nixvmm's \
-                 built-in virtio-fs, on the same directory",
-            )
-            .into());
+        if o.get("fs").is_some_and(|fs| fs != "vhost-user") {
+            return Err(o
+                .bad(
+                    "socket",
+                    o.get("socket").unwrap_or(""),
+                    "needs fs=vhost-user",
+                )
+                .into());
+        }
+        if tag.is_empty() || tag.len() > 36 {
+            return Err(o.bad("tag", &tag, "1 to 36 bytes for virtio-fs").into());
+        }
+        return Ok(Share::VhostUser {
+            tag,
+            socket: PathBuf::from(o.required("socket")?),
+        });
     }
     let path = PathBuf::from(o.required("path")?);
     if !path.is_dir() {

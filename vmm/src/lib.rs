@@ -13,6 +13,7 @@ pub mod msi;
 pub mod options;
 pub mod system;
 pub mod vcpu;
+pub mod vhost_user_fs;
 pub mod virtio_devices;
 pub mod vm;
 

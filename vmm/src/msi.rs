@@ -127,6 +127,18 @@ impl KvmMsiRoutes {
 }
 
 impl MsiSink for KvmMsiRoutes {
+    fn irqfd(&self, message: MsiMessage) -> Option<EventFd> {
+        let mut routes = lock(&self.routes);
+        let key = (message.addr, message.data);
+        if !routes.by_message.contains_key(&key) {
+            if let Err(e) = self.add_route(&mut routes, message) {
+                log::warn!("cannot route an MSI for a backend: {e}");
+                return None;
+            }
+        }
+        routes.by_message.get(&key)?.1.try_clone().ok()
+    }
+
     fn send(&self, message: MsiMessage) {
         let mut routes = lock(&self.routes);
         let key = (message.addr, message.data);

@@ -57,7 +57,12 @@ impl VirtioDevices {
                         source,
                     })?;
             }
-            let queues = device.queue_events().len();
+            // A device served elsewhere reads its notifications itself.
+            let queues = if device.is_external() {
+                0
+            } else {
+                device.queue_events().len()
+            };
             let device = Arc::new(Mutex::new(device));
             pci.add(device.clone())
                 .map_err(|e| VmError::Device(e.to_string()))?;

@@ -90,7 +90,12 @@ impl Vm {
             });
         }
         let vm_fd = Arc::new(create_vm(kvm)?);
-        let memory = guest_memory(&vm_fd, config.memory)?;
+        // Backends outside the VMM map the guest's RAM: it must be a shared memfd then.
+        let shared = config
+            .shares
+            .iter()
+            .any(|s| matches!(s, Share::VhostUser { .. }));
+        let memory = guest_memory(&vm_fd, config.memory, shared)?;
         let (entry, cr3) = write_boot_state(&memory, config)?;
 
         let (exit_tx, exit_rx) = mpsc::channel();
@@ -178,6 +183,9 @@ fn device_models(config: &VmConfig) -> Result<Vec<Box<dyn virtio::VirtioDevice>>
             Share::VirtioFs(fs) => {
                 Box::new(virtio::fs::VirtioFs::new(fs).map_err(|e| VmError::Device(e.to_string()))?)
             }
+            Share::VhostUser { tag, socket } => Box::new(
+                crate::vhost_user_fs::VhostUserFs::connect(socket, tag).map_err(VmError::Device)?,
+            ),
             Share::NineP { tag, config } => Box::new(
                 virtio::ninep::Virtio9p::new(tag, config.clone()).map_err(|e| {
                     VmError::Device(format!("--share {}: {e}", config.root.display()))
@@ -299,12 +307,45 @@ fn create_vcpus(
     Ok(vcpus)
 }
 
-fn guest_memory(vm_fd: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
-    let memory =
-        GuestMemoryMmap::from_ranges(&layout::ram_ranges(size)).map_err(|e| VmError::Memory {
-            mib: size >> 20,
-            reason: e.to_string(),
-        })?;
+/// A memfd of `size` bytes, for guest RAM that other processes map.
+fn shared_memory_file(size: u64) -> std::io::Result<std::fs::File> {
+    // SAFETY: the name is a valid C string; the returned descriptor is new and ours.
+    let fd = unsafe { libc::memfd_create(c"nixvmm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
+}
+
+fn guest_memory(vm_fd: &VmFd, size: u64, shared: bool) -> Result<GuestMemoryMmap, VmError> {
+    let failed = |reason: String| VmError::Memory {
+        mib: size >> 20,
+        reason,
+    };
+    let ranges = layout::ram_ranges(size);
+    let memory = if shared {
+        let file =
+            std::sync::Arc::new(shared_memory_file(size).map_err(|e| failed(e.to_string()))?);
+        let mut offset = 0u64;
+        let with_files: Vec<_> = ranges
+            .iter()
+            .map(|&(addr, len)| {
+                let at = offset;
+                offset += len as u64;
+                (
+                    addr,
+                    len,
+                    Some(vm_memory::FileOffset::from_arc(file.clone(), at)),
+                )
+            })
+            .collect();
+        GuestMemoryMmap::from_ranges_with_files(&with_files).map_err(|e| failed(e.to_string()))?
+    } else {
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| failed(e.to_string()))?
+    };
     for (slot, region) in memory.iter().enumerate() {
         let host = memory
             .get_host_address(region.start_addr())

@@ -204,9 +204,48 @@ impl VirtioPciDevice {
         self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_FAILED == 0
     }
 
+    /// Whether the device's queues are served outside the VMM (vhost-user).
+    pub fn is_external(&self) -> bool {
+        self.device.is_external()
+    }
+
+    /// Hands the ready queues, their notification eventfds and irqfds for their MSI-X vectors
+    /// to a device served outside the VMM.
+    fn activate_external(&mut self) -> Result<(), crate::Error> {
+        let mut queues = Vec::new();
+        for (index, slot) in self.queues.iter().enumerate() {
+            if !slot.queue.ready() {
+                continue;
+            }
+            let message = self.msix.message(slot.vector).ok_or_else(|| {
+                crate::Error::Backend(format!("queue {index} has no MSI-X vector"))
+            })?;
+            let call = self
+                .interrupts
+                .irqfd(message)
+                .ok_or_else(|| crate::Error::Backend("no irqfd for an MSI".into()))?;
+            let kick = slot
+                .event
+                .try_clone()
+                .map_err(|e| crate::Error::Backend(e.to_string()))?;
+            let (desc, avail, used) = queue_addresses(&slot.queue);
+            queues.push(crate::ExternalQueue {
+                index,
+                size: slot.queue.size(),
+                desc,
+                avail,
+                used,
+                kick,
+                call,
+            });
+        }
+        self.device
+            .activate_external(&self.memory, self.driver_features, queues)
+    }
+
     /// Processes queue `index` after a notification, and interrupts the guest if needed.
     pub fn process_queue(&mut self, index: usize) {
-        if !self.driver_ok() {
+        if !self.driver_ok() || self.device.is_external() {
             return;
         }
         let Some(slot) = self.queues.get_mut(index) else {
@@ -362,6 +401,13 @@ impl VirtioPciDevice {
                 slot.queue.set_event_idx(event_idx);
             }
             self.device.set_acked_features(self.driver_features);
+            if self.device.is_external() {
+                if let Err(e) = self.activate_external() {
+                    log::warn!("virtio device {}: {e}", self.device.device_type());
+                    self.status = status | STATUS_FAILED;
+                    return;
+                }
+            }
         }
         self.status = status;
     }

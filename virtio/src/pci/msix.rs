@@ -10,6 +10,11 @@ pub struct MsiMessage {
 /// Delivers MSI messages to the guest (the VMM implements it with KVM; tests count).
 pub trait MsiSink: Send + Sync {
     fn send(&self, message: MsiMessage);
+
+    /// An eventfd that raises `message` when written (an irqfd), for backends outside the VMM.
+    fn irqfd(&self, _message: MsiMessage) -> Option<vmm_sys_util::eventfd::EventFd> {
+        None
+    }
 }
 
 pub const ENTRY_SIZE: usize = 16;
@@ -121,6 +126,11 @@ impl MsixTable {
                 .filter(|bit| self.pending.get(first + bit).copied().unwrap_or(false))
                 .fold(0, |acc, bit| acc | (1 << bit));
         }
+    }
+
+    /// The message programmed for `vector`.
+    pub fn message(&self, vector: u16) -> Option<MsiMessage> {
+        self.entries.get(usize::from(vector)).map(Entry::message)
     }
 
     /// Sends `vector`'s message, or marks it pending while masked.

@@ -1,0 +1,145 @@
+//! `--share …,fs=vhost-user,socket=S`: a virtio-fs device whose queues an external virtiofsd
+//! (or `nixvmm device fs`) serves over vhost-user, as qemu-vm.nix runs virtiofsd per share.
+//! The guest's RAM is a shared memfd so the backend can map it.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio::{device_type, Error, ExternalQueue, Memory, VirtioDevice, COMMON_FEATURES};
+use virtio_queue::Queue;
+use vm_memory::{GuestMemory, GuestMemoryRegion};
+
+const QUEUE_SIZES: &[u16] = &[1024, 1024];
+
+pub struct VhostUserFs {
+    frontend: Frontend,
+    tag: String,
+    backend_features: u64,
+}
+
+fn backend(e: impl std::fmt::Display) -> Error {
+    Error::Backend(format!("vhost-user-fs backend: {e}"))
+}
+
+impl VhostUserFs {
+    /// Connects to the backend listening on `socket`.
+    pub fn connect(socket: &Path, tag: &str) -> Result<VhostUserFs, String> {
+        let shown = socket.display();
+        let mut frontend = Frontend::connect(socket, QUEUE_SIZES.len() as u64)
+            .map_err(|e| format!("cannot connect to the virtio-fs backend at {shown}: {e}"))?;
+        frontend.set_owner().map_err(|e| format!("{shown}: {e}"))?;
+        let backend_features = frontend
+            .get_features()
+            .map_err(|e| format!("{shown}: {e}"))?;
+        if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            let offered = frontend
+                .get_protocol_features()
+                .map_err(|e| format!("{shown}: {e}"))?;
+            frontend
+                .set_protocol_features(offered & VhostUserProtocolFeatures::MQ)
+                .map_err(|e| format!("{shown}: {e}"))?;
+        }
+        Ok(VhostUserFs {
+            frontend,
+            tag: tag.to_string(),
+            backend_features,
+        })
+    }
+}
+
+impl VirtioDevice for VhostUserFs {
+    fn device_type(&self) -> u32 {
+        device_type::FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        self.backend_features & COMMON_FEATURES
+    }
+
+    /// struct virtio_fs_config: tag[36], num_request_queues.
+    fn config(&self) -> Vec<u8> {
+        let mut config = vec![0u8; 36];
+        for (slot, byte) in config.iter_mut().zip(self.tag.bytes()) {
+            *slot = byte;
+        }
+        config.extend_from_slice(&1u32.to_le_bytes());
+        config
+    }
+
+    fn process_queue(&mut self, _: usize, _: &mut Queue, _: &Memory) -> Result<bool, Error> {
+        Ok(false) // the backend processes the queues
+    }
+
+    fn is_external(&self) -> bool {
+        true
+    }
+
+    fn activate_external(
+        &mut self,
+        mem: &Memory,
+        features: u64,
+        queues: Vec<ExternalQueue>,
+    ) -> Result<(), Error> {
+        let protocol = self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        self.frontend
+            .set_features(features | protocol)
+            .map_err(backend)?;
+        let mut regions = Vec::new();
+        for region in mem.iter() {
+            let file = region
+                .file_offset()
+                .ok_or_else(|| backend("guest memory is not shareable"))?;
+            let host = mem.get_host_address(region.start_addr()).map_err(backend)?;
+            regions.push(VhostUserMemoryRegionInfo {
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                mmap_offset: file.start(),
+                mmap_handle: file.file().as_raw_fd(),
+            });
+        }
+        self.frontend.set_mem_table(&regions).map_err(backend)?;
+        let host = |addr| {
+            mem.get_host_address(addr)
+                .map(|p| p as u64)
+                .map_err(backend)
+        };
+        for q in queues {
+            self.frontend
+                .set_vring_num(q.index, q.size)
+                .map_err(backend)?;
+            let config = VringConfigData {
+                queue_max_size: QUEUE_SIZES[q.index.min(QUEUE_SIZES.len() - 1)],
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: host(q.desc)?,
+                used_ring_addr: host(q.used)?,
+                avail_ring_addr: host(q.avail)?,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_addr(q.index, &config)
+                .map_err(backend)?;
+            self.frontend.set_vring_base(q.index, 0).map_err(backend)?;
+            self.frontend
+                .set_vring_call(q.index, &q.call)
+                .map_err(backend)?;
+            self.frontend
+                .set_vring_kick(q.index, &q.kick)
+                .map_err(backend)?;
+            if protocol != 0 {
+                self.frontend
+                    .set_vring_enable(q.index, true)
+                    .map_err(backend)?;
+            }
+        }
+        Ok(())
+    }
+}
