@@ -218,5 +218,6 @@ fn tier4_vhost_user_fs_share_served_by_an_external_backend() {
         &["--share", &share],
     );
     let _ = backend.kill();
+    let _ = backend.wait();
     assert_eq!(log.value_of("GREETING"), Some("hello"), "{}", log.tail());
 }

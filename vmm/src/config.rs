@@ -353,6 +353,19 @@ mod tests {
             config.security_model,
             virtio::ninep::SecurityModel::MappedXattr
         );
+        let Share::VhostUser { tag, socket } =
+            parse_share("tag=store2,socket=/run/virtiofsd.sock,fs=vhost-user").unwrap()
+        else {
+            panic!("a vhost-user share")
+        };
+        assert_eq!(
+            (tag.as_str(), socket.to_str()),
+            ("store2", Some("/run/virtiofsd.sock"))
+        );
+        assert!(
+            parse_share("tag=x,fs=vhost-user").is_err(),
+            "socket= is required"
+        );
         let file = format!(
             "tag=x,path={},security-model=mapped-file",
             dir.path().display()
