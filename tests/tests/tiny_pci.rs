@@ -73,6 +73,8 @@ struct Request {
     queue: u16,
     readable: Vec<u8>,
     reply_len: u32,
+    /// End with a reset (i8042) instead of a poweroff.
+    reboot: bool,
 }
 
 /// A guest acting as a virtio driver: finds the function on bus 0, walks its capabilities,
@@ -285,7 +287,11 @@ fn virtio_driver(request: &Request) -> Result<Guest, IcedError> {
     g.text("\nBUF2=")?;
     g.hex(r12)?;
     g.text("\n")?;
-    g.poweroff()?;
+    if request.reboot {
+        g.i8042_reset()?;
+    } else {
+        g.poweroff()?;
+    }
 
     // The interrupt handler: count, EOI, return.
     g.a.set_label(&mut handler)?;
@@ -306,6 +312,7 @@ fn guest_drives_virtio_rng_over_pci_and_gets_an_msix_interrupt() {
         queue: 0,
         readable: Vec::new(),
         reply_len: 16,
+        reboot: false,
     };
     let kernel = write_guest(dir.path(), virtio_driver(&rng).expect("guest assembles"));
     let (outcome, text) = run(&VmConfig {
@@ -366,8 +373,9 @@ fn guest_reaches_a_vhost_user_fs_backend_through_nixvmm() {
     let request = Request {
         pci_id: 0x105a_1af4,
         queue: 1,
-        readable: init,
+        readable: init.clone(),
         reply_len: 4096,
+        reboot: false,
     };
     let kernel = write_guest(
         dir.path(),
@@ -398,4 +406,58 @@ fn guest_reaches_a_vhost_user_fs_backend_through_nixvmm() {
         "the reply answers our request: {text}"
     );
     assert_eq!(hex(&text, "USED_LEN"), header & 0xffff_ffff, "{text}");
+
+    // After a guest reboot the new VM reaches the backend over the same connection.
+    let _ = std::fs::remove_file(&socket);
+    let mut backend = Command::new(nixvmm_tests::nixvmm_bin())
+        .args(["device", "fs", "--socket"])
+        .arg(&socket)
+        .arg("--shared-dir")
+        .arg(&shared)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    // (Waiting for the socket file, not connecting: the backend serves one connection.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "nixvmm device fs did not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let rebooting = Request {
+        reboot: true,
+        ..request
+    };
+    let kernel = write_guest(
+        dir.path(),
+        virtio_driver(&rebooting).expect("guest assembles"),
+    );
+    let config = VmConfig {
+        shares: vec![Share::VhostUser {
+            tag: "t".into(),
+            socket: socket.clone(),
+        }],
+        ..config(&kernel)
+    };
+    let (output, buffer) = vmm::console::ConsoleOutput::buffer();
+    let control = vmm::Control::default();
+    let runner = {
+        let control = control.clone();
+        std::thread::spawn(move || vmm::run(&config, &output, &control))
+    };
+    let replies = || {
+        String::from_utf8_lossy(&buffer.lock().unwrap())
+            .matches("BUF2=0000000000000001")
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while replies() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    control.stop();
+    let outcome = runner.join().unwrap();
+    let _ = backend.kill();
+    let _ = backend.wait();
+    let text = String::from_utf8_lossy(&buffer.lock().unwrap()).to_string();
+    assert!(outcome.is_ok(), "{outcome:?}: {text}");
+    assert!(replies() >= 3, "three boots each got a FUSE reply: {text}");
 }

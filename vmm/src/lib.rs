@@ -118,8 +118,10 @@ pub fn run(
 ) -> Result<Outcome, RunError> {
     config.validate()?;
     let kvm = open_kvm()?;
+    // Connections to external backends outlive each VM: a reboot reuses them.
+    let backends = vm::ExternalBackends::connect(config)?;
     loop {
-        let vm = Vm::build(&kvm, config, output)?;
+        let vm = Vm::build(&kvm, config, output, &backends)?;
         control.attach(&vm);
         match vm.run() {
             VmExit::Shutdown => return Ok(Outcome::PoweredOff),

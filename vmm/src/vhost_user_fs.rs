@@ -18,7 +18,15 @@ pub struct VhostUserFs {
     frontend: Frontend,
     tag: String,
     backend_features: u64,
+    /// Queues the backend is running, stopped before the next activation (after a guest
+    /// reboot the same connection serves the new VM).
+    running: Vec<usize>,
 }
+
+/// One connection to a backend, kept across guest reboots: virtiofsd serves one frontend
+/// connection and exits when it closes.
+#[derive(Clone)]
+pub struct SharedVhostUserFs(pub std::sync::Arc<std::sync::Mutex<VhostUserFs>>);
 
 fn backend(e: impl std::fmt::Display) -> Error {
     Error::Backend(format!("vhost-user-fs backend: {e}"))
@@ -46,6 +54,7 @@ impl VhostUserFs {
             frontend,
             tag: tag.to_string(),
             backend_features,
+            running: Vec::new(),
         })
     }
 }
@@ -88,6 +97,10 @@ impl VirtioDevice for VhostUserFs {
         queues: Vec<ExternalQueue>,
     ) -> Result<(), Error> {
         let protocol = self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        // GET_VRING_BASE stops a ring; rings of an earlier activation must stop first.
+        for index in std::mem::take(&mut self.running) {
+            self.frontend.get_vring_base(index).map_err(backend)?;
+        }
         self.frontend
             .set_features(features | protocol)
             .map_err(backend)?;
@@ -139,7 +152,47 @@ impl VirtioDevice for VhostUserFs {
                     .set_vring_enable(q.index, true)
                     .map_err(backend)?;
             }
+            self.running.push(q.index);
         }
         Ok(())
+    }
+}
+
+fn shared(fs: &SharedVhostUserFs) -> std::sync::MutexGuard<'_, VhostUserFs> {
+    devices::bus::lock(&fs.0)
+}
+
+impl VirtioDevice for SharedVhostUserFs {
+    fn device_type(&self) -> u32 {
+        device_type::FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        shared(self).features()
+    }
+
+    fn config(&self) -> Vec<u8> {
+        shared(self).config()
+    }
+
+    fn process_queue(&mut self, _: usize, _: &mut Queue, _: &Memory) -> Result<bool, Error> {
+        Ok(false) // the backend processes the queues
+    }
+
+    fn is_external(&self) -> bool {
+        true
+    }
+
+    fn activate_external(
+        &mut self,
+        mem: &Memory,
+        features: u64,
+        queues: Vec<ExternalQueue>,
+    ) -> Result<(), Error> {
+        shared(self).activate_external(mem, features, queues)
     }
 }

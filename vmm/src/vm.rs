@@ -29,6 +29,7 @@ use crate::config::{Kernel, Share, VmConfig};
 use crate::console::ConsoleOutput;
 use crate::cpu::{self, CpuSetup};
 use crate::vcpu::{self, Buses};
+use crate::vhost_user_fs::{SharedVhostUserFs, VhostUserFs};
 use crate::virtio_devices::{EventLoop, VirtioDevices};
 
 /// The KVM identity-map and TSS pages, just below the IOAPIC in the MMIO hole.
@@ -81,7 +82,12 @@ pub struct Vm {
 
 impl Vm {
     /// Creates the KVM VM, its memory, boot state, devices and vCPUs.
-    pub fn build(kvm: &Kvm, config: &VmConfig, console: &ConsoleOutput) -> Result<Vm, VmError> {
+    pub fn build(
+        kvm: &Kvm,
+        config: &VmConfig,
+        console: &ConsoleOutput,
+        backends: &ExternalBackends,
+    ) -> Result<Vm, VmError> {
         let max = kvm.get_max_vcpus();
         if usize::from(config.cpus) > max {
             return Err(VmError::TooManyCpus {
@@ -102,8 +108,8 @@ impl Vm {
         let (mut io, serial) = legacy_devices(&vm_fd, console, &exit_tx)?;
         let mut pci = PciRoot::new();
         let mut mmio = Bus::new();
-        let virtio =
-            VirtioDevices::attach(device_models(config)?, &vm_fd, &memory, &mut pci, &mut mmio)?;
+        let models = device_models(config, backends)?;
+        let virtio = VirtioDevices::attach(models, &vm_fd, &memory, &mut pci, &mut mmio)?;
         let pci = Arc::new(pci);
         io.insert(
             u64::from(PCI_CONFIG_PORT),
@@ -172,7 +178,10 @@ impl Vm {
 
 /// The virtio device models `config` asks for: disks first (vda, vdb, … in order), shares,
 /// then rng.
-fn device_models(config: &VmConfig) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, VmError> {
+fn device_models(
+    config: &VmConfig,
+    backends: &ExternalBackends,
+) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, VmError> {
     let mut models: Vec<Box<dyn virtio::VirtioDevice>> = Vec::new();
     for disk in &config.disks {
         let block = virtio::block::Block::open(disk).map_err(|e| VmError::Device(e.to_string()))?;
@@ -183,9 +192,7 @@ fn device_models(config: &VmConfig) -> Result<Vec<Box<dyn virtio::VirtioDevice>>
             Share::VirtioFs(fs) => {
                 Box::new(virtio::fs::VirtioFs::new(fs).map_err(|e| VmError::Device(e.to_string()))?)
             }
-            Share::VhostUser { tag, socket } => Box::new(
-                crate::vhost_user_fs::VhostUserFs::connect(socket, tag).map_err(VmError::Device)?,
-            ),
+            Share::VhostUser { socket, .. } => Box::new(backends.get(socket)?),
             Share::NineP { tag, config } => Box::new(
                 virtio::ninep::Virtio9p::new(tag, config.clone()).map_err(|e| {
                     VmError::Device(format!("--share {}: {e}", config.root.display()))
@@ -198,6 +205,34 @@ fn device_models(config: &VmConfig) -> Result<Vec<Box<dyn virtio::VirtioDevice>>
         models.push(Box::new(virtio::rng::Rng::new()));
     }
     Ok(models)
+}
+
+/// Connections to devices served outside nixvmm, made once per run and shared by every VM the
+/// run builds (a guest reboot builds a new one).
+pub struct ExternalBackends {
+    fs: Vec<(std::path::PathBuf, SharedVhostUserFs)>,
+}
+
+impl ExternalBackends {
+    pub fn connect(config: &VmConfig) -> Result<ExternalBackends, VmError> {
+        let mut fs = Vec::new();
+        for share in &config.shares {
+            if let Share::VhostUser { tag, socket } = share {
+                let device = VhostUserFs::connect(socket, tag).map_err(VmError::Device)?;
+                let shared = SharedVhostUserFs(Arc::new(Mutex::new(device)));
+                fs.push((socket.clone(), shared));
+            }
+        }
+        Ok(ExternalBackends { fs })
+    }
+
+    fn get(&self, socket: &std::path::Path) -> Result<SharedVhostUserFs, VmError> {
+        self.fs
+            .iter()
+            .find(|(path, _)| path == socket)
+            .map(|(_, fs)| fs.clone())
+            .ok_or_else(|| VmError::Device(format!("no connection to {}", socket.display())))
+    }
 }
 
 /// The KVM VM with the in-kernel irqchip and PIT.
