@@ -484,12 +484,18 @@ fn linux_cannot_write_a_read_only_9p_share() {
 }
 
 #[test]
-fn linux_sees_mapped_xattr_ownership_the_host_does_not_have() {
+fn linux_sees_mapped_ownership_the_host_does_not_have() {
+    for model in ["mapped-xattr", "mapped-file"] {
+        check_mapped_model(model);
+    }
+}
+
+fn check_mapped_model(model: &str) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let kit = KernelKit::obtain().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let share = store_like_share(dir.path());
-    let (mut server, port) = start_9p_server_with(&share, false, "mapped-xattr");
+    let (mut server, port) = start_9p_server_with(&share, false, model);
     let script = mount_9p_over_tcp(port)
         + "echo data > /mnt/owned && chown 1234:5678 /mnt/owned && chmod 0641 /mnt/owned\n\
            echo OWNER=$(stat -c '%u:%g:%a' /mnt/owned)\n\
@@ -499,7 +505,11 @@ fn linux_sees_mapped_xattr_ownership_the_host_does_not_have() {
     let _ = server.kill();
     let _ = server.wait();
     let tail = log.tail();
-    assert_eq!(log.value_of("OWNER"), Some("1234:5678:641"), "{tail}");
+    assert_eq!(
+        log.value_of("OWNER"),
+        Some("1234:5678:641"),
+        "{model}: {tail}"
+    );
     assert_eq!(
         log.value_of("NODE"),
         Some("character special file:1:3"),

@@ -553,3 +553,78 @@ fn mapped_xattr_keeps_the_guests_ownership_and_special_files() {
         Some(libc::EPERM)
     );
 }
+
+#[test]
+fn mapped_file_keeps_the_guests_view_in_hidden_metadata_files() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = share();
+    let root = dir.path().join("share");
+    let mut c = Client::with(&root, false, SecurityModel::MappedFile, 1000);
+    c.call(72, T::default().u32(0).s("d").u32(0o750).u32(100))
+        .ok();
+    c.walk(0, 1, &["d"]).ok();
+    assert_eq!(c.attrs(1), (libc::S_IFDIR | 0o750, 1000, 100, 0));
+    let create = T::default()
+        .u32(1)
+        .s("f")
+        .u32(libc::O_RDWR as u32)
+        .u32(0o640)
+        .u32(100);
+    c.call(14, create).ok();
+    c.walk(0, 2, &["d", "f"]).ok();
+    assert_eq!(c.attrs(2), (libc::S_IFREG | 0o640, 1000, 100, 0));
+    let host = std::fs::metadata(root.join("d/f")).unwrap();
+    assert_eq!((host.uid(), host.permissions().mode() & 0o777), (0, 0o600));
+    let meta = std::fs::read_to_string(root.join("d/.virtfs_metadata/f")).unwrap();
+    assert!(
+        meta.contains("virtfs.uid=1000") && meta.contains("virtfs.gid=100"),
+        "{meta}"
+    );
+    // chown/chmod change the metadata file only.
+    let setattr = T::default()
+        .u32(2)
+        .u32(1 | 2)
+        .u32(0o600)
+        .u32(2000)
+        .u32(0)
+        .u64(0);
+    c.call(26, setattr.u64(0).u64(0).u64(0).u64(0)).ok();
+    assert_eq!(c.attrs(2), (libc::S_IFREG | 0o600, 2000, 100, 0));
+    // The metadata is invisible and unreachable (lcreate turned fid 1 into the new file).
+    c.walk(0, 7, &["d"]).ok();
+    c.walk(7, 3, &[]).ok();
+    c.open(3, (libc::O_RDONLY | libc::O_DIRECTORY) as u32).ok();
+    let listing = c.call(40, T::default().u32(3).u64(0).u32(8192)).ok();
+    assert!(!String::from_utf8_lossy(&listing.body).contains("virtfs"));
+    assert_eq!(
+        c.walk(7, 4, &[".virtfs_metadata"]).errno(),
+        Some(libc::EINVAL)
+    );
+    let sneaky = T::default().u32(7).s(".virtfs_metadata").u32(0o755).u32(0);
+    assert_eq!(c.call(72, sneaky).errno(), Some(libc::EINVAL));
+    // Renames carry the metadata along; removal takes it away, so the folder can go.
+    c.call(74, T::default().u32(7).s("f").u32(0).s("g")).ok();
+    c.walk(0, 5, &["g"]).ok();
+    assert_eq!(c.attrs(5).1, 2000, "guest owner kept across the rename");
+    assert!(root.join(".virtfs_metadata/g").exists());
+    c.call(76, T::default().u32(0).s("g").u32(0)).ok();
+    assert!(!root.join(".virtfs_metadata/g").exists());
+    c.call(
+        76,
+        T::default().u32(0).s("d").u32(libc::AT_REMOVEDIR as u32),
+    )
+    .ok();
+    assert!(!root.join("d").exists());
+    // Special files are regular host files.
+    let mknod = T::default()
+        .u32(0)
+        .s("tty")
+        .u32(libc::S_IFCHR | 0o620)
+        .u32(4)
+        .u32(1)
+        .u32(5);
+    c.call(18, mknod).ok();
+    c.walk(0, 6, &["tty"]).ok();
+    assert_eq!(c.attrs(6).3, libc::makedev(4, 1));
+    assert!(std::fs::metadata(root.join("tty")).unwrap().is_file());
+}

@@ -370,8 +370,19 @@ mod tests {
             "tag=x,path={},security-model=mapped-file",
             dir.path().display()
         );
-        let err = parse_share(&file).unwrap_err().to_string();
-        assert!(err.contains("not supported yet"), "{err}");
+        let Share::NineP { config, .. } = parse_share(&file).unwrap() else {
+            panic!("a 9p share")
+        };
+        assert_eq!(
+            config.security_model,
+            virtio::ninep::SecurityModel::MappedFile
+        );
+        let bad = format!(
+            "tag=x,path={},security-model=mapped-y",
+            dir.path().display()
+        );
+        let err = parse_share(&bad).unwrap_err().to_string();
+        assert!(err.contains("unknown security_model"), "{err}");
         let err = parse_share("tag=x,path=/no/such/dir,fs=virtiofs")
             .unwrap_err()
             .to_string();

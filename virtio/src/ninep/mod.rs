@@ -28,6 +28,8 @@ pub enum SecurityModel {
     /// Guest ownership, modes and special files kept in `user.virtfs.*` xattrs (QEMU's
     /// `mapped-xattr`); host files stay private to the server.
     MappedXattr,
+    /// The same kept in `.virtfs_metadata` files beside the entries (QEMU's `mapped-file`).
+    MappedFile,
 }
 
 impl std::str::FromStr for SecurityModel {
@@ -37,11 +39,9 @@ impl std::str::FromStr for SecurityModel {
             "none" => Ok(SecurityModel::None),
             "passthrough" => Ok(SecurityModel::Passthrough),
             "mapped-xattr" | "mapped" => Ok(SecurityModel::MappedXattr),
-            "mapped-file" => Err(format!(
-                "security_model={s} is not supported yet; use mapped-xattr, none or passthrough"
-            )),
+            "mapped-file" => Ok(SecurityModel::MappedFile),
             other => Err(format!(
-                "unknown security_model `{other}` (none, passthrough, mapped-xattr)"
+                "unknown security_model `{other}` (none, passthrough, mapped-xattr, mapped-file)"
             )),
         }
     }

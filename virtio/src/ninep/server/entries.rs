@@ -77,19 +77,28 @@ impl Server {
                 let (old_dir, old) = (d.u32()?, d.string()?);
                 let (new_dir, new) = (d.u32()?, d.string()?);
                 self.writable()?;
-                sys::renameat(
-                    &self.fid(old_dir)?.path,
-                    new_name(&old)?,
-                    &self.fid(new_dir)?.path,
-                    new_name(&new)?,
-                )
-                .map_err(errno)?;
+                let (old_dir, new_dir) = (&self.fid(old_dir)?.path, &self.fid(new_dir)?.path);
+                sys::renameat(old_dir, new_name(&old)?, new_dir, new_name(&new)?).map_err(errno)?;
+                if self.mapped_file() {
+                    mapped::file::rename(old_dir, &old, new_dir, &new);
+                }
             }
             76 => {
                 let (dir, name, flags) = (d.u32()?, d.string()?, d.u32()?);
                 self.writable()?;
                 let flags = flags as i32 & libc::AT_REMOVEDIR;
-                sys::unlinkat(&self.fid(dir)?.path, new_name(&name)?, flags).map_err(errno)?;
+                let dir = &self.fid(dir)?.path;
+                let name = new_name(&name)?;
+                if self.mapped_file() && flags != 0 {
+                    // The directory's own (empty) metadata folder goes first.
+                    if let Ok(sub) = self.lookup(dir, name) {
+                        let _ = sys::unlinkat(&sub, mapped::file::META_DIR, libc::AT_REMOVEDIR);
+                    }
+                }
+                sys::unlinkat(dir, name, flags).map_err(errno)?;
+                if self.mapped_file() {
+                    mapped::file::remove(dir, name);
+                }
             }
             20 => return Err(libc::EOPNOTSUPP), // Trename: Linux falls back from renameat only
             30 => self.xattr_walk(d, r)?,

@@ -40,6 +40,40 @@ struct Fid {
     listing: Option<Vec<(Qid, u8, String)>>,
     /// An extended attribute being read (Txattrwalk) or written (Txattrcreate).
     xattr: Option<Xattr>,
+    /// Where the file is, for the mapped-file model's metadata.
+    loc: Loc,
+}
+
+/// Where a file is in the share.
+enum Loc {
+    Root,
+    /// The entry `name` of a directory.
+    In(OwnedFd, String),
+    /// Reached through `..`: no metadata location known.
+    Unknown,
+}
+
+impl Loc {
+    fn of(dir: &OwnedFd, name: &str) -> Result<Loc, Errno> {
+        Ok(Loc::In(dir.try_clone().map_err(errno)?, name.to_string()))
+    }
+
+    fn duplicate(&self) -> Result<Loc, Errno> {
+        Ok(match self {
+            Loc::Root => Loc::Root,
+            Loc::In(dir, name) => Loc::of(dir, name)?,
+            Loc::Unknown => Loc::Unknown,
+        })
+    }
+
+    /// The entry for mapped::file: `Some(None)` is the root, `None` unknown.
+    fn entry(&self) -> Option<Option<(&OwnedFd, &str)>> {
+        match self {
+            Loc::Root => Some(None),
+            Loc::In(dir, name) => Some(Some((dir, name.as_str()))),
+            Loc::Unknown => None,
+        }
+    }
 }
 
 enum Xattr {
@@ -53,13 +87,14 @@ enum Xattr {
 }
 
 impl Fid {
-    fn new(path: OwnedFd, uid: u32) -> Fid {
+    fn new(path: OwnedFd, uid: u32, loc: Loc) -> Fid {
         Fid {
             path,
             uid,
             open: None,
             listing: None,
             xattr: None,
+            loc,
         }
     }
 }
@@ -94,10 +129,15 @@ fn qid_of(st: &libc::stat) -> Qid {
 
 /// A name the guest gives for a new or looked-up entry: one path component.
 fn component(name: &str) -> Result<&str, Errno> {
-    if name.is_empty() || name.contains('/') || name.contains('\0') {
+    if name.is_empty() || name.contains('/') || name.contains('\0') || is_metadata(name) {
         return Err(libc::EINVAL);
     }
     Ok(name)
+}
+
+/// The mapped-file model's own entries: never visible to, nor made by, the guest.
+fn is_metadata(name: &str) -> bool {
+    name == mapped::file::META_DIR || name == mapped::file::ROOT_META
 }
 
 /// A name for something the guest creates: not `.` or `..` either.
@@ -210,8 +250,8 @@ impl Server {
                 let uid = d.u32()?; // n_uname: the user this attach acts for
                 let path =
                     sys::openat(self.root.as_raw_fd(), ".", O_PATH_NOFOLLOW, 0).map_err(errno)?;
-                let qid = qid_of(&self.stat(&path)?);
-                self.insert_fid(fid, Fid::new(path, uid))?;
+                let qid = qid_of(&self.stat_at(&path, &Loc::Root)?);
+                self.insert_fid(fid, Fid::new(path, uid, Loc::Root))?;
                 r.qid(qid);
             }
             102 => return Err(libc::EOPNOTSUPP), // Tauth: no authentication
@@ -253,7 +293,7 @@ impl Server {
             }
             22 => {
                 let fid = self.fid(d.u32()?)?;
-                r.string(&self.readlink(&fid.path)?);
+                r.string(&self.readlink(fid)?);
             }
             _ => self.change(kind, d, &mut r)?,
         }
@@ -262,20 +302,55 @@ impl Server {
 
     fn qid_at(&self, dir: &OwnedFd, name: &str) -> Result<Qid, Errno> {
         let fd = self.lookup(dir, name)?;
-        Ok(qid_of(&self.stat(&fd)?))
+        Ok(qid_of(&self.stat_at(&fd, &Loc::of(dir, name)?)?))
     }
 
+    /// Whether the guest's ownership and modes are mapped (kept apart from the host's).
     fn mapped(&self) -> bool {
-        self.config.security_model == SecurityModel::MappedXattr
+        matches!(
+            self.config.security_model,
+            SecurityModel::MappedXattr | SecurityModel::MappedFile
+        )
+    }
+
+    fn mapped_file(&self) -> bool {
+        self.config.security_model == SecurityModel::MappedFile
     }
 
     /// The file as the guest sees it: the host's stat, with the mapped owner and mode.
-    fn stat(&self, fd: &OwnedFd) -> Result<libc::stat, Errno> {
+    fn stat_at(&self, fd: &OwnedFd, loc: &Loc) -> Result<libc::stat, Errno> {
         let mut st = sys::stat(fd).map_err(errno)?;
-        if self.mapped() && st.st_mode & libc::S_IFMT != libc::S_IFLNK {
-            mapped::overlay(fd, &mut st);
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            return Ok(st);
+        }
+        match self.config.security_model {
+            SecurityModel::MappedXattr => mapped::overlay(fd, &mut st),
+            SecurityModel::MappedFile => {
+                if let Some(entry) = loc.entry() {
+                    mapped::file::read(&self.root, entry).overlay(&mut st);
+                }
+            }
+            _ => {}
         }
         Ok(st)
+    }
+
+    /// Writes the guest's view of a file under the mapped models.
+    fn record(&self, fd: &OwnedFd, loc: &Loc, meta: mapped::file::Meta) -> io::Result<()> {
+        if self.mapped_file() {
+            let entry = loc
+                .entry()
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EOPNOTSUPP))?;
+            return mapped::file::write(&self.root, entry, &meta);
+        }
+        if let Some(mode) = meta.mode {
+            mapped::set_mode(fd, mode)?;
+        }
+        mapped::set_owner(fd, meta.uid, meta.gid)?;
+        if let Some(rdev) = meta.rdev.filter(|r| *r != 0) {
+            sys::setxattr(fd, mapped::RDEV, &rdev.to_ne_bytes(), 0)?;
+        }
+        Ok(())
     }
 
     /// Gives a new entry `name` in `dir` to the guest user: mapped, the guest's view goes
@@ -291,7 +366,13 @@ impl Server {
     ) -> Result<(), Errno> {
         let fd = self.lookup(dir, name)?;
         let result = if self.mapped() {
-            mapped::record(&fd, uid, gid, mode, rdev)
+            let meta = mapped::file::Meta {
+                uid: Some(uid),
+                gid: Some(gid),
+                mode: Some(mode),
+                rdev: Some(rdev),
+            };
+            self.record(&fd, &Loc::of(dir, name)?, meta)
         } else {
             sys::chown(&fd, uid, gid)
         };
@@ -312,11 +393,18 @@ impl Server {
         let start = self.fid(fid)?;
         let uid = start.uid;
         let mut current = start.path.try_clone().map_err(errno)?;
+        let mut loc = start.loc.duplicate()?;
         let mut qids = Vec::new();
         for (i, name) in names.iter().enumerate() {
             match self.lookup(&current, name) {
                 Ok(next) => {
-                    qids.push(qid_of(&self.stat(&next)?));
+                    loc = match name.as_str() {
+                        "." => loc,
+                        ".." if self.is_root(&next) => Loc::Root,
+                        ".." => Loc::Unknown,
+                        _ => Loc::of(&current, name)?,
+                    };
+                    qids.push(qid_of(&self.stat_at(&next, &loc)?));
                     current = next;
                 }
                 Err(e) if i == 0 => return Err(e),
@@ -324,7 +412,7 @@ impl Server {
             }
         }
         if qids.len() == names.len() {
-            self.insert_fid(new_fid, Fid::new(current, uid))?;
+            self.insert_fid(new_fid, Fid::new(current, uid, loc))?;
         }
         r.u16(qids.len() as u16);
         for q in qids {
@@ -336,7 +424,7 @@ impl Server {
     fn getattr(&self, d: &mut Decoder, r: &mut Encoder) -> Result<(), Errno> {
         let fid = self.fid(d.u32()?)?;
         let _mask = d.u64()?;
-        let st = self.stat(&fid.path)?;
+        let st = self.stat_at(&fid.path, &fid.loc)?;
         const BASIC: u64 = 0x7ff; // mode … blocks, as Linux's P9_STATS_BASIC
         r.u64(BASIC).qid(qid_of(&st));
         r.u32(st.st_mode)
@@ -377,13 +465,18 @@ impl Server {
         const ATIME_SET: u32 = 128;
         const MTIME_SET: u32 = 256;
         if self.mapped() && !symlink {
-            let uid = (valid & UID != 0).then_some(uid);
-            let gid = (valid & GID != 0).then_some(gid);
-            mapped::set_owner(&fid.path, uid, gid).map_err(errno)?;
-            if valid & MODE != 0 {
-                let kind = mapped::mode(&fid.path).unwrap_or(st.st_mode) & libc::S_IFMT;
-                mapped::set_mode(&fid.path, kind | (mode & 0o7777)).map_err(errno)?;
-            }
+            let guest = self.stat_at(&fid.path, &fid.loc)?;
+            let meta = mapped::file::Meta {
+                uid: Some(if valid & UID != 0 { uid } else { guest.st_uid }),
+                gid: Some(if valid & GID != 0 { gid } else { guest.st_gid }),
+                mode: Some(if valid & MODE != 0 {
+                    (guest.st_mode & libc::S_IFMT) | (mode & 0o7777)
+                } else {
+                    guest.st_mode
+                }),
+                rdev: Some(guest.st_rdev),
+            };
+            self.record(&fid.path, &fid.loc, meta).map_err(errno)?;
         } else if valid & (UID | GID) != 0 {
             let uid = if valid & UID != 0 { uid } else { u32::MAX };
             let gid = if valid & GID != 0 { gid } else { u32::MAX };
@@ -464,8 +557,11 @@ impl Server {
         }
         let iounit = self.msize - IO_HEADER;
         // Neither a host symlink nor, mapped, a guest one is ever opened.
-        let path = &self.fid(id)?.path;
-        let (st, host) = (self.stat(path)?, sys::stat(path).map_err(errno)?);
+        let fid = self.fid(id)?;
+        let (st, host) = (
+            self.stat_at(&fid.path, &fid.loc)?,
+            sys::stat(&fid.path).map_err(errno)?,
+        );
         if st.st_mode & libc::S_IFMT == libc::S_IFLNK
             || host.st_mode & libc::S_IFMT == libc::S_IFLNK
         {
@@ -499,9 +595,10 @@ impl Server {
         .map_err(errno)?;
         self.take_ownership(dir, name, uid, gid, libc::S_IFREG | (mode & 0o7777), 0)?;
         let path = self.lookup(dir, name)?;
-        let qid = qid_of(&self.stat(&path)?);
+        let loc = Loc::of(dir, name)?;
+        let qid = qid_of(&self.stat_at(&path, &loc)?);
         // The fid now stands for the new file, opened.
-        let mut fid = Fid::new(path, uid);
+        let mut fid = Fid::new(path, uid, loc);
         fid.open = Some(File::from(file));
         self.insert_fid(id, fid)?;
         r.qid(qid).u32(iounit);
@@ -593,6 +690,9 @@ fn list_dir(dir: &File) -> Result<Vec<(Qid, u8, String)>, Errno> {
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
+        if is_metadata(&name) {
+            continue;
+        }
         let file_type = entry.file_type().map_err(errno)?;
         let (kind, dtype) = if file_type.is_dir() {
             (QID_DIR, libc::DT_DIR)

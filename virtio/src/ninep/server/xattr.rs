@@ -10,11 +10,12 @@ use crate::ninep::sys;
 use crate::ninep::wire::{Decoder, Encoder, Errno};
 
 impl Server {
-    pub(super) fn readlink(&self, fd: &OwnedFd) -> Result<String, Errno> {
+    pub(super) fn readlink(&self, fid: &Fid) -> Result<String, Errno> {
+        let fd = &fid.path;
         let host = sys::stat(fd).map_err(errno)?;
         if self.mapped() && host.st_mode & libc::S_IFMT == libc::S_IFREG {
             // A mapped symlink: its target is the file's content.
-            if self.stat(fd)?.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            if self.stat_at(fd, &fid.loc)?.st_mode & libc::S_IFMT != libc::S_IFLNK {
                 return Err(libc::EINVAL);
             }
             let file = File::from(sys::reopen(fd, libc::O_RDONLY).map_err(errno)?);
@@ -50,7 +51,11 @@ impl Server {
                 .map_err(errno)?
                 .ok_or(libc::ENODATA)?
         };
-        let mut fid = Fid::new(source.path.try_clone().map_err(errno)?, source.uid);
+        let mut fid = Fid::new(
+            source.path.try_clone().map_err(errno)?,
+            source.uid,
+            source.loc.duplicate()?,
+        );
         r.u64(value.len() as u64);
         fid.xattr = Some(Xattr::Read(value));
         self.insert_fid(new_fid, fid)
