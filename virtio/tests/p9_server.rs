@@ -628,3 +628,25 @@ fn mapped_file_keeps_the_guests_view_in_hidden_metadata_files() {
     assert_eq!(c.attrs(6).3, libc::makedev(4, 1));
     assert!(std::fs::metadata(root.join("tty")).unwrap().is_file());
 }
+
+#[test]
+fn trename_moves_the_file_a_fid_stands_for() {
+    let dir = share();
+    let root = dir.path().join("share");
+    let mut c = Client::new(&root, false);
+    c.walk(0, 1, &["greeting"]).ok();
+    c.walk(0, 2, &["sub"]).ok();
+    c.call(20, T::default().u32(1).u32(2).s("moved")).ok();
+    assert!(root.join("sub/moved").exists() && !root.join("greeting").exists());
+    // The fid follows the file: a second rename starts from the new place.
+    c.call(20, T::default().u32(1).u32(0).s("back")).ok();
+    assert!(root.join("back").exists());
+    assert_eq!(
+        c.call(20, T::default().u32(1).u32(0).s("../out")).errno(),
+        Some(libc::EINVAL)
+    );
+    assert_eq!(
+        c.call(20, T::default().u32(0).u32(2).s("root")).errno(),
+        Some(libc::EOPNOTSUPP)
+    );
+}

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use super::{errno, new_name, Server};
+use super::{errno, new_name, Loc, Server};
 use crate::ninep::mapped;
 use crate::ninep::sys;
 use crate::ninep::wire::{Decoder, Encoder, Errno};
@@ -100,7 +100,25 @@ impl Server {
                     mapped::file::remove(dir, name);
                 }
             }
-            20 => return Err(libc::EOPNOTSUPP), // Trename: Linux falls back from renameat only
+            20 => {
+                // Trename: move the file `fid` stands for to `dir/name`.
+                let (fid_id, dir, name) = (d.u32()?, d.u32()?, d.string()?);
+                self.writable()?;
+                let fid = self.fid(fid_id)?;
+                let Loc::In(old_dir, old) = &fid.loc else {
+                    return Err(libc::EOPNOTSUPP); // the root, or reached through ..
+                };
+                let new_dir = &self.fid(dir)?.path;
+                let name = new_name(&name)?;
+                sys::renameat(old_dir, old, new_dir, name).map_err(errno)?;
+                if self.mapped_file() {
+                    mapped::file::rename(old_dir, old, new_dir, name);
+                }
+                let loc = Loc::of(new_dir, name)?;
+                if let Some(fid) = self.fids.get_mut(&fid_id) {
+                    fid.loc = loc;
+                }
+            }
             30 => self.xattr_walk(d, r)?,
             32 => self.xattr_create(d)?,
             52 => {
