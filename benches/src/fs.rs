@@ -8,7 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nixvmm_tests::fuse_mount::HostMount;
-use nixvmm_tests::linux_kit::{boot_qemu_tcg, Boot, KernelKit};
+use nixvmm_tests::linux_kit::{
+    boot_nixvmm, boot_qemu, boot_qemu_tcg, tier4_kernel, Boot, BootLog, KernelKit,
+};
 
 /// Writes `packages` store-like folders of small files, each with a symlink.
 pub fn store_tree(root: &Path, packages: usize) -> Result<usize, String> {
@@ -29,7 +31,13 @@ pub fn store_tree(root: &Path, packages: usize) -> Result<usize, String> {
     Ok(files)
 }
 
-const SCRIPT: &str = "mount -t virtiofs store /mnt || echo MOUNT=failed\n\
+/// How the guest mounts the share under test.
+const MOUNT_VIRTIOFS: &str = "mount -t virtiofs store /mnt";
+const MOUNT_9P: &str =
+    "mount -t 9p -o trans=virtio,version=9p2000.L,msize=16384,cache=loose store /mnt";
+
+/// The guest's workload after its mount command.
+const WORKLOAD: &str = "\n\
     t() { cut -d' ' -f1 /proc/uptime; }\n\
     a=$(t); n=$(find /mnt | wc -l); b=$(t)\n\
     echo ENTRIES=$n\n\
@@ -68,9 +76,27 @@ fn start(mut cmd: Command, socket: &Path) -> Result<Server, String> {
     Ok(Server(child))
 }
 
+fn script(mount: &str) -> String {
+    format!("{mount} || echo MOUNT=failed{WORKLOAD}")
+}
+
+/// The (find, cat) seconds the guest reported.
+fn times(log: &BootLog, entries: usize) -> Result<(f64, f64), String> {
+    let number = |key: &str| -> Result<f64, String> {
+        log.value_of(key)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("the guest did not report {key}:\n{}", log.tail()))
+    };
+    let seen = number("ENTRIES")? as usize;
+    if seen < entries {
+        return Err(format!("the guest saw {seen} entries of {entries}"));
+    }
+    Ok((number("FIND_S")?, number("CAT_S")?))
+}
+
 /// Boots the guest against the server listening on `socket`; returns (find s, cat s).
 fn measure(kit: &KernelKit, socket: &Path, entries: usize) -> Result<(f64, f64), String> {
-    let initrd = kit.initrd(&["virtio_pci", "virtiofs"], SCRIPT)?;
+    let initrd = kit.initrd(&["virtio_pci", "virtiofs"], &script(MOUNT_VIRTIOFS))?;
     let extra: Vec<String> = [
         "-object",
         "memory-backend-memfd,id=mem,size=512M,share=on",
@@ -95,16 +121,92 @@ fn measure(kit: &KernelKit, socket: &Path, entries: usize) -> Result<(f64, f64),
         },
         &extra,
     )?;
-    let number = |key: &str| -> Result<f64, String> {
-        log.value_of(key)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("the guest did not report {key}:\n{}", log.tail()))
-    };
-    let seen = number("ENTRIES")? as usize;
-    if seen < entries {
-        return Err(format!("the guest saw {seen} entries of {entries}"));
+    times(&log, entries)
+}
+
+/// A server's name and its (find, cat) seconds, or why it has none.
+type Row = (&'static str, Result<(f64, f64), String>);
+
+fn tier4_boot<'a>(kernel: &'a Path, initrd: &'a Path) -> Boot<'a> {
+    Boot {
+        kernel,
+        initrd,
+        cmdline: "quiet",
+        memory_mib: 512,
+        cpus: 1,
+        timeout: Duration::from_secs(600),
     }
-    Ok((number("FIND_S")?, number("CAT_S")?))
+}
+
+/// With a kernel KVM runs at speed (tier 4): the guest booted by nixvmm with its in-VMM 9p and
+/// virtio-fs, against QEMU (KVM) with its 9p and virtiofsd.
+fn tier4_rows(
+    nixvmm: &Path,
+    virtiofsd: &Path,
+    store: &Path,
+    entries: usize,
+) -> Result<Vec<Row>, String> {
+    let kernel = tier4_kernel()?;
+    let kit = KernelKit::obtain()?;
+
+    let mut rows = Vec::new();
+    for (name, modules, mount, fs) in [
+        (
+            "nixvmm 9p (in-VMM)",
+            &["virtio_pci", "9pnet_virtio", "9p"][..],
+            MOUNT_9P,
+            "9p",
+        ),
+        (
+            "nixvmm virtio-fs (in-VMM)",
+            &["virtio_pci", "virtiofs"][..],
+            MOUNT_VIRTIOFS,
+            "virtiofs",
+        ),
+    ] {
+        let initrd = kit.initrd(modules, &script(mount))?;
+        let share = format!("tag=store,path={},fs={fs},readonly=on", store.display());
+        let log = boot_nixvmm(
+            nixvmm,
+            &tier4_boot(&kernel, &initrd),
+            &["--share".to_string(), share],
+        )?;
+        rows.push((name, times(&log, entries)));
+    }
+    let initrd = kit.initrd(&["virtio_pci", "9pnet_virtio", "9p"], &script(MOUNT_9P))?;
+    let virtfs = format!(
+        "local,path={},security_model=none,mount_tag=store",
+        store.display()
+    );
+    let extra = ["-virtfs".to_string(), virtfs];
+    let log = boot_qemu(&tier4_boot(&kernel, &initrd), "kvm", &extra)?;
+    rows.push(("QEMU 9p (KVM)", times(&log, entries)));
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let socket = dir.path().join("virtiofsd.sock");
+    let mut cmd = Command::new(virtiofsd);
+    cmd.arg("--socket-path")
+        .arg(&socket)
+        .arg("--shared-dir")
+        .arg(store);
+    cmd.args(["--sandbox", "none", "--seccomp", "none"]);
+    let _server = start(cmd, &socket)?;
+    let initrd = kit.initrd(&["virtio_pci", "virtiofs"], &script(MOUNT_VIRTIOFS))?;
+    let extra: Vec<String> = [
+        "-object",
+        "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-machine",
+        "memory-backend=mem",
+        "-chardev",
+        &format!("socket,id=store,path={}", socket.display()),
+        "-device",
+        "vhost-user-fs-pci,chardev=store,tag=store",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = boot_qemu(&tier4_boot(&kernel, &initrd), "kvm", &extra)?;
+    rows.push(("QEMU virtiofsd (KVM)", times(&log, entries)));
+    Ok(rows)
 }
 
 /// Walks `root` (lstat of every entry, links not followed) and, with `read`, reads every file:
@@ -226,6 +328,26 @@ pub fn run(nixvmm: &Path, virtiofsd: Option<PathBuf>, packages: usize) -> Result
         "\n{packages} store-like packages ({files} files, {packages} symlinks), Debian's kernel \
          under QEMU TCG (the same guest for both servers; times as the guest measures them).\n\n"
     ));
+    match tier4_rows(nixvmm, &virtiofsd, &store, entries) {
+        Ok(rows) => {
+            out.push_str(
+                "| guest booted by (tier 4) | find (s) | find + cat (s) |\n|---|---|---|\n",
+            );
+            for (name, result) in rows {
+                match result {
+                    Ok((find, cat)) => {
+                        out.push_str(&format!("| {name} | {find:.2} | {cat:.2} |\n"))
+                    }
+                    Err(e) => out.push_str(&format!("| {name} | failed: {} | |\n", first_line(&e))),
+                }
+            }
+            out.push('\n');
+        }
+        Err(e) => out.push_str(&format!(
+            "Rows with nixvmm booting the guest (in-VMM 9p and virtio-fs against QEMU's 9p and \
+             virtiofsd under KVM) skipped: {e}\n\n"
+        )),
+    }
     let mountpoint = dir.path().join("mnt");
     std::fs::create_dir_all(&mountpoint).map_err(|e| e.to_string())?;
     match host_side(&store, &mountpoint) {
@@ -233,6 +355,10 @@ pub fn run(nixvmm: &Path, virtiofsd: Option<PathBuf>, packages: usize) -> Result
         Err(e) => out.push_str(&format!("Host-side FUSE rows skipped: {e}\n")),
     }
     Ok(out)
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("")
 }
 
 #[cfg(test)]

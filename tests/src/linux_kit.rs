@@ -392,8 +392,13 @@ pub struct Boot<'a> {
 /// Boots under `qemu-system-x86_64 -accel tcg` (software CPU: this host's KVM cannot run a
 /// stock kernel) with `extra` device arguments.
 pub fn boot_qemu_tcg(boot: &Boot, extra: &[String]) -> Result<BootLog, String> {
+    boot_qemu(boot, "tcg", extra)
+}
+
+/// Boots under `qemu-system-x86_64 -accel ACCEL` with `extra` device arguments.
+pub fn boot_qemu(boot: &Boot, accel: &str, extra: &[String]) -> Result<BootLog, String> {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-M", "pc", "-nodefaults", "-no-reboot"])
+    cmd.args(["-accel", accel, "-M", "pc", "-nodefaults", "-no-reboot"])
         .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
         .arg("-kernel")
         .arg(boot.kernel)
