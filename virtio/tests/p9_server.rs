@@ -650,3 +650,33 @@ fn trename_moves_the_file_a_fid_stands_for() {
         Some(libc::EOPNOTSUPP)
     );
 }
+
+#[test]
+fn statfs_fsync_and_locks_answer() {
+    let dir = share();
+    let mut c = Client::new(&dir.path().join("share"), false);
+    let st = c.call(8, T::default().u32(0)).ok();
+    assert_eq!(st.u32_at(0), 0x0102_1997, "V9FS_MAGIC");
+    assert!(st.u32_at(4) > 0, "block size");
+    c.walk(0, 1, &["greeting"]).ok();
+    c.open(1, libc::O_RDWR as u32).ok();
+    c.call(50, T::default().u32(1).u32(0)).ok();
+    let lock = T::default()
+        .u32(1)
+        .bytes(&[1])
+        .u32(0)
+        .u64(0)
+        .u64(10)
+        .u32(42)
+        .s("guest");
+    assert_eq!(c.call(52, lock).ok().body, [0], "lock granted");
+    let getlock = T::default()
+        .u32(1)
+        .bytes(&[1])
+        .u64(0)
+        .u64(10)
+        .u32(42)
+        .s("guest");
+    let r = c.call(54, getlock).ok();
+    assert_eq!(r.body[0], libc::F_UNLCK as u8, "no conflicting lock");
+}
