@@ -94,10 +94,10 @@ fn times(log: &BootLog, entries: usize) -> Result<(f64, f64), String> {
     Ok((number("FIND_S")?, number("CAT_S")?))
 }
 
-/// Boots the guest against the server listening on `socket`; returns (find s, cat s).
-fn measure(kit: &KernelKit, socket: &Path, entries: usize) -> Result<(f64, f64), String> {
-    let initrd = kit.initrd(&["virtio_pci", "virtiofs"], &script(MOUNT_VIRTIOFS))?;
-    let extra: Vec<String> = [
+/// QEMU's arguments for a vhost-user-fs device (tag `store`) on `socket`, with guest RAM the
+/// backend can map.
+fn vhost_user_fs_args(socket: &Path) -> Vec<String> {
+    [
         "-object",
         "memory-backend-memfd,id=mem,size=512M,share=on",
         "-machine",
@@ -109,7 +109,13 @@ fn measure(kit: &KernelKit, socket: &Path, entries: usize) -> Result<(f64, f64),
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect();
+    .collect()
+}
+
+/// Boots the guest against the server listening on `socket`; returns (find s, cat s).
+fn measure(kit: &KernelKit, socket: &Path, entries: usize) -> Result<(f64, f64), String> {
+    let initrd = kit.initrd(&["virtio_pci", "virtiofs"], &script(MOUNT_VIRTIOFS))?;
+    let extra = vhost_user_fs_args(socket);
     let log = boot_qemu_tcg(
         &Boot {
             kernel: &kit.vmlinuz,
@@ -191,19 +197,7 @@ fn tier4_rows(
     cmd.args(["--sandbox", "none", "--seccomp", "none"]);
     let _server = start(cmd, &socket)?;
     let initrd = kit.initrd(&["virtio_pci", "virtiofs"], &script(MOUNT_VIRTIOFS))?;
-    let extra: Vec<String> = [
-        "-object",
-        "memory-backend-memfd,id=mem,size=512M,share=on",
-        "-machine",
-        "memory-backend=mem",
-        "-chardev",
-        &format!("socket,id=store,path={}", socket.display()),
-        "-device",
-        "vhost-user-fs-pci,chardev=store,tag=store",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let extra = vhost_user_fs_args(&socket);
     let log = boot_qemu(&tier4_boot(&kernel, &initrd), "kvm", &extra)?;
     rows.push(("QEMU virtiofsd (KVM)", times(&log, entries)));
     Ok(rows)

@@ -335,24 +335,16 @@ fn guest_drives_virtio_rng_over_pci_and_gets_an_msix_interrupt() {
     assert_ne!(hex(&text, "BUF"), 0, "random bytes in the buffer: {text}");
 }
 
-/// The guest sends FUSE_INIT on the request queue of a virtio-fs device whose queues
-/// `nixvmm device fs` serves over vhost-user: nixvmm as a vhost-user frontend, end to end
-/// (shared guest RAM, the queue handed over, the backend's interrupt through an irqfd).
-#[test]
-fn guest_reaches_a_vhost_user_fs_backend_through_nixvmm() {
+/// `nixvmm device fs` on `socket`, once it listens. (Waiting for the socket file, not
+/// connecting: the backend serves exactly one connection.)
+fn start_fs_backend(socket: &std::path::Path, shared: &std::path::Path) -> std::process::Child {
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
-    use vmm::config::Share;
-
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("fs.sock");
-    let shared = dir.path().join("shared");
-    std::fs::create_dir_all(&shared).unwrap();
-    let mut backend = Command::new(nixvmm_tests::nixvmm_bin())
+    let backend = Command::new(nixvmm_tests::nixvmm_bin())
         .args(["device", "fs", "--socket"])
-        .arg(&socket)
+        .arg(socket)
         .arg("--shared-dir")
-        .arg(&shared)
+        .arg(shared)
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
@@ -361,6 +353,22 @@ fn guest_reaches_a_vhost_user_fs_backend_through_nixvmm() {
         assert!(Instant::now() < deadline, "nixvmm device fs did not listen");
         std::thread::sleep(Duration::from_millis(10));
     }
+    backend
+}
+
+/// The guest sends FUSE_INIT on the request queue of a virtio-fs device whose queues
+/// `nixvmm device fs` serves over vhost-user: nixvmm as a vhost-user frontend, end to end
+/// (shared guest RAM, the queue handed over, the backend's interrupt through an irqfd).
+#[test]
+fn guest_reaches_a_vhost_user_fs_backend_through_nixvmm() {
+    use std::time::{Duration, Instant};
+    use vmm::config::Share;
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fs.sock");
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let mut backend = start_fs_backend(&socket, &shared);
     let mut init = Vec::new();
     for v in [56u32, 26] {
         init.extend_from_slice(&v.to_le_bytes()); // len, opcode FUSE_INIT
@@ -409,20 +417,7 @@ fn guest_reaches_a_vhost_user_fs_backend_through_nixvmm() {
 
     // After a guest reboot the new VM reaches the backend over the same connection.
     let _ = std::fs::remove_file(&socket);
-    let mut backend = Command::new(nixvmm_tests::nixvmm_bin())
-        .args(["device", "fs", "--socket"])
-        .arg(&socket)
-        .arg("--shared-dir")
-        .arg(&shared)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    // (Waiting for the socket file, not connecting: the backend serves one connection.)
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "nixvmm device fs did not listen");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut backend = start_fs_backend(&socket, &shared);
     let rebooting = Request {
         reboot: true,
         ..request

@@ -59,16 +59,8 @@ impl VhostUserFs {
     }
 }
 
-impl VirtioDevice for VhostUserFs {
-    fn device_type(&self) -> u32 {
-        device_type::FS
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        QUEUE_SIZES
-    }
-
-    fn features(&self) -> u64 {
+impl VhostUserFs {
+    fn guest_features(&self) -> u64 {
         self.backend_features & COMMON_FEATURES
     }
 
@@ -82,15 +74,7 @@ impl VirtioDevice for VhostUserFs {
         config
     }
 
-    fn process_queue(&mut self, _: usize, _: &mut Queue, _: &Memory) -> Result<bool, Error> {
-        Ok(false) // the backend processes the queues
-    }
-
-    fn is_external(&self) -> bool {
-        true
-    }
-
-    fn activate_external(
+    fn activate(
         &mut self,
         mem: &Memory,
         features: u64,
@@ -172,7 +156,7 @@ impl VirtioDevice for SharedVhostUserFs {
     }
 
     fn features(&self) -> u64 {
-        shared(self).features()
+        shared(self).guest_features()
     }
 
     fn config(&self) -> Vec<u8> {
@@ -193,6 +177,6 @@ impl VirtioDevice for SharedVhostUserFs {
         features: u64,
         queues: Vec<ExternalQueue>,
     ) -> Result<(), Error> {
-        shared(self).activate_external(mem, features, queues)
+        shared(self).activate(mem, features, queues)
     }
 }
