@@ -615,6 +615,20 @@ fn mapped_file_keeps_the_guests_view_in_hidden_metadata_files() {
     )
     .ok();
     assert!(!root.join("d").exists());
+    // A hard link shows the same guest owner (lcreate on a clone of the root: it turns its
+    // fid into the new file).
+    c.walk(0, 10, &[]).ok();
+    let create = T::default()
+        .u32(10)
+        .s("orig")
+        .u32(libc::O_RDWR as u32)
+        .u32(0o640)
+        .u32(7);
+    c.call(14, create).ok();
+    c.walk(0, 8, &["orig"]).ok();
+    c.call(70, T::default().u32(0).u32(8).s("alias")).ok();
+    c.walk(0, 9, &["alias"]).ok();
+    assert_eq!(c.attrs(9), (libc::S_IFREG | 0o640, 1000, 7, 0));
     // Special files are regular host files.
     let mknod = T::default()
         .u32(0)

@@ -60,6 +60,15 @@ impl VhostUserFs {
 }
 
 impl VhostUserFs {
+    /// GET_VRING_BASE stops a ring: rings of an earlier activation stop before the next one,
+    /// and when the driver resets the device.
+    fn stop_rings(&mut self) -> Result<(), Error> {
+        for index in std::mem::take(&mut self.running) {
+            self.frontend.get_vring_base(index).map_err(backend)?;
+        }
+        Ok(())
+    }
+
     fn guest_features(&self) -> u64 {
         self.backend_features & COMMON_FEATURES
     }
@@ -81,10 +90,7 @@ impl VhostUserFs {
         queues: Vec<ExternalQueue>,
     ) -> Result<(), Error> {
         let protocol = self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        // GET_VRING_BASE stops a ring; rings of an earlier activation must stop first.
-        for index in std::mem::take(&mut self.running) {
-            self.frontend.get_vring_base(index).map_err(backend)?;
-        }
+        self.stop_rings()?;
         self.frontend
             .set_features(features | protocol)
             .map_err(backend)?;
@@ -169,6 +175,12 @@ impl VirtioDevice for SharedVhostUserFs {
 
     fn is_external(&self) -> bool {
         true
+    }
+
+    fn reset(&mut self) {
+        if let Err(e) = shared(self).stop_rings() {
+            log::warn!("{e}");
+        }
     }
 
     fn activate_external(

@@ -70,8 +70,16 @@ impl Server {
             70 => {
                 let (dir, fid, name) = (d.u32()?, d.u32()?, d.string()?);
                 self.writable()?;
-                sys::linkat(&self.fid(fid)?.path, &self.fid(dir)?.path, new_name(&name)?)
-                    .map_err(errno)?;
+                let (target, dir) = (self.fid(fid)?, &self.fid(dir)?.path);
+                let name = new_name(&name)?;
+                sys::linkat(&target.path, dir, name).map_err(errno)?;
+                if self.mapped_file() {
+                    // The new name shows the same guest owner and mode.
+                    if let Some(entry) = target.loc.entry() {
+                        let meta = mapped::file::read(&self.root, entry);
+                        mapped::file::write(&self.root, Some((dir, name)), &meta).map_err(errno)?;
+                    }
+                }
             }
             74 => {
                 let (old_dir, old) = (d.u32()?, d.string()?);
