@@ -1,6 +1,6 @@
 //! Hosting virtio device models in the VMM: each behind the virtio-pci transport on bus 0, its
-//! queue notifications bound to ioeventfds, its MSI-X messages delivered through KVM, and one
-//! event-loop thread that processes queues when the guest notifies them.
+//! queue notifications bound to ioeventfds, its MSI-X messages delivered through KVM, and an
+//! event-loop thread per device that processes its queues when the guest notifies them.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -78,35 +78,45 @@ impl VirtioDevices {
 
     /// Starts the event loop; it runs until [`EventLoop::stop`].
     pub fn start(self) -> Result<EventLoop, VmError> {
-        let epoll = Epoll::new().map_err(VmError::EventFd)?;
-        let stop_token = self.watches.len() as u64;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                self.stop.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, stop_token),
-            )
-            .map_err(VmError::EventFd)?;
-        for (token, watch) in self.watches.iter().enumerate() {
-            let device = lock(&watch.device);
-            let fd = device.queue_events()[watch.queue].1.as_raw_fd();
+        // One thread per device: a slow disk or filesystem call holds up only its own device.
+        let mut groups: Vec<Vec<QueueWatch>> = Vec::new();
+        for watch in self.watches {
+            match groups.last_mut() {
+                Some(group) if Arc::ptr_eq(&group[0].device, &watch.device) => group.push(watch),
+                _ => groups.push(vec![watch]),
+            }
+        }
+        let mut threads = Vec::new();
+        for (n, watches) in groups.into_iter().enumerate() {
+            let epoll = Epoll::new().map_err(VmError::EventFd)?;
+            let stop_token = watches.len() as u64;
             epoll
                 .ctl(
                     ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token as u64),
+                    self.stop.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, stop_token),
                 )
                 .map_err(VmError::EventFd)?;
+            for (token, watch) in watches.iter().enumerate() {
+                let device = lock(&watch.device);
+                let fd = device.queue_events()[watch.queue].1.as_raw_fd();
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, token as u64),
+                    )
+                    .map_err(VmError::EventFd)?;
+            }
+            let thread = std::thread::Builder::new()
+                .name(format!("virtio{n}"))
+                .spawn(move || serve(&epoll, &watches, stop_token))
+                .map_err(VmError::Thread)?;
+            threads.push(thread);
         }
-        let stop = self.stop.try_clone().map_err(VmError::EventFd)?;
-        let watches = self.watches;
-        let thread = std::thread::Builder::new()
-            .name("virtio".into())
-            .spawn(move || serve(&epoll, &watches, stop_token))
-            .map_err(VmError::Thread)?;
         Ok(EventLoop {
-            stop,
-            thread: Some(thread),
+            stop: self.stop,
+            threads,
         })
     }
 }
@@ -134,18 +144,19 @@ fn serve(epoll: &Epoll, watches: &[QueueWatch], stop_token: u64) {
     }
 }
 
-/// The running event loop; stopping it joins the thread.
+/// The running event loops, one per device; stopping them joins their threads. The stop
+/// eventfd is never read, so every thread's epoll sees it.
 pub struct EventLoop {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl EventLoop {
     pub fn stop(&mut self) {
         let _ = self.stop.write(1);
-        if let Some(thread) = self.thread.take() {
+        for thread in self.threads.drain(..) {
             if thread.join().is_err() {
-                log::error!("the virtio event loop panicked");
+                log::error!("a virtio event loop panicked");
             }
         }
     }
