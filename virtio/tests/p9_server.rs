@@ -694,3 +694,11 @@ fn statfs_fsync_and_locks_answer() {
     let r = c.call(54, getlock).ok();
     assert_eq!(r.body[0], libc::F_UNLCK as u8, "no conflicting lock");
 }
+
+/// Found by fuzzing: message type 255 made the reply type overflow.
+#[test]
+fn the_last_message_type_is_answered() {
+    let dir = share();
+    let mut c = Client::new(&dir.path().join("share"), false);
+    assert_eq!(c.call(255, T::default()).errno(), Some(libc::EOPNOTSUPP));
+}

@@ -230,7 +230,8 @@ impl Server {
     }
 
     fn dispatch(&mut self, kind: u8, tag: u16, d: &mut Decoder) -> Result<Encoder, Errno> {
-        let mut r = Encoder::new(kind + 1, tag);
+        // The R-message type follows its T-message (an unknown type is answered with Rlerror).
+        let mut r = Encoder::new(kind.wrapping_add(1), tag);
         match kind {
             100 => {
                 let msize = d.u32()?;
