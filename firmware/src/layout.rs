@@ -3,7 +3,8 @@
 //! ```text
 //! 0x0000_0500  GDT                       0x0009_fc00  end of low RAM (EBDA reserved above)
 //! 0x0000_7000  Linux boot params         0x000e_0000  ACPI tables (RSDP first)
-//! 0x0000_8ff0  initial stack (grows down) 0x0010_0000  kernel (1 MiB)
+//! 0x0000_8ff0  initial stack (grows down) 0x000f_fff0  reset vector (reboots through ACPI)
+//!                                         0x0010_0000  kernel (1 MiB)
 //! 0x0000_9000  page tables (PML4, PDPT, 4 PDs: identity map of the low 4 GiB)
 //! 0x0002_0000  kernel command line
 //! 0xc000_0000 .. 0x1_0000_0000  the 32-bit MMIO hole: PCI BARs, ECAM, IOAPIC, LAPIC
@@ -25,7 +26,9 @@ pub const CMDLINE_MAX_SIZE: usize = 0x1_0000;
 pub const EBDA_START: u64 = 0x9_fc00;
 /// The ACPI tables live in the legacy BIOS area, where Linux also scans for the RSDP.
 pub const ACPI_START: u64 = 0xe_0000;
-pub const ACPI_END: u64 = 0x10_0000;
+pub const ACPI_END: u64 = RESET_VECTOR;
+/// Where a PC's CPU starts after a reset (`F000:FFF0`): see [`crate::reset_vector`].
+pub const RESET_VECTOR: u64 = 0xf_fff0;
 /// Where the kernel is loaded (the protected-mode part of a bzImage).
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 

@@ -1,6 +1,6 @@
 //! Everything a BIOS would otherwise provide to a directly booted Linux kernel: the guest
 //! physical memory layout, the Linux boot parameters (E820, command line, initrd), the GDT and
-//! identity page tables for a 64-bit entry, and the ACPI tables.
+//! identity page tables for a 64-bit entry, the ACPI tables, and the code at the reset vector.
 //!
 //! Nothing here touches KVM: every function writes into guest memory given as a
 //! [`vm_memory::GuestMemory`], so all of it is testable with plain memory.
@@ -9,6 +9,7 @@ pub mod acpi;
 pub mod boot;
 pub mod layout;
 pub mod paging;
+pub mod reset_vector;
 
 pub use vm_memory::GuestMemoryMmap;
 

@@ -1,11 +1,13 @@
 //! Test kits shared by nixvmm's integration tests and benchmarks:
 //! - [`tiny`]: tiny guests assembled in the tests, booted through nixvmm's real boot path;
 //! - [`linux_kit`]: Debian's stock kernel and a busybox initrd, booted under QEMU (tier 3) or
-//!   nixvmm (tier 4).
+//!   nixvmm (tier 4);
+//! - [`tier4`]: where tier-4 commands run (this host, or nested KVM inside an L1 guest).
 
 pub mod cpio;
 pub mod fuse_mount;
 pub mod linux_kit;
+pub mod tier4;
 pub mod tiny;
 pub mod tiny_run;
 

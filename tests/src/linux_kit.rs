@@ -194,6 +194,18 @@ impl KernelKit {
     /// and an /init that loads them, prints [`INIT_MARKER`], runs `script`, prints its status
     /// and powers off.
     pub fn initrd(&self, modules: &[&str], script: &str) -> Result<PathBuf, String> {
+        self.initrd_with_init(
+            modules,
+            &format!(
+                "echo '{INIT_MARKER}'\n(\n{script}\n)\necho \"{DONE_MARKER}$?\"\npoweroff -f\n"
+            ),
+        )
+    }
+
+    /// Builds an initrd (uncompressed newc cpio): busybox, `modules` with their dependencies,
+    /// and an /init that mounts /proc, /sys and /dev, loads the modules and goes on with `rest`
+    /// (busybox shell).
+    pub fn initrd_with_init(&self, modules: &[&str], rest: &str) -> Result<PathBuf, String> {
         let busybox = std::fs::read("/bin/busybox")
             .map_err(|e| format!("/bin/busybox: {e}; install Debian's busybox-static"))?;
         let mut cpio = Cpio::new();
@@ -221,9 +233,7 @@ impl KernelKit {
                 "insmod /lib/modules/{name}.ko || echo 'NIXVMM-KIT: insmod {name} failed'\n"
             ));
         }
-        init.push_str(&format!(
-            "echo '{INIT_MARKER}'\n(\n{script}\n)\necho \"{DONE_MARKER}$?\"\npoweroff -f\n"
-        ));
+        init.push_str(rest);
         cpio.file("init", 0o755, init.as_bytes());
         let bytes = cpio.finish();
         let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -281,6 +291,8 @@ pub struct BootLog {
     pub console: String,
     pub exit_ok: bool,
     pub timed_out: bool,
+    /// The exit status, if the process exited rather than died of a signal.
+    pub status: Option<i32>,
 }
 
 impl BootLog {
@@ -352,13 +364,13 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<BootLog,
     })
     .collect();
     let deadline = Instant::now() + timeout;
-    let (exit_ok, timed_out) = loop {
+    let (exit_ok, timed_out, status) = loop {
         match child.try_wait() {
-            Ok(Some(status)) => break (status.success(), false),
+            Ok(Some(status)) => break (status.success(), false, status.code()),
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                break (false, true);
+                break (false, true, None);
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(format!("waiting for {shown}: {e}")),
@@ -375,6 +387,7 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<BootLog,
         console,
         exit_ok,
         timed_out,
+        status,
     })
 }
 

@@ -261,6 +261,7 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
 fn write_boot_state(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<(u64, u64), VmError> {
     let kernel = load_kernel(memory, config)?;
     let cr3 = firmware::paging::write_gdt_and_page_tables(memory)?;
+    firmware::reset_vector::write(memory)?;
     let rsdp = write_acpi_tables(memory, &AcpiConfig { cpus: config.cpus })?;
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(memory, &kernel, path, config.memory)?),

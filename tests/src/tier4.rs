@@ -1,0 +1,379 @@
+//! Where tier-4 commands run: on this host when its KVM runs a stock kernel at speed (a CPU
+//! with VMX or SVM, or `NIXVMM_TEST_KERNEL`), and otherwise inside a first-level guest ("L1"):
+//! Debian's kernel under QEMU's software CPU, which emulates AMD SVM, so that KVM inside it is
+//! upstream KVM and nixvmm there boots stock Linux ("L2").
+//!
+//! L1 sees this host's `/` read-only over 9p and chroots into it, so it runs nixvmm, QEMU and
+//! every tool straight from here; a work folder is shared writable at the same path, so a test
+//! puts its files there ([`Tier4Host::tempdir`]) and both sides use the same names. Unix
+//! sockets cannot be bound on 9p: commands keep theirs under /tmp, which is L1's own tmpfs.
+//!
+//! A test hands a bash script to [`Tier4Host::run`] and gets its output and exit status. One
+//! L1 serves every test of a process, one script at a time, each under `timeout`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::linux_kit::{run_with_timeout, BootLog, KernelKit};
+
+/// L1's memory: room for an L2 of 5 GiB plus the tools around it.
+const L1_MEMORY: &str = "8G";
+/// How long L1 may take to reach its job loop.
+const L1_START_TIMEOUT: Duration = Duration::from_secs(300);
+/// Modules L1 loads: its 9p shares and KVM on the (emulated) SVM CPU.
+const L1_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "kvm_amd"];
+
+/// Where tier-4 commands run.
+pub enum Tier4Host {
+    /// This host's KVM runs stock kernels: commands run here.
+    Direct { work: PathBuf, kernel: PathBuf },
+    /// Commands run in L1 (nested KVM).
+    Nested(Nested),
+}
+
+/// The one tier-4 host of this process, started on first use.
+pub fn host() -> Result<&'static Tier4Host, String> {
+    static HOST: OnceLock<Result<Tier4Host, String>> = OnceLock::new();
+    HOST.get_or_init(Tier4Host::start)
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+fn has_vmx_or_svm() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(str::split_whitespace)
+        .any(|f| f == "vmx" || f == "svm")
+}
+
+/// A fresh work folder outside /tmp (which L1 replaces with its own tmpfs); folders of
+/// processes that are gone are removed.
+fn work_folder() -> Result<PathBuf, String> {
+    let base = PathBuf::from("/var/tmp");
+    if let Ok(entries) = std::fs::read_dir(&base) {
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let Some(pid) = name.strip_prefix("nixvmm-tier4-") else {
+                continue;
+            };
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let work = base.join(format!("nixvmm-tier4-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("jobs")).map_err(|e| format!("{}: {e}", work.display()))?;
+    Ok(work)
+}
+
+impl Tier4Host {
+    fn start() -> Result<Tier4Host, String> {
+        let work = work_folder()?;
+        if let Some(kernel) = std::env::var_os("NIXVMM_TEST_KERNEL") {
+            return Ok(Tier4Host::Direct {
+                work,
+                kernel: kernel.into(),
+            });
+        }
+        let kit = KernelKit::obtain()?;
+        if has_vmx_or_svm() {
+            return Ok(Tier4Host::Direct {
+                work,
+                kernel: kit.vmlinuz,
+            });
+        }
+        Ok(Tier4Host::Nested(Nested::start(&kit, work)?))
+    }
+
+    /// The kernel tests boot under nixvmm (Debian's, unless `NIXVMM_TEST_KERNEL` names one).
+    pub fn kernel(&self) -> &Path {
+        match self {
+            Tier4Host::Direct { kernel, .. } => kernel,
+            Tier4Host::Nested(nested) => &nested.kernel,
+        }
+    }
+
+    /// A folder commands see at the same path; removed when dropped.
+    pub fn tempdir(&self) -> Result<tempfile::TempDir, String> {
+        let work = match self {
+            Tier4Host::Direct { work, .. } => work,
+            Tier4Host::Nested(nested) => &nested.work,
+        };
+        tempfile::tempdir_in(work).map_err(|e| format!("{}: {e}", work.display()))
+    }
+
+    /// What runs the commands, for reports: "direct KVM" or "nested KVM, L1 under TCG".
+    pub fn setting(&self) -> &'static str {
+        match self {
+            Tier4Host::Direct { .. } => "direct KVM",
+            Tier4Host::Nested(_) => "nested KVM, L1 under TCG",
+        }
+    }
+
+    /// Runs `script` with bash, stopped (SIGTERM, then SIGKILL 5 s later) after `limit`;
+    /// returns what it printed on stdout and stderr and how it ended (`timed_out` when it was
+    /// stopped).
+    pub fn run(&self, script: &str, limit: Duration) -> Result<BootLog, String> {
+        match self {
+            Tier4Host::Direct { work, .. } => {
+                let job = crate::linux_kit::write_file(
+                    work,
+                    &format!("direct-{}.sh", next_job()),
+                    script.as_bytes(),
+                )?;
+                let mut cmd = Command::new("timeout");
+                cmd.args(["-k", "5", &limit.as_secs().max(1).to_string(), "bash"])
+                    .arg(&job);
+                let log = run_with_timeout(&mut cmd, limit + Duration::from_secs(30));
+                let _ = std::fs::remove_file(job);
+                let mut log = log?;
+                log.timed_out |= matches!(log.status, Some(124 | 137));
+                Ok(log)
+            }
+            Tier4Host::Nested(nested) => nested.run(script, limit),
+        }
+    }
+}
+
+fn next_job() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A running L1 and its work folder.
+pub struct Nested {
+    work: PathBuf,
+    kernel: PathBuf,
+    /// L1's serial console, for failure reports.
+    console: PathBuf,
+    qemu_exited: Mutex<std::sync::mpsc::Receiver<String>>,
+}
+
+/// The job loop L1 runs in the chroot (host bash): each `jobs/N.sh` in order, under
+/// `timeout`, its output to `N.out` and its status to `N.rc`.
+const RUNNER: &str = r#"
+work=$1
+cd "$work" || exit 1
+echo "KVM=$(test -c /dev/kvm && echo yes || echo no)" > l1-ready
+while [ ! -e stop ]; do
+  for job in jobs/*.sh; do
+    [ -e "$job" ] || break
+    id=${job%.sh}
+    timeout -k 5 "$(cat "$id.limit")" bash "$job" > "$id.out" 2>&1 < /dev/null
+    echo $? > "$id.rc.tmp"
+    mv "$id.rc.tmp" "$id.rc"
+    rm -f "$job"
+  done
+  sleep 0.1
+done
+"#;
+
+/// L1's /init after the kit's common start: mount the shares over each other, load KVM,
+/// chroot into the host's / and run the job loop; power off when it ends.
+fn l1_init() -> String {
+    let opts = "trans=virtio,version=9p2000.L,msize=512000";
+    format!(
+        "work=$(sed -n 's/.*nixvmm.work=\\([^ ]*\\).*/\\1/p' /proc/cmdline)\n\
+         mkdir -p /host\n\
+         mount -t 9p -o {opts},ro host /host || echo 'L1: cannot mount the host share'\n\
+         mount -t 9p -o {opts} work \"/host$work\" || echo 'L1: cannot mount the work share'\n\
+         for d in tmp run; do mount -t tmpfs tmpfs /host/$d; done\n\
+         mount -t proc proc /host/proc\n\
+         mount -t sysfs sys /host/sys\n\
+         mount -t devtmpfs dev /host/dev\n\
+         mkdir -p /host/dev/pts /host/dev/shm\n\
+         mount -t devpts devpts /host/dev/pts\n\
+         mount -t tmpfs tmpfs /host/dev/shm\n\
+         chroot /host /bin/bash \"$work/runner.sh\" \"$work\"\n\
+         echo \"L1: job loop ended with status $?\"\n\
+         poweroff -f\n"
+    )
+}
+
+impl Nested {
+    fn start(kit: &KernelKit, work: PathBuf) -> Result<Nested, String> {
+        let initrd = kit.initrd_with_init(L1_MODULES, &l1_init())?;
+        crate::linux_kit::write_file(&work, "runner.sh", RUNNER.as_bytes())?;
+        let console = work.join("l1-console.log");
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm,+npt"])
+            .args(["-smp", "2", "-m", L1_MEMORY, "-nic", "none", "-nodefaults"])
+            .args(["-no-reboot", "-display", "none", "-monitor", "none"])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-kernel")
+            .arg(&kit.vmlinuz)
+            .arg("-initrd")
+            .arg(&initrd)
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 panic=-1 quiet nixvmm.work={}",
+                work.display()
+            ))
+            .args([
+                "-virtfs",
+                "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+            ])
+            .arg("-virtfs")
+            .arg(format!(
+                "local,path={},mount_tag=work,security_model=none,multidevs=remap",
+                work.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let (exited_tx, exited_rx) = std::sync::mpsc::channel();
+        let (spawned_tx, spawned_rx) = std::sync::mpsc::channel();
+        // The thread that starts QEMU lives as long as the process: QEMU gets SIGKILL when it
+        // ends (PR_SET_PDEATHSIG follows the thread), so no L1 outlives its tests.
+        std::thread::spawn(move || {
+            // SAFETY: prctl in the forked child before exec, async-signal-safe, no allocation.
+            let cmd = unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+            match cmd.spawn() {
+                Ok(child) => {
+                    let _ = spawned_tx.send(Ok(()));
+                    let ended = child
+                        .wait_with_output()
+                        .map(|o| {
+                            format!(
+                                "{}: {}",
+                                o.status,
+                                String::from_utf8_lossy(&o.stderr).trim()
+                            )
+                        })
+                        .unwrap_or_else(|e| e.to_string());
+                    let _ = exited_tx.send(ended);
+                    // Keep this thread (and so QEMU's parent-death signal) alive.
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Err(e) => {
+                    let _ = spawned_tx.send(Err(format!(
+                        "cannot start qemu-system-x86_64 (Debian's package qemu-system-x86): {e}"
+                    )));
+                }
+            }
+        });
+        spawned_rx
+            .recv()
+            .map_err(|_| "the thread starting L1 died".to_string())??;
+        let nested = Nested {
+            work,
+            kernel: kit.vmlinuz.clone(),
+            console,
+            qemu_exited: Mutex::new(exited_rx),
+        };
+        nested.wait_ready()?;
+        Ok(nested)
+    }
+
+    fn wait_ready(&self) -> Result<(), String> {
+        let ready = self.work.join("l1-ready");
+        let deadline = Instant::now() + L1_START_TIMEOUT;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                if text.trim() == "KVM=yes" {
+                    return Ok(());
+                }
+                if !text.is_empty() {
+                    return Err(format!(
+                        "L1 has no /dev/kvm ({text}):\n{}",
+                        self.console_tail()
+                    ));
+                }
+            }
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "L1 did not reach its job loop in {L1_START_TIMEOUT:?}:\n{}",
+                    self.console_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn check_alive(&self) -> Result<(), String> {
+        let exited = self.qemu_exited.lock().map_err(|_| "L1 state poisoned")?;
+        match exited.try_recv() {
+            Ok(how) => Err(format!("L1 (QEMU) ended: {how}\n{}", self.console_tail())),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                Err(format!("L1 (QEMU) is gone:\n{}", self.console_tail()))
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => Ok(()),
+        }
+    }
+
+    fn console_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.console).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "L1 console ({}):\n{}",
+            self.console.display(),
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
+    }
+
+    fn run(&self, script: &str, limit: Duration) -> Result<BootLog, String> {
+        let id = format!("jobs/{:06}", next_job());
+        let path = |ext: &str| self.work.join(format!("{id}.{ext}"));
+        let write = |ext: &str, text: &str| {
+            std::fs::write(path(ext), text).map_err(|e| format!("{}: {e}", path(ext).display()))
+        };
+        write("limit", &limit.as_secs().max(1).to_string())?;
+        write("sh.tmp", script)?;
+        std::fs::rename(path("sh.tmp"), path("sh")).map_err(|e| e.to_string())?;
+        loop {
+            if let Ok(rc) = std::fs::read_to_string(path("rc")) {
+                let status = rc.trim().parse().ok();
+                let console = std::fs::read(path("out")).unwrap_or_default();
+                for ext in ["rc", "out", "limit"] {
+                    let _ = std::fs::remove_file(path(ext));
+                }
+                return Ok(BootLog {
+                    console: String::from_utf8_lossy(&console).to_string(),
+                    exit_ok: status == Some(0),
+                    timed_out: matches!(status, Some(124 | 137)),
+                    status,
+                });
+            }
+            self.check_alive()?;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// `arg` quoted for a POSIX shell.
+pub fn shell_quote(arg: &str) -> String {
+    if !arg.is_empty()
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
+        return arg.to_string();
+    }
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+/// A command line of quoted words.
+pub fn shell_words<S: AsRef<str>>(words: &[S]) -> String {
+    words
+        .iter()
+        .map(|w| shell_quote(w.as_ref()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
