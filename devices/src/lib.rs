@@ -1,12 +1,14 @@
 //! Platform devices that Linux expects on a PC, minus everything a directly booted guest does
 //! not need: the bus that routes port and MMIO accesses, the COM1 UART, the i8042 (for its
-//! reset line) and the ACPI sleep/reset register.
+//! reset line), the CMOS real-time clock (the host's time, without interrupts) and the ACPI
+//! sleep/reset register.
 //!
 //! Devices never call KVM: they get an [`EventFd`](vmm_sys_util::eventfd::EventFd) to raise
 //! their interrupt and a [`std::sync::mpsc::Sender`] of [`VmExit`] to end the VM.
 
 pub mod acpi_power;
 pub mod bus;
+pub mod cmos_rtc;
 pub mod i8042;
 pub mod pci;
 pub mod serial;

@@ -1,5 +1,6 @@
 //! ACPI tables for a hardware-reduced x86 platform: what lets Linux find its CPUs, its
-//! interrupt controllers and the serial port, and power off or reboot through nixvmm.
+//! interrupt controllers, the serial port and the real-time clock, and power off or reboot
+//! through nixvmm.
 //!
 //! `RSDP → XSDT → {FADT → DSDT, MADT}`, written contiguously from [`ACPI_START`]. The FADT
 //! points the sleep control/status and reset registers at one I/O port, which the VMM's ACPI
@@ -20,9 +21,9 @@ use zerocopy::byteorder::little_endian::{U16, U32};
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::layout::{
-    ACPI_END, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_PORT, ACPI_START, COM1_IRQ,
-    COM1_PORT, IOAPIC_START, LAPIC_START, PCI_CONFIG_PORT, PCI_ECAM_START, PCI_MMIO_END,
-    PCI_MMIO_START,
+    ACPI_END, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_PORT, ACPI_START,
+    CMOS_CENTURY_REGISTER, CMOS_PORT, COM1_IRQ, COM1_PORT, IOAPIC_START, LAPIC_START,
+    PCI_CONFIG_PORT, PCI_ECAM_START, PCI_MMIO_END, PCI_MMIO_START,
 };
 use crate::{Error, Result};
 
@@ -93,7 +94,25 @@ pub fn mcfg() -> Vec<u8> {
     to_bytes(&mcfg)
 }
 
-/// The DSDT: the `_S5_` sleep state, the COM1 UART and the PCI host bridge.
+/// The CMOS RTC's two ports, and no IRQ: nixvmm raises none, and Linux's rtc_cmos, finding no
+/// IRQ and no legacy PIC (hardware-reduced ACPI), then runs without alarms instead of
+/// assuming IRQ 8.
+fn rtc(body: &mut Vec<u8>) {
+    aml::Device::new(
+        "_SB_.RTC_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::IO::new(CMOS_PORT, CMOS_PORT, 1, 2)]),
+            ),
+        ],
+    )
+    .to_aml_bytes(body);
+}
+
+/// The DSDT: the `_S5_` sleep state, the COM1 UART, the RTC and the PCI host bridge.
 pub fn dsdt() -> Vec<u8> {
     let mut body = Vec::new();
     aml::Name::new(
@@ -116,6 +135,7 @@ pub fn dsdt() -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut body);
+    rtc(&mut body);
     pci_root(&mut body);
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     table.append_slice(&body);
@@ -134,6 +154,8 @@ pub fn fadt(dsdt: u64) -> Vec<u8> {
     builder.sleep_status_reg = sleep_register();
     builder.reset_reg = sleep_register();
     builder.reset_value = ACPI_RESET_VALUE;
+    // Where Linux reads (and writes) the century when it uses the RTC.
+    builder.century = CMOS_CENTURY_REGISTER;
     to_bytes(&builder.finalize())
 }
 

@@ -53,6 +53,10 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// The MC146818 CMOS RTC: index port here, data port at `CMOS_PORT + 1`.
+pub const CMOS_PORT: u16 = 0x70;
+/// The CMOS register holding the century (BCD), named by the FADT's `CENTURY` field.
+pub const CMOS_CENTURY_REGISTER: u8 = 0x32;
 /// ACPI hardware-reduced sleep control/status register, also the reset register.
 pub const ACPI_SLEEP_PORT: u16 = 0x3c0;
 /// Value Linux writes to the reset register (FADT RESET_VALUE) to reboot.

@@ -135,6 +135,35 @@ fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
     assert_eq!(io_addresses, 3, "{fadt}");
     assert!(fadt.contains("Sleep Control Register"), "{fadt}");
     assert!(fadt.contains("Sleep Status Register"), "{fadt}");
+    // The CMOS RTC's century register.
+    assert_eq!(field(fadt, "RTC Century Index"), ["32"], "{fadt}");
+}
+
+#[test]
+fn dsdt_has_the_cmos_rtc_without_an_irq() {
+    let tables = decompiled(1);
+    let dsdt = find(&tables, "DSDT");
+    let rtc = dsdt
+        .split("Device (_SB.RTC)")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no _SB.RTC device in {dsdt}"));
+    let rtc = rtc.split("Device (").next().unwrap();
+    assert!(rtc.contains("EisaId (\"PNP0B00\")"), "{rtc}");
+    // IO (Decode16, 0x0070, 0x0070, 0x01, 0x02): the index and data ports.
+    let io: Vec<&str> = rtc
+        .lines()
+        .skip_while(|l| !l.contains("IO (Decode16"))
+        .take(5)
+        .map(|l| {
+            l.split_whitespace()
+                .next()
+                .unwrap_or("")
+                .trim_end_matches(',')
+        })
+        .collect();
+    assert_eq!(io, ["IO", "0x0070", "0x0070", "0x01", "0x02"], "{rtc}");
+    assert!(!rtc.contains("Interrupt"), "no IRQ in {rtc}");
+    assert!(!rtc.contains("IRQ"), "no IRQ in {rtc}");
 }
 
 #[test]

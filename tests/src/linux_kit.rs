@@ -94,6 +94,53 @@ impl KernelKit {
         Self::find_in(&cache).ok_or_else(|| format!("{package} has no boot/vmlinuz-*"))
     }
 
+    /// The kernel as an uncompressed ELF vmlinux: the bzImage's payload (found through its
+    /// setup header's `payload_offset` and `payload_length`) decompressed once into the cache.
+    pub fn vmlinux(&self) -> Result<PathBuf, String> {
+        let target = cache_dir().join(format!("vmlinux-{}", self.version));
+        if target.exists() {
+            return Ok(target);
+        }
+        let image =
+            std::fs::read(&self.vmlinuz).map_err(|e| format!("{}: {e}", self.vmlinuz.display()))?;
+        let payload = bzimage_payload(&image)
+            .ok_or_else(|| format!("{} has no bzImage payload", self.vmlinuz.display()))?;
+        let tool: &[&str] = match payload {
+            [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => &["xz", "-dc", "--single-stream"],
+            [0x28, 0xb5, 0x2f, 0xfd, ..] => &["zstd", "-dcq"],
+            [0x1f, 0x8b, ..] => &["gzip", "-dc"],
+            _ => {
+                return Err(format!(
+                    "{}: unknown payload compression",
+                    self.vmlinuz.display()
+                ))
+            }
+        };
+        let mut child = Command::new(tool[0])
+            .args(&tool[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", tool[0]))?;
+        let mut stdin = child.stdin.take().ok_or("no stdin")?;
+        let input = payload.to_vec();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        let _ = writer.join();
+        if !out.stdout.starts_with(b"\x7fELF") {
+            return Err(format!(
+                "{:?} did not give an ELF: {}",
+                tool,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let tmp = target.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, &out.stdout).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &target).map_err(|e| format!("{}: {e}", target.display()))?;
+        Ok(target)
+    }
+
     /// The concrete package behind `linux-image-amd64`, if apt knows it.
     fn package_name() -> Option<String> {
         let depends = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"])).ok()?;
@@ -267,6 +314,17 @@ fn prune_old_initrds(cache: &Path) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+}
+
+/// The compressed kernel inside a bzImage (boot protocol 2.08+).
+fn bzimage_payload(image: &[u8]) -> Option<&[u8]> {
+    let le32 = |at: usize| Some(u32::from_le_bytes(image.get(at..at + 4)?.try_into().ok()?));
+    let setup_sects = match *image.get(0x1f1)? {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let start = (setup_sects + 1) * 512 + le32(0x248)? as usize;
+    image.get(start..start + le32(0x24c)? as usize)
 }
 
 /// The `depends=` list of a kernel module's modinfo.

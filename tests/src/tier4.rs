@@ -23,6 +23,8 @@ use crate::linux_kit::{run_with_timeout, BootLog, KernelKit};
 const L1_MEMORY: &str = "8G";
 /// How long L1 may take to reach its job loop.
 const L1_START_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long past a job's limit L1 may take to report it before it counts as hung.
+const L1_GRACE: Duration = Duration::from_secs(60);
 /// Modules L1 loads: its 9p shares and KVM on the (emulated) SVM CPU.
 const L1_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "kvm_amd"];
 
@@ -153,6 +155,7 @@ pub struct Nested {
     /// L1's serial console, for failure reports.
     console: PathBuf,
     qemu_exited: Mutex<std::sync::mpsc::Receiver<String>>,
+    qemu_pid: u32,
 }
 
 /// The job loop L1 runs in the chroot (host bash): each `jobs/N.sh` in order, under
@@ -229,7 +232,7 @@ impl Nested {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let (exited_tx, exited_rx) = std::sync::mpsc::channel();
-        let (spawned_tx, spawned_rx) = std::sync::mpsc::channel();
+        let (spawned_tx, spawned_rx) = std::sync::mpsc::channel::<Result<u32, String>>();
         // The thread that starts QEMU lives as long as the process: QEMU gets SIGKILL when it
         // ends (PR_SET_PDEATHSIG follows the thread), so no L1 outlives its tests.
         std::thread::spawn(move || {
@@ -244,7 +247,7 @@ impl Nested {
             };
             match cmd.spawn() {
                 Ok(child) => {
-                    let _ = spawned_tx.send(Ok(()));
+                    let _ = spawned_tx.send(Ok(child.id()));
                     let ended = child
                         .wait_with_output()
                         .map(|o| {
@@ -268,7 +271,7 @@ impl Nested {
                 }
             }
         });
-        spawned_rx
+        let qemu_pid = spawned_rx
             .recv()
             .map_err(|_| "the thread starting L1 died".to_string())??;
         let nested = Nested {
@@ -276,6 +279,7 @@ impl Nested {
             kernel: kit.vmlinuz.clone(),
             console,
             qemu_exited: Mutex::new(exited_rx),
+            qemu_pid,
         };
         nested.wait_ready()?;
         Ok(nested)
@@ -352,8 +356,25 @@ impl Nested {
                 });
             }
             self.check_alive()?;
+            // L1 stops every job after its limit; one that runs far longer means L1 hangs.
+            let started = std::fs::metadata(path("out")).and_then(|m| m.created());
+            if let Ok(age) = started.map(|t| t.elapsed().unwrap_or_default()) {
+                if age > limit + L1_GRACE {
+                    self.kill();
+                    return Err(format!(
+                        "L1 did not end a job {L1_GRACE:?} after its limit: stopped it\n{}",
+                        self.console_tail()
+                    ));
+                }
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Ends L1: every job waiting for it then fails.
+    fn kill(&self) {
+        // SAFETY: sends a signal to the QEMU process this struct started.
+        unsafe { libc::kill(self.qemu_pid as libc::pid_t, libc::SIGKILL) };
     }
 }
 

@@ -88,7 +88,8 @@ pub fn spawn_stdin_pump(control: Control) {
 static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
 
 /// Puts the terminal on stdin in raw mode (keys go to the guest, Ctrl-C included) and restores
-/// it when dropped, or when a terminating signal arrives.
+/// it when dropped (termination signals stop the VM first: see [`crate::signals`]) or when
+/// nixvmm panics.
 pub struct RawTerminal(());
 
 impl RawTerminal {
@@ -105,7 +106,6 @@ impl RawTerminal {
             return None;
         }
         let saved = *SAVED_TERMIOS.get_or_init(|| saved);
-        restore_on_signals();
         // Release builds abort on panic, so Drop would not run: restore in the hook too.
         let default_hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
@@ -123,7 +123,8 @@ impl RawTerminal {
     }
 }
 
-fn restore_terminal() {
+/// Puts the terminal back as [`RawTerminal::enter`] found it (async-signal-safe).
+pub fn restore_terminal() {
     if let Some(saved) = SAVED_TERMIOS.get() {
         // SAFETY: restores settings read from this same terminal; async-signal-safe.
         unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
@@ -133,17 +134,5 @@ fn restore_terminal() {
 impl Drop for RawTerminal {
     fn drop(&mut self) {
         restore_terminal();
-    }
-}
-
-fn restore_on_signals() {
-    extern "C" fn on_signal(signal: libc::c_int) {
-        restore_terminal();
-        // SAFETY: _exit is async-signal-safe and ends the process at once.
-        unsafe { libc::_exit(128 + signal) };
-    }
-    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
-        // SAFETY: installs a handler that calls only async-signal-safe functions.
-        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
     }
 }

@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod device_server;
 pub mod msi;
 pub mod options;
+pub mod signals;
 pub mod system;
 pub mod vcpu;
 pub mod vhost_user_fs;

@@ -95,6 +95,9 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|config| {
                 let control = Control::default();
+                if let Err(e) = vmm::signals::stop_on_termination_signals(control.clone()) {
+                    log::warn!("SIGTERM and SIGINT will not stop the VM cleanly: {e}");
+                }
                 let terminal = RawTerminal::enter();
                 spawn_stdin_pump(control.clone());
                 let outcome = vmm::run(&config, &ConsoleOutput::stdout(), &control);

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use devices::acpi_power::AcpiPower;
 use devices::bus::Bus;
+use devices::cmos_rtc::CmosRtc;
 use devices::i8042::I8042;
 use devices::pci::{PciConfigIo, PciEcam, PciRoot};
 use devices::serial::SerialConsole;
@@ -15,8 +16,8 @@ use devices::{ExitSender, VmExit};
 use firmware::acpi::{write_acpi_tables, AcpiConfig};
 use firmware::boot::{self, BootSetup, LoadedKernel};
 use firmware::layout::{
-    self, ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT, PCI_CONFIG_PORT, PCI_ECAM_SIZE,
-    PCI_ECAM_START,
+    self, ACPI_SLEEP_PORT, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT, PCI_CONFIG_PORT,
+    PCI_ECAM_SIZE, PCI_ECAM_START,
 };
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -300,6 +301,11 @@ fn legacy_devices(
         u64::from(I8042_DATA_PORT),
         5,
         Arc::new(Mutex::new(I8042::new(exit_tx.clone()))),
+    )?;
+    io.insert(
+        u64::from(CMOS_PORT),
+        2,
+        Arc::new(Mutex::new(CmosRtc::new())),
     )?;
     io.insert(
         u64::from(ACPI_SLEEP_PORT),
