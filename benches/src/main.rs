@@ -94,6 +94,10 @@ struct BootArgs {
     nixvmm: Option<PathBuf>,
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// Measure in this process even where tier 4 would run nested (how the nested run itself
+    /// is started inside L1).
+    #[arg(long, hide = true)]
+    here: bool,
 }
 
 /// What is booted: a kernel file, its initrd and command line, and the marker to wait for.
@@ -274,12 +278,20 @@ fn boot(args: &BootArgs) -> Result<String, String> {
                 marker: guest::MARKER.into(),
             }
         }
-        GuestKind::Linux => Guest {
-            kernel: args.kernel.clone().ok_or("--guest linux needs --kernel")?,
-            initrd: args.initrd.clone(),
-            cmdline: format!("console=ttyS0 panic=-1 {}", args.cmdline),
-            marker: args.marker.clone(),
-        },
+        GuestKind::Linux => {
+            let (kernel, initrd) = linux_guest_files(args)?;
+            if !args.here {
+                if let Some(table) = boot_nested(args, &nixvmm, &kernel, &initrd)? {
+                    return Ok(table);
+                }
+            }
+            Guest {
+                kernel,
+                initrd: Some(initrd),
+                cmdline: format!("console=ttyS0 panic=-1 {}", args.cmdline),
+                marker: args.marker.clone(),
+            }
+        }
     };
     let mut rows = vec![measure(args, "nixvmm".into(), "kvm", &guest.marker, || {
         nixvmm_command(&nixvmm, &guest, args.memory_mib)
@@ -289,7 +301,7 @@ fn boot(args: &BootArgs) -> Result<String, String> {
          Peak RSS is the whole process (ru_maxrss){}.",
         match args.guest {
             GuestKind::Tiny => "nixvmm's tiny benchmark guest (same ELF for both VMMs)",
-            GuestKind::Linux => "the given Linux kernel and initrd",
+            GuestKind::Linux => "a Linux kernel and initrd, the same for every VMM",
         },
         args.runs,
         args.timeout,
@@ -310,4 +322,68 @@ fn boot(args: &BootArgs) -> Result<String, String> {
         ));
     }
     Ok(format!("{}\n{}", report::table(&rows), notes.join("\n")))
+}
+
+/// `--kernel` and `--initrd`, by default Debian's kernel and the Linux kit's minimal initrd
+/// (it prints the kit's init marker and powers off).
+fn linux_guest_files(args: &BootArgs) -> Result<(PathBuf, PathBuf), String> {
+    let kit = || nixvmm_tests::linux_kit::KernelKit::obtain();
+    let kernel = match &args.kernel {
+        Some(kernel) => kernel.clone(),
+        None => kit()?.vmlinuz,
+    };
+    let initrd = match &args.initrd {
+        Some(initrd) => initrd.clone(),
+        None => kit()?.initrd(&[], "")?,
+    };
+    Ok((kernel, initrd))
+}
+
+/// Where this host's KVM cannot run a stock kernel at speed, runs this same benchmark inside
+/// the tier-4 L1 guest (nested KVM) and returns its table; `None` where it runs here.
+fn boot_nested(
+    args: &BootArgs,
+    nixvmm: &Path,
+    kernel: &Path,
+    initrd: &Path,
+) -> Result<Option<String>, String> {
+    use nixvmm_tests::tier4::{self, shell_words, Tier4Host};
+    let host = tier4::host()?;
+    if let Tier4Host::Direct { .. } = host {
+        return Ok(None);
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let words = [
+        exe.display().to_string(),
+        "boot".into(),
+        "--here".into(),
+        "--guest=linux".into(),
+        format!("--runs={}", args.runs),
+        format!("--timeout={}", args.timeout),
+        format!("--cmdline={}", args.cmdline),
+        format!("--marker={}", args.marker),
+        format!("--memory-mib={}", args.memory_mib),
+        format!("--qemu={}", args.qemu.display()),
+        format!("--nixvmm={}", nixvmm.display()),
+        format!("--kernel={}", kernel.display()),
+        format!("--initrd={}", initrd.display()),
+    ];
+    // Three VMMs, each probed once and then run --runs times.
+    let limit = Duration::from_secs(args.timeout * (args.runs as u64 + 1) * 3 + 120);
+    let log = host.run(&shell_words(&words), limit)?;
+    if !log.exit_ok {
+        return Err(format!("the benchmark failed inside L1:\n{}", log.tail()));
+    }
+    let table: Vec<&str> = log
+        .console
+        .lines()
+        .filter(|l| !l.starts_with("nixvmm-bench:"))
+        .collect();
+    Ok(Some(format!(
+        "{}\nSetting: {} (this host's KVM cannot run a stock kernel at speed): all VMMs ran \
+         in the same L1 guest on the same KVM, so absolute times are inflated by emulation; \
+         compare the ratios.",
+        table.join("\n"),
+        host.setting()
+    )))
 }

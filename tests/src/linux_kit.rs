@@ -380,7 +380,15 @@ impl BootLog {
     /// The last lines of the console, for failure messages.
     pub fn tail(&self) -> String {
         let lines: Vec<&str> = self.console.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        let how = match (self.timed_out, self.status) {
+            (true, _) => "timed out".to_string(),
+            (false, Some(status)) => format!("exit status {status}"),
+            (false, None) => "killed by a signal".to_string(),
+        };
+        format!(
+            "{}\n[{how}]",
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        )
     }
 }
 

@@ -193,6 +193,7 @@ fn l1_init() -> String {
          mkdir -p /host/dev/pts /host/dev/shm\n\
          mount -t devpts devpts /host/dev/pts\n\
          mount -t tmpfs tmpfs /host/dev/shm\n\
+         echo 7 > /proc/sys/kernel/printk\n\
          chroot /host /bin/bash \"$work/runner.sh\" \"$work\"\n\
          echo \"L1: job loop ended with status $?\"\n\
          poweroff -f\n"
