@@ -9,12 +9,16 @@
 //! sockets cannot be bound on 9p: commands keep theirs under /tmp, which is L1's own tmpfs.
 //!
 //! A test hands a bash script to [`Tier4Host::run`] and gets its output and exit status. One
-//! L1 serves every test of a process, one script at a time, each under `timeout`.
+//! L1 serves every test of a process, one script at a time, each under `timeout`. QEMU's
+//! emulated SVM occasionally wedges L1 (a soft lockup of an L1 CPU, seen about once in 30
+//! boots): a job whose L1 dies or stops answering runs once more in a new L1, and stderr says
+//! so.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::linux_kit::{run_with_timeout, BootLog, KernelKit};
@@ -70,7 +74,7 @@ fn work_folder() -> Result<PathBuf, String> {
     }
     let work = base.join(format!("nixvmm-tier4-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(work.join("jobs")).map_err(|e| format!("{}: {e}", work.display()))?;
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     Ok(work)
 }
 
@@ -148,24 +152,39 @@ fn next_job() -> u32 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// A running L1 and its work folder.
+/// The work folder and the L1 now serving it; a new L1 replaces one that died or hangs.
 pub struct Nested {
     work: PathBuf,
     kernel: PathBuf,
-    /// L1's serial console, for failure reports.
-    console: PathBuf,
-    qemu_exited: Mutex<std::sync::mpsc::Receiver<String>>,
-    qemu_pid: u32,
+    initrd: PathBuf,
+    current: Mutex<Arc<L1>>,
 }
 
-/// The job loop L1 runs in the chroot (host bash): each `jobs/N.sh` in order, under
-/// `timeout`, its output to `N.out` and its status to `N.rc`.
+/// One boot of L1: its own job folder, console log and QEMU process.
+struct L1 {
+    generation: u32,
+    jobs: PathBuf,
+    console: PathBuf,
+    exited: Mutex<std::sync::mpsc::Receiver<String>>,
+    /// How QEMU ended, once it has.
+    ended: Mutex<Option<String>>,
+    pid: u32,
+}
+
+/// Why a job got no result: L1 itself failed (the job may run again in a new L1), or the job
+/// could not be handed over at all.
+enum JobError {
+    L1Failed(String),
+    Other(String),
+}
+
+/// The job loop L1 runs in the chroot (host bash) in its job folder: each `N.sh` in order,
+/// under `timeout`, its output to `N.out` and its status to `N.rc`.
 const RUNNER: &str = r#"
-work=$1
-cd "$work" || exit 1
-echo "KVM=$(test -c /dev/kvm && echo yes || echo no)" > l1-ready
-while [ ! -e stop ]; do
-  for job in jobs/*.sh; do
+cd "$1" || exit 1
+echo "KVM=$(test -c /dev/kvm && echo yes || echo no)" > ready
+while :; do
+  for job in *.sh; do
     [ -e "$job" ] || break
     id=${job%.sh}
     timeout -k 5 "$(cat "$id.limit")" bash "$job" > "$id.out" 2>&1 < /dev/null
@@ -183,6 +202,7 @@ fn l1_init() -> String {
     let opts = "trans=virtio,version=9p2000.L,msize=512000";
     format!(
         "work=$(sed -n 's/.*nixvmm.work=\\([^ ]*\\).*/\\1/p' /proc/cmdline)\n\
+         jobs=$(sed -n 's/.*nixvmm.jobs=\\([^ ]*\\).*/\\1/p' /proc/cmdline)\n\
          mkdir -p /host\n\
          mount -t 9p -o {opts},ro host /host || echo 'L1: cannot mount the host share'\n\
          mount -t 9p -o {opts} work \"/host$work\" || echo 'L1: cannot mount the work share'\n\
@@ -194,7 +214,7 @@ fn l1_init() -> String {
          mount -t devpts devpts /host/dev/pts\n\
          mount -t tmpfs tmpfs /host/dev/shm\n\
          echo 7 > /proc/sys/kernel/printk\n\
-         chroot /host /bin/bash \"$work/runner.sh\" \"$work\"\n\
+         chroot /host /bin/bash \"$work/runner.sh\" \"$jobs\"\n\
          echo \"L1: job loop ended with status $?\"\n\
          poweroff -f\n"
     )
@@ -204,7 +224,73 @@ impl Nested {
     fn start(kit: &KernelKit, work: PathBuf) -> Result<Nested, String> {
         let initrd = kit.initrd_with_init(L1_MODULES, &l1_init())?;
         crate::linux_kit::write_file(&work, "runner.sh", RUNNER.as_bytes())?;
-        let console = work.join("l1-console.log");
+        let l1 = L1::start(&work, &kit.vmlinuz, &initrd, 1)?;
+        Ok(Nested {
+            work,
+            kernel: kit.vmlinuz.clone(),
+            initrd,
+            current: Mutex::new(Arc::new(l1)),
+        })
+    }
+
+    fn current(&self) -> Arc<L1> {
+        lock(&self.current).clone()
+    }
+
+    /// Runs `script` in L1; if L1 dies or hangs meanwhile, once more in a new L1 (a fault of
+    /// the emulated machine, reported on stderr, not of the job).
+    fn run(&self, script: &str, limit: Duration) -> Result<BootLog, String> {
+        let mut failure = String::new();
+        for attempt in 1..=2 {
+            let l1 = self.current();
+            match l1.run(script, limit) {
+                Ok(log) => return Ok(log),
+                Err(JobError::Other(e)) => return Err(e),
+                Err(JobError::L1Failed(e)) => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "tier 4: L1 #{} failed ({}); {}",
+                        l1.generation,
+                        e.lines().next().unwrap_or_default(),
+                        if attempt == 1 {
+                            "the job runs again in a new L1"
+                        } else {
+                            "giving up"
+                        }
+                    );
+                    failure = e;
+                    self.replace(&l1)?;
+                }
+            }
+        }
+        Err(failure)
+    }
+
+    /// Replaces `failed` with a new L1, unless another job already did.
+    fn replace(&self, failed: &L1) -> Result<(), String> {
+        let mut current = lock(&self.current);
+        if current.generation == failed.generation {
+            failed.kill();
+            *current = Arc::new(L1::start(
+                &self.work,
+                &self.kernel,
+                &self.initrd,
+                failed.generation + 1,
+            )?);
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl L1 {
+    fn start(work: &Path, kernel: &Path, initrd: &Path, generation: u32) -> Result<L1, String> {
+        let jobs = work.join(format!("l1-{generation}"));
+        std::fs::create_dir_all(&jobs).map_err(|e| format!("{}: {e}", jobs.display()))?;
+        let console = jobs.join("console.log");
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm,+npt"])
             .args(["-smp", "2", "-m", L1_MEMORY, "-nic", "none", "-nodefaults"])
@@ -212,13 +298,14 @@ impl Nested {
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-kernel")
-            .arg(&kit.vmlinuz)
+            .arg(kernel)
             .arg("-initrd")
-            .arg(&initrd)
+            .arg(initrd)
             .arg("-append")
             .arg(format!(
-                "console=ttyS0 panic=-1 quiet nixvmm.work={}",
-                work.display()
+                "console=ttyS0 panic=-1 quiet nixvmm.work={} nixvmm.jobs={}",
+                work.display(),
+                jobs.display()
             ))
             .args([
                 "-virtfs",
@@ -272,22 +359,26 @@ impl Nested {
                 }
             }
         });
-        let qemu_pid = spawned_rx
+        let pid = spawned_rx
             .recv()
             .map_err(|_| "the thread starting L1 died".to_string())??;
-        let nested = Nested {
-            work,
-            kernel: kit.vmlinuz.clone(),
+        let l1 = L1 {
+            generation,
+            jobs,
             console,
-            qemu_exited: Mutex::new(exited_rx),
-            qemu_pid,
+            exited: Mutex::new(exited_rx),
+            ended: Mutex::new(None),
+            pid,
         };
-        nested.wait_ready()?;
-        Ok(nested)
+        if let Err(e) = l1.wait_ready() {
+            l1.kill();
+            return Err(e);
+        }
+        Ok(l1)
     }
 
     fn wait_ready(&self) -> Result<(), String> {
-        let ready = self.work.join("l1-ready");
+        let ready = self.jobs.join("ready");
         let deadline = Instant::now() + L1_START_TIMEOUT;
         loop {
             if let Ok(text) = std::fs::read_to_string(&ready) {
@@ -312,14 +403,21 @@ impl Nested {
         }
     }
 
+    /// Fails, for every job that asks, once QEMU has ended.
     fn check_alive(&self) -> Result<(), String> {
-        let exited = self.qemu_exited.lock().map_err(|_| "L1 state poisoned")?;
-        match exited.try_recv() {
-            Ok(how) => Err(format!("L1 (QEMU) ended: {how}\n{}", self.console_tail())),
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                Err(format!("L1 (QEMU) is gone:\n{}", self.console_tail()))
-            }
-            Err(std::sync::mpsc::TryRecvError::Empty) => Ok(()),
+        let mut ended = lock(&self.ended);
+        if ended.is_none() {
+            *ended = match lock(&self.exited).try_recv() {
+                Ok(how) => Some(format!("L1 (QEMU) ended: {how}")),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    Some("L1 (QEMU) is gone".to_string())
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => None,
+            };
+        }
+        match &*ended {
+            Some(how) => Err(format!("{how}\n{}", self.console_tail())),
+            None => Ok(()),
         }
     }
 
@@ -333,15 +431,16 @@ impl Nested {
         )
     }
 
-    fn run(&self, script: &str, limit: Duration) -> Result<BootLog, String> {
-        let id = format!("jobs/{:06}", next_job());
-        let path = |ext: &str| self.work.join(format!("{id}.{ext}"));
+    fn run(&self, script: &str, limit: Duration) -> Result<BootLog, JobError> {
+        let id = format!("{:06}", next_job());
+        let path = |ext: &str| self.jobs.join(format!("{id}.{ext}"));
         let write = |ext: &str, text: &str| {
-            std::fs::write(path(ext), text).map_err(|e| format!("{}: {e}", path(ext).display()))
+            std::fs::write(path(ext), text)
+                .map_err(|e| JobError::Other(format!("{}: {e}", path(ext).display())))
         };
         write("limit", &limit.as_secs().max(1).to_string())?;
         write("sh.tmp", script)?;
-        std::fs::rename(path("sh.tmp"), path("sh")).map_err(|e| e.to_string())?;
+        std::fs::rename(path("sh.tmp"), path("sh")).map_err(|e| JobError::Other(e.to_string()))?;
         loop {
             if let Ok(rc) = std::fs::read_to_string(path("rc")) {
                 let status = rc.trim().parse().ok();
@@ -356,26 +455,25 @@ impl Nested {
                     status,
                 });
             }
-            self.check_alive()?;
+            self.check_alive().map_err(JobError::L1Failed)?;
             // L1 stops every job after its limit; one that runs far longer means L1 hangs.
             let started = std::fs::metadata(path("out")).and_then(|m| m.created());
             if let Ok(age) = started.map(|t| t.elapsed().unwrap_or_default()) {
                 if age > limit + L1_GRACE {
-                    self.kill();
-                    return Err(format!(
-                        "L1 did not end a job {L1_GRACE:?} after its limit: stopped it\n{}",
+                    return Err(JobError::L1Failed(format!(
+                        "L1 did not end a job {L1_GRACE:?} after its limit\n{}",
                         self.console_tail()
-                    ));
+                    )));
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// Ends L1: every job waiting for it then fails.
+    /// Ends this L1: every job waiting for it then fails.
     fn kill(&self) {
         // SAFETY: sends a signal to the QEMU process this struct started.
-        unsafe { libc::kill(self.qemu_pid as libc::pid_t, libc::SIGKILL) };
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
     }
 }
 
