@@ -327,14 +327,14 @@ fn boot(args: &BootArgs) -> Result<String, String> {
 /// `--kernel` and `--initrd`, by default Debian's kernel and the Linux kit's minimal initrd
 /// (it prints the kit's init marker and powers off).
 fn linux_guest_files(args: &BootArgs) -> Result<(PathBuf, PathBuf), String> {
-    let kit = || nixvmm_tests::linux_kit::KernelKit::obtain();
-    let kernel = match &args.kernel {
-        Some(kernel) => kernel.clone(),
-        None => kit()?.vmlinuz,
-    };
+    if let (Some(kernel), Some(initrd)) = (&args.kernel, &args.initrd) {
+        return Ok((kernel.clone(), initrd.clone()));
+    }
+    let kit = nixvmm_tests::linux_kit::KernelKit::obtain()?;
+    let kernel = args.kernel.clone().unwrap_or(kit.vmlinuz.clone());
     let initrd = match &args.initrd {
         Some(initrd) => initrd.clone(),
-        None => kit()?.initrd(&[], "")?,
+        None => kit.initrd(&[], "")?,
     };
     Ok((kernel, initrd))
 }

@@ -2,7 +2,7 @@
 //! the repository), a busybox initrd with the kernel modules a test names and the test's script
 //! as its /init, and boots of both under QEMU's software CPU (tier 3) or nixvmm (tier 4).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -518,14 +518,7 @@ pub fn tier4_kernel() -> Result<PathBuf, String> {
     if let Some(kernel) = std::env::var_os("NIXVMM_TEST_KERNEL") {
         return Ok(PathBuf::from(kernel));
     }
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let flags: BTreeMap<&str, ()> = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .flat_map(|l| l.split_whitespace())
-        .map(|f| (f, ()))
-        .collect();
-    if flags.contains_key("vmx") || flags.contains_key("svm") {
+    if crate::tier4::has_vmx_or_svm() {
         return Ok(KernelKit::obtain()?.vmlinuz);
     }
     Err(

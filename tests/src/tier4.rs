@@ -48,7 +48,8 @@ pub fn host() -> Result<&'static Tier4Host, String> {
         .map_err(Clone::clone)
 }
 
-fn has_vmx_or_svm() -> bool {
+/// Whether this host's CPU has VMX or SVM, so its KVM runs stock kernels at speed.
+pub fn has_vmx_or_svm() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -127,24 +128,22 @@ impl Tier4Host {
     /// stopped).
     pub fn run(&self, script: &str, limit: Duration) -> Result<BootLog, String> {
         match self {
-            Tier4Host::Direct { work, .. } => {
-                let job = crate::linux_kit::write_file(
-                    work,
-                    &format!("direct-{}.sh", next_job()),
-                    script.as_bytes(),
-                )?;
+            Tier4Host::Direct { .. } => {
                 let mut cmd = Command::new("timeout");
-                cmd.args(["-k", "5", &limit.as_secs().max(1).to_string(), "bash"])
-                    .arg(&job);
-                let log = run_with_timeout(&mut cmd, limit + Duration::from_secs(30));
-                let _ = std::fs::remove_file(job);
-                let mut log = log?;
-                log.timed_out |= matches!(log.status, Some(124 | 137));
+                cmd.args(["-k", "5", &limit.as_secs().max(1).to_string()])
+                    .args(["bash", "-c", script]);
+                let mut log = run_with_timeout(&mut cmd, limit + Duration::from_secs(30))?;
+                log.timed_out |= stopped_by_timeout(log.status);
                 Ok(log)
             }
             Tier4Host::Nested(nested) => nested.run(script, limit),
         }
     }
+}
+
+/// The statuses `timeout -k` leaves when it stopped a job: 124 (SIGTERM), 137 (SIGKILL).
+fn stopped_by_timeout(status: Option<i32>) -> bool {
+    matches!(status, Some(124 | 137))
 }
 
 fn next_job() -> u32 {
@@ -451,7 +450,7 @@ impl L1 {
                 return Ok(BootLog {
                     console: String::from_utf8_lossy(&console).to_string(),
                     exit_ok: status == Some(0),
-                    timed_out: matches!(status, Some(124 | 137)),
+                    timed_out: stopped_by_timeout(status),
                     status,
                 });
             }
@@ -470,10 +469,13 @@ impl L1 {
         }
     }
 
-    /// Ends this L1: every job waiting for it then fails.
+    /// Ends this L1 (every job waiting for it then fails), unless QEMU has already ended: its
+    /// pid may belong to another process by then.
     fn kill(&self) {
-        // SAFETY: sends a signal to the QEMU process this struct started.
-        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+        if self.check_alive().is_ok() {
+            // SAFETY: sends a signal to the QEMU process this struct started, still running.
+            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+        }
     }
 }
 

@@ -18,8 +18,9 @@ fn host() -> &'static Tier4Host {
     tier4::host().unwrap_or_else(|e| panic!("tier 4 cannot run on this host: {e}"))
 }
 
-fn kit() -> KernelKit {
-    KernelKit::obtain().unwrap()
+fn kit() -> &'static KernelKit {
+    static KIT: std::sync::OnceLock<KernelKit> = std::sync::OnceLock::new();
+    KIT.get_or_init(|| KernelKit::obtain().unwrap())
 }
 
 /// One nixvmm run of the kit's kernel with an initrd that loads `modules` and runs `script`.
@@ -273,15 +274,18 @@ fn tier4_reboots_by_every_method_and_boots_again() {
                   umount /mnt\n\
                   reboot -f";
     let share = format!("tag=state,path={}", dir.path().display());
-    let log = Guest {
+    let guest = Guest {
         modules: &["virtio_pci", "9pnet_virtio", "9p"],
         script,
         memory: "256M",
         args: args(&["--share", &share]),
         no_reboot: false,
         ..Guest::default()
-    }
-    .boot();
+    };
+    // Five boots in one run.
+    let log = host()
+        .run(&format!("exec {}", guest.command()), BOOT_LIMIT * 3)
+        .unwrap();
     let tail = log.tail();
     assert!(!log.timed_out, "a reboot hung:\n{tail}");
     for n in 0..5 {
@@ -641,10 +645,11 @@ fn tier4_vhost_user_fs_share_served_by_nixvmm_device_fs() {
     let job = format!(
         "rm -f {socket}\n\
          {} device fs --socket-path {socket} --shared-dir {} &\n\
+         backend=$!\n\
          for i in $(seq 100); do [ -S {socket} ] && break; sleep 0.1; done\n\
          {}\n\
          rc=$?\n\
-         wait\n\
+         wait $backend\n\
          echo BACKEND_ENDED=$?\n\
          exit $rc",
         shell_quote(path(&nixvmm_bin())),
