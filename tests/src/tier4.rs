@@ -178,18 +178,25 @@ enum JobError {
 }
 
 /// The job loop L1 runs in the chroot (host bash) in its job folder: each `N.sh` in order,
-/// under `timeout`, its output to `N.out` and its status to `N.rc`.
+/// under `timeout`. `N.started` marks its start. Its output goes to L1's own tmpfs first and
+/// only then to the share as `N.out`, so nothing the job prints depends on 9p while it runs;
+/// `N.rc` holds its status and the byte count of its output, which the host checks.
 const RUNNER: &str = r#"
 cd "$1" || exit 1
+local=/run/nixvmm-jobs
+mkdir -p "$local"
 echo "KVM=$(test -c /dev/kvm && echo yes || echo no)" > ready
 while :; do
   for job in *.sh; do
     [ -e "$job" ] || break
     id=${job%.sh}
-    timeout -k 5 "$(cat "$id.limit")" bash "$job" > "$id.out" 2>&1 < /dev/null
-    echo $? > "$id.rc.tmp"
+    : > "$id.started"
+    timeout -k 5 "$(cat "$id.limit")" bash "$job" > "$local/$id.out" 2>&1 < /dev/null
+    rc=$?
+    cp "$local/$id.out" "$id.out.tmp" && mv "$id.out.tmp" "$id.out"
+    echo "$rc $(stat -c %s "$local/$id.out")" > "$id.rc.tmp"
     mv "$id.rc.tmp" "$id.rc"
-    rm -f "$job"
+    rm -f "$job" "$local/$id.out"
   done
   sleep 0.1
 done
@@ -442,10 +449,20 @@ impl L1 {
         std::fs::rename(path("sh.tmp"), path("sh")).map_err(|e| JobError::Other(e.to_string()))?;
         loop {
             if let Ok(rc) = std::fs::read_to_string(path("rc")) {
-                let status = rc.trim().parse().ok();
                 let console = std::fs::read(path("out")).unwrap_or_default();
-                for ext in ["rc", "out", "limit"] {
+                for ext in ["rc", "out", "limit", "started"] {
                     let _ = std::fs::remove_file(path(ext));
+                }
+                let mut words = rc.split_whitespace().map(|w| w.parse::<u64>().ok());
+                let status = words.next().flatten().and_then(|s| i32::try_from(s).ok());
+                let size = words.next().flatten();
+                if size != Some(console.len() as u64) {
+                    return Err(JobError::L1Failed(format!(
+                        "the job's output reached the host incomplete over 9p ({} of {size:?} \
+                         bytes)\n{}",
+                        console.len(),
+                        self.console_tail()
+                    )));
                 }
                 return Ok(BootLog {
                     console: String::from_utf8_lossy(&console).to_string(),
@@ -456,7 +473,7 @@ impl L1 {
             }
             self.check_alive().map_err(JobError::L1Failed)?;
             // L1 stops every job after its limit; one that runs far longer means L1 hangs.
-            let started = std::fs::metadata(path("out")).and_then(|m| m.created());
+            let started = std::fs::metadata(path("started")).and_then(|m| m.modified());
             if let Ok(age) = started.map(|t| t.elapsed().unwrap_or_default()) {
                 if age > limit + L1_GRACE {
                     return Err(JobError::L1Failed(format!(
