@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use virtio::block::{Block, BlockConfig, Format};
-use virtio::{Memory, VirtioDevice};
+use virtio::{Memory, QueueDevice};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;

@@ -330,7 +330,9 @@ fn tier4_no_reboot_ends_nixvmm_on_reboot_and_on_panic() {
 
 #[test]
 fn tier4_console_input_reaches_a_shell_on_ttys0() {
-    let script = "echo WAITING-FOR-A-LINE\nread -t 120 line < /dev/ttyS0 && eval \"$line\"";
+    // ttyS0 is open before the guest says it waits, so no byte typed after that is lost.
+    let script =
+        "exec 4< /dev/ttyS0\necho WAITING-FOR-A-LINE\nread -t 120 line <&4 && eval \"$line\"";
     let command = Guest {
         script,
         ..Guest::default()
@@ -339,6 +341,7 @@ fn tier4_console_input_reaches_a_shell_on_ttys0() {
     // Typed once the guest waits for it, as a user would.
     let job = format!(
         "cd \"$(mktemp -d)\" && mkfifo input && exec 3<>input\n\
+         trap 'cat out; exit 124' TERM\n\
          {command} <&3 > out 2>&1 &\n\
          pid=$!\n\
          for i in $(seq 1200); do grep -q '^WAITING-FOR-A-LINE' out && break; sleep 0.1; done\n\
@@ -666,6 +669,137 @@ fn tier4_vhost_user_fs_share_served_by_nixvmm_device_fs() {
         std::fs::read_to_string(dir.path().join("back")).unwrap(),
         "from-guest\n"
     );
+}
+
+/// Shell functions for the affinity test. `move IRQ` asks Linux to move an IRQ to the CPU it
+/// is not on (as irqbalance or a user does); Linux re-programs the device's MSI-X vector
+/// (masked, new message, unmasked) when the IRQ next fires. `effective IRQ` is where it is.
+const IRQ_TOOLS: &str = r#"
+irq_of() { awk -v name="$1" '$NF ~ name { sub(":", "", $1); print $1; exit }' /proc/interrupts; }
+effective() { cat /proc/irq/$1/effective_affinity_list; }
+move() { to=$((1 - $(effective $1))); echo $to > /proc/irq/$1/smp_affinity_list && echo $to; }
+counts() { awk -v irq="$1:" '$1 == irq { print $2 "," $3 }' /proc/interrupts; }
+"#;
+
+#[test]
+fn tier4_irq_affinity_moves_keep_disks_and_shares_working() {
+    let dir = host().tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    let pattern: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&disk, &pattern).unwrap();
+    let blob = &pattern[..4 << 20];
+    for name in ["in-vmm", "vhost-user"] {
+        std::fs::create_dir(dir.path().join(name)).unwrap();
+        std::fs::write(dir.path().join(name).join("blob"), blob).unwrap();
+    }
+    let (disk_sum, blob_sum) = (sha256(&pattern), sha256(blob));
+    // virtio-fs IRQs are ordinary ones, moved by smp_affinity. virtio-blk's request IRQ is
+    // "managed" (spread by the kernel; smp_affinity refuses it), so it moves the one way
+    // Linux moves it: when its CPU goes offline.
+    let script = format!(
+        "{IRQ_TOOLS}\n\
+         grep virtio /proc/interrupts\n\
+         blk=$(irq_of 'virtio[0-9]+-req[.]0')\n\
+         mkdir -p /a /b\n\
+         mount -t virtiofs in-vmm /a && mount -t virtiofs vhost-user /b || echo MOUNT=failed\n\
+         fs_irqs=$(awk '$NF ~ /virtio[0-9]+-requests/ {{ sub(\":\", \"\", $1); print $1 }}' /proc/interrupts)\n\
+         echo FS_IRQS=$(echo $fs_irqs | tr ' ' ,)\n\
+         for round in 1 2 3 4; do\n\
+           for irq in $fs_irqs; do to=$(move $irq); echo 3 > /proc/sys/vm/drop_caches\n\
+             echo SUM=$(cat /a/blob | sha256sum | cut -d' ' -f1),$(cat /b/blob | sha256sum | cut -d' ' -f1)\n\
+             echo FS_MOVE=$irq:$to:$(effective $irq)\n\
+           done\n\
+           blk_before=$(effective $blk)\n\
+           echo 0 > /sys/devices/system/cpu/cpu1/online\n\
+           echo BLK_SUM=$(dd if=/dev/vda iflag=direct bs=256k 2>/dev/null | sha256sum | cut -d' ' -f1)\n\
+           echo BLK_MOVE=$blk_before:$(effective $blk)\n\
+           echo 1 > /sys/devices/system/cpu/cpu1/online\n\
+           echo BLK_SUM=$(dd if=/dev/vda iflag=direct bs=256k 2>/dev/null | sha256sum | cut -d' ' -f1)\n\
+         done\n\
+         for irq in $fs_irqs; do echo FS_COUNTS=$(counts $irq); done\n\
+         umount /a /b"
+    );
+    let socket = format!("/tmp/nixvmm-tier4-affinity-{}.sock", std::process::id());
+    let guest = Guest {
+        modules: &["virtio_pci", "virtio_blk", "virtiofs"],
+        script: &script,
+        cpus: 2,
+        args: args(&[
+            "--disk",
+            &format!("path={},format=raw", disk.display()),
+            "--share",
+            &format!(
+                "tag=in-vmm,path={},fs=virtiofs",
+                dir.path().join("in-vmm").display()
+            ),
+            "--share",
+            &format!("tag=vhost-user,socket={socket},fs=vhost-user"),
+        ]),
+        ..Guest::default()
+    };
+    let job = format!(
+        "rm -f {socket}\n\
+         {} device fs --socket-path {socket} --shared-dir {} &\n\
+         for i in $(seq 100); do [ -S {socket} ] && break; sleep 0.1; done\n\
+         exec {}",
+        shell_quote(path(&nixvmm_bin())),
+        shell_quote(path(&dir.path().join("vhost-user"))),
+        guest.command(),
+    );
+    let log = host().run(&job, BOOT_LIMIT).unwrap();
+    boots_and_powers_off(&log);
+    let tail = log.tail();
+    let values = |key: &str| -> Vec<String> {
+        let prefix = format!("{key}=");
+        log.console
+            .lines()
+            .filter_map(|l| l.trim_end().strip_prefix(prefix.as_str()))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        values("SUM"),
+        vec![format!("{blob_sum},{blob_sum}"); 8],
+        "both shares read right after every move:\n{tail}"
+    );
+    assert_eq!(values("BLK_SUM"), vec![disk_sum; 8], "{tail}");
+    let moves = values("FS_MOVE");
+    assert_eq!(moves.len(), 8, "{tail}");
+    for m in &moves {
+        let parts: Vec<&str> = m.split(':').collect();
+        assert_eq!(parts.get(1), parts.get(2), "IRQ {m} moved:\n{tail}");
+    }
+    for m in values("BLK_MOVE") {
+        assert!(
+            m.ends_with(":0"),
+            "the disk IRQ leaves an offline CPU 1 ({m}):\n{tail}"
+        );
+    }
+    for counts in values("FS_COUNTS") {
+        let counts: Vec<u64> = counts.split(',').filter_map(|c| c.parse().ok()).collect();
+        assert!(
+            counts.len() == 2 && counts.iter().all(|&c| c > 0),
+            "virtio-fs interrupts on both CPUs:\n{tail}"
+        );
+    }
+}
+
+fn sha256(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 fn epoch_now() -> i64 {

@@ -17,7 +17,7 @@ use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::{device_type, process_chains, Chain, Error, Memory, VirtioDevice, COMMON_FEATURES};
+use crate::{device_type, process_chains, Chain, Error, Memory, QueueDevice, COMMON_FEATURES};
 
 /// Queue 0 is the high-priority queue, queue 1 the one request queue.
 const QUEUE_SIZES: &[u16] = &[1024, 1024];
@@ -211,7 +211,7 @@ fn reply_error(chain: &Chain, mem: &Memory, errno: i32) -> Option<u32> {
     Some(reply.len() as u32)
 }
 
-impl VirtioDevice for VirtioFs {
+impl QueueDevice for VirtioFs {
     fn device_type(&self) -> u32 {
         device_type::FS
     }

@@ -1,19 +1,28 @@
 //! virtio device models, independent of their transport.
 //!
-//! A device model implements [`VirtioDevice`]: it describes itself (type, queues, features,
-//! configuration space) and processes a queue when given guest memory. It never raises
-//! interrupts or parses descriptor flags: [`process_chains`] walks the queue, and the
-//! transport (in-VMM virtio-pci, or vhost-user for `nixvmm device …`) signals the guest when
-//! [`VirtioDevice::process_queue`] says buffers were used.
+//! The transport (virtio-pci) drives a [`VirtioDevice`]: it describes itself, and at
+//! DRIVER_OK gets its queues, guest memory and an [`Interrupt`] handle in an [`Activation`];
+//! a reset takes them back. Most models only answer the guest's requests: they implement
+//! [`QueueDevice`] (`process_queue`, walking chains with [`process_chains`]), and
+//! [`worker::Hosted`] runs them in a worker thread of their own inside the VMM, while
+//! `nixvmm device …` serves the same models over vhost-user. A device served by another
+//! process (a vhost-user frontend) implements [`VirtioDevice`] directly.
 
 pub mod block;
 pub mod fs;
+pub mod interrupt;
 pub mod ninep;
 pub mod pci;
 pub mod rng;
+pub mod worker;
+
+use std::os::fd::RawFd;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use interrupt::Interrupt;
 
 /// Feature bits every modern device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -41,12 +50,36 @@ pub enum Error {
     NoQueue(usize),
     #[error("{0}")]
     Backend(String),
+    #[error("the device is already active")]
+    AlreadyActive,
+    #[error("the device did not stop after a reset and cannot start again")]
+    Lost,
+    #[error("cannot start the device's worker: {0}")]
+    Worker(std::io::Error),
 }
 
 pub type Memory = GuestMemoryMmap;
 pub type Chain<'a> = DescriptorChain<&'a Memory>;
 
-/// A virtio device model.
+/// One queue the driver enabled, as a device gets it at activation.
+pub struct ActiveQueue {
+    pub index: usize,
+    pub queue: Queue,
+    /// Written (by KVM's ioeventfd, or the transport) when the guest notifies the queue.
+    pub kick: EventFd,
+}
+
+/// What a device gets at DRIVER_OK.
+pub struct Activation {
+    pub mem: Memory,
+    /// The features the driver accepted.
+    pub features: u64,
+    pub interrupt: Interrupt,
+    /// The queues the driver enabled, in index order.
+    pub queues: Vec<ActiveQueue>,
+}
+
+/// A virtio device as its transport drives it.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// The maximum size of each queue; the number of entries is the number of queues.
@@ -58,10 +91,36 @@ pub trait VirtioDevice: Send {
         Vec::new()
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// The features the driver accepted, before the first [`VirtioDevice::process_queue`].
+    /// Starts serving the queues the driver set up.
+    fn activate(&mut self, activation: Activation) -> Result<(), Error>;
+    /// Stops serving them (the driver reset the device, or the VM ends); the device can be
+    /// activated again afterwards.
+    fn reset(&mut self);
+    /// Stops touching guest memory and queues until [`VirtioDevice::resume`].
+    fn pause(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// A device model that answers the guest's requests on its queues, run by
+/// [`worker::Hosted`] in the VMM and by `nixvmm device` over vhost-user.
+pub trait QueueDevice: Send + 'static {
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Offered feature bits, [`COMMON_FEATURES`] included.
+    fn features(&self) -> u64;
+    /// The device-specific configuration space (read once, when the device is plugged).
+    fn config(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// The features the driver accepted, before the first [`QueueDevice::process_queue`].
     fn set_acked_features(&mut self, _features: u64) {}
     /// Handles the buffers the guest made available on queue `index`. Returns whether any
-    /// were used, so the transport knows to consider an interrupt.
+    /// were used, so the caller knows to consider an interrupt.
     fn process_queue(
         &mut self,
         index: usize,
@@ -70,35 +129,21 @@ pub trait VirtioDevice: Send {
     ) -> Result<bool, Error>;
     /// Forgets driver state (the driver reset the device).
     fn reset(&mut self) {}
-
-    /// Whether the device is served outside the VMM (vhost-user): it then takes its queues at
-    /// DRIVER_OK through [`VirtioDevice::activate_external`] instead of processing them.
-    fn is_external(&self) -> bool {
-        false
+    /// Host file descriptors the worker waits on besides the queues (a socket, a tap, a
+    /// timerfd); [`QueueDevice::backend_ready`] runs when one is readable.
+    fn backend_fds(&self) -> Vec<RawFd> {
+        Vec::new()
     }
-
-    /// Hands a device served elsewhere the queues the driver set up.
-    fn activate_external(
+    /// `backend_fds()[n]` is readable.
+    fn backend_ready(
         &mut self,
+        _n: usize,
+        _queues: &mut [ActiveQueue],
         _mem: &Memory,
-        _features: u64,
-        _queues: Vec<ExternalQueue>,
+        _interrupt: &Interrupt,
     ) -> Result<(), Error> {
         Ok(())
     }
-}
-
-/// A queue as the driver set it up, for a device served outside the VMM.
-pub struct ExternalQueue {
-    pub index: usize,
-    pub size: u16,
-    pub desc: vm_memory::GuestAddress,
-    pub avail: vm_memory::GuestAddress,
-    pub used: vm_memory::GuestAddress,
-    /// Written by KVM when the guest notifies the queue.
-    pub kick: vmm_sys_util::eventfd::EventFd,
-    /// Raises the queue's interrupt (an irqfd routed to its MSI-X message).
-    pub call: vmm_sys_util::eventfd::EventFd,
 }
 
 /// Pops every available chain of `queue`, hands it to `handle` (which returns the number of
@@ -121,6 +166,23 @@ where
             return Ok(used_any);
         }
     }
+}
+
+/// [`QueueDevice::process_queue`] for a device with one request queue: chains of queue 0
+/// go to `handle` as in [`process_chains`]; any other queue is an error.
+pub fn process_request_queue<F>(
+    index: usize,
+    queue: &mut Queue,
+    mem: &Memory,
+    handle: F,
+) -> Result<bool, Error>
+where
+    F: FnMut(Chain) -> u32,
+{
+    if index != 0 {
+        return Err(Error::NoQueue(index));
+    }
+    process_chains(queue, mem, handle)
 }
 
 /// Whether the guest must be interrupted after buffers were used (honours EVENT_IDX).

@@ -4,7 +4,9 @@ use std::io::Write;
 
 use virtio_queue::Queue;
 
-use crate::{device_type, process_chains, Chain, Error, Memory, VirtioDevice, COMMON_FEATURES};
+use crate::{
+    device_type, process_request_queue, Chain, Error, Memory, QueueDevice, COMMON_FEATURES,
+};
 
 const QUEUE_SIZES: &[u16] = &[256];
 /// Most bytes served per request, whatever the guest's buffer size (as Firecracker does), so a
@@ -62,7 +64,7 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-impl VirtioDevice for Rng {
+impl QueueDevice for Rng {
     fn device_type(&self) -> u32 {
         device_type::RNG
     }
@@ -81,10 +83,7 @@ impl VirtioDevice for Rng {
         queue: &mut Queue,
         mem: &Memory,
     ) -> Result<bool, Error> {
-        if index != 0 {
-            return Err(Error::NoQueue(index));
-        }
-        process_chains(queue, mem, |chain| Rng::fill(chain, mem))
+        process_request_queue(index, queue, mem, |chain| Rng::fill(chain, mem))
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use virtio::block::{Block, BlockConfig, Format};
-use virtio::{Memory, VirtioDevice};
+use virtio::{Memory, QueueDevice};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use virtio::fs::{FsConfig, VirtioFs};
-use virtio::{Memory, VirtioDevice};
+use virtio::{Memory, QueueDevice};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;

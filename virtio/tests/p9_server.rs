@@ -416,7 +416,7 @@ fn unix_socket_listener_serves_9p() {
 #[test]
 fn virtio_9p_device_answers_through_a_queue() {
     use virtio::ninep::Virtio9p;
-    use virtio::{Memory, VirtioDevice};
+    use virtio::{Memory, QueueDevice};
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};

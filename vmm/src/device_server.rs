@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use devices::bus::lock;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
-use virtio::VirtioDevice;
+use virtio::QueueDevice;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -16,11 +16,11 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-/// Hosts a [`VirtioDevice`] as a vhost-user backend: the frontend hands over guest memory and
+/// Hosts a [`QueueDevice`] as a vhost-user backend: the frontend hands over guest memory and
 /// the vrings; a kick on queue N runs the model's `process_queue(N)`.
 pub struct VhostUserDevice {
     /// In a mutex only so the backend is `Sync`, as the daemon requires; one thread uses it.
-    model: Mutex<Box<dyn VirtioDevice>>,
+    model: Mutex<Box<dyn QueueDevice>>,
     memory: GuestMemoryAtomic<GuestMemoryMmap>,
     event_idx: bool,
     /// Tells the vring worker thread to exit when the frontend disconnects; without it the
@@ -29,7 +29,7 @@ pub struct VhostUserDevice {
 }
 
 impl VhostUserDevice {
-    pub fn new(model: Box<dyn VirtioDevice>) -> std::io::Result<VhostUserDevice> {
+    pub fn new(model: Box<dyn QueueDevice>) -> std::io::Result<VhostUserDevice> {
         Ok(VhostUserDevice {
             model: Mutex::new(model),
             memory: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
@@ -138,7 +138,7 @@ pub enum ServeError {
 }
 
 /// Serves `model` on the Unix socket `socket` until the frontend disconnects.
-pub fn serve(name: &str, model: Box<dyn VirtioDevice>, socket: &Path) -> Result<(), ServeError> {
+pub fn serve(name: &str, model: Box<dyn QueueDevice>, socket: &Path) -> Result<(), ServeError> {
     let err = |reason: String| ServeError::Daemon {
         name: name.to_string(),
         reason,

@@ -28,7 +28,7 @@ impl log::Log for StderrLogger {
 
 /// `nixvmm device …`: serve one device model until the frontend disconnects.
 fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
-    let (name, model, socket): (_, Box<dyn virtio::VirtioDevice>, _) = match device {
+    let (name, model, socket): (_, Box<dyn virtio::QueueDevice>, _) = match device {
         DeviceCommand::NineP {
             listen,
             shared_dir,

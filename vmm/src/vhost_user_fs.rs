@@ -8,8 +8,8 @@ use std::path::Path;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio::{device_type, Error, ExternalQueue, Memory, VirtioDevice, COMMON_FEATURES};
-use virtio_queue::Queue;
+use virtio::{device_type, Activation, Error, VirtioDevice, COMMON_FEATURES};
+use virtio_queue::QueueT;
 use vm_memory::{GuestMemory, GuestMemoryRegion};
 
 const QUEUE_SIZES: &[u16] = &[1024, 1024];
@@ -83,12 +83,15 @@ impl VhostUserFs {
         config
     }
 
-    fn activate(
-        &mut self,
-        mem: &Memory,
-        features: u64,
-        queues: Vec<ExternalQueue>,
-    ) -> Result<(), Error> {
+    /// Hands the backend guest memory and each enabled queue: its rings, its kick eventfd and
+    /// the irqfd of its MSI-X vector (which follows the guest's rewrites of that vector).
+    fn activate(&mut self, activation: Activation) -> Result<(), Error> {
+        let Activation {
+            mem,
+            features,
+            interrupt,
+            queues,
+        } = activation;
         let protocol = self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         self.stop_rings()?;
         self.frontend
@@ -115,16 +118,21 @@ impl VhostUserFs {
                 .map_err(backend)
         };
         for q in queues {
+            let size = q.queue.size();
+            let (desc, avail, used) = virtio::pci::queue_addresses(&q.queue);
+            let call = interrupt
+                .queue_irqfd(q.index)
+                .ok_or_else(|| backend(format!("queue {} has no MSI-X vector", q.index)))?;
             self.frontend
-                .set_vring_num(q.index, q.size)
+                .set_vring_num(q.index, size)
                 .map_err(backend)?;
             let config = VringConfigData {
                 queue_max_size: QUEUE_SIZES[q.index.min(QUEUE_SIZES.len() - 1)],
-                queue_size: q.size,
+                queue_size: size,
                 flags: 0,
-                desc_table_addr: host(q.desc)?,
-                used_ring_addr: host(q.used)?,
-                avail_ring_addr: host(q.avail)?,
+                desc_table_addr: host(desc)?,
+                used_ring_addr: host(used)?,
+                avail_ring_addr: host(avail)?,
                 log_addr: None,
             };
             self.frontend
@@ -132,7 +140,7 @@ impl VhostUserFs {
                 .map_err(backend)?;
             self.frontend.set_vring_base(q.index, 0).map_err(backend)?;
             self.frontend
-                .set_vring_call(q.index, &q.call)
+                .set_vring_call(q.index, &call)
                 .map_err(backend)?;
             self.frontend
                 .set_vring_kick(q.index, &q.kick)
@@ -169,26 +177,13 @@ impl VirtioDevice for SharedVhostUserFs {
         shared(self).config()
     }
 
-    fn process_queue(&mut self, _: usize, _: &mut Queue, _: &Memory) -> Result<bool, Error> {
-        Ok(false) // the backend processes the queues
-    }
-
-    fn is_external(&self) -> bool {
-        true
-    }
-
     fn reset(&mut self) {
         if let Err(e) = shared(self).stop_rings() {
             log::warn!("{e}");
         }
     }
 
-    fn activate_external(
-        &mut self,
-        mem: &Memory,
-        features: u64,
-        queues: Vec<ExternalQueue>,
-    ) -> Result<(), Error> {
-        shared(self).activate(mem, features, queues)
+    fn activate(&mut self, activation: Activation) -> Result<(), Error> {
+        shared(self).activate(activation)
     }
 }

@@ -31,7 +31,7 @@ use crate::console::ConsoleOutput;
 use crate::cpu::{self, CpuSetup};
 use crate::vcpu::{self, Buses};
 use crate::vhost_user_fs::{SharedVhostUserFs, VhostUserFs};
-use crate::virtio_devices::{EventLoop, VirtioDevices};
+use crate::virtio_devices::VirtioDevices;
 
 /// The KVM identity-map and TSS pages, just below the IOAPIC in the MMIO hole.
 const KVM_IDENTITY_MAP_START: u64 = 0xfeff_c000;
@@ -60,6 +60,12 @@ pub enum VmError {
     TooManyDevices,
     #[error("device setup: {0}")]
     Device(String),
+    #[error("virtio-pci: {0}")]
+    Transport(#[from] virtio::pci::TransportError),
+    #[error("MSI-X: {0}")]
+    Msi(#[from] crate::msi::MsiError),
+    #[error(transparent)]
+    PciSlots(#[from] devices::pci::NoFreeSlot),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
 }
@@ -76,7 +82,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     exit_tx: ExitSender,
     exit_rx: Receiver<VmExit>,
-    virtio: Option<VirtioDevices>,
+    _virtio: VirtioDevices,
     _vm_fd: Arc<VmFd>,
     _memory: GuestMemoryMmap,
 }
@@ -129,7 +135,7 @@ impl Vm {
             serial,
             exit_tx,
             exit_rx,
-            virtio: Some(virtio),
+            _virtio: virtio,
             _vm_fd: vm_fd,
             _memory: memory,
         })
@@ -147,11 +153,6 @@ impl Vm {
     /// Runs the vCPUs until the first exit reason arrives, then stops them all.
     pub fn run(mut self) -> VmExit {
         install_kick_handler();
-        let _event_loop: EventLoop = match self.virtio.take().map(VirtioDevices::start) {
-            Some(Ok(event_loop)) => event_loop,
-            Some(Err(e)) => return VmExit::Failed(e.to_string()),
-            None => return VmExit::Failed("the VM was already run".into()),
-        };
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
@@ -183,27 +184,30 @@ fn device_models(
     config: &VmConfig,
     backends: &ExternalBackends,
 ) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, VmError> {
+    use virtio::worker::Hosted;
     let mut models: Vec<Box<dyn virtio::VirtioDevice>> = Vec::new();
-    for disk in &config.disks {
+    for (n, disk) in config.disks.iter().enumerate() {
         let block = virtio::block::Block::open(disk).map_err(|e| VmError::Device(e.to_string()))?;
-        models.push(Box::new(block));
+        models.push(Box::new(Hosted::new(&format!("virtio-blk{n}"), block)));
     }
-    for share in &config.shares {
+    for (n, share) in config.shares.iter().enumerate() {
         let model: Box<dyn virtio::VirtioDevice> = match share {
-            Share::VirtioFs(fs) => {
-                Box::new(virtio::fs::VirtioFs::new(fs).map_err(|e| VmError::Device(e.to_string()))?)
-            }
+            Share::VirtioFs(fs) => Box::new(Hosted::new(
+                &format!("virtio-fs{n}"),
+                virtio::fs::VirtioFs::new(fs).map_err(|e| VmError::Device(e.to_string()))?,
+            )),
             Share::VhostUser { socket, .. } => Box::new(backends.get(socket)?),
-            Share::NineP { tag, config } => Box::new(
+            Share::NineP { tag, config } => Box::new(Hosted::new(
+                &format!("virtio-9p{n}"),
                 virtio::ninep::Virtio9p::new(tag, config.clone()).map_err(|e| {
                     VmError::Device(format!("--share {}: {e}", config.root.display()))
                 })?,
-            ),
+            )),
         };
         models.push(model);
     }
     if config.rng {
-        models.push(Box::new(virtio::rng::Rng::new()));
+        models.push(Box::new(Hosted::new("virtio-rng", virtio::rng::Rng::new())));
     }
     Ok(models)
 }

@@ -11,7 +11,7 @@ use virtio_queue::Queue;
 
 pub use disk::{DiskError, DiskImage, Format};
 
-use crate::{device_type, process_chains, Error, Memory, VirtioDevice, COMMON_FEATURES};
+use crate::{device_type, process_request_queue, Error, Memory, QueueDevice, COMMON_FEATURES};
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZES: &[u16] = &[256];
@@ -61,7 +61,7 @@ impl Block {
     }
 }
 
-impl VirtioDevice for Block {
+impl QueueDevice for Block {
     fn device_type(&self) -> u32 {
         device_type::BLOCK
     }
@@ -109,9 +109,6 @@ impl VirtioDevice for Block {
         queue: &mut Queue,
         mem: &Memory,
     ) -> Result<bool, Error> {
-        if index != 0 {
-            return Err(Error::NoQueue(index));
-        }
-        process_chains(queue, mem, |chain| request::handle(self, chain, mem))
+        process_request_queue(index, queue, mem, |chain| request::handle(self, chain, mem))
     }
 }

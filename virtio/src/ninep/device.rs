@@ -6,7 +6,9 @@ use std::io::{Read, Write};
 use virtio_queue::Queue;
 
 use super::server::{Server, ShareConfig, MAX_MSIZE};
-use crate::{device_type, process_chains, Chain, Error, Memory, VirtioDevice, COMMON_FEATURES};
+use crate::{
+    device_type, process_request_queue, Chain, Error, Memory, QueueDevice, COMMON_FEATURES,
+};
 
 const QUEUE_SIZES: &[u16] = &[128];
 /// VIRTIO_9P_MOUNT_TAG: the config space holds the mount tag.
@@ -47,7 +49,7 @@ impl Virtio9p {
     }
 }
 
-impl VirtioDevice for Virtio9p {
+impl QueueDevice for Virtio9p {
     fn device_type(&self) -> u32 {
         device_type::P9
     }
@@ -73,9 +75,6 @@ impl VirtioDevice for Virtio9p {
         queue: &mut Queue,
         mem: &Memory,
     ) -> Result<bool, Error> {
-        if index != 0 {
-            return Err(Error::NoQueue(index));
-        }
-        process_chains(queue, mem, |chain| self.handle(chain, mem))
+        process_request_queue(index, queue, mem, |chain| self.handle(chain, mem))
     }
 }

@@ -12,9 +12,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use msix::{MsiMessage, MsiSink, MsixTable};
+pub use msix::{MsiMessage, MsixTable};
 
-use crate::{needs_interrupt, Memory, VirtioDevice};
+use crate::interrupt::{MsiVectors, NO_VECTOR};
+use crate::{Activation, ActiveQueue, Interrupt, Memory, VirtioDevice};
 
 /// BAR 0 layout.
 const COMMON_CFG: u64 = 0x0000;
@@ -39,36 +40,33 @@ const PCI_CAP_MSIX: u8 = 0x11;
 /// Device status bits.
 const STATUS_FEATURES_OK: u8 = 8;
 const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_NEEDS_RESET: u8 = 0x40;
 const STATUS_FAILED: u8 = 0x80;
-const NO_VECTOR: u16 = 0xffff;
 const MSIX_ENABLE: u16 = 1 << 15;
 const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 
-/// One virtqueue as the driver configures it.
+/// One virtqueue as the driver configures it. The device gets a copy at DRIVER_OK.
 struct QueueSlot {
     queue: Queue,
-    vector: u16,
     /// Written by KVM when the guest notifies this queue (ioeventfd).
     event: EventFd,
 }
 
-/// A virtio device behind the PCI transport.
+/// A virtio device behind the PCI transport. The vCPUs reach it for register accesses only:
+/// the device's queues are served elsewhere (its worker, or a vhost-user backend).
 pub struct VirtioPciDevice {
     config: PciConfiguration,
     device: Box<dyn VirtioDevice>,
     queues: Vec<QueueSlot>,
     msix: MsixTable,
     msix_cap: usize,
-    config_vector: u16,
+    interrupt: Interrupt,
     device_feature_select: u32,
     driver_feature_select: u32,
     driver_features: u64,
     status: u8,
-    config_generation: u8,
     queue_select: u16,
-    isr: u8,
     memory: Memory,
-    interrupts: Arc<dyn MsiSink>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +77,8 @@ pub enum TransportError {
     Queue(#[from] virtio_queue::Error),
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("the platform gave {given} MSI-X vectors for {needed}")]
+    Vectors { given: usize, needed: usize },
 }
 
 /// A vendor-specific virtio capability (struct virtio_pci_cap), `extra` appended.
@@ -100,13 +100,19 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
 }
 
 impl VirtioPciDevice {
-    /// Wraps `device` with its BAR 0 at `bar_addr`. MSI-X gets one vector per queue plus one
-    /// for configuration changes.
+    /// The MSI-X vectors a device with `queues` queues gets: one per queue plus one for
+    /// configuration changes.
+    pub fn vector_count(queues: usize) -> u16 {
+        queues as u16 + 1
+    }
+
+    /// Wraps `device` with its BAR 0 at `bar_addr`; `vectors` delivers its
+    /// [`VirtioPciDevice::vector_count`] MSI-X vectors.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         bar_addr: u64,
         memory: Memory,
-        interrupts: Arc<dyn MsiSink>,
+        vectors: Arc<dyn MsiVectors>,
     ) -> Result<VirtioPciDevice, TransportError> {
         let kind = device.device_type();
         let (class, subclass) = match kind {
@@ -145,9 +151,17 @@ impl VirtioPciDevice {
             ),
             &[],
         )?;
-        let vectors = queue_count as u16 + 1;
+        let vector_count = Self::vector_count(queue_count);
+        if (0..vector_count).any(|v| vectors.irqfd(v).is_none()) {
+            return Err(TransportError::Vectors {
+                given: (0..vector_count)
+                    .filter(|&v| vectors.irqfd(v).is_some())
+                    .count(),
+                needed: usize::from(vector_count),
+            });
+        }
         let mut msix = vec![PCI_CAP_MSIX, 0];
-        msix.extend_from_slice(&(vectors - 1).to_le_bytes());
+        msix.extend_from_slice(&(vector_count - 1).to_le_bytes());
         msix.extend_from_slice(&(MSIX_TABLE as u32).to_le_bytes()); // BIR 0
         msix.extend_from_slice(&(MSIX_PBA as u32).to_le_bytes());
         let msix_cap = config.add_capability(&msix, &[0, 0, 0, 0xc0])?;
@@ -157,7 +171,6 @@ impl VirtioPciDevice {
             .map(|&size| {
                 Ok(QueueSlot {
                     queue: Queue::new(size)?,
-                    vector: NO_VECTOR,
                     event: EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?,
                 })
             })
@@ -166,18 +179,15 @@ impl VirtioPciDevice {
             config,
             device,
             queues,
-            msix: MsixTable::new(vectors),
+            msix: MsixTable::new(vector_count),
             msix_cap,
-            config_vector: NO_VECTOR,
+            interrupt: Interrupt::new(vectors, queue_count),
             device_feature_select: 0,
             driver_feature_select: 0,
             driver_features: 0,
             status: 0,
-            config_generation: 0,
             queue_select: 0,
-            isr: 0,
             memory,
-            interrupts,
         })
     }
 
@@ -200,92 +210,68 @@ impl VirtioPciDevice {
         self.config.bars().first().map_or(0, |bar| bar.addr)
     }
 
-    fn driver_ok(&self) -> bool {
-        self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_FAILED == 0
-    }
-
-    /// Whether the device's queues are served outside the VMM (vhost-user).
-    pub fn is_external(&self) -> bool {
-        self.device.is_external()
-    }
-
-    /// Hands the ready queues, their notification eventfds and irqfds for their MSI-X vectors
-    /// to a device served outside the VMM.
-    fn activate_external(&mut self) -> Result<(), crate::Error> {
+    /// Hands the enabled queues, guest memory and the interrupt handle to the device.
+    fn activate(&mut self) -> Result<(), crate::Error> {
         let mut queues = Vec::new();
         for (index, slot) in self.queues.iter().enumerate() {
             if !slot.queue.ready() {
                 continue;
             }
-            let message = self.msix.message(slot.vector).ok_or_else(|| {
-                crate::Error::Backend(format!("queue {index} has no MSI-X vector"))
-            })?;
-            let call = self
-                .interrupts
-                .irqfd(message)
-                .ok_or_else(|| crate::Error::Backend("no irqfd for an MSI".into()))?;
-            let kick = slot
-                .event
-                .try_clone()
-                .map_err(|e| crate::Error::Backend(e.to_string()))?;
-            let (desc, avail, used) = queue_addresses(&slot.queue);
-            queues.push(crate::ExternalQueue {
+            queues.push(ActiveQueue {
                 index,
-                size: slot.queue.size(),
-                desc,
-                avail,
-                used,
-                kick,
-                call,
+                queue: Queue::try_from(slot.queue.state())?,
+                kick: slot.event.try_clone().map_err(crate::Error::Worker)?,
             });
         }
-        self.device
-            .activate_external(&self.memory, self.driver_features, queues)
-    }
-
-    /// Processes queue `index` after a notification, and interrupts the guest if needed.
-    pub fn process_queue(&mut self, index: usize) {
-        if !self.driver_ok() || self.device.is_external() {
-            return;
-        }
-        let Some(slot) = self.queues.get_mut(index) else {
-            return;
-        };
-        if !slot.queue.ready() {
-            return;
-        }
-        let _ = slot.event.read();
-        match self
-            .device
-            .process_queue(index, &mut slot.queue, &self.memory)
-        {
-            Ok(true) if needs_interrupt(&mut slot.queue, &self.memory) => {
-                let vector = slot.vector;
-                self.isr |= 1;
-                self.msix.trigger(vector, self.interrupts.as_ref());
-            }
-            Ok(_) => {}
-            Err(e) => {
-                log::warn!(
-                    "virtio device {}: queue {index}: {e}",
-                    self.device.device_type()
-                );
-                self.status |= STATUS_FAILED;
-            }
-        }
+        self.device.activate(Activation {
+            mem: self.memory.clone(),
+            features: self.driver_features,
+            interrupt: self.interrupt.clone(),
+            queues,
+        })
     }
 
     fn reset(&mut self) {
         self.device.reset();
         for slot in &mut self.queues {
             slot.queue.reset();
-            slot.vector = NO_VECTOR;
+            let _ = slot.event.read();
         }
-        self.config_vector = NO_VECTOR;
+        self.interrupt.reset();
         self.driver_features = 0;
         self.status = 0;
-        self.isr = 0;
         self.queue_select = 0;
+    }
+
+    /// Tells the platform where `vector` goes now, after the guest changed its table entry or
+    /// the capability's enable and mask bits.
+    fn sync_vector(&self, vector: usize) {
+        self.interrupt
+            .vectors()
+            .route(vector as u16, self.msix.effective(vector));
+    }
+
+    fn sync_all_vectors(&self) {
+        for vector in 0..self.msix.len() {
+            self.sync_vector(vector);
+        }
+    }
+
+    /// A vector number the driver wrote, or NO_VECTOR if this function has no such vector.
+    fn valid_vector(&self, vector: u16) -> u16 {
+        if usize::from(vector) < self.msix.len() {
+            vector
+        } else {
+            NO_VECTOR
+        }
+    }
+
+    fn status(&self) -> u8 {
+        if self.interrupt.needs_reset() {
+            self.status | STATUS_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     fn selected(&mut self) -> Option<&mut QueueSlot> {
@@ -309,13 +295,15 @@ impl VirtioPciDevice {
                 1 => (self.driver_features >> 32) as u32,
                 _ => 0,
             },
-            0x10 => u32::from(self.config_vector),
+            0x10 => u32::from(self.interrupt.config_vector()),
             0x12 => self.queues.len() as u32,
-            0x14 => u32::from(self.status),
-            0x15 => u32::from(self.config_generation),
+            0x14 => u32::from(self.status()),
+            0x15 => u32::from(self.interrupt.config_generation()),
             0x16 => u32::from(self.queue_select),
             0x18 => q.map_or(0, |q| u32::from(q.queue.size())),
-            0x1a => q.map_or(u32::from(NO_VECTOR), |q| u32::from(q.vector)),
+            0x1a => q.map_or(u32::from(NO_VECTOR), |_| {
+                u32::from(self.interrupt.queue_vector(select))
+            }),
             0x1c => q.map_or(0, |q| u32::from(q.queue.ready())),
             0x1e => q.map_or(0, |_| select as u32),
             0x20 => q.map_or(0, |q| q.queue.desc_table() as u32),
@@ -343,7 +331,9 @@ impl VirtioPciDevice {
                 }
                 _ => {}
             },
-            0x10 => self.config_vector = value as u16,
+            0x10 => self
+                .interrupt
+                .set_config_vector(self.valid_vector(value as u16)),
             0x14 => self.write_status(value as u8),
             0x16 => self.queue_select = value as u16,
             0x18 if configurable => {
@@ -352,8 +342,10 @@ impl VirtioPciDevice {
                 }
             }
             0x1a => {
-                if let Some(q) = self.selected() {
-                    q.vector = value as u16;
+                let select = usize::from(self.queue_select);
+                if select < self.queues.len() {
+                    let vector = self.valid_vector(value as u16);
+                    self.interrupt.set_queue_vector(select, vector);
                 }
             }
             0x1c if configurable => {
@@ -400,13 +392,10 @@ impl VirtioPciDevice {
             for slot in &mut self.queues {
                 slot.queue.set_event_idx(event_idx);
             }
-            self.device.set_acked_features(self.driver_features);
-            if self.device.is_external() {
-                if let Err(e) = self.activate_external() {
-                    log::warn!("virtio device {}: {e}", self.device.device_type());
-                    self.status = status | STATUS_FAILED;
-                    return;
-                }
+            if let Err(e) = self.activate() {
+                log::warn!("virtio device {}: {e}", self.device.device_type());
+                self.status = status | STATUS_FAILED;
+                return;
             }
         }
         self.status = status;
@@ -450,10 +439,7 @@ impl BusDevice for VirtioPciDevice {
                     data,
                 )
             }
-            ISR_CFG => {
-                put(u32::from(self.isr), 0, data);
-                self.isr = 0;
-            }
+            ISR_CFG => put(u32::from(self.interrupt.take_isr()), 0, data),
             o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_SIZE).contains(&o) => {
                 let config = self.device.config();
                 let start = (o - DEVICE_CFG) as usize;
@@ -462,7 +448,7 @@ impl BusDevice for VirtioPciDevice {
                 }
             }
             o if (MSIX_TABLE..MSIX_PBA).contains(&o) => self.msix.read_table(o - MSIX_TABLE, data),
-            o if (MSIX_PBA..BAR_SIZE).contains(&o) => self.msix.read_pba(o - MSIX_PBA, data),
+            o if (MSIX_PBA..BAR_SIZE).contains(&o) => self.read_pba(o - MSIX_PBA, data),
             _ => data.fill(0),
         }
     }
@@ -474,12 +460,16 @@ impl BusDevice for VirtioPciDevice {
                 self.device.write_config(o - DEVICE_CFG, data);
             }
             o if (NOTIFY_CFG..MSIX_TABLE).contains(&o) => {
-                // Reached only when no ioeventfd is bound to this address.
-                self.process_queue(((o - NOTIFY_CFG) / u64::from(NOTIFY_MULTIPLIER)) as usize);
+                // Reached only when no ioeventfd is bound to this address: kick by hand.
+                let index = ((o - NOTIFY_CFG) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(slot) = self.queues.get(index) {
+                    let _ = slot.event.write(1);
+                }
             }
             o if (MSIX_TABLE..MSIX_PBA).contains(&o) => {
-                self.msix
-                    .write_table(o - MSIX_TABLE, data, self.interrupts.as_ref())
+                for vector in self.msix.write_table(o - MSIX_TABLE, data) {
+                    self.sync_vector(vector);
+                }
             }
             _ => {}
         }
@@ -487,6 +477,27 @@ impl BusDevice for VirtioPciDevice {
 }
 
 impl VirtioPciDevice {
+    /// Stops the device's queue processing until [`VirtioPciDevice::resume`].
+    pub fn pause(&mut self) -> Result<(), crate::Error> {
+        self.device.pause()
+    }
+
+    pub fn resume(&mut self) -> Result<(), crate::Error> {
+        self.device.resume()
+    }
+
+    /// The pending-bit array: a bit per vector raised while masked.
+    fn read_pba(&self, offset: u64, data: &mut [u8]) {
+        let vectors = self.interrupt.vectors();
+        for (i, byte) in data.iter_mut().enumerate() {
+            let first = (offset as usize + i) * 8;
+            *byte = (0..8)
+                .filter(|bit| first + bit < self.msix.len())
+                .filter(|bit| vectors.pending((first + bit) as u16))
+                .fold(0, |acc, bit| acc | (1 << bit));
+        }
+    }
+
     /// Common-configuration fields narrower than 32 bits live at byte offsets.
     fn read_common_sized(&mut self, offset: u64, reg: u64, len: usize) -> u32 {
         if offset == reg || len == 4 {
@@ -520,12 +531,9 @@ impl PciDevice for VirtioPciDevice {
         if reg == control_reg && offset + data.len() >= 4 && offset <= 3 {
             // The control word's high byte (enable, function mask) is in byte 3.
             let high = data[3 - offset];
-            let was_masked = self.msix.function_masked || !self.msix.enabled;
             self.msix.enabled = high & 0x80 != 0;
             self.msix.function_masked = high & 0x40 != 0;
-            if was_masked {
-                self.msix.deliver_all_pending(self.interrupts.as_ref());
-            }
+            self.sync_all_vectors();
             return;
         }
         self.config.write_reg(reg, offset, data);

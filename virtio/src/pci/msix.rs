@@ -1,21 +1,11 @@
-//! The MSI-X table and pending-bit array of a virtio-pci function.
+//! The MSI-X table of a virtio-pci function and the enable/mask bits of its capability. The
+//! table only records what the guest programs; [`MsixTable::effective`] tells the transport
+//! where each vector must be delivered now, and the platform's [`MsiVectors`] does the rest
+//! (pending bits included).
+//!
+//! [`MsiVectors`]: crate::interrupt::MsiVectors
 
-/// An MSI message: what the function writes, and where, to interrupt a CPU.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MsiMessage {
-    pub addr: u64,
-    pub data: u32,
-}
-
-/// Delivers MSI messages to the guest (the VMM implements it with KVM; tests count).
-pub trait MsiSink: Send + Sync {
-    fn send(&self, message: MsiMessage);
-
-    /// An eventfd that raises `message` when written (an irqfd), for backends outside the VMM.
-    fn irqfd(&self, _message: MsiMessage) -> Option<vmm_sys_util::eventfd::EventFd> {
-        None
-    }
-}
+pub use crate::interrupt::MsiMessage;
 
 pub const ENTRY_SIZE: usize = 16;
 const VECTOR_MASKED: u32 = 1;
@@ -37,10 +27,9 @@ impl Entry {
     }
 }
 
-/// The table, its pending bits, and the enable/mask bits of the capability's control word.
+/// The table and the enable/mask bits of the capability's control word.
 pub struct MsixTable {
     entries: Vec<Entry>,
-    pending: Vec<bool>,
     pub enabled: bool,
     pub function_masked: bool,
 }
@@ -55,7 +44,6 @@ impl MsixTable {
                 };
                 usize::from(vectors)
             ],
-            pending: vec![false; usize::from(vectors)],
             enabled: false,
             function_masked: false,
         }
@@ -69,12 +57,12 @@ impl MsixTable {
         self.entries.is_empty()
     }
 
-    fn masked(&self, vector: usize) -> bool {
-        self.function_masked
-            || self
-                .entries
-                .get(vector)
-                .is_none_or(|e| e.control & VECTOR_MASKED != 0)
+    /// Where `vector` is delivered now: its message, or `None` while MSI-X is off or the
+    /// function or the vector is masked.
+    pub fn effective(&self, vector: usize) -> Option<MsiMessage> {
+        let entry = self.entries.get(vector)?;
+        let masked = !self.enabled || self.function_masked || entry.control & VECTOR_MASKED != 0;
+        (!masked).then(|| entry.message())
     }
 
     /// Reads the table: 32-bit accesses at dword granularity (64-bit reads are split).
@@ -94,10 +82,11 @@ impl MsixTable {
         }
     }
 
-    /// Writes the table; unmasking a vector with a pending interrupt delivers it.
-    pub fn write_table(&mut self, offset: u64, data: &[u8], sink: &dyn MsiSink) {
+    /// Writes the table (32- or 64-bit, aligned); returns the vectors whose entry changed.
+    pub fn write_table(&mut self, offset: u64, data: &[u8]) -> Vec<usize> {
+        let mut changed = Vec::new();
         if !offset.is_multiple_of(4) || (data.len() != 4 && data.len() != 8) {
-            return;
+            return changed;
         }
         for (i, chunk) in data.chunks(4).enumerate() {
             let dword = offset as usize / 4 + i;
@@ -106,7 +95,7 @@ impl MsixTable {
             bytes.copy_from_slice(chunk);
             let value = u32::from_le_bytes(bytes);
             let Some(e) = self.entries.get_mut(entry) else {
-                return;
+                break;
             };
             match field {
                 0 => e.addr_lo = value,
@@ -114,50 +103,11 @@ impl MsixTable {
                 2 => e.data = value,
                 _ => e.control = value & VECTOR_MASKED,
             }
-            self.deliver_pending(entry, sink);
+            if changed.last() != Some(&entry) {
+                changed.push(entry);
+            }
         }
-    }
-
-    /// Reads the pending-bit array.
-    pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            let first = (offset as usize + i) * 8;
-            *byte = (0..8)
-                .filter(|bit| self.pending.get(first + bit).copied().unwrap_or(false))
-                .fold(0, |acc, bit| acc | (1 << bit));
-        }
-    }
-
-    /// The message programmed for `vector`.
-    pub fn message(&self, vector: u16) -> Option<MsiMessage> {
-        self.entries.get(usize::from(vector)).map(Entry::message)
-    }
-
-    /// Sends `vector`'s message, or marks it pending while masked.
-    pub fn trigger(&mut self, vector: u16, sink: &dyn MsiSink) {
-        let v = usize::from(vector);
-        if !self.enabled || v >= self.entries.len() {
-            return;
-        }
-        if self.masked(v) {
-            self.pending[v] = true;
-        } else {
-            sink.send(self.entries[v].message());
-        }
-    }
-
-    /// After the function mask or a vector mask clears: deliver what was held back.
-    pub fn deliver_all_pending(&mut self, sink: &dyn MsiSink) {
-        for v in 0..self.entries.len() {
-            self.deliver_pending(v, sink);
-        }
-    }
-
-    fn deliver_pending(&mut self, vector: usize, sink: &dyn MsiSink) {
-        if self.enabled && !self.masked(vector) && self.pending.get(vector) == Some(&true) {
-            self.pending[vector] = false;
-            sink.send(self.entries[vector].message());
-        }
+        changed
     }
 
     pub fn reset(&mut self) {
@@ -166,43 +116,31 @@ impl MsixTable {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use std::sync::Mutex;
-
+mod tests {
     use super::*;
 
-    #[derive(Default)]
-    pub struct Recorder(pub Mutex<Vec<MsiMessage>>);
-
-    impl MsiSink for Recorder {
-        fn send(&self, message: MsiMessage) {
-            self.0.lock().unwrap().push(message);
-        }
-    }
-
     #[test]
-    fn masked_vectors_hold_interrupts_until_unmasked() {
-        let sink = Recorder::default();
+    fn a_vector_is_delivered_only_when_enabled_and_unmasked() {
         let mut table = MsixTable::new(2);
-        table.enabled = true;
-        table.write_table(16, &0xfee0_0000u32.to_le_bytes(), &sink);
-        table.write_table(24, &0x41u32.to_le_bytes(), &sink);
-        table.trigger(1, &sink);
-        assert!(sink.0.lock().unwrap().is_empty(), "vectors start masked");
-        let mut pba = [0u8; 1];
-        table.read_pba(0, &mut pba);
-        assert_eq!(pba, [0b10]);
-        table.write_table(28, &0u32.to_le_bytes(), &sink); // unmask
-        let expected = MsiMessage {
+        assert_eq!(table.write_table(16, &0xfee0_0000u32.to_le_bytes()), [1]);
+        table.write_table(24, &0x41u32.to_le_bytes());
+        let message = MsiMessage {
             addr: 0xfee0_0000,
             data: 0x41,
         };
-        assert_eq!(*sink.0.lock().unwrap(), [expected]);
-        table.read_pba(0, &mut pba);
-        assert_eq!(pba, [0]);
-        table.trigger(1, &sink);
-        assert_eq!(sink.0.lock().unwrap().len(), 2);
-        table.trigger(7, &sink); // no such vector: ignored
+        assert_eq!(table.effective(1), None, "vectors start masked");
+        table.write_table(28, &0u32.to_le_bytes()); // unmask
+        assert_eq!(table.effective(1), None, "MSI-X is still off");
+        table.enabled = true;
+        assert_eq!(table.effective(1), Some(message));
+        table.function_masked = true;
+        assert_eq!(table.effective(1), None, "function mask");
+        table.function_masked = false;
+        // A 64-bit write of address low and high changes one vector.
+        assert_eq!(table.write_table(16, &0xfee0_1000u64.to_le_bytes()), [1]);
+        assert_eq!(table.effective(1).map(|m| m.addr), Some(0xfee0_1000));
+        assert_eq!(table.effective(7), None, "no such vector");
+        assert!(table.write_table(2, &[0; 4]).is_empty(), "unaligned");
         let mut read = [0u8; 4];
         table.read_table(24, &mut read);
         assert_eq!(u32::from_le_bytes(read), 0x41);
