@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use virtio::fs::{FsConfig, VirtioFs};
-use virtio::{Memory, VirtioDevice};
+use virtio::{Memory, QueueDevice};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;

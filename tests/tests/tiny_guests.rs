@@ -207,3 +207,51 @@ fn terminal_is_restored_on_exit_and_on_sigterm() {
         "the terminal was in raw mode while the guest ran"
     );
 }
+
+/// A guest that prints "tick" forever.
+fn ticking_guest(dir: &Path) -> std::path::PathBuf {
+    let mut g = Guest::new();
+    let mut again = g.a.create_label();
+    g.a.set_label(&mut again).unwrap();
+    g.text("tick\n").unwrap();
+    g.a.jmp(again).unwrap();
+    write_guest(dir, g)
+}
+
+#[test]
+fn a_paused_vm_runs_no_guest_code_until_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&ticking_guest(dir.path()));
+    let (output, buffer) = ConsoleOutput::buffer();
+    let control = Control::default();
+    let runner = {
+        let control = control.clone();
+        std::thread::spawn(move || vmm::run(&config, &output, &control))
+    };
+    let printed = || buffer.lock().unwrap().len();
+    let wait_for_more = |than: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while printed() <= than + 50 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(printed() > than + 50, "the guest does not print");
+    };
+    wait_for_more(0);
+    for _ in 0..3 {
+        control.pause().unwrap();
+        assert!(control
+            .vcpu_states()
+            .iter()
+            .all(|s| *s == vmm::vcpu::VcpuState::Paused));
+        let at_pause = printed();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(printed(), at_pause, "guest output while paused");
+        control.resume().unwrap();
+        wait_for_more(at_pause);
+    }
+    // A paused VM still stops.
+    control.pause().unwrap();
+    control.stop();
+    let outcome = runner.join().unwrap().expect("VM runs");
+    assert_eq!(outcome, Outcome::Stopped);
+}

@@ -20,8 +20,27 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::{device_type, process_chains, Chain, Error, Memory, QueueDevice, COMMON_FEATURES};
 
 /// Queue 0 is the high-priority queue, queue 1 the one request queue.
-const QUEUE_SIZES: &[u16] = &[1024, 1024];
-const TAG_LEN: usize = 36;
+pub const QUEUE_SIZES: &[u16] = &[1024, 1024];
+/// The mount tag's room in the configuration space.
+pub const TAG_LEN: usize = 36;
+
+/// Why `tag` cannot be a virtio-fs mount tag, if it cannot.
+pub fn check_tag(tag: &str) -> Result<(), String> {
+    if tag.is_empty() || tag.len() > TAG_LEN {
+        return Err(format!("1 to {TAG_LEN} bytes for virtio-fs"));
+    }
+    Ok(())
+}
+
+/// struct virtio_fs_config: tag[36] (NUL-padded), num_request_queues (1).
+pub fn config_space(tag: &str) -> Vec<u8> {
+    let mut config = vec![0u8; TAG_LEN];
+    for (slot, byte) in config.iter_mut().zip(tag.bytes()) {
+        *slot = byte;
+    }
+    config.extend_from_slice(&1u32.to_le_bytes());
+    config
+}
 
 /// FUSE opcodes that change the filesystem (linux/fuse.h).
 const MUTATING_OPCODES: &[u32] = &[
@@ -79,9 +98,7 @@ impl VirtioFs {
             return Err(err("not a directory; check the path".into()));
         }
         if let Some(tag) = &config.tag {
-            if tag.is_empty() || tag.len() > TAG_LEN {
-                return Err(err(format!("tag `{tag}` must be 1 to {TAG_LEN} bytes")));
-            }
+            check_tag(tag).map_err(|e| err(format!("tag `{tag}`: {e}")))?;
         }
         Ok(VirtioFs {
             server: Server::new(Arc::new(passthrough(config)?)),
@@ -224,15 +241,8 @@ impl QueueDevice for VirtioFs {
         COMMON_FEATURES
     }
 
-    /// struct virtio_fs_config: tag[36], num_request_queues.
     fn config(&self) -> Vec<u8> {
-        let Some(tag) = &self.tag else {
-            return Vec::new();
-        };
-        let mut config = vec![0u8; TAG_LEN];
-        config[..tag.len()].copy_from_slice(tag.as_bytes());
-        config.extend_from_slice(&1u32.to_le_bytes());
-        config
+        self.tag.as_deref().map_or_else(Vec::new, config_space)
     }
 
     fn process_queue(

@@ -105,8 +105,12 @@ pub struct RunArgs {
     /// more disks (vda, vdb, …).
     #[arg(long, value_name = "OPTIONS")]
     pub disk: Vec<String>,
-    /// A shared host directory: tag=TAG,path=DIR,fs=virtiofs[,readonly=on][,xattr=on]. The guest
-    /// mounts it with `mount -t virtiofs TAG /mnt`. Repeat for more shares.
+    /// A shared host directory, repeatable. 9p (the default):
+    /// tag=TAG,path=DIR[,fs=9p][,security-model=none|passthrough|mapped-xattr|mapped-file]
+    /// [,readonly=on], mounted with `mount -t 9p -o trans=virtio TAG /mnt`. Built-in virtio-fs:
+    /// tag=TAG,path=DIR,fs=virtiofs[,readonly=on][,xattr=on]. virtio-fs served by virtiofsd or
+    /// `nixvmm device fs`: tag=TAG,socket=SOCKET,fs=vhost-user. virtio-fs shares are mounted
+    /// with `mount -t virtiofs TAG /mnt`.
     #[arg(long, value_name = "OPTIONS")]
     pub share: Vec<String>,
 }

@@ -118,8 +118,8 @@ pub fn parse_share(text: &str) -> Result<Share, ConfigError> {
                 )
                 .into());
         }
-        if tag.is_empty() || tag.len() > 36 {
-            return Err(o.bad("tag", &tag, "1 to 36 bytes for virtio-fs").into());
+        if let Err(need) = virtio::fs::check_tag(&tag) {
+            return Err(o.bad("tag", &tag, &need).into());
         }
         return Ok(Share::VhostUser {
             tag,
@@ -148,8 +148,8 @@ pub fn parse_share(text: &str) -> Result<Share, ConfigError> {
                     )
                     .into());
             }
-            if tag.len() > 36 {
-                return Err(o.bad("tag", &tag, "at most 36 bytes for virtio-fs").into());
+            if let Err(need) = virtio::fs::check_tag(&tag) {
+                return Err(o.bad("tag", &tag, &need).into());
             }
             Ok(Share::VirtioFs(FsConfig {
                 shared_dir: path,

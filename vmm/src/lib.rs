@@ -9,6 +9,7 @@ pub mod config;
 pub mod console;
 pub mod cpu;
 pub mod device_server;
+pub mod models;
 pub mod msi;
 pub mod options;
 pub mod signals;
@@ -57,6 +58,7 @@ pub enum RunError {
 struct Attached {
     exit: ExitSender,
     serial: Arc<Mutex<SerialConsole>>,
+    runtime: Arc<vm::Runtime>,
 }
 
 /// Reaches the running VM from other threads: console input and stopping. Stays valid across
@@ -76,6 +78,31 @@ impl Control {
         }
     }
 
+    /// Pauses the running VM: its vCPUs and its devices' queue processing (QMP `stop`).
+    pub fn pause(&self) -> Result<(), virtio::Error> {
+        match self.runtime() {
+            Some(runtime) => runtime.pause(),
+            None => Ok(()),
+        }
+    }
+
+    /// Resumes a paused VM (QMP `cont`).
+    pub fn resume(&self) -> Result<(), virtio::Error> {
+        match self.runtime() {
+            Some(runtime) => runtime.resume(),
+            None => Ok(()),
+        }
+    }
+
+    /// Where each vCPU of the running VM is.
+    pub fn vcpu_states(&self) -> Vec<vcpu::VcpuState> {
+        self.runtime().map_or_else(Vec::new, |r| r.vcpu_states())
+    }
+
+    fn runtime(&self) -> Option<Arc<vm::Runtime>> {
+        lock(&self.current).as_ref().map(|vm| vm.runtime.clone())
+    }
+
     /// Queues console input for the guest; returns how many bytes it took.
     pub fn send_input(&self, bytes: &[u8]) -> usize {
         match &*lock(&self.current) {
@@ -88,6 +115,7 @@ impl Control {
         *lock(&self.current) = Some(Attached {
             exit: vm.exit_sender(),
             serial: vm.serial(),
+            runtime: vm.runtime(),
         });
         if self.stopped.load(Ordering::Acquire) {
             let _ = vm.exit_sender().send(VmExit::Stopped);

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use vmm::cli::{Cli, Command, DeviceCommand};
 use vmm::console::{spawn_stdin_pump, ConsoleOutput, RawTerminal};
+use vmm::models::Model;
 use vmm::Control;
 
 struct StderrLogger;
@@ -24,6 +25,10 @@ impl log::Log for StderrLogger {
         }
     }
     fn flush(&self) {}
+}
+
+fn build(model: Model) -> Result<Box<dyn virtio::QueueDevice>, String> {
+    vmm::models::build(model).map_err(|e| e.to_string())
 }
 
 /// `nixvmm device …`: serve one device model until the frontend disconnects.
@@ -47,7 +52,7 @@ fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
                 .map_err(|e| format!("--listen {listen}: {e}"))?;
             return Ok(vmm::Outcome::Stopped);
         }
-        DeviceCommand::Rng { socket } => ("rng", Box::new(virtio::rng::Rng::new()), socket),
+        DeviceCommand::Rng { socket } => ("rng", build(Model::Rng)?, socket),
         DeviceCommand::Fs(fs) => {
             let config = virtio::fs::FsConfig {
                 shared_dir: fs.shared_dir,
@@ -55,13 +60,11 @@ fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
                 readonly: fs.readonly,
                 xattr: fs.xattr,
             };
-            let model = virtio::fs::VirtioFs::new(&config).map_err(|e| e.to_string())?;
-            ("fs", Box::new(model), fs.socket)
+            ("fs", build(Model::VirtioFs(&config))?, fs.socket)
         }
         DeviceCommand::Blk { socket, disk } => {
             let config = vmm::config::parse_disk(&disk).map_err(|e| e.to_string())?;
-            let block = virtio::block::Block::open(&config).map_err(|e| e.to_string())?;
-            ("blk", Box::new(block), socket)
+            ("blk", build(Model::Block(&config))?, socket)
         }
     };
     vmm::device_server::serve(name, model, &socket)

@@ -1,13 +1,18 @@
-//! The vCPU thread: run the vCPU, route its port and MMIO exits to the buses, and turn every
-//! other exit into a [`VmExit`] for the main loop.
+//! vCPU threads: each runs its vCPU, routes port and MMIO exits to the buses, and turns every
+//! other exit into a [`VmExit`] for the VM. The VM steers a thread through [`Vcpus`]: run,
+//! pause, exit. A request is a state change under a mutex plus a kick: `immediate_exit` set
+//! in the vCPU's `kvm_run` page and a signal, so a thread about to enter KVM_RUN returns at
+//! once and one inside it is interrupted; no kick is lost and nothing polls.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
 
 use devices::bus::Bus;
 use devices::{ExitSender, VmExit};
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 /// The buses a vCPU's exits are routed to, shared by all vCPUs.
 pub struct Buses {
@@ -15,10 +20,216 @@ pub struct Buses {
     pub mmio: Bus,
 }
 
-/// Runs `vcpu` until the VM stops: until `stop` is set (the main loop then kicks the thread
-/// with a signal) or this vCPU itself ends the VM, whose reason goes to `exit`.
-pub fn run(mut vcpu: VcpuFd, id: u8, buses: Arc<Buses>, stop: Arc<AtomicBool>, exit: ExitSender) {
-    while !stop.load(Ordering::Acquire) {
+/// What the VM asks of a vCPU thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause,
+    Exit,
+}
+
+/// Where a vCPU thread is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    Running,
+    Paused,
+    Exited,
+}
+
+/// The `immediate_exit` byte of a vCPU's `kvm_run` page.
+struct ImmediateExit(*const AtomicU8);
+
+// SAFETY: the pointer targets a byte of the vCPU's kvm_run mapping, accessed only atomically;
+// it is used only while the vCPU thread holds its VcpuFd (see `Shared::immediate_exit`).
+unsafe impl Send for ImmediateExit {}
+
+impl ImmediateExit {
+    fn of(vcpu: &mut VcpuFd) -> ImmediateExit {
+        let byte: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
+        ImmediateExit(byte.cast_const().cast())
+    }
+
+    fn set(&self, value: u8) {
+        // SAFETY: valid while the VcpuFd lives (the callers guarantee it); AtomicU8 has the
+        // size and alignment of u8, and KVM reads the byte only at KVM_RUN entry.
+        unsafe { (*self.0).store(value, Ordering::SeqCst) }
+    }
+}
+
+struct Control {
+    request: Request,
+    state: VcpuState,
+    /// Present while the vCPU thread holds its VcpuFd; cleared before it drops it.
+    immediate_exit: Option<ImmediateExit>,
+}
+
+struct Shared {
+    control: Mutex<Control>,
+    changed: Condvar,
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, Control> {
+    shared.control.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The vCPU threads of a running VM.
+pub struct Vcpus {
+    threads: Vec<(Arc<Shared>, JoinHandle<()>)>,
+}
+
+impl Vcpus {
+    /// Starts a thread per vCPU, running.
+    pub fn start(
+        vcpus: Vec<VcpuFd>,
+        buses: &Arc<Buses>,
+        exit: &ExitSender,
+    ) -> std::io::Result<Vcpus> {
+        install_kick_handler();
+        let mut started = Vcpus {
+            threads: Vec::new(),
+        };
+        for (id, mut vcpu) in vcpus.into_iter().enumerate() {
+            let shared = Arc::new(Shared {
+                control: Mutex::new(Control {
+                    request: Request::Run,
+                    state: VcpuState::Running,
+                    immediate_exit: Some(ImmediateExit::of(&mut vcpu)),
+                }),
+                changed: Condvar::new(),
+            });
+            let (buses, exit, theirs) = (buses.clone(), exit.clone(), shared.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || run(vcpu, id as u8, &buses, &theirs, &exit));
+            match thread {
+                Ok(thread) => started.threads.push((shared, thread)),
+                // The threads started so far exit when `started` drops.
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(started)
+    }
+
+    fn request(&self, request: Request) {
+        for (shared, thread) in &self.threads {
+            let mut control = lock(shared);
+            if control.state == VcpuState::Exited {
+                continue;
+            }
+            control.request = request;
+            if let Some(immediate_exit) = &control.immediate_exit {
+                immediate_exit.set(1);
+            }
+            shared.changed.notify_all();
+            if let Err(e) = thread.kill(kick_signal()) {
+                log::debug!("kicking a vCPU thread: {e}");
+            }
+        }
+    }
+
+    fn wait_for(&self, wanted: VcpuState) {
+        for (shared, _) in &self.threads {
+            let mut control = lock(shared);
+            while control.state != wanted && control.state != VcpuState::Exited {
+                control = shared
+                    .changed
+                    .wait(control)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+
+    /// Stops every vCPU outside KVM_RUN; returns once all are paused (or have exited).
+    pub fn pause(&self) {
+        self.request(Request::Pause);
+        self.wait_for(VcpuState::Paused);
+    }
+
+    pub fn resume(&self) {
+        self.request(Request::Run);
+    }
+
+    /// Where each vCPU is now.
+    pub fn states(&self) -> Vec<VcpuState> {
+        self.threads.iter().map(|(s, _)| lock(s).state).collect()
+    }
+
+    /// Ends every vCPU thread and waits for it.
+    pub fn exit(mut self) {
+        self.exit_all();
+    }
+
+    fn exit_all(&mut self) {
+        self.request(Request::Exit);
+        for (_, thread) in self.threads.drain(..) {
+            if thread.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Vcpus {
+    fn drop(&mut self) {
+        self.exit_all();
+    }
+}
+
+/// Waits while the VM asks this vCPU to pause; returns whether it must exit.
+fn obey(shared: &Shared) -> bool {
+    let mut control = lock(shared);
+    if let Some(immediate_exit) = &control.immediate_exit {
+        immediate_exit.set(0);
+    }
+    loop {
+        match control.request {
+            Request::Run => {
+                if control.state != VcpuState::Running {
+                    control.state = VcpuState::Running;
+                    shared.changed.notify_all();
+                }
+                return false;
+            }
+            Request::Pause => {
+                if control.state != VcpuState::Paused {
+                    control.state = VcpuState::Paused;
+                    shared.changed.notify_all();
+                }
+                control = shared
+                    .changed
+                    .wait(control)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+            Request::Exit => return true,
+        }
+    }
+}
+
+/// After this vCPU ended the VM: wait for the VM to end the thread, answering pauses.
+fn park_until_exit(shared: &Shared) {
+    let mut control = lock(shared);
+    while control.request != Request::Exit {
+        let state = match control.request {
+            Request::Pause => VcpuState::Paused,
+            _ => VcpuState::Running,
+        };
+        if control.state != state {
+            control.state = state;
+            shared.changed.notify_all();
+        }
+        control = shared
+            .changed
+            .wait(control)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+}
+
+/// The vCPU thread: runs `vcpu` until the VM asks it to exit or this vCPU ends the VM.
+fn run(mut vcpu: VcpuFd, id: u8, buses: &Buses, shared: &Shared, exit: &ExitSender) {
+    loop {
+        if obey(shared) {
+            break;
+        }
         let ended = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 buses.io.read(u64::from(port), data);
@@ -61,7 +272,29 @@ pub fn run(mut vcpu: VcpuFd, id: u8, buses: Arc<Buses>, stop: Arc<AtomicBool>, e
         if let Some(reason) = ended {
             // The receiver is gone only when the VM is already stopping.
             let _ = exit.send(reason);
-            return;
+            park_until_exit(shared);
+            break;
         }
     }
+    let mut control = lock(shared);
+    control.immediate_exit = None;
+    control.state = VcpuState::Exited;
+    shared.changed.notify_all();
+    drop(control);
+    drop(vcpu);
+}
+
+/// The signal that interrupts KVM_RUN so a vCPU thread sees a request.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), on_kick) {
+            log::warn!("cannot install the vCPU kick handler: {e}");
+        }
+    });
 }

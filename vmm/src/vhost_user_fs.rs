@@ -12,7 +12,7 @@ use virtio::{device_type, Activation, Error, VirtioDevice, COMMON_FEATURES};
 use virtio_queue::QueueT;
 use vm_memory::{GuestMemory, GuestMemoryRegion};
 
-const QUEUE_SIZES: &[u16] = &[1024, 1024];
+use virtio::fs::QUEUE_SIZES;
 
 pub struct VhostUserFs {
     frontend: Frontend,
@@ -73,14 +73,8 @@ impl VhostUserFs {
         self.backend_features & COMMON_FEATURES
     }
 
-    /// struct virtio_fs_config: tag[36], num_request_queues.
     fn config(&self) -> Vec<u8> {
-        let mut config = vec![0u8; 36];
-        for (slot, byte) in config.iter_mut().zip(self.tag.bytes()) {
-            *slot = byte;
-        }
-        config.extend_from_slice(&1u32.to_le_bytes());
-        config
+        virtio::fs::config_space(&self.tag)
     }
 
     /// Hands the backend guest memory and each enabled queue: its rings, its kick eventfd and

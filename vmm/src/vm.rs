@@ -1,13 +1,10 @@
 //! Building a VM from a [`VmConfig`] and running it until it stops.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex, Once};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use devices::acpi_power::AcpiPower;
-use devices::bus::Bus;
+use devices::bus::{lock, Bus};
 use devices::cmos_rtc::CmosRtc;
 use devices::i8042::I8042;
 use devices::pci::{PciConfigIo, PciEcam, PciRoot};
@@ -23,15 +20,16 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::builtin_guest;
 use crate::config::{Kernel, Share, VmConfig};
 use crate::console::ConsoleOutput;
 use crate::cpu::{self, CpuSetup};
-use crate::vcpu::{self, Buses};
+use crate::models::{self, Model};
+use crate::vcpu::{Buses, Vcpus};
 use crate::vhost_user_fs::{SharedVhostUserFs, VhostUserFs};
 use crate::virtio_devices::VirtioDevices;
+use virtio::worker::Hosted;
 
 /// The KVM identity-map and TSS pages, just below the IOAPIC in the MMIO hole.
 const KVM_IDENTITY_MAP_START: u64 = 0xfeff_c000;
@@ -66,6 +64,8 @@ pub enum VmError {
     Msi(#[from] crate::msi::MsiError),
     #[error(transparent)]
     PciSlots(#[from] devices::pci::NoFreeSlot),
+    #[error(transparent)]
+    Model(#[from] models::ModelError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
 }
@@ -82,7 +82,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     exit_tx: ExitSender,
     exit_rx: Receiver<VmExit>,
-    _virtio: VirtioDevices,
+    runtime: Arc<Runtime>,
     _vm_fd: Arc<VmFd>,
     _memory: GuestMemoryMmap,
 }
@@ -135,7 +135,10 @@ impl Vm {
             serial,
             exit_tx,
             exit_rx,
-            _virtio: virtio,
+            runtime: Arc::new(Runtime {
+                vcpus: Mutex::new(None),
+                virtio,
+            }),
             _vm_fd: vm_fd,
             _memory: memory,
         })
@@ -145,36 +148,63 @@ impl Vm {
         self.serial.clone()
     }
 
+    /// Pausing and resuming the running VM, from other threads.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.clone()
+    }
+
     /// A sender that ends this VM's [`Vm::run`] with the value sent.
     pub fn exit_sender(&self) -> ExitSender {
         self.exit_tx.clone()
     }
 
-    /// Runs the vCPUs until the first exit reason arrives, then stops them all.
+    /// Runs the vCPUs until the first exit reason arrives, then ends them all.
     pub fn run(mut self) -> VmExit {
-        install_kick_handler();
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        for (id, vcpu) in self.vcpus.drain(..).enumerate() {
-            let (buses, flag, exit) = (self.buses.clone(), stop.clone(), self.exit_tx.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run(vcpu, id as u8, buses, flag, exit));
-            match spawned {
-                Ok(handle) => threads.push(handle),
-                Err(e) => {
-                    stop_vcpus(&stop, threads);
-                    return VmExit::Failed(VmError::Thread(e).to_string());
-                }
-            }
+        match Vcpus::start(std::mem::take(&mut self.vcpus), &self.buses, &self.exit_tx) {
+            Ok(vcpus) => *lock(&self.runtime.vcpus) = Some(vcpus),
+            Err(e) => return VmExit::Failed(VmError::Thread(e).to_string()),
         }
         // `self` holds a sender, so this only ends with a message.
         let reason = self
             .exit_rx
             .recv()
             .unwrap_or_else(|_| VmExit::Failed("VM exit channel closed".into()));
-        stop_vcpus(&stop, threads);
+        if let Some(vcpus) = lock(&self.runtime.vcpus).take() {
+            vcpus.exit();
+        }
         reason
+    }
+}
+
+/// What other threads reach of a running VM: its vCPUs (once started) and its devices.
+pub struct Runtime {
+    vcpus: Mutex<Option<Vcpus>>,
+    virtio: VirtioDevices,
+}
+
+impl Runtime {
+    /// Stops the vCPUs, then the devices' queue processing; returns once all have stopped.
+    pub fn pause(&self) -> Result<(), virtio::Error> {
+        if let Some(vcpus) = &*lock(&self.vcpus) {
+            vcpus.pause();
+        }
+        self.virtio.pause_all()
+    }
+
+    /// Starts the devices again, then the vCPUs.
+    pub fn resume(&self) -> Result<(), virtio::Error> {
+        self.virtio.resume_all()?;
+        if let Some(vcpus) = &*lock(&self.vcpus) {
+            vcpus.resume();
+        }
+        Ok(())
+    }
+
+    /// Where each vCPU is now (empty before the VM runs).
+    pub fn vcpu_states(&self) -> Vec<crate::vcpu::VcpuState> {
+        lock(&self.vcpus)
+            .as_ref()
+            .map_or_else(Vec::new, |v| v.states())
     }
 }
 
@@ -184,32 +214,26 @@ fn device_models(
     config: &VmConfig,
     backends: &ExternalBackends,
 ) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, VmError> {
-    use virtio::worker::Hosted;
-    let mut models: Vec<Box<dyn virtio::VirtioDevice>> = Vec::new();
+    let hosted = |name: String, model: Model| -> Result<Box<dyn virtio::VirtioDevice>, VmError> {
+        Ok(Box::new(Hosted::new(&name, models::build(model)?)))
+    };
+    let mut devices = Vec::new();
     for (n, disk) in config.disks.iter().enumerate() {
-        let block = virtio::block::Block::open(disk).map_err(|e| VmError::Device(e.to_string()))?;
-        models.push(Box::new(Hosted::new(&format!("virtio-blk{n}"), block)));
+        devices.push(hosted(format!("virtio-blk{n}"), Model::Block(disk))?);
     }
     for (n, share) in config.shares.iter().enumerate() {
-        let model: Box<dyn virtio::VirtioDevice> = match share {
-            Share::VirtioFs(fs) => Box::new(Hosted::new(
-                &format!("virtio-fs{n}"),
-                virtio::fs::VirtioFs::new(fs).map_err(|e| VmError::Device(e.to_string()))?,
-            )),
+        devices.push(match share {
+            Share::VirtioFs(fs) => hosted(format!("virtio-fs{n}"), Model::VirtioFs(fs))?,
+            Share::NineP { tag, config } => {
+                hosted(format!("virtio-9p{n}"), Model::NineP { tag, config })?
+            }
             Share::VhostUser { socket, .. } => Box::new(backends.get(socket)?),
-            Share::NineP { tag, config } => Box::new(Hosted::new(
-                &format!("virtio-9p{n}"),
-                virtio::ninep::Virtio9p::new(tag, config.clone()).map_err(|e| {
-                    VmError::Device(format!("--share {}: {e}", config.root.display()))
-                })?,
-            )),
-        };
-        models.push(model);
+        });
     }
     if config.rng {
-        models.push(Box::new(Hosted::new("virtio-rng", virtio::rng::Rng::new())));
+        devices.push(hosted("virtio-rng".into(), Model::Rng)?);
     }
-    Ok(models)
+    Ok(devices)
 }
 
 /// Connections to devices served outside nixvmm, made once per run and shared by every VM the
@@ -419,36 +443,4 @@ fn load_kernel(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<LoadedKern
         Kernel::File(path) => boot::load_kernel(memory, path)?,
         Kernel::BuiltinGreeting => boot::load_raw(memory, &builtin_guest::code())?,
     })
-}
-
-/// The signal that interrupts KVM_RUN so a vCPU thread sees its stop flag.
-fn kick_signal() -> libc::c_int {
-    SIGRTMIN()
-}
-
-fn install_kick_handler() {
-    static ONCE: Once = Once::new();
-    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-    ONCE.call_once(|| {
-        if let Err(e) = register_signal_handler(kick_signal(), on_kick) {
-            log::warn!("cannot install the vCPU kick handler: {e}");
-        }
-    });
-}
-
-/// Sets `stop` and kicks each vCPU thread out of KVM_RUN until it has returned. Kicks repeat
-/// because one that lands just before a thread enters KVM_RUN is lost.
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
-    stop.store(true, Ordering::Release);
-    for handle in threads {
-        while !handle.is_finished() {
-            if let Err(e) = handle.kill(kick_signal()) {
-                log::debug!("kicking a vCPU thread: {e}");
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if handle.join().is_err() {
-            log::error!("a vCPU thread panicked");
-        }
-    }
 }

@@ -42,6 +42,8 @@ pub struct BlockConfig {
 pub struct Block {
     disk: DiskImage,
     serial: [u8; 20],
+    /// Data on its way between guest memory and the image, reused across requests.
+    bounce: Vec<u8>,
 }
 
 impl Block {
@@ -53,7 +55,11 @@ impl Block {
                 *slot = byte;
             }
         }
-        Ok(Block { disk, serial })
+        Ok(Block {
+            disk,
+            serial,
+            bounce: Vec::new(),
+        })
     }
 
     pub fn capacity_sectors(&self) -> u64 {
@@ -109,6 +115,11 @@ impl QueueDevice for Block {
         queue: &mut Queue,
         mem: &Memory,
     ) -> Result<bool, Error> {
-        process_request_queue(index, queue, mem, |chain| request::handle(self, chain, mem))
+        let mut bounce = std::mem::take(&mut self.bounce);
+        let used = process_request_queue(index, queue, mem, |chain| {
+            request::handle(self, &mut bounce, chain, mem)
+        });
+        self.bounce = bounce;
+        used
     }
 }

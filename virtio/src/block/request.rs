@@ -43,7 +43,7 @@ fn io(what: impl std::fmt::Display) -> Failure {
 }
 
 /// Handles one chain; returns the bytes written into it (data + status).
-pub(super) fn handle(block: &Block, chain: Chain, mem: &Memory) -> u32 {
+pub(super) fn handle(block: &Block, bounce: &mut Vec<u8>, chain: Chain, mem: &Memory) -> u32 {
     let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
         (Ok(r), Ok(w)) => (r, w),
         _ => {
@@ -60,7 +60,7 @@ pub(super) fn handle(block: &Block, chain: Chain, mem: &Memory) -> u32 {
         Ok(status) => status,
         Err(_) => return 0,
     };
-    let status = match execute(block, &mut reader, &mut writer) {
+    let status = match execute(block, bounce, &mut reader, &mut writer) {
         Ok(()) => S_OK,
         Err(failure) => {
             if let Failure::Io(why) = &failure {
@@ -103,14 +103,27 @@ fn disk_range(block: &Block, sector: u64, len: u64) -> Result<u64, Failure> {
     Ok(offset)
 }
 
-fn execute(block: &Block, reader: &mut Reader, writer: &mut Writer) -> Result<(), Failure> {
+/// `bounce`, at least `len` bytes long (it grows to the largest chunk once, then stays).
+fn bounce_buffer(bounce: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if bounce.len() < len {
+        bounce.resize(len, 0);
+    }
+    &mut bounce[..len]
+}
+
+fn execute(
+    block: &Block,
+    bounce: &mut Vec<u8>,
+    reader: &mut Reader,
+    writer: &mut Writer,
+) -> Result<(), Failure> {
     let (kind, sector) = read_header(reader)?;
     let writable = !block.disk.readonly;
     match kind {
         T_IN => {
             let len = writer.available_bytes() as u64;
             let mut offset = disk_range(block, sector, len)?;
-            let mut buf = vec![0u8; CHUNK.min(len as usize)];
+            let buf = bounce_buffer(bounce, CHUNK.min(len as usize));
             while writer.available_bytes() > 0 {
                 let n = writer.available_bytes().min(CHUNK);
                 block.disk.read_at(&mut buf[..n], offset).map_err(io)?;
@@ -122,7 +135,7 @@ fn execute(block: &Block, reader: &mut Reader, writer: &mut Writer) -> Result<()
         T_OUT if writable => {
             let len = reader.available_bytes() as u64;
             let mut offset = disk_range(block, sector, len)?;
-            let mut buf = vec![0u8; CHUNK.min(len as usize)];
+            let buf = bounce_buffer(bounce, CHUNK.min(len as usize));
             while reader.available_bytes() > 0 {
                 let n = reader.available_bytes().min(CHUNK);
                 reader.read_exact(&mut buf[..n]).map_err(io)?;

@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use super::{errno, new_name, Loc, Server};
 use crate::ninep::mapped;
 use crate::ninep::sys;
-use crate::ninep::wire::{Decoder, Encoder, Errno};
+use crate::ninep::wire::{message, Decoder, Encoder, Errno};
 
 impl Server {
     /// Operations that create, rename or remove entries.
@@ -18,7 +18,7 @@ impl Server {
         r: &mut Encoder,
     ) -> Result<(), Errno> {
         match kind {
-            72 => {
+            message::TMKDIR => {
                 let (dir, name, mode, gid) = (d.u32()?, d.string()?, d.u32()?, d.u32()?);
                 self.writable()?;
                 let (dir, uid) = (&self.fid(dir)?.path, self.fid(dir)?.uid);
@@ -31,7 +31,7 @@ impl Server {
                 self.take_ownership(dir, &name, uid, gid, libc::S_IFDIR | (mode & 0o7777), 0)?;
                 r.qid(self.qid_at(dir, &name)?);
             }
-            16 => {
+            message::TSYMLINK => {
                 let (dir, name, target, gid) = (d.u32()?, d.string()?, d.string()?, d.u32()?);
                 self.writable()?;
                 let (dir, uid) = (&self.fid(dir)?.path, self.fid(dir)?.uid);
@@ -52,7 +52,7 @@ impl Server {
                 }
                 r.qid(self.qid_at(dir, name)?);
             }
-            18 => {
+            message::TMKNOD => {
                 let (dir, name, mode) = (d.u32()?, d.string()?, d.u32()?);
                 let (major, minor, gid) = (d.u32()?, d.u32()?, d.u32()?);
                 self.writable()?;
@@ -67,7 +67,7 @@ impl Server {
                 self.take_ownership(dir, &name, uid, gid, mode, dev)?;
                 r.qid(self.qid_at(dir, &name)?);
             }
-            70 => {
+            message::TLINK => {
                 let (dir, fid, name) = (d.u32()?, d.u32()?, d.string()?);
                 self.writable()?;
                 let (target, dir) = (self.fid(fid)?, &self.fid(dir)?.path);
@@ -81,7 +81,7 @@ impl Server {
                     }
                 }
             }
-            74 => {
+            message::TRENAMEAT => {
                 let (old_dir, old) = (d.u32()?, d.string()?);
                 let (new_dir, new) = (d.u32()?, d.string()?);
                 self.writable()?;
@@ -91,7 +91,7 @@ impl Server {
                     mapped::file::rename(old_dir, &old, new_dir, &new);
                 }
             }
-            76 => {
+            message::TUNLINKAT => {
                 let (dir, name, flags) = (d.u32()?, d.string()?, d.u32()?);
                 self.writable()?;
                 let flags = flags as i32 & libc::AT_REMOVEDIR;
@@ -108,7 +108,7 @@ impl Server {
                     mapped::file::remove(dir, name);
                 }
             }
-            20 => {
+            message::TRENAME => {
                 // Trename: move the file `fid` stands for to `dir/name`.
                 let (fid_id, dir, name) = (d.u32()?, d.u32()?, d.string()?);
                 self.writable()?;
@@ -127,14 +127,14 @@ impl Server {
                     fid.loc = loc;
                 }
             }
-            30 => self.xattr_walk(d, r)?,
-            32 => self.xattr_create(d)?,
-            52 => {
+            message::TXATTRWALK => self.xattr_walk(d, r)?,
+            message::TXATTRCREATE => self.xattr_create(d)?,
+            message::TLOCK => {
                 // Tlock: locks are advisory between this guest's processes; grant them.
                 self.fid(d.u32()?)?;
                 r.u8(0);
             }
-            54 => {
+            message::TGETLOCK => {
                 let fid = d.u32()?;
                 let (_kind, start, length, proc_id) = (d.u8()?, d.u64()?, d.u64()?, d.u32()?);
                 let client = d.string()?;

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use super::wire::{Decoder, Encoder, Errno, Qid, QID_DIR, QID_FILE, QID_SYMLINK};
+use super::wire::{message, Decoder, Encoder, Errno, Qid, QID_DIR, QID_FILE, QID_SYMLINK};
 use super::SecurityModel;
 use super::{mapped, sys};
 
@@ -233,7 +233,7 @@ impl Server {
         // The R-message type follows its T-message (an unknown type is answered with Rlerror).
         let mut r = Encoder::new(kind.wrapping_add(1), tag);
         match kind {
-            100 => {
+            message::TVERSION => {
                 let msize = d.u32()?;
                 let version = d.string()?;
                 self.fids.clear();
@@ -245,7 +245,7 @@ impl Server {
                     "unknown"
                 });
             }
-            104 => {
+            message::TATTACH => {
                 let fid = d.u32()?;
                 let (_afid, _uname, _aname) = (d.u32()?, d.string()?, d.string()?);
                 let uid = d.u32()?; // n_uname: the user this attach acts for
@@ -255,12 +255,12 @@ impl Server {
                 self.insert_fid(fid, Fid::new(path, uid, Loc::Root))?;
                 r.qid(qid);
             }
-            102 => return Err(libc::EOPNOTSUPP), // Tauth: no authentication
-            108 => {
+            message::TAUTH => return Err(libc::EOPNOTSUPP), // Tauth: no authentication
+            message::TFLUSH => {
                 d.u16()?; // the flushed tag: every request is answered before the next
             }
-            110 => self.walk(d, &mut r)?,
-            120 => {
+            message::TWALK => self.walk(d, &mut r)?,
+            message::TCLUNK => {
                 let fid = d.u32()?;
                 let fid = self.fids.remove(&fid).ok_or(libc::EBADF)?;
                 if let Some(Xattr::Write {
@@ -273,26 +273,26 @@ impl Server {
                     self.commit_xattr(&fid.path, &name, size, flags, &data)?;
                 }
             }
-            122 => {
+            message::TREMOVE => {
                 let fid = d.u32()?;
                 self.fids.remove(&fid);
                 return Err(libc::EOPNOTSUPP); // Linux removes through unlinkat
             }
-            24 => self.getattr(d, &mut r)?,
-            26 => self.setattr(d)?,
-            8 => self.statfs(d, &mut r)?,
-            12 => self.lopen(d, &mut r)?,
-            14 => self.lcreate(d, &mut r)?,
-            116 => self.read(d, &mut r)?,
-            118 => self.write(d, &mut r)?,
-            40 => self.readdir(d, &mut r)?,
-            50 => {
+            message::TGETATTR => self.getattr(d, &mut r)?,
+            message::TSETATTR => self.setattr(d)?,
+            message::TSTATFS => self.statfs(d, &mut r)?,
+            message::TLOPEN => self.lopen(d, &mut r)?,
+            message::TLCREATE => self.lcreate(d, &mut r)?,
+            message::TREAD => self.read(d, &mut r)?,
+            message::TWRITE => self.write(d, &mut r)?,
+            message::TREADDIR => self.readdir(d, &mut r)?,
+            message::TFSYNC => {
                 let fid = self.fid(d.u32()?)?;
                 if let Some(file) = &fid.open {
                     file.sync_all().map_err(errno)?;
                 }
             }
-            22 => {
+            message::TREADLINK => {
                 let fid = self.fid(d.u32()?)?;
                 r.string(&self.readlink(fid)?);
             }

@@ -1,0 +1,49 @@
+//! The one place nixvmm's own device models are built, for `nixvmm run` (each then runs in a
+//! worker thread of the VMM) and for `nixvmm device` (served over vhost-user).
+
+use std::path::PathBuf;
+
+use virtio::block::{Block, BlockConfig, DiskError};
+use virtio::fs::{FsConfig, FsError, VirtioFs};
+use virtio::ninep::{ShareConfig, Virtio9p};
+use virtio::rng::Rng;
+use virtio::QueueDevice;
+
+/// A device model and what it serves.
+pub enum Model<'a> {
+    Block(&'a BlockConfig),
+    VirtioFs(&'a FsConfig),
+    NineP {
+        tag: &'a str,
+        config: &'a ShareConfig,
+    },
+    Rng,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    VirtioFs(#[from] FsError),
+    #[error("--share {path}: {source}")]
+    NineP {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Opens what `model` serves and returns the model.
+pub fn build(model: Model) -> Result<Box<dyn QueueDevice>, ModelError> {
+    Ok(match model {
+        Model::Block(config) => Box::new(Block::open(config)?),
+        Model::VirtioFs(config) => Box::new(VirtioFs::new(config)?),
+        Model::NineP { tag, config } => Box::new(Virtio9p::new(tag, config.clone()).map_err(
+            |source| ModelError::NineP {
+                path: config.root.clone(),
+                source,
+            },
+        )?),
+        Model::Rng => Box::new(Rng::new()),
+    })
+}
