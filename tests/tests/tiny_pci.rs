@@ -62,6 +62,8 @@ mod virtio_guest {
     pub const COUNTER: u64 = 0x20_3000;
     pub const COMMON_OFF: u64 = 0x20_3010;
     pub const NOTIFY_OFF: u64 = 0x20_3018;
+    pub const TABLE: u64 = 0x20_3020;
+    pub const COUNTER_MOVED: u64 = 0x20_3028;
     pub const BUF: u64 = 0x21_0000;
     pub const VECTOR: u32 = 0x40;
 }
@@ -75,6 +77,25 @@ struct Request {
     reply_len: u32,
     /// End with a reset (i8042) instead of a poweroff.
     reboot: bool,
+    /// Move BAR 0 here before enabling memory decoding, as Linux does when it reassigns it.
+    move_bar: Option<u64>,
+    /// After DRIVER_OK, point MSI-X entry 0 at this vector (mask, rewrite, unmask), as Linux
+    /// does when an IRQ's affinity moves.
+    rewrite_vector: Option<u32>,
+}
+
+impl Request {
+    fn new(pci_id: u32, queue: u16, readable: Vec<u8>, reply_len: u32) -> Request {
+        Request {
+            pci_id,
+            queue,
+            readable,
+            reply_len,
+            reboot: false,
+            move_bar: None,
+            rewrite_vector: None,
+        }
+    }
 }
 
 /// A guest acting as a virtio driver: finds the function on bus 0, walks its capabilities,
@@ -85,20 +106,27 @@ fn virtio_driver(request: &Request) -> Result<Guest, IcedError> {
     let mut g = Guest::new();
     let request_blob = (!request.readable.is_empty()).then(|| g.blob(request.readable.clone()));
     let mut handler = g.a.create_label();
+    let mut moved_handler = g.a.create_label();
     let mut found = g.a.create_label();
     let mut scan = g.a.create_label();
 
-    // IDT entry for VECTOR: a 64-bit interrupt gate to `handler`.
-    g.a.lea(rax, ptr(handler))?;
-    g.a.mov(rdi, IDT + u64::from(VECTOR) * 16)?;
-    g.a.mov(word_ptr(rdi), ax)?;
-    g.a.mov(word_ptr(rdi + 2), 0x08u32)?;
-    g.a.mov(word_ptr(rdi + 4), 0x8e00u32)?;
-    g.a.shr(rax, 16)?;
-    g.a.mov(word_ptr(rdi + 6), ax)?;
-    g.a.shr(rax, 16)?;
-    g.a.mov(dword_ptr(rdi + 8), eax)?;
-    g.a.mov(dword_ptr(rdi + 12), 0u32)?;
+    // IDT entries: 64-bit interrupt gates for VECTOR and the rewritten vector.
+    let mut gates = vec![(VECTOR, handler)];
+    if let Some(vector) = request.rewrite_vector {
+        gates.push((vector, moved_handler));
+    }
+    for (vector, target) in gates {
+        g.a.lea(rax, ptr(target))?;
+        g.a.mov(rdi, IDT + u64::from(vector) * 16)?;
+        g.a.mov(word_ptr(rdi), ax)?;
+        g.a.mov(word_ptr(rdi + 2), 0x08u32)?;
+        g.a.mov(word_ptr(rdi + 4), 0x8e00u32)?;
+        g.a.shr(rax, 16)?;
+        g.a.mov(word_ptr(rdi + 6), ax)?;
+        g.a.shr(rax, 16)?;
+        g.a.mov(dword_ptr(rdi + 8), eax)?;
+        g.a.mov(dword_ptr(rdi + 12), 0u32)?;
+    }
     g.a.mov(rdi, IDTR)?;
     g.a.mov(word_ptr(rdi), 0xfffu32)?;
     g.a.mov(rax, IDT)?;
@@ -147,6 +175,20 @@ fn virtio_driver(request: &Request) -> Result<Guest, IcedError> {
     cfg_read(&mut g, 0x10)?;
     g.a.and(eax, 0xffff_fff0u32)?;
     g.a.or(r14, rax)?;
+    if let Some(to) = request.move_bar {
+        for (offset, half) in [(0x10u32, to as u32), (0x14, (to >> 32) as u32)] {
+            g.a.mov(ecx, offset)?;
+            cfg_select(&mut g, ecx)?;
+            g.a.mov(eax, half)?;
+            g.a.out(dx, eax)?;
+        }
+        cfg_read(&mut g, 0x14)?;
+        g.a.mov(r14d, eax)?;
+        g.a.shl(r14, 32)?;
+        cfg_read(&mut g, 0x10)?;
+        g.a.and(eax, 0xffff_fff0u32)?;
+        g.a.or(r14, rax)?;
+    }
     g.text("\nBAR0=")?;
     g.hex(r14)?;
     cfg_read(&mut g, 0x04)?;
@@ -214,6 +256,7 @@ fn virtio_driver(request: &Request) -> Result<Guest, IcedError> {
     g.a.in_(eax, dx)?;
     g.a.and(eax, 0xffff_fff8u32)?;
     g.a.lea(rbx, ptr(r14 + rax))?;
+    g.a.mov(qword_ptr(TABLE), rbx)?;
     g.a.mov(dword_ptr(rbx), 0xfee0_0000u32)?;
     g.a.mov(dword_ptr(rbx + 4), 0u32)?;
     g.a.mov(dword_ptr(rbx + 8), VECTOR)?;
@@ -259,6 +302,13 @@ fn virtio_driver(request: &Request) -> Result<Guest, IcedError> {
     g.a.mov(word_ptr(AVAIL + 4), 0u32)?;
     g.a.mov(word_ptr(AVAIL + 2), 1u32)?;
     g.a.mov(dword_ptr(COUNTER), 0u32)?;
+    g.a.mov(dword_ptr(COUNTER_MOVED), 0u32)?;
+    if let Some(vector) = request.rewrite_vector {
+        g.a.mov(rbx, qword_ptr(TABLE))?;
+        g.a.mov(dword_ptr(rbx + 12), 1u32)?; // mask
+        g.a.mov(dword_ptr(rbx + 8), vector)?;
+        g.a.mov(dword_ptr(rbx + 12), 0u32)?; // unmask
+    }
     g.a.sti()?;
     g.a.mov(rbx, r14)?;
     g.a.add(rbx, qword_ptr(NOTIFY_OFF))?;
@@ -273,6 +323,9 @@ fn virtio_driver(request: &Request) -> Result<Guest, IcedError> {
     g.a.je(wait)?;
     g.a.mov(r12d, dword_ptr(COUNTER))?;
     g.text("\nIRQS=")?;
+    g.hex(r12)?;
+    g.a.mov(r12d, dword_ptr(COUNTER_MOVED))?;
+    g.text("\nIRQS_AT_NEW_VECTOR=")?;
     g.hex(r12)?;
     g.a.movzx(r12d, word_ptr(USED + 2))?;
     g.text("\nUSED_IDX=")?;
@@ -301,19 +354,18 @@ fn virtio_driver(request: &Request) -> Result<Guest, IcedError> {
     g.a.mov(dword_ptr(rax), 0u32)?;
     g.a.pop(rax)?;
     g.a.iretq()?;
+
+    // The rewritten vector's handler: count it apart as well.
+    g.a.set_label(&mut moved_handler)?;
+    g.a.inc(dword_ptr(COUNTER_MOVED))?;
+    g.a.jmp(handler)?;
     Ok(g)
 }
 
 #[test]
 fn guest_drives_virtio_rng_over_pci_and_gets_an_msix_interrupt() {
     let dir = tempfile::tempdir().unwrap();
-    let rng = Request {
-        pci_id: 0x1044_1af4,
-        queue: 0,
-        readable: Vec::new(),
-        reply_len: 16,
-        reboot: false,
-    };
+    let rng = Request::new(0x1044_1af4, 0, Vec::new(), 16);
     let kernel = write_guest(dir.path(), virtio_driver(&rng).expect("guest assembles"));
     let (outcome, text) = run(&VmConfig {
         rng: true,
@@ -332,6 +384,47 @@ fn guest_drives_virtio_rng_over_pci_and_gets_an_msix_interrupt() {
     assert_eq!(hex(&text, "IRQS"), 1, "one MSI-X interrupt: {text}");
     assert_eq!(hex(&text, "USED_IDX"), 1, "{text}");
     assert_eq!(hex(&text, "USED_LEN"), 16, "{text}");
+    assert_ne!(hex(&text, "BUF"), 0, "random bytes in the buffer: {text}");
+    assert_eq!(hex(&text, "IRQS_AT_NEW_VECTOR"), 0, "{text}");
+}
+
+#[test]
+fn a_moved_bar_and_a_rewritten_msix_vector_keep_the_device_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let rng = Request {
+        move_bar: Some(0xd000_0000),
+        rewrite_vector: Some(0x51),
+        ..Request::new(0x1044_1af4, 0, Vec::new(), 16)
+    };
+    let kernel = write_guest(dir.path(), virtio_driver(&rng).expect("guest assembles"));
+    let (outcome, text) = run(&VmConfig {
+        rng: true,
+        ..config(&kernel)
+    });
+    assert_eq!(outcome, Outcome::PoweredOff, "{text}");
+    assert_eq!(
+        hex(&text, "BAR0"),
+        0xd000_0000,
+        "the BAR took the address: {text}"
+    );
+    let caps: Vec<&str> = text.lines().filter(|l| l.starts_with("CAP ")).collect();
+    assert_eq!(caps.len(), 4, "capabilities: {text}");
+    assert_eq!(
+        hex(&text, "STATUS"),
+        0xf,
+        "registers answer at the new BAR: {text}"
+    );
+    assert_eq!(
+        hex(&text, "USED_IDX"),
+        1,
+        "the notification reached the device: {text}"
+    );
+    assert_eq!(hex(&text, "IRQS"), 1, "one interrupt: {text}");
+    assert_eq!(
+        hex(&text, "IRQS_AT_NEW_VECTOR"),
+        1,
+        "at the new vector: {text}"
+    );
     assert_ne!(hex(&text, "BUF"), 0, "random bytes in the buffer: {text}");
 }
 
@@ -378,13 +471,7 @@ fn guest_reaches_a_vhost_user_fs_backend_through_nixvmm() {
     for v in [7u32, 31, 0x2_0000, 0] {
         init.extend_from_slice(&v.to_le_bytes()); // major, minor, max_readahead, flags
     }
-    let request = Request {
-        pci_id: 0x105a_1af4,
-        queue: 1,
-        readable: init.clone(),
-        reply_len: 4096,
-        reboot: false,
-    };
+    let request = Request::new(0x105a_1af4, 1, init.clone(), 4096);
     let kernel = write_guest(
         dir.path(),
         virtio_driver(&request).expect("guest assembles"),

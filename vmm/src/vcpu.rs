@@ -17,7 +17,8 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 /// The buses a vCPU's exits are routed to, shared by all vCPUs.
 pub struct Buses {
     pub io: Bus,
-    pub mmio: Bus,
+    /// Shared with whoever moves PCI BARs on it.
+    pub mmio: Arc<Bus>,
 }
 
 /// What the VM asks of a vCPU thread.

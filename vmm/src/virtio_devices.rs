@@ -3,10 +3,11 @@
 //! their queues themselves once the driver activates them (a worker thread each, or a
 //! vhost-user backend), so a vCPU touching a device's registers never waits for its I/O.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 
 use devices::bus::{lock, Bus};
-use devices::pci::PciRoot;
+use devices::pci::{Bar, BarRelocation, PciRoot};
 use firmware::layout::{PCI_MMIO_END, PCI_MMIO_START};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio::pci::{VirtioPciDevice, BAR_SIZE};
@@ -22,16 +23,18 @@ pub struct VirtioDevices {
 
 impl VirtioDevices {
     /// Plugs each device into `pci` and `mmio` with its BAR in the 32-bit PCI window, binding
-    /// its queue notifications to ioeventfds and its MSI-X vectors to routed irqfds.
+    /// its queue notifications to ioeventfds and its MSI-X vectors to routed irqfds. A BAR the
+    /// guest moves takes its range and ioeventfds along.
     pub fn attach(
         models: Vec<Box<dyn VirtioDevice>>,
         vm_fd: &Arc<VmFd>,
         memory: &Memory,
         pci: &mut PciRoot,
-        mmio: &mut Bus,
+        mmio: &Arc<Bus>,
     ) -> Result<VirtioDevices, VmError> {
         let router = MsiRouter::new(vm_fd.clone());
         let mut devices = Vec::new();
+        let mut by_slot = HashMap::new();
         for (n, model) in models.into_iter().enumerate() {
             let bar = PCI_MMIO_START + n as u64 * BAR_SIZE;
             if bar + BAR_SIZE > PCI_MMIO_END {
@@ -49,10 +52,16 @@ impl VirtioDevices {
                     })?;
             }
             let device = Arc::new(Mutex::new(device));
-            pci.add(device.clone())?;
+            let slot = pci.add(device.clone())?;
             mmio.insert(bar, BAR_SIZE, device.clone())?;
+            by_slot.insert(slot, device.clone());
             devices.push(device);
         }
+        pci.set_relocation(Arc::new(BarMover {
+            vm_fd: vm_fd.clone(),
+            mmio: Arc::downgrade(mmio),
+            devices: by_slot,
+        }));
         Ok(VirtioDevices { devices })
     }
 
@@ -63,5 +72,37 @@ impl VirtioDevices {
 
     pub fn resume_all(&self) -> Result<(), virtio::Error> {
         self.devices.iter().try_for_each(|d| lock(d).resume())
+    }
+}
+
+/// Moves a virtio device's BAR 0 where the guest put it: its range on the MMIO bus and the
+/// ioeventfds of its queue notifications. (The bus is held weakly: it owns the PCI root,
+/// which owns this.)
+struct BarMover {
+    vm_fd: Arc<VmFd>,
+    mmio: Weak<Bus>,
+    devices: HashMap<u8, Arc<Mutex<VirtioPciDevice>>>,
+}
+
+impl BarRelocation for BarMover {
+    fn relocate(&self, slot: u8, bar: &Bar, to: u64) -> Result<(), String> {
+        let device = self.devices.get(&slot).ok_or("not a virtio device")?;
+        if bar.index != 0 || to.checked_add(BAR_SIZE).is_none() {
+            return Err(format!("BAR {} cannot go to {to:#x}", bar.index));
+        }
+        let mmio = self.mmio.upgrade().ok_or("the VM is going away")?;
+        mmio.relocate(bar.addr, to).map_err(|e| e.to_string())?;
+        let device = lock(device);
+        for (offset, event) in device.queue_events() {
+            let (old, new) = (
+                IoEventAddress::Mmio(bar.addr + offset),
+                IoEventAddress::Mmio(to + offset),
+            );
+            self.vm_fd
+                .unregister_ioevent(event, &old, NoDatamatch)
+                .and_then(|()| self.vm_fd.register_ioevent(event, &new, NoDatamatch))
+                .map_err(|e| format!("moving a queue notification: {e}"))?;
+        }
+        Ok(())
     }
 }

@@ -112,11 +112,11 @@ impl Vm {
         let (entry, cr3) = write_boot_state(&memory, config)?;
 
         let (exit_tx, exit_rx) = mpsc::channel();
-        let (mut io, serial) = legacy_devices(&vm_fd, console, &exit_tx)?;
+        let (io, serial) = legacy_devices(&vm_fd, console, &exit_tx)?;
         let mut pci = PciRoot::new();
-        let mut mmio = Bus::new();
+        let mmio = Arc::new(Bus::new());
         let models = device_models(config, backends)?;
-        let virtio = VirtioDevices::attach(models, &vm_fd, &memory, &mut pci, &mut mmio)?;
+        let virtio = VirtioDevices::attach(models, &vm_fd, &memory, &mut pci, &mmio)?;
         let pci = Arc::new(pci);
         io.insert(
             u64::from(PCI_CONFIG_PORT),
@@ -323,7 +323,7 @@ fn legacy_devices(
         serial_irq,
         Box::new(console.clone()),
     )));
-    let mut io = Bus::new();
+    let io = Bus::new();
     io.insert(u64::from(COM1_PORT), 8, serial.clone())?;
     io.insert(
         u64::from(I8042_DATA_PORT),

@@ -26,6 +26,24 @@ pub trait PciDevice: Send {
 
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 
+/// Moves what a BAR decodes (its bus range, and whatever else the platform attached to its
+/// addresses) when the guest places the BAR elsewhere.
+pub trait BarRelocation: Send + Sync {
+    /// Slot `slot`'s BAR `bar.index`, mapped at `bar.addr`, moves to `to`.
+    fn relocate(&self, slot: u8, bar: &Bar, to: u64) -> Result<(), String>;
+}
+
+/// The command register's memory-space enable bit.
+const COMMAND_MEMORY: u32 = 1 << 1;
+const COMMAND_REG: usize = 1;
+const BAR_REGS: std::ops::RangeInclusive<usize> = 4..=9;
+
+/// A plugged function and where its BARs are mapped now.
+struct Slot {
+    device: SharedPciDevice,
+    mapped: Mutex<Vec<Bar>>,
+}
+
 /// The host bridge at 00:00.0.
 struct HostBridge(PciConfiguration);
 
@@ -46,7 +64,8 @@ pub struct NoFreeSlot;
 
 /// Bus 0: up to 32 single-function devices, the host bridge in slot 0.
 pub struct PciRoot {
-    slots: Vec<Option<SharedPciDevice>>,
+    slots: Vec<Option<Slot>>,
+    relocation: Option<Arc<dyn BarRelocation>>,
 }
 
 impl Default for PciRoot {
@@ -67,9 +86,21 @@ impl PciRoot {
             subsystem_vendor: 0,
             subsystem: 0,
         }));
-        let mut slots = vec![None; SLOTS];
-        slots[0] = Some(Arc::new(Mutex::new(bridge)) as SharedPciDevice);
-        PciRoot { slots }
+        let mut slots: Vec<Option<Slot>> = (0..SLOTS).map(|_| None).collect();
+        slots[0] = Some(Slot {
+            device: Arc::new(Mutex::new(bridge)),
+            mapped: Mutex::new(Vec::new()),
+        });
+        PciRoot {
+            slots,
+            relocation: None,
+        }
+    }
+
+    /// Who moves a BAR's mapping when the guest re-programs it; without one, BARs stay where
+    /// they were plugged.
+    pub fn set_relocation(&mut self, relocation: Arc<dyn BarRelocation>) {
+        self.relocation = Some(relocation);
     }
 
     /// Plugs `device` into the first free slot and returns the slot number.
@@ -79,22 +110,63 @@ impl PciRoot {
             .iter()
             .position(Option::is_none)
             .ok_or(NoFreeSlot)?;
-        self.slots[slot] = Some(device);
+        let mapped = Mutex::new(lock(&device).config().bars());
+        self.slots[slot] = Some(Slot { device, mapped });
         Ok(slot as u8)
     }
 
-    fn function(&self, bus: u8, slot: u8, function: u8) -> Option<&SharedPciDevice> {
+    fn function(&self, bus: u8, slot: u8, function: u8) -> Option<&Slot> {
         if bus != 0 || function != 0 {
             return None;
         }
         self.slots.get(usize::from(slot))?.as_ref()
     }
 
+    /// After a write to the command register or a BAR: a BAR that decodes memory somewhere
+    /// other than where it is mapped moves there. Nothing moves while memory decoding is off
+    /// (Linux turns it off while it sizes or rewrites 64-bit BARs) or for the all-ones sizing
+    /// write.
+    fn follow_bars(&self, slot: u8, reg: usize, data: &[u8]) {
+        let (Some(relocation), Some(target)) = (&self.relocation, self.function(0, slot, 0)) else {
+            return;
+        };
+        if !(reg == COMMAND_REG || BAR_REGS.contains(&reg)) {
+            return;
+        }
+        if BAR_REGS.contains(&reg) && data.iter().all(|&b| b == 0xff) {
+            return;
+        }
+        let (command, bars) = {
+            let device = lock(&target.device);
+            (
+                device.config().read_reg(COMMAND_REG),
+                device.config().bars(),
+            )
+        };
+        if command & COMMAND_MEMORY == 0 {
+            return;
+        }
+        let mut mapped = lock(&target.mapped);
+        for (now, old) in bars.iter().zip(mapped.iter_mut()) {
+            if now.addr == old.addr {
+                continue;
+            }
+            match relocation.relocate(slot, old, now.addr) {
+                Ok(()) => old.addr = now.addr,
+                Err(e) => log::warn!(
+                    "PCI 00:{slot:02x}.0 BAR {}: cannot move it to {:#x}: {e}",
+                    old.index,
+                    now.addr
+                ),
+            }
+        }
+    }
+
     /// Reads `data.len()` bytes at byte `offset` of register `reg`; absent functions read as
     /// all ones, as on real hardware.
     fn read(&self, bdf: (u8, u8, u8), reg: usize, offset: usize, data: &mut [u8]) {
         let value = match self.function(bdf.0, bdf.1, bdf.2) {
-            Some(device) => lock(device).read_config(reg),
+            Some(slot) => lock(&slot.device).read_config(reg),
             None => u32::MAX,
         };
         let bytes = value.to_le_bytes();
@@ -107,8 +179,9 @@ impl PciRoot {
         if offset + data.len() > 4 {
             return;
         }
-        if let Some(device) = self.function(bdf.0, bdf.1, bdf.2) {
-            lock(device).write_config(reg, offset, data);
+        if let Some(slot) = self.function(bdf.0, bdf.1, bdf.2) {
+            lock(&slot.device).write_config(reg, offset, data);
+            self.follow_bars(bdf.1, reg, data);
         }
     }
 }
@@ -219,7 +292,10 @@ mod tests {
     }
 
     fn root_with_device() -> Arc<PciRoot> {
-        let mut root = PciRoot::new();
+        Arc::new(plugged(PciRoot::new()))
+    }
+
+    fn plugged(mut root: PciRoot) -> PciRoot {
         let mut config = PciConfiguration::new(PciId {
             vendor: 0x1af4,
             device: 0x1044,
@@ -232,7 +308,7 @@ mod tests {
         });
         config.add_bar64(0, 0xc000_0000, 0x4000).unwrap();
         assert_eq!(root.add(Arc::new(Mutex::new(Plain(config)))), Ok(1));
-        Arc::new(root)
+        root
     }
 
     fn cf8(io: &mut PciConfigIo, slot: u32, reg: u32) -> u32 {
@@ -276,5 +352,49 @@ mod tests {
         assert_eq!(data, [0xff; 4]);
         ecam.read(slot1 | (1 << 12), &mut data);
         assert_eq!(data, [0xff; 4]);
+    }
+
+    #[derive(Default)]
+    struct Moves(Mutex<Vec<(u8, u64, u64)>>);
+
+    impl BarRelocation for Moves {
+        fn relocate(&self, slot: u8, bar: &Bar, to: u64) -> Result<(), String> {
+            self.0.lock().unwrap().push((slot, bar.addr, to));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_reprogrammed_bar_moves_once_memory_decoding_is_on() {
+        let moves = Arc::new(Moves::default());
+        let mut root = plugged(PciRoot::new());
+        root.set_relocation(moves.clone());
+        let mut ecam = PciEcam::new(Arc::new(root));
+        let slot1 = 1u64 << 15;
+        let write = |ecam: &mut PciEcam, reg: u64, value: u32| {
+            ecam.write(slot1 + reg, &value.to_le_bytes());
+        };
+        // As Linux rewrites a 64-bit BAR: decoding off, sizing, new address, decoding on.
+        write(&mut ecam, 0x04, 0);
+        write(&mut ecam, 0x10, 0xffff_ffff);
+        write(&mut ecam, 0x10, 0xd000_0000);
+        write(&mut ecam, 0x14, 0x1);
+        assert!(
+            moves.0.lock().unwrap().is_empty(),
+            "moved while decoding was off"
+        );
+        write(&mut ecam, 0x04, 0x6);
+        assert_eq!(*moves.0.lock().unwrap(), [(1, 0xc000_0000, 0x1_d000_0000)]);
+        // While decoding is on: the sizing write moves nothing, a new address does.
+        write(&mut ecam, 0x10, 0xffff_ffff);
+        write(&mut ecam, 0x14, 0xffff_ffff);
+        assert_eq!(moves.0.lock().unwrap().len(), 1, "sizing moved the BAR");
+        write(&mut ecam, 0x14, 0);
+        write(&mut ecam, 0x10, 0xc000_0000);
+        assert_eq!(
+            moves.0.lock().unwrap().last().map(|m| m.2),
+            Some(0xc000_0000),
+            "back where it started"
+        );
     }
 }
