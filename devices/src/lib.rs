@@ -4,7 +4,7 @@
 //! sleep/reset register.
 //!
 //! Devices never call KVM: they get an [`EventFd`](vmm_sys_util::eventfd::EventFd) to raise
-//! their interrupt and a [`std::sync::mpsc::Sender`] of [`VmExit`] to end the VM.
+//! their interrupt and an [`ExitSender`] to end the VM.
 
 pub mod acpi_power;
 pub mod bus;
@@ -12,6 +12,11 @@ pub mod cmos_rtc;
 pub mod i8042;
 pub mod pci;
 pub mod serial;
+
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
 
 /// Why a VM stopped running. Devices and vCPUs send it; the VMM's main loop acts on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,4 +31,50 @@ pub enum VmExit {
     Failed(String),
 }
 
-pub type ExitSender = std::sync::mpsc::Sender<VmExit>;
+/// Ends the VM with a [`VmExit`]; sending also wakes the VMM's event loop. Cloneable.
+#[derive(Clone)]
+pub struct ExitSender {
+    tx: Sender<VmExit>,
+    wake: Arc<EventFd>,
+}
+
+/// Where a VM's [`VmExit`]s arrive: the VMM's event loop watches [`ExitReceiver::event`].
+pub struct ExitReceiver {
+    rx: Receiver<VmExit>,
+    wake: Arc<EventFd>,
+}
+
+/// A VM's exit channel (one per VM, so nothing a finished VM sent reaches the next one).
+pub fn exit_channel() -> std::io::Result<(ExitSender, ExitReceiver)> {
+    let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+    let (tx, rx) = std::sync::mpsc::channel();
+    Ok((
+        ExitSender {
+            tx,
+            wake: wake.clone(),
+        },
+        ExitReceiver { rx, wake },
+    ))
+}
+
+impl ExitSender {
+    /// Sends `exit`; after the VM has ended nobody listens, and that is fine.
+    pub fn send(&self, exit: VmExit) {
+        if self.tx.send(exit).is_ok() {
+            let _ = self.wake.write(1);
+        }
+    }
+}
+
+impl ExitReceiver {
+    /// Readable once an exit was sent.
+    pub fn event(&self) -> &EventFd {
+        &self.wake
+    }
+
+    /// The first exit sent, if any has been.
+    pub fn try_recv(&self) -> Option<VmExit> {
+        let _ = self.wake.read();
+        self.rx.try_recv().ok()
+    }
+}

@@ -1,7 +1,9 @@
 //! The COM1 16550A UART (vm-superio's 8250 model) with its interrupt on an eventfd.
 
 use std::io::Write;
+use std::sync::Arc;
 
+use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -17,18 +19,35 @@ impl Trigger for EventFdTrigger {
     }
 }
 
+/// Signals `room` each time the guest has read every byte of its receive FIFO, so the host
+/// side knows it can queue more input.
+pub struct InputRoom(pub Arc<EventFd>);
+
+impl SerialEvents for InputRoom {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.0.write(1);
+    }
+}
+
 /// The guest's serial console: what it transmits goes to `out`; host input is queued with
-/// [`SerialConsole::enqueue_input`].
+/// [`SerialConsole::enqueue_input`], and `room` is signalled when the guest has taken it all.
 pub struct SerialConsole {
-    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<EventFdTrigger, InputRoom, Box<dyn Write + Send>>,
     /// Whether an output failure was already reported (a closed terminal fails every byte).
     output_failed: bool,
 }
 
 impl SerialConsole {
-    pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> SerialConsole {
+    pub fn new(
+        interrupt: EventFd,
+        out: Box<dyn Write + Send>,
+        room: Arc<EventFd>,
+    ) -> SerialConsole {
         SerialConsole {
-            uart: Serial::new(EventFdTrigger(interrupt), out),
+            uart: Serial::with_events(EventFdTrigger(interrupt), InputRoom(room), out),
             output_failed: false,
         }
     }

@@ -7,6 +7,7 @@ pub mod builtin_guest;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod control_plane;
 pub mod cpu;
 pub mod device_server;
 pub mod models;
@@ -27,8 +28,10 @@ use devices::bus::lock;
 use devices::serial::SerialConsole;
 use devices::{ExitSender, VmExit};
 use kvm_ioctls::Kvm;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::ConsoleOutput;
+use crate::control_plane::ControlPlane;
 use crate::vm::{Vm, VmError};
 
 /// How a run ended, when it ended well.
@@ -52,6 +55,8 @@ pub enum RunError {
     Build(#[from] VmError),
     #[error("the VM failed: {0}")]
     Failed(String),
+    #[error(transparent)]
+    ControlPlane(#[from] control_plane::ControlPlaneError),
 }
 
 /// The running VM as other threads reach it: where to send its exit, its console UART.
@@ -67,14 +72,25 @@ struct Attached {
 pub struct Control {
     current: Arc<Mutex<Option<Attached>>>,
     stopped: Arc<AtomicBool>,
+    /// Signalled when the guest has read all console input (see `console::StdinWatch`).
+    input_room: Arc<Mutex<Option<Arc<EventFd>>>>,
 }
 
 impl Control {
+    /// The eventfd every VM's UART signals when the guest has emptied its receive FIFO.
+    pub fn set_input_room(&self, room: Arc<EventFd>) {
+        *lock(&self.input_room) = Some(room);
+    }
+
+    fn input_room(&self) -> Option<Arc<EventFd>> {
+        lock(&self.input_room).clone()
+    }
+
     /// Stops the VM; `run` returns [`Outcome::Stopped`].
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         if let Some(vm) = &*lock(&self.current) {
-            let _ = vm.exit.send(VmExit::Stopped);
+            vm.exit.send(VmExit::Stopped);
         }
     }
 
@@ -118,7 +134,7 @@ impl Control {
             runtime: vm.runtime(),
         });
         if self.stopped.load(Ordering::Acquire) {
-            let _ = vm.exit_sender().send(VmExit::Stopped);
+            vm.exit_sender().send(VmExit::Stopped);
         }
     }
 }
@@ -145,14 +161,25 @@ pub fn run(
     output: &ConsoleOutput,
     control: &Control,
 ) -> Result<Outcome, RunError> {
+    run_with(config, output, control, &mut ControlPlane::new()?)
+}
+
+/// [`run`] with the front door's subscribers (signals, stdin) already in `plane`.
+pub fn run_with(
+    config: &VmConfig,
+    output: &ConsoleOutput,
+    control: &Control,
+    plane: &mut ControlPlane,
+) -> Result<Outcome, RunError> {
     config.validate()?;
     let kvm = open_kvm()?;
     // Connections to external backends outlive each VM: a reboot reuses them.
     let backends = vm::ExternalBackends::connect(config)?;
     loop {
-        let vm = Vm::build(&kvm, config, output, &backends)?;
+        let (vm, exits) = Vm::build(&kvm, config, output, &backends, control.input_room())?;
         control.attach(&vm);
-        match vm.run() {
+        let exit = vm.run(plane, exits)?;
+        match exit {
             VmExit::Shutdown => return Ok(Outcome::PoweredOff),
             VmExit::Stopped => return Ok(Outcome::Stopped),
             VmExit::Reset if config.no_reboot => return Ok(Outcome::Rebooted),

@@ -5,9 +5,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::cli::{Cli, Command, DeviceCommand};
-use vmm::console::{spawn_stdin_pump, ConsoleOutput, RawTerminal};
+use vmm::console::{ConsoleOutput, RawTerminal, StdinWatch};
+use vmm::control_plane::ControlPlane;
 use vmm::models::Model;
+use vmm::signals::SignalWatch;
 use vmm::Control;
+use vmm_sys_util::eventfd::EventFd;
 
 struct StderrLogger;
 
@@ -29,6 +32,32 @@ impl log::Log for StderrLogger {
 
 fn build(model: Model) -> Result<Box<dyn virtio::QueueDevice>, String> {
     vmm::models::build(model).map_err(|e| e.to_string())
+}
+
+/// `nixvmm run`: the VM on this terminal, stopped by SIGTERM, SIGINT and SIGHUP.
+fn run(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
+    // Before any thread starts, so that every thread inherits the mask.
+    let signals = vmm::signals::block_termination_signals();
+    let control = Control::default();
+    let mut plane = ControlPlane::new().map_err(|e| e.to_string())?;
+    match signals.and_then(|()| SignalWatch::new(control.clone())) {
+        Ok(watch) => {
+            plane.add(Box::new(watch));
+        }
+        Err(e) => log::warn!("SIGTERM and SIGINT will not stop the VM cleanly: {e}"),
+    }
+    match EventFd::new(libc::EFD_NONBLOCK) {
+        Ok(room) => {
+            let room = std::sync::Arc::new(room);
+            control.set_input_room(room.clone());
+            plane.add(Box::new(StdinWatch::new(control.clone(), room)));
+        }
+        Err(e) => log::warn!("no console input: {e}"),
+    }
+    let terminal = RawTerminal::enter();
+    let outcome = vmm::run_with(&config, &ConsoleOutput::stdout(), &control, &mut plane);
+    drop(terminal);
+    outcome.map_err(|e| e.to_string())
 }
 
 /// `nixvmm device …`: serve one device model until the frontend disconnects.
@@ -93,20 +122,7 @@ fn main() -> ExitCode {
         _ => log::LevelFilter::Trace,
     });
     let result = match cli.command {
-        Command::Run(args) => args
-            .into_config()
-            .map_err(|e| e.to_string())
-            .and_then(|config| {
-                let control = Control::default();
-                if let Err(e) = vmm::signals::stop_on_termination_signals(control.clone()) {
-                    log::warn!("SIGTERM and SIGINT will not stop the VM cleanly: {e}");
-                }
-                let terminal = RawTerminal::enter();
-                spawn_stdin_pump(control.clone());
-                let outcome = vmm::run(&config, &ConsoleOutput::stdout(), &control);
-                drop(terminal);
-                outcome.map_err(|e| e.to_string())
-            }),
+        Command::Run(args) => args.into_config().map_err(|e| e.to_string()).and_then(run),
         Command::Device(device) => serve_device(device),
     };
     match result {

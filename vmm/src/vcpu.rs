@@ -271,8 +271,7 @@ fn run(mut vcpu: VcpuFd, id: u8, buses: &Buses, shared: &Shared, exit: &ExitSend
             Err(e) => Some(VmExit::Failed(format!("vCPU {id}: KVM_RUN failed: {e}"))),
         };
         if let Some(reason) = ended {
-            // The receiver is gone only when the VM is already stopping.
-            let _ = exit.send(reason);
+            exit.send(reason);
             park_until_exit(shared);
             break;
         }

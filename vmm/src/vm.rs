@@ -1,6 +1,5 @@
 //! Building a VM from a [`VmConfig`] and running it until it stops.
 
-use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 
 use devices::acpi_power::AcpiPower;
@@ -9,7 +8,7 @@ use devices::cmos_rtc::CmosRtc;
 use devices::i8042::I8042;
 use devices::pci::{PciConfigIo, PciEcam, PciRoot};
 use devices::serial::SerialConsole;
-use devices::{ExitSender, VmExit};
+use devices::{ExitReceiver, ExitSender, VmExit};
 use firmware::acpi::{write_acpi_tables, AcpiConfig};
 use firmware::boot::{self, BootSetup, LoadedKernel};
 use firmware::layout::{
@@ -24,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builtin_guest;
 use crate::config::{Kernel, Share, VmConfig};
 use crate::console::ConsoleOutput;
+use crate::control_plane::{ControlPlane, ControlPlaneError};
 use crate::cpu::{self, CpuSetup};
 use crate::models::{self, Model};
 use crate::vcpu::{Buses, Vcpus};
@@ -81,7 +81,6 @@ pub struct Vm {
     buses: Arc<Buses>,
     serial: Arc<Mutex<SerialConsole>>,
     exit_tx: ExitSender,
-    exit_rx: Receiver<VmExit>,
     runtime: Arc<Runtime>,
     _vm_fd: Arc<VmFd>,
     _memory: GuestMemoryMmap,
@@ -94,7 +93,8 @@ impl Vm {
         config: &VmConfig,
         console: &ConsoleOutput,
         backends: &ExternalBackends,
-    ) -> Result<Vm, VmError> {
+        input_room: Option<Arc<EventFd>>,
+    ) -> Result<(Vm, ExitReceiver), VmError> {
         let max = kvm.get_max_vcpus();
         if usize::from(config.cpus) > max {
             return Err(VmError::TooManyCpus {
@@ -111,8 +111,12 @@ impl Vm {
         let memory = guest_memory(&vm_fd, config.memory, shared)?;
         let (entry, cr3) = write_boot_state(&memory, config)?;
 
-        let (exit_tx, exit_rx) = mpsc::channel();
-        let (io, serial) = legacy_devices(&vm_fd, console, &exit_tx)?;
+        let (exit_tx, exit_rx) = devices::exit_channel().map_err(VmError::EventFd)?;
+        let input_room = match input_room {
+            Some(room) => room,
+            None => Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?),
+        };
+        let (io, serial) = legacy_devices(&vm_fd, console, &exit_tx, input_room)?;
         let mut pci = PciRoot::new();
         let mmio = Arc::new(Bus::new());
         let models = device_models(config, backends)?;
@@ -129,19 +133,19 @@ impl Vm {
             Arc::new(Mutex::new(PciEcam::new(pci))),
         )?;
 
-        Ok(Vm {
+        let vm = Vm {
             vcpus: create_vcpus(kvm, &vm_fd, config.cpus, entry, cr3)?,
             buses: Arc::new(Buses { io, mmio }),
             serial,
             exit_tx,
-            exit_rx,
             runtime: Arc::new(Runtime {
                 vcpus: Mutex::new(None),
                 virtio,
             }),
             _vm_fd: vm_fd,
             _memory: memory,
-        })
+        };
+        Ok((vm, exit_rx))
     }
 
     pub fn serial(&self) -> Arc<Mutex<SerialConsole>> {
@@ -158,21 +162,21 @@ impl Vm {
         self.exit_tx.clone()
     }
 
-    /// Runs the vCPUs until the first exit reason arrives, then ends them all.
-    pub fn run(mut self) -> VmExit {
+    /// Runs the vCPUs and `plane` until the first of `exits` arrives, then ends the vCPUs.
+    pub fn run(
+        mut self,
+        plane: &mut ControlPlane,
+        exits: ExitReceiver,
+    ) -> Result<VmExit, ControlPlaneError> {
         match Vcpus::start(std::mem::take(&mut self.vcpus), &self.buses, &self.exit_tx) {
             Ok(vcpus) => *lock(&self.runtime.vcpus) = Some(vcpus),
-            Err(e) => return VmExit::Failed(VmError::Thread(e).to_string()),
+            Err(e) => return Ok(VmExit::Failed(VmError::Thread(e).to_string())),
         }
-        // `self` holds a sender, so this only ends with a message.
-        let reason = self
-            .exit_rx
-            .recv()
-            .unwrap_or_else(|_| VmExit::Failed("VM exit channel closed".into()));
+        let exit = plane.run_until_exit(exits);
         if let Some(vcpus) = lock(&self.runtime.vcpus).take() {
             vcpus.exit();
         }
-        reason
+        exit
     }
 }
 
@@ -314,6 +318,7 @@ fn legacy_devices(
     vm_fd: &VmFd,
     console: &ConsoleOutput,
     exit_tx: &ExitSender,
+    input_room: Arc<EventFd>,
 ) -> Result<(Bus, Arc<Mutex<SerialConsole>>), VmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     vm_fd
@@ -322,6 +327,7 @@ fn legacy_devices(
     let serial = Arc::new(Mutex::new(SerialConsole::new(
         serial_irq,
         Box::new(console.clone()),
+        input_room,
     )));
     let io = Bus::new();
     io.insert(u64::from(COM1_PORT), 8, serial.clone())?;
