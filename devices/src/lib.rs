@@ -28,7 +28,24 @@ pub enum VmExit {
     /// The user left the console (Ctrl-A x) or the VMM was asked to stop.
     Stopped,
     /// Something failed that ends the VM: a KVM error, an exit nixvmm cannot handle.
-    Failed(String),
+    Failed(VmFailure),
+}
+
+/// What ended a VM that did not end well.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VmFailure {
+    #[error("vCPU {vcpu}: the guest crashed")]
+    GuestCrashed { vcpu: u8 },
+    #[error("vCPU {vcpu}: unknown KVM system event {event}")]
+    UnknownSystemEvent { vcpu: u8, event: u32 },
+    #[error("vCPU {vcpu}: KVM internal error (often an instruction KVM cannot emulate)")]
+    KvmInternalError { vcpu: u8 },
+    #[error("vCPU {vcpu}: KVM could not enter the guest (reason {reason:#x}, cpu {cpu})")]
+    EntryFailed { vcpu: u8, reason: u64, cpu: u32 },
+    #[error("vCPU {vcpu}: an exit nixvmm does not handle: {exit}")]
+    UnhandledExit { vcpu: u8, exit: String },
+    #[error("vCPU {vcpu}: KVM_RUN failed: {}", std::io::Error::from_raw_os_error(*errno))]
+    KvmRun { vcpu: u8, errno: i32 },
 }
 
 /// Ends the VM with a [`VmExit`]; sending also wakes the VMM's event loop. Cloneable.

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmm::console::ConsoleOutput;
+use vmm::host::console::ConsoleOutput;
 use vmm::{Control, Kernel, Outcome, VmConfig};
 
 use crate::tiny::Guest;

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use firmware::layout::{e820_map, E820Entry, ACPI_START};
 use iced_x86::code_asm::*;
-use vmm::console::ConsoleOutput;
+use vmm::host::console::ConsoleOutput;
 use vmm::{Control, Outcome, VmConfig};
 
 use nixvmm_tests::tiny::Guest;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
 use nixvmm_tests::nixvmm_bin;
-use vmm::console::ConsoleOutput;
+use vmm::host::console::ConsoleOutput;
 use vmm::{Control, Outcome, VmConfig};
 
 use nixvmm_tests::tiny::Guest;
@@ -47,7 +47,7 @@ fn builtin_guest_greets_and_powers_off() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        vmm::builtin_guest::GREETING
+        vmm::machine::builtin_guest::GREETING
     );
 }
 
@@ -242,7 +242,7 @@ fn a_paused_vm_runs_no_guest_code_until_resumed() {
         assert!(control
             .vcpu_states()
             .iter()
-            .all(|s| *s == vmm::vcpu::VcpuState::Paused));
+            .all(|s| *s == vmm::machine::vcpu::VcpuState::Paused));
         let at_pause = printed();
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(printed(), at_pause, "guest output while paused");

@@ -520,7 +520,7 @@ fn guest_reaches_a_vhost_user_fs_backend_through_nixvmm() {
         }],
         ..config(&kernel)
     };
-    let (output, buffer) = vmm::console::ConsoleOutput::buffer();
+    let (output, buffer) = vmm::host::console::ConsoleOutput::buffer();
     let control = vmm::Control::default();
     let runner = {
         let control = control.clone();

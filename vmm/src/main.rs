@@ -4,11 +4,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::cli::{Cli, Command, DeviceCommand};
-use vmm::console::{ConsoleOutput, RawTerminal, StdinWatch};
-use vmm::control_plane::ControlPlane;
+use vmm::event::signals::SignalWatch;
+use vmm::event::stdin::StdinWatch;
+use vmm::event::ControlPlane;
+use vmm::front::cli::{Cli, Command, DeviceCommand};
+use vmm::host::console::{ConsoleOutput, RawTerminal};
 use vmm::models::Model;
-use vmm::signals::SignalWatch;
 use vmm::Control;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -37,7 +38,7 @@ fn build(model: Model) -> Result<Box<dyn virtio::QueueDevice>, String> {
 /// `nixvmm run`: the VM on this terminal, stopped by SIGTERM, SIGINT and SIGHUP.
 fn run(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
     // Before any thread starts, so that every thread inherits the mask.
-    let signals = vmm::signals::block_termination_signals();
+    let signals = vmm::event::signals::block_termination_signals();
     let control = Control::default();
     let mut plane = ControlPlane::new().map_err(|e| e.to_string())?;
     match signals.and_then(|()| SignalWatch::new(control.clone())) {
@@ -96,7 +97,7 @@ fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
             ("blk", build(Model::Block(&config))?, socket)
         }
     };
-    vmm::device_server::serve(name, model, &socket)
+    vmm::serve::serve(name, model, &socket)
         .map(|()| vmm::Outcome::Stopped)
         .map_err(|e| e.to_string())
 }

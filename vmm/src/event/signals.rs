@@ -44,7 +44,7 @@ pub fn block_termination_signals() -> std::io::Result<()> {
 }
 
 extern "C" fn exit_at_once(signal: libc::c_int) {
-    crate::console::restore_terminal();
+    crate::host::console::restore_terminal();
     // SAFETY: async-signal-safe; ends the process without running anything else.
     unsafe { libc::_exit(128 + signal) };
 }
@@ -95,7 +95,7 @@ impl SignalWatch {
 
     fn take(&mut self, signal: libc::c_int) {
         if self.stopping {
-            crate::console::restore_terminal();
+            crate::host::console::restore_terminal();
             std::process::exit(128 + signal);
         }
         self.stopping = true;

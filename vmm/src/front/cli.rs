@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::system::{read_system, SystemError};
 use crate::config::{parse_disk, parse_share, parse_size, ConfigError, Kernel, VmConfig, MAX_CPUS};
-use crate::system::{read_system, SystemError};
 
 #[derive(Debug, Parser)]
 #[command(

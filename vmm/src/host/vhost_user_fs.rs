@@ -14,6 +14,15 @@ use vm_memory::{GuestMemory, GuestMemoryRegion};
 
 use virtio::fs::QUEUE_SIZES;
 
+/// A vhost-user-fs backend that could not be reached or refused the handshake.
+#[derive(Debug, thiserror::Error)]
+#[error("virtio-fs backend at {}: {step}: {source}", socket.display())]
+pub struct ConnectError {
+    pub socket: std::path::PathBuf,
+    pub step: &'static str,
+    pub source: vhost::Error,
+}
+
 pub struct VhostUserFs {
     frontend: Frontend,
     tag: String,
@@ -34,21 +43,26 @@ fn backend(e: impl std::fmt::Display) -> Error {
 
 impl VhostUserFs {
     /// Connects to the backend listening on `socket`.
-    pub fn connect(socket: &Path, tag: &str) -> Result<VhostUserFs, String> {
-        let shown = socket.display();
-        let mut frontend = Frontend::connect(socket, QUEUE_SIZES.len() as u64)
-            .map_err(|e| format!("cannot connect to the virtio-fs backend at {shown}: {e}"))?;
-        frontend.set_owner().map_err(|e| format!("{shown}: {e}"))?;
-        let backend_features = frontend
-            .get_features()
-            .map_err(|e| format!("{shown}: {e}"))?;
+    pub fn connect(socket: &Path, tag: &str) -> Result<VhostUserFs, ConnectError> {
+        let failed = |step: &'static str| {
+            move |source| ConnectError {
+                socket: socket.to_path_buf(),
+                step,
+                source,
+            }
+        };
+        let mut frontend = Frontend::connect(socket, QUEUE_SIZES.len() as u64).map_err(failed(
+            "cannot connect (is virtiofsd or `nixvmm device fs` listening?)",
+        ))?;
+        frontend.set_owner().map_err(failed("SET_OWNER"))?;
+        let backend_features = frontend.get_features().map_err(failed("GET_FEATURES"))?;
         if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             let offered = frontend
                 .get_protocol_features()
-                .map_err(|e| format!("{shown}: {e}"))?;
+                .map_err(failed("GET_PROTOCOL_FEATURES"))?;
             frontend
                 .set_protocol_features(offered & VhostUserProtocolFeatures::MQ)
-                .map_err(|e| format!("{shown}: {e}"))?;
+                .map_err(failed("SET_PROTOCOL_FEATURES"))?;
         }
         Ok(VhostUserFs {
             frontend,

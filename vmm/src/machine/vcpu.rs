@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 
 use devices::bus::Bus;
-use devices::{ExitSender, VmExit};
+use devices::{ExitSender, VmExit, VmFailure};
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -255,20 +255,26 @@ fn run(mut vcpu: VcpuFd, id: u8, buses: &Buses, shared: &Shared, exit: &ExitSend
             Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::Shutdown,
                 KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
-                KVM_SYSTEM_EVENT_CRASH => VmExit::Failed(format!("vCPU {id}: guest crashed")),
-                other => VmExit::Failed(format!("vCPU {id}: unknown system event {other}")),
+                KVM_SYSTEM_EVENT_CRASH => VmExit::Failed(VmFailure::GuestCrashed { vcpu: id }),
+                event => VmExit::Failed(VmFailure::UnknownSystemEvent { vcpu: id, event }),
             }),
-            Ok(VcpuExit::InternalError) => Some(VmExit::Failed(format!(
-                "vCPU {id}: KVM internal error (often an instruction KVM cannot emulate)"
-            ))),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VmExit::Failed(format!(
-                "vCPU {id}: KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"
-            ))),
-            Ok(other) => Some(VmExit::Failed(format!(
-                "vCPU {id}: unexpected exit {other:?}"
-            ))),
+            Ok(VcpuExit::InternalError) => {
+                Some(VmExit::Failed(VmFailure::KvmInternalError { vcpu: id }))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VmExit::Failed(VmFailure::EntryFailed {
+                vcpu: id,
+                reason,
+                cpu,
+            })),
+            Ok(other) => Some(VmExit::Failed(VmFailure::UnhandledExit {
+                vcpu: id,
+                exit: format!("{other:?}"),
+            })),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-            Err(e) => Some(VmExit::Failed(format!("vCPU {id}: KVM_RUN failed: {e}"))),
+            Err(e) => Some(VmExit::Failed(VmFailure::KvmRun {
+                vcpu: id,
+                errno: e.errno(),
+            })),
         };
         if let Some(reason) = ended {
             exit.send(reason);

@@ -1,5 +1,8 @@
 //! `VmConfig`: the one validated description of a VM, whichever front door built it.
 
+pub mod options;
+pub mod system;
+
 use std::path::PathBuf;
 
 use firmware::layout::MIN_MEMORY;
@@ -7,7 +10,7 @@ use virtio::block::{BlockConfig, Format};
 use virtio::fs::FsConfig;
 use virtio::ninep::ShareConfig;
 
-use crate::options::{OptionError, Options};
+use crate::config::options::{OptionError, Options};
 
 /// Highest vCPU count: APIC IDs are 8-bit in the MADT entries nixvmm writes.
 pub const MAX_CPUS: u8 = 254;

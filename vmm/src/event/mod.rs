@@ -5,6 +5,9 @@
 //! it ends. Other threads reach the loop through the [`ExitSender`](devices::ExitSender) of
 //! the running VM (what [`Control`](crate::Control) uses).
 
+pub mod signals;
+pub mod stdin;
+
 use std::cell::RefCell;
 use std::rc::Rc;
 

@@ -13,8 +13,8 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio::pci::{VirtioPciDevice, BAR_SIZE};
 use virtio::{Memory, VirtioDevice};
 
-use crate::msi::MsiRouter;
-use crate::vm::VmError;
+use crate::machine::msi::MsiRouter;
+use crate::machine::VmError;
 
 /// The virtio devices of a VM.
 pub struct VirtioDevices {

@@ -1,5 +1,11 @@
 //! Building a VM from a [`VmConfig`] and running it until it stops.
 
+pub mod builtin_guest;
+pub mod cpu;
+pub mod msi;
+pub mod pci_devices;
+pub mod vcpu;
+
 use std::sync::{Arc, Mutex};
 
 use devices::acpi_power::AcpiPower;
@@ -8,7 +14,7 @@ use devices::cmos_rtc::CmosRtc;
 use devices::i8042::I8042;
 use devices::pci::{PciConfigIo, PciEcam, PciRoot};
 use devices::serial::SerialConsole;
-use devices::{ExitReceiver, ExitSender, VmExit};
+use devices::{ExitReceiver, ExitSender};
 use firmware::acpi::{write_acpi_tables, AcpiConfig};
 use firmware::boot::{self, BootSetup, LoadedKernel};
 use firmware::layout::{
@@ -20,15 +26,13 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::builtin_guest;
 use crate::config::{Kernel, Share, VmConfig};
-use crate::console::ConsoleOutput;
-use crate::control_plane::{ControlPlane, ControlPlaneError};
-use crate::cpu::{self, CpuSetup};
+use crate::host::console::ConsoleOutput;
+use crate::host::HostResources;
 use crate::models::{self, Model};
-use crate::vcpu::{Buses, Vcpus};
-use crate::vhost_user_fs::{SharedVhostUserFs, VhostUserFs};
-use crate::virtio_devices::VirtioDevices;
+use cpu::CpuSetup;
+use pci_devices::VirtioDevices;
+use vcpu::{Buses, Vcpus};
 use virtio::worker::Hosted;
 
 /// The KVM identity-map and TSS pages, just below the IOAPIC in the MMIO hole.
@@ -56,12 +60,12 @@ pub enum VmError {
     EventFd(std::io::Error),
     #[error("too many devices for the PCI memory window")]
     TooManyDevices,
-    #[error("device setup: {0}")]
-    Device(String),
+    #[error("no connection to the vhost-user backend at {0}")]
+    NoBackend(std::path::PathBuf),
     #[error("virtio-pci: {0}")]
     Transport(#[from] virtio::pci::TransportError),
     #[error("MSI-X: {0}")]
-    Msi(#[from] crate::msi::MsiError),
+    Msi(#[from] msi::MsiError),
     #[error(transparent)]
     PciSlots(#[from] devices::pci::NoFreeSlot),
     #[error(transparent)]
@@ -92,7 +96,7 @@ impl Vm {
         kvm: &Kvm,
         config: &VmConfig,
         console: &ConsoleOutput,
-        backends: &ExternalBackends,
+        backends: &HostResources,
         input_room: Option<Arc<EventFd>>,
     ) -> Result<(Vm, ExitReceiver), VmError> {
         let max = kvm.get_max_vcpus();
@@ -162,21 +166,19 @@ impl Vm {
         self.exit_tx.clone()
     }
 
-    /// Runs the vCPUs and `plane` until the first of `exits` arrives, then ends the vCPUs.
-    pub fn run(
-        mut self,
-        plane: &mut ControlPlane,
-        exits: ExitReceiver,
-    ) -> Result<VmExit, ControlPlaneError> {
-        match Vcpus::start(std::mem::take(&mut self.vcpus), &self.buses, &self.exit_tx) {
-            Ok(vcpus) => *lock(&self.runtime.vcpus) = Some(vcpus),
-            Err(e) => return Ok(VmExit::Failed(VmError::Thread(e).to_string())),
-        }
-        let exit = plane.run_until_exit(exits);
+    /// Starts the vCPUs.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        let vcpus = Vcpus::start(std::mem::take(&mut self.vcpus), &self.buses, &self.exit_tx)
+            .map_err(VmError::Thread)?;
+        *lock(&self.runtime.vcpus) = Some(vcpus);
+        Ok(())
+    }
+
+    /// Ends the vCPUs, then the devices and the VM.
+    pub fn stop(self) {
         if let Some(vcpus) = lock(&self.runtime.vcpus).take() {
             vcpus.exit();
         }
-        exit
     }
 }
 
@@ -205,7 +207,7 @@ impl Runtime {
     }
 
     /// Where each vCPU is now (empty before the VM runs).
-    pub fn vcpu_states(&self) -> Vec<crate::vcpu::VcpuState> {
+    pub fn vcpu_states(&self) -> Vec<vcpu::VcpuState> {
         lock(&self.vcpus)
             .as_ref()
             .map_or_else(Vec::new, |v| v.states())
@@ -216,7 +218,7 @@ impl Runtime {
 /// then rng.
 fn device_models(
     config: &VmConfig,
-    backends: &ExternalBackends,
+    backends: &HostResources,
 ) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, VmError> {
     let hosted = |name: String, model: Model| -> Result<Box<dyn virtio::VirtioDevice>, VmError> {
         Ok(Box::new(Hosted::new(&name, models::build(model)?)))
@@ -231,41 +233,17 @@ fn device_models(
             Share::NineP { tag, config } => {
                 hosted(format!("virtio-9p{n}"), Model::NineP { tag, config })?
             }
-            Share::VhostUser { socket, .. } => Box::new(backends.get(socket)?),
+            Share::VhostUser { socket, .. } => Box::new(
+                backends
+                    .vhost_user_fs(socket)
+                    .ok_or_else(|| VmError::NoBackend(socket.clone()))?,
+            ),
         });
     }
     if config.rng {
         devices.push(hosted("virtio-rng".into(), Model::Rng)?);
     }
     Ok(devices)
-}
-
-/// Connections to devices served outside nixvmm, made once per run and shared by every VM the
-/// run builds (a guest reboot builds a new one).
-pub struct ExternalBackends {
-    fs: Vec<(std::path::PathBuf, SharedVhostUserFs)>,
-}
-
-impl ExternalBackends {
-    pub fn connect(config: &VmConfig) -> Result<ExternalBackends, VmError> {
-        let mut fs = Vec::new();
-        for share in &config.shares {
-            if let Share::VhostUser { tag, socket } = share {
-                let device = VhostUserFs::connect(socket, tag).map_err(VmError::Device)?;
-                let shared = SharedVhostUserFs(Arc::new(Mutex::new(device)));
-                fs.push((socket.clone(), shared));
-            }
-        }
-        Ok(ExternalBackends { fs })
-    }
-
-    fn get(&self, socket: &std::path::Path) -> Result<SharedVhostUserFs, VmError> {
-        self.fs
-            .iter()
-            .find(|(path, _)| path == socket)
-            .map(|(_, fs)| fs.clone())
-            .ok_or_else(|| VmError::Device(format!("no connection to {}", socket.display())))
-    }
 }
 
 /// The KVM VM with the in-kernel irqchip and PIT.
