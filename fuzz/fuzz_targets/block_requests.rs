@@ -3,8 +3,6 @@
 
 #![no_main]
 
-use std::sync::OnceLock;
-
 use libfuzzer_sys::fuzz_target;
 use virtio::block::{Block, BlockConfig};
 use virtio::{Memory, QueueDevice};
@@ -15,19 +13,18 @@ use vm_memory::{Bytes, GuestAddress};
 
 const MEMORY: usize = 1 << 20;
 
-fn disk() -> &'static std::path::Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("disk.raw"), vec![0u8; 64 << 10]).expect("disk");
-        dir
-    })
-    .path()
+/// A fresh disk for each input, so no input sees what an earlier one wrote (a crash then
+/// reproduces from its own input alone).
+fn disk() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("disk.raw"), vec![0u8; 64 << 10]).expect("disk");
+    dir
 }
 
 fuzz_target!(|data: &[u8]| {
+    let dir = disk();
     let mut block = Block::open(&BlockConfig {
-        path: disk().join("disk.raw"),
+        path: dir.path().join("disk.raw"),
         format: None,
         readonly: data.first().is_some_and(|b| b & 1 == 1),
         serial: Some("fuzz".into()),

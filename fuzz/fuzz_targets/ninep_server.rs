@@ -3,25 +3,22 @@
 
 #![no_main]
 
-use std::sync::OnceLock;
-
 use libfuzzer_sys::fuzz_target;
 use virtio::ninep::{SecurityModel, Server, ShareConfig};
 
-fn share() -> &'static std::path::Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::create_dir_all(dir.path().join("share/sub")).expect("share");
-        std::fs::write(dir.path().join("share/file"), b"content").expect("file");
-        dir
-    })
-    .path()
+/// A fresh share for each input, so no input sees what an earlier one did (a crash then
+/// reproduces from its own input alone).
+fn share() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir_all(dir.path().join("share/sub")).expect("share");
+    std::fs::write(dir.path().join("share/file"), b"content").expect("file");
+    dir
 }
 
 fuzz_target!(|data: &[u8]| {
+    let dir = share();
     let mut server = Server::new(ShareConfig {
-        root: share().join("share"),
+        root: dir.path().join("share"),
         readonly: data.first().is_some_and(|b| b & 1 == 1),
         security_model: SecurityModel::None,
     })

@@ -3,8 +3,6 @@
 
 #![no_main]
 
-use std::sync::OnceLock;
-
 use libfuzzer_sys::fuzz_target;
 use virtio::fs::{FsConfig, VirtioFs};
 use virtio::{Memory, QueueDevice};
@@ -13,21 +11,20 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
-fn share() -> &'static std::path::Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::create_dir_all(dir.path().join("share/sub")).expect("share");
-        std::fs::write(dir.path().join("share/file"), b"content").expect("file");
-        dir
-    })
-    .path()
+/// A fresh share for each input, so no input sees what an earlier one did (a crash then
+/// reproduces from its own input alone).
+fn share() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir_all(dir.path().join("share/sub")).expect("share");
+    std::fs::write(dir.path().join("share/file"), b"content").expect("file");
+    dir
 }
 
 fuzz_target!(|data: &[u8]| {
+    let dir = share();
     let Some((&flags, request)) = data.split_first() else { return };
     let mut fs = VirtioFs::new(&FsConfig {
-        shared_dir: share().join("share"),
+        shared_dir: dir.path().join("share"),
         tag: Some("fuzz".into()),
         readonly: flags & 1 == 1,
         xattr: flags & 2 == 2,

@@ -185,6 +185,10 @@ const RUNNER: &str = r#"
 cd "$1" || exit 1
 local=/run/nixvmm-jobs
 mkdir -p "$local"
+# One VM stays open for L1's life, so KVM enables virtualization once rather than at every
+# VM's creation and destruction: that takes an IPI to every CPU, which TCG's emulated SVM
+# sometimes never answers (a soft lockup in kvm_destroy_vm).
+perl -e 'sysopen(my $k, "/dev/kvm", 2) or die "/dev/kvm: $!"; ioctl($k, 0xAE01, 0) or die "KVM_CREATE_VM: $!"; sleep' &
 echo "KVM=$(test -c /dev/kvm && echo yes || echo no)" > ready
 while :; do
   for job in *.sh; do

@@ -682,7 +682,7 @@ counts() { awk -v irq="$1:" '$1 == irq { print $2 "," $3 }' /proc/interrupts; }
 "#;
 
 #[test]
-fn tier4_irq_affinity_moves_keep_disks_and_shares_working() {
+fn tier4_irq_affinity_moves_keep_shares_and_disks_working() {
     let dir = host().tempdir().unwrap();
     let disk = dir.path().join("disk.raw");
     let pattern: Vec<u8> = (0..16u32 << 20)
@@ -696,26 +696,26 @@ fn tier4_irq_affinity_moves_keep_disks_and_shares_working() {
     }
     let (disk_sum, blob_sum) = (sha256(&pattern), sha256(blob));
     // virtio-fs IRQs are ordinary ones, moved by smp_affinity. virtio-blk's request IRQ is
-    // "managed" (spread by the kernel; smp_affinity refuses it), so it moves the one way
-    // Linux moves it: when its CPU goes offline.
+    // "managed" (spread by the kernel, and smp_affinity refuses it with EIO), so the disk is
+    // read between the moves of the others. Linux moves a managed IRQ only when its CPU goes
+    // offline, and CPU hotplug of L2 under TCG's emulated SVM hangs or resets the guest about
+    // once in three tries: the tier-2 tiny guest rewrites a virtio-pci vector instead.
     let script = format!(
         "{IRQ_TOOLS}\n\
          grep virtio /proc/interrupts\n\
-         blk=$(irq_of 'virtio[0-9]+-req[.]0')\n\
          mkdir -p /a /b\n\
          mount -t virtiofs in-vmm /a && mount -t virtiofs vhost-user /b || echo MOUNT=failed\n\
          fs_irqs=$(awk '$NF ~ /virtio[0-9]+-requests/ {{ sub(\":\", \"\", $1); print $1 }}' /proc/interrupts)\n\
          echo FS_IRQS=$(echo $fs_irqs | tr ' ' ,)\n\
          for round in 1 2 3 4; do\n\
            for irq in $fs_irqs; do to=$(move $irq); echo 3 > /proc/sys/vm/drop_caches\n\
-             echo SUM=$(cat /a/blob | sha256sum | cut -d' ' -f1),$(cat /b/blob | sha256sum | cut -d' ' -f1)\n\
+             a=$(timeout 30 cat /a/blob | sha256sum | cut -d' ' -f1)\n\
+             [ \"$a\" = \"{blob_sum}\" ] || {{ echo STUCK=in-vmm; grep requests /proc/interrupts; }}\n\
+             b=$(timeout 30 cat /b/blob | sha256sum | cut -d' ' -f1)\n\
+             [ \"$b\" = \"{blob_sum}\" ] || {{ echo STUCK=vhost-user; grep requests /proc/interrupts; }}\n\
+             echo SUM=$a,$b\n\
              echo FS_MOVE=$irq:$to:$(effective $irq)\n\
            done\n\
-           blk_before=$(effective $blk)\n\
-           echo 0 > /sys/devices/system/cpu/cpu1/online\n\
-           echo BLK_SUM=$(dd if=/dev/vda iflag=direct bs=256k 2>/dev/null | sha256sum | cut -d' ' -f1)\n\
-           echo BLK_MOVE=$blk_before:$(effective $blk)\n\
-           echo 1 > /sys/devices/system/cpu/cpu1/online\n\
            echo BLK_SUM=$(dd if=/dev/vda iflag=direct bs=256k 2>/dev/null | sha256sum | cut -d' ' -f1)\n\
          done\n\
          for irq in $fs_irqs; do echo FS_COUNTS=$(counts $irq); done\n\
@@ -764,18 +764,12 @@ fn tier4_irq_affinity_moves_keep_disks_and_shares_working() {
         vec![format!("{blob_sum},{blob_sum}"); 8],
         "both shares read right after every move:\n{tail}"
     );
-    assert_eq!(values("BLK_SUM"), vec![disk_sum; 8], "{tail}");
+    assert_eq!(values("BLK_SUM"), vec![disk_sum; 4], "{tail}");
     let moves = values("FS_MOVE");
     assert_eq!(moves.len(), 8, "{tail}");
     for m in &moves {
         let parts: Vec<&str> = m.split(':').collect();
         assert_eq!(parts.get(1), parts.get(2), "IRQ {m} moved:\n{tail}");
-    }
-    for m in values("BLK_MOVE") {
-        assert!(
-            m.ends_with(":0"),
-            "the disk IRQ leaves an offline CPU 1 ({m}):\n{tail}"
-        );
     }
     for counts in values("FS_COUNTS") {
         let counts: Vec<u64> = counts.split(',').filter_map(|c| c.parse().ok()).collect();

@@ -248,8 +248,12 @@ fn run(mut vcpu: VcpuFd, id: u8, buses: &Buses, shared: &Shared, exit: &ExitSend
                 buses.mmio.write(addr, data);
                 None
             }
-            // A triple fault: a PC resets.
-            Ok(VcpuExit::Shutdown) => Some(VmExit::Reset),
+            // A triple fault: a PC resets. Said on stderr: with --no-reboot it ends the run
+            // with status 0, and nothing else would tell a guest crash from a reboot.
+            Ok(VcpuExit::Shutdown) => {
+                log::warn!("vCPU {id}: triple fault; the machine resets");
+                Some(VmExit::Reset)
+            }
             // Only without an in-kernel local APIC; nothing will wake this CPU.
             Ok(VcpuExit::Hlt) => Some(VmExit::Shutdown),
             Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
