@@ -239,8 +239,9 @@ fn a_paused_vm_runs_no_guest_code_until_resumed() {
     wait_for_more(0);
     for _ in 0..3 {
         control.pause().unwrap();
-        assert!(control
-            .vcpu_states()
+        let states = control.vcpu_states();
+        assert!(!states.is_empty(), "the pause reached the running VM");
+        assert!(states
             .iter()
             .all(|s| *s == vmm::machine::vcpu::VcpuState::Paused));
         let at_pause = printed();

@@ -168,9 +168,11 @@ impl Vm {
 
     /// Starts the vCPUs.
     pub fn start(&mut self) -> Result<(), VmError> {
+        // Held while the threads start, so a pause that comes meanwhile waits for them.
+        let mut slot = lock(&self.runtime.vcpus);
         let vcpus = Vcpus::start(std::mem::take(&mut self.vcpus), &self.buses, &self.exit_tx)
             .map_err(VmError::Thread)?;
-        *lock(&self.runtime.vcpus) = Some(vcpus);
+        *slot = Some(vcpus);
         Ok(())
     }
 
