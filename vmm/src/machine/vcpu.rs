@@ -4,7 +4,7 @@
 //! in the vCPU's `kvm_run` page and a signal, so a thread about to enter KVM_RUN returns at
 //! once and one inside it is interrupted; no kick is lost and nothing polls.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 
@@ -67,6 +67,9 @@ struct Control {
 struct Shared {
     control: Mutex<Control>,
     changed: Condvar,
+    /// Set with every request, so the vCPU takes the mutex only when there is one (it checks
+    /// after every exit).
+    requested: AtomicBool,
 }
 
 fn lock(shared: &Shared) -> MutexGuard<'_, Control> {
@@ -97,6 +100,7 @@ impl Vcpus {
                     immediate_exit: Some(ImmediateExit::of(&mut vcpu)),
                 }),
                 changed: Condvar::new(),
+                requested: AtomicBool::new(false),
             });
             let (buses, exit, theirs) = (buses.clone(), exit.clone(), shared.clone());
             let thread = std::thread::Builder::new()
@@ -118,6 +122,7 @@ impl Vcpus {
                 continue;
             }
             control.request = request;
+            shared.requested.store(true, Ordering::SeqCst);
             if let Some(immediate_exit) = &control.immediate_exit {
                 immediate_exit.set(1);
             }
@@ -178,7 +183,11 @@ impl Drop for Vcpus {
 
 /// Waits while the VM asks this vCPU to pause; returns whether it must exit.
 fn obey(shared: &Shared) -> bool {
+    if !shared.requested.load(Ordering::SeqCst) {
+        return false;
+    }
     let mut control = lock(shared);
+    shared.requested.store(false, Ordering::SeqCst);
     if let Some(immediate_exit) = &control.immediate_exit {
         immediate_exit.set(0);
     }
