@@ -146,48 +146,6 @@ pub trait QueueDevice: Send + 'static {
     }
 }
 
-/// A boxed model is a model (so `nixvmm run` and `nixvmm device` share one builder).
-impl QueueDevice for Box<dyn QueueDevice> {
-    fn device_type(&self) -> u32 {
-        (**self).device_type()
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        (**self).queue_max_sizes()
-    }
-    fn features(&self) -> u64 {
-        (**self).features()
-    }
-    fn config(&self) -> Vec<u8> {
-        (**self).config()
-    }
-    fn set_acked_features(&mut self, features: u64) {
-        (**self).set_acked_features(features)
-    }
-    fn process_queue(
-        &mut self,
-        index: usize,
-        queue: &mut Queue,
-        mem: &Memory,
-    ) -> Result<bool, Error> {
-        (**self).process_queue(index, queue, mem)
-    }
-    fn reset(&mut self) {
-        (**self).reset()
-    }
-    fn backend_fds(&self) -> Vec<RawFd> {
-        (**self).backend_fds()
-    }
-    fn backend_ready(
-        &mut self,
-        n: usize,
-        queues: &mut [ActiveQueue],
-        mem: &Memory,
-        interrupt: &Interrupt,
-    ) -> Result<(), Error> {
-        (**self).backend_ready(n, queues, mem, interrupt)
-    }
-}
-
 /// Pops every available chain of `queue`, hands it to `handle` (which returns the number of
 /// bytes it wrote into the chain), and returns it to the guest as used. Re-checks after
 /// re-enabling notifications, so no buffer made available meanwhile is missed.

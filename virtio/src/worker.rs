@@ -15,6 +15,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::{needs_interrupt, Activation, ActiveQueue, Error, QueueDevice, VirtioDevice};
 
+/// The model a worker serves.
+type Model = Box<dyn QueueDevice>;
+
 /// How long a worker may take to stop or pause.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -25,35 +28,35 @@ enum Command {
 }
 
 /// The running worker, seen from the transport.
-struct Worker<D> {
+struct Worker {
     commands: Sender<Command>,
     wake: EventFd,
     /// The model comes back here when the worker stops.
-    stopped: Receiver<D>,
+    stopped: Receiver<Model>,
     paused: Receiver<()>,
     thread: Option<JoinHandle<()>>,
 }
 
-enum State<D> {
-    Idle(D),
-    Running(Worker<D>),
+enum State {
+    Idle(Model),
+    Running(Worker),
     /// The worker did not stop in time.
     Lost,
 }
 
 /// A [`QueueDevice`] served by its own worker thread.
-pub struct Hosted<D: QueueDevice> {
+pub struct Hosted {
     name: String,
     device_type: u32,
     queue_max_sizes: Vec<u16>,
     features: u64,
     config: Vec<u8>,
-    state: State<D>,
+    state: State,
 }
 
-impl<D: QueueDevice> Hosted<D> {
+impl Hosted {
     /// `name` names the worker thread and the device in messages.
-    pub fn new(name: &str, model: D) -> Hosted<D> {
+    pub fn new(name: &str, model: Model) -> Hosted {
         Hosted {
             name: name.to_string(),
             device_type: model.device_type(),
@@ -92,7 +95,7 @@ impl<D: QueueDevice> Hosted<D> {
     }
 }
 
-impl<D: QueueDevice> VirtioDevice for Hosted<D> {
+impl VirtioDevice for Hosted {
     fn device_type(&self) -> u32 {
         self.device_type
     }
@@ -110,67 +113,58 @@ impl<D: QueueDevice> VirtioDevice for Hosted<D> {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), Error> {
-        let mut model = match std::mem::replace(&mut self.state, State::Lost) {
+        let model = match &self.state {
             State::Idle(model) => model,
-            State::Running(worker) => {
-                self.state = State::Running(worker);
-                return Err(Error::AlreadyActive);
-            }
+            State::Running(_) => return Err(Error::AlreadyActive),
             State::Lost => return Err(Error::Lost),
+        };
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Worker)?;
+        let thread_wake = wake.try_clone().map_err(Error::Worker)?;
+        let epoll = watch(&activation, model.as_ref(), &wake).map_err(Error::Worker)?;
+        let State::Idle(mut model) = std::mem::replace(&mut self.state, State::Lost) else {
+            return Err(Error::Lost);
         };
         model.set_acked_features(activation.features);
         let (commands, command_rx) = mpsc::channel();
         let (stopped_tx, stopped) = mpsc::channel();
         let (paused_tx, paused) = mpsc::channel();
-        let setup = EventFd::new(libc::EFD_NONBLOCK)
-            .and_then(|wake| Ok((wake.try_clone()?, wake)))
-            .and_then(|(wake, wake_rx)| Ok((wake, watch(&activation, &model, &wake_rx)?, wake_rx)));
-        let (wake, epoll, wake_rx) = match setup {
-            Ok(setup) => setup,
+        // The model goes to the thread once it runs: if it cannot start, the model stays.
+        let (start_tx, start_rx) = mpsc::channel::<Model>();
+        let name = self.name.clone();
+        let spawned = std::thread::Builder::new()
+            .name(self.name.clone())
+            .spawn(move || {
+                let Ok(model) = start_rx.recv() else { return };
+                let mut worker = WorkerLoop {
+                    name,
+                    model,
+                    activation,
+                    wake: thread_wake,
+                    commands: command_rx,
+                    paused: paused_tx,
+                };
+                worker.run(&epoll);
+                let _ = stopped_tx.send(worker.model);
+            });
+        let thread = match spawned {
+            Ok(thread) => thread,
             Err(e) => {
                 self.state = State::Idle(model);
                 return Err(Error::Worker(e));
             }
         };
-        let name = self.name.clone();
-        // The model travels into the thread and back; keep a way to recover it if the
-        // thread cannot start.
-        let (start_tx, start_rx) = mpsc::channel::<D>();
-        let spawned = std::thread::Builder::new()
-            .name(self.name.clone())
-            .spawn(move || {
-                let Ok(model) = start_rx.recv() else { return };
-                let mut loop_ = WorkerLoop {
-                    name,
-                    model,
-                    activation,
-                    wake: wake_rx,
-                    commands: command_rx,
-                    paused: paused_tx,
-                };
-                loop_.run(&epoll);
-                let _ = stopped_tx.send(loop_.model);
-            });
-        match spawned {
-            Ok(thread) => {
-                if let Err(mpsc::SendError(model)) = start_tx.send(model) {
-                    self.state = State::Idle(model);
-                    return Err(Error::Worker(std::io::Error::other("worker thread died")));
-                }
-                self.state = State::Running(Worker {
-                    commands,
-                    wake,
-                    stopped,
-                    paused,
-                    thread: Some(thread),
-                });
-                Ok(())
-            }
-            Err(e) => {
-                self.state = State::Idle(model);
-                Err(Error::Worker(e))
-            }
+        if let Err(mpsc::SendError(model)) = start_tx.send(model) {
+            self.state = State::Idle(model);
+            return Err(Error::Worker(std::io::Error::other("worker thread died")));
         }
+        self.state = State::Running(Worker {
+            commands,
+            wake,
+            stopped,
+            paused,
+            thread: Some(thread),
+        });
+        Ok(())
     }
 
     fn reset(&mut self) {
@@ -202,7 +196,7 @@ impl<D: QueueDevice> VirtioDevice for Hosted<D> {
     }
 }
 
-impl<D: QueueDevice> Drop for Hosted<D> {
+impl Drop for Hosted {
     fn drop(&mut self) {
         self.stop();
     }
@@ -210,9 +204,9 @@ impl<D: QueueDevice> Drop for Hosted<D> {
 
 /// Epoll tokens: queues first (by position in the activation), then the wake event, then
 /// the model's backend fds.
-fn watch<D: QueueDevice>(
+fn watch(
     activation: &Activation,
-    model: &D,
+    model: &dyn QueueDevice,
     wake: &EventFd,
 ) -> std::io::Result<Epoll> {
     let epoll = Epoll::new()?;
@@ -234,19 +228,20 @@ fn watch<D: QueueDevice>(
     Ok(epoll)
 }
 
-struct WorkerLoop<D> {
+struct WorkerLoop {
     name: String,
-    model: D,
+    model: Model,
     activation: Activation,
     wake: EventFd,
     commands: Receiver<Command>,
     paused: Sender<()>,
 }
 
-impl<D: QueueDevice> WorkerLoop<D> {
+impl WorkerLoop {
     fn run(&mut self, epoll: &Epoll) {
         let wake_token = self.activation.queues.len();
-        let mut events = vec![EpollEvent::default(); wake_token + 1 + 8];
+        let mut events =
+            vec![EpollEvent::default(); wake_token + 1 + self.model.backend_fds().len()];
         let mut failed = false;
         loop {
             let ready = match epoll.wait(-1, &mut events) {

@@ -136,7 +136,7 @@ fn driver(device: Box<dyn VirtioDevice>) -> Driver {
 }
 
 fn rng_device() -> Driver {
-    driver(Box::new(Hosted::new("test-rng", Rng::new())))
+    driver(Box::new(Hosted::new("test-rng", Box::new(Rng::new()))))
 }
 
 const MESSAGE: MsiMessage = MsiMessage {
@@ -409,7 +409,7 @@ fn a_backend_raises_config_changes_and_a_failing_device_asks_for_a_reset() {
     let device = BackendDriven {
         backend: backend.try_clone().unwrap(),
     };
-    let mut d = driver(Box::new(Hosted::new("test-backend", device)));
+    let mut d = driver(Box::new(Hosted::new("test-backend", Box::new(device))));
     let mem = d.mem.clone();
     let mock = MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 16);
     activate(&mut d, &mock);

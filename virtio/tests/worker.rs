@@ -104,6 +104,15 @@ impl Setup {
     }
 }
 
+/// A hosted [`Counter`].
+fn counting_device(
+    name: &str,
+    served: Arc<Mutex<u32>>,
+    block: Option<mpsc::Receiver<()>>,
+) -> Hosted {
+    Hosted::new(name, Box::new(Counter { served, block }))
+}
+
 fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !done() {
@@ -116,13 +125,7 @@ fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 fn a_paused_worker_serves_nothing_until_resumed() {
     let s = setup();
     let served = Arc::new(Mutex::new(0));
-    let mut device = Hosted::new(
-        "test-pause",
-        Counter {
-            served: served.clone(),
-            block: None,
-        },
-    );
+    let mut device = counting_device("test-pause", served.clone(), None);
     device.activate(s.activation()).unwrap();
     s.request();
     eventually("the first request", || *served.lock().unwrap() == 1);
@@ -138,13 +141,7 @@ fn a_paused_worker_serves_nothing_until_resumed() {
 fn reset_stops_the_worker_and_a_new_activation_serves_again() {
     let s = setup();
     let served = Arc::new(Mutex::new(0));
-    let mut device = Hosted::new(
-        "test-reset",
-        Counter {
-            served: served.clone(),
-            block: None,
-        },
-    );
+    let mut device = counting_device("test-reset", served.clone(), None);
     device.activate(s.activation()).unwrap();
     assert!(
         matches!(
@@ -167,13 +164,7 @@ fn reset_stops_the_worker_and_a_new_activation_serves_again() {
 fn a_stuck_backend_is_left_behind_after_the_deadline() {
     let s = setup();
     let (_never, block) = mpsc::channel();
-    let mut device = Hosted::new(
-        "test-stuck",
-        Counter {
-            served: Arc::new(Mutex::new(0)),
-            block: Some(block),
-        },
-    );
+    let mut device = counting_device("test-stuck", Arc::new(Mutex::new(0)), Some(block));
     device.activate(s.activation()).unwrap();
     s.request();
     std::thread::sleep(Duration::from_millis(100));
