@@ -12,6 +12,7 @@ use firmware::layout::{PCI_MMIO_END, PCI_MMIO_START};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio::pci::{VirtioPciDevice, BAR_SIZE};
 use virtio::{Memory, VirtioDevice};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::machine::msi::MsiRouter;
 use crate::machine::VmError;
@@ -93,16 +94,35 @@ impl BarRelocation for BarMover {
         let mmio = self.mmio.upgrade().ok_or("the VM is going away")?;
         mmio.relocate(bar.addr, to).map_err(|e| e.to_string())?;
         let device = lock(device);
-        for (offset, event) in device.queue_events() {
-            let (old, new) = (
-                IoEventAddress::Mmio(bar.addr + offset),
-                IoEventAddress::Mmio(to + offset),
-            );
-            self.vm_fd
-                .unregister_ioevent(event, &old, NoDatamatch)
-                .and_then(|()| self.vm_fd.register_ioevent(event, &new, NoDatamatch))
-                .map_err(|e| format!("moving a queue notification: {e}"))?;
+        let events = device.queue_events();
+        for (n, (offset, event)) in events.iter().enumerate() {
+            if let Err(e) = self.move_notification(event, bar.addr + offset, to + offset) {
+                // Put back what already moved: the BAR keeps decoding where it was.
+                for (offset, event) in &events[..n] {
+                    let _ = self.move_notification(event, to + offset, bar.addr + offset);
+                }
+                let _ = mmio.relocate(to, bar.addr);
+                return Err(format!("moving a queue notification: {e}"));
+            }
         }
         Ok(())
+    }
+}
+
+impl BarMover {
+    /// Moves one ioeventfd; on failure it stays bound where it was.
+    fn move_notification(
+        &self,
+        event: &EventFd,
+        from: u64,
+        to: u64,
+    ) -> Result<(), kvm_ioctls::Error> {
+        let (from, to) = (IoEventAddress::Mmio(from), IoEventAddress::Mmio(to));
+        self.vm_fd.unregister_ioevent(event, &from, NoDatamatch)?;
+        self.vm_fd
+            .register_ioevent(event, &to, NoDatamatch)
+            .inspect_err(|_| {
+                let _ = self.vm_fd.register_ioevent(event, &from, NoDatamatch);
+            })
     }
 }
