@@ -1,7 +1,6 @@
 //! The COM1 16550A UART (vm-superio's 8250 model) with its interrupt on an eventfd.
 
 use std::io::Write;
-use std::sync::Arc;
 
 use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
@@ -21,7 +20,7 @@ impl Trigger for EventFdTrigger {
 
 /// Signals `room` each time the guest has read every byte of its receive FIFO, so the host
 /// side knows it can queue more input.
-pub struct InputRoom(pub Arc<EventFd>);
+pub struct InputRoom(pub EventFd);
 
 impl SerialEvents for InputRoom {
     fn buffer_read(&self) {}
@@ -41,11 +40,7 @@ pub struct SerialConsole {
 }
 
 impl SerialConsole {
-    pub fn new(
-        interrupt: EventFd,
-        out: Box<dyn Write + Send>,
-        room: Arc<EventFd>,
-    ) -> SerialConsole {
+    pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>, room: EventFd) -> SerialConsole {
         SerialConsole {
             uart: Serial::with_events(EventFdTrigger(interrupt), InputRoom(room), out),
             output_failed: false,

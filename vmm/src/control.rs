@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use devices::bus::lock;
 use devices::serial::SerialConsole;
 use devices::{ExitSender, VmExit};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::machine::{self, Vm};
 
@@ -24,20 +23,9 @@ struct Attached {
 pub struct Control {
     current: Arc<Mutex<Option<Attached>>>,
     stopped: Arc<AtomicBool>,
-    /// Signalled when the guest has read all console input (see `console::StdinWatch`).
-    input_room: Arc<Mutex<Option<Arc<EventFd>>>>,
 }
 
 impl Control {
-    /// The eventfd every VM's UART signals when the guest has emptied its receive FIFO.
-    pub fn set_input_room(&self, room: Arc<EventFd>) {
-        *lock(&self.input_room) = Some(room);
-    }
-
-    pub(crate) fn input_room(&self) -> Option<Arc<EventFd>> {
-        lock(&self.input_room).clone()
-    }
-
     /// Stops the VM; `run` returns [`Outcome::Stopped`].
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);

@@ -25,6 +25,7 @@ pub use config::{Kernel, VmConfig};
 pub use control::Control;
 use devices::VmExit;
 use kvm_ioctls::Kvm;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::event::ControlPlane;
 use crate::host::console::ConsoleOutput;
@@ -79,22 +80,32 @@ pub fn run(
     output: &ConsoleOutput,
     control: &Control,
 ) -> Result<Outcome, RunError> {
-    run_with(config, output, control, &mut ControlPlane::new()?)
+    let input_room = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    run_with(
+        config,
+        output,
+        control,
+        &mut ControlPlane::new()?,
+        &input_room,
+    )
 }
 
 /// [`run`] with the front door's subscribers (signals, stdin) already in `plane`.
+/// `input_room` is signalled by every VM's UART when the guest has read all console input
+/// (what `event::stdin::StdinWatch` waits for when the UART's FIFO is full).
 pub fn run_with(
     config: &VmConfig,
     output: &ConsoleOutput,
     control: &Control,
     plane: &mut ControlPlane,
+    input_room: &EventFd,
 ) -> Result<Outcome, RunError> {
     config.validate()?;
     let kvm = open_kvm()?;
     // Connections to external backends outlive each VM: a reboot reuses them.
     let backends = host::HostResources::connect(config)?;
     loop {
-        let (mut vm, exits) = Vm::build(&kvm, config, output, &backends, control.input_room())?;
+        let (mut vm, exits) = Vm::build(&kvm, config, output, &backends, input_room)?;
         control.attach(&vm);
         vm.start()?;
         let exit = plane.run_until_exit(exits);

@@ -47,16 +47,17 @@ fn run(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
         }
         Err(e) => log::warn!("SIGTERM and SIGINT will not stop the VM cleanly: {e}"),
     }
-    match EventFd::new(libc::EFD_NONBLOCK) {
-        Ok(room) => {
-            let room = std::sync::Arc::new(room);
-            control.set_input_room(room.clone());
-            plane.add(Box::new(StdinWatch::new(control.clone(), room)));
-        }
-        Err(e) => log::warn!("no console input: {e}"),
-    }
+    let room = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("an eventfd: {e}"))?;
+    let stdin_room = room.try_clone().map_err(|e| format!("an eventfd: {e}"))?;
+    plane.add(Box::new(StdinWatch::new(control.clone(), stdin_room)));
     let terminal = RawTerminal::enter();
-    let outcome = vmm::run_with(&config, &ConsoleOutput::stdout(), &control, &mut plane);
+    let outcome = vmm::run_with(
+        &config,
+        &ConsoleOutput::stdout(),
+        &control,
+        &mut plane,
+        &room,
+    );
     drop(terminal);
     outcome.map_err(|e| e.to_string())
 }

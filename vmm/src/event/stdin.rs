@@ -2,7 +2,6 @@
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
@@ -18,14 +17,14 @@ const QUIT: u8 = b'x';
 /// stops reading stdin and waits for the guest to empty the FIFO (`room`).
 pub struct StdinWatch {
     control: Control,
-    room: Arc<EventFd>,
+    room: EventFd,
     after_escape: bool,
     /// Typed bytes the guest has no room for yet.
     pending: Vec<u8>,
 }
 
 impl StdinWatch {
-    pub fn new(control: Control, room: Arc<EventFd>) -> StdinWatch {
+    pub fn new(control: Control, room: EventFd) -> StdinWatch {
         StdinWatch {
             control,
             room,
@@ -74,7 +73,7 @@ impl StdinWatch {
     }
 
     fn room_events(&self) -> Events {
-        Events::new(self.room.as_ref(), EventSet::IN)
+        Events::new(&self.room, EventSet::IN)
     }
 }
 

@@ -97,7 +97,7 @@ impl Vm {
         config: &VmConfig,
         console: &ConsoleOutput,
         backends: &HostResources,
-        input_room: Option<Arc<EventFd>>,
+        input_room: &EventFd,
     ) -> Result<(Vm, ExitReceiver), VmError> {
         let max = kvm.get_max_vcpus();
         if usize::from(config.cpus) > max {
@@ -116,10 +116,7 @@ impl Vm {
         let (entry, cr3) = write_boot_state(&memory, config)?;
 
         let (exit_tx, exit_rx) = devices::exit_channel().map_err(VmError::EventFd)?;
-        let input_room = match input_room {
-            Some(room) => room,
-            None => Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?),
-        };
+        let input_room = input_room.try_clone().map_err(VmError::EventFd)?;
         let (io, serial) = legacy_devices(&vm_fd, console, &exit_tx, input_room)?;
         let mut pci = PciRoot::new();
         let mmio = Arc::new(Bus::new());
@@ -298,7 +295,7 @@ fn legacy_devices(
     vm_fd: &VmFd,
     console: &ConsoleOutput,
     exit_tx: &ExitSender,
-    input_room: Arc<EventFd>,
+    input_room: EventFd,
 ) -> Result<(Bus, Arc<Mutex<SerialConsole>>), VmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     vm_fd
