@@ -11,12 +11,14 @@
 pub mod block;
 pub mod fs;
 pub mod interrupt;
+pub mod net;
 pub mod ninep;
 pub mod pci;
 pub mod rng;
 pub mod worker;
 
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemory, GuestMemoryMmap};
@@ -105,6 +107,10 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// The device configuration as it is now, for a device whose configuration changes while it
+/// runs (a NIC's link status).
+pub type LiveConfig = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
+
 /// A device model that answers the guest's requests on its queues, run by
 /// [`worker::Hosted`] in the VMM and by `nixvmm device` over vhost-user.
 pub trait QueueDevice: Send + 'static {
@@ -116,6 +122,11 @@ pub trait QueueDevice: Send + 'static {
     /// The device-specific configuration space (read once, when the device is plugged).
     fn config(&self) -> Vec<u8> {
         Vec::new()
+    }
+    /// Where the transport reads the configuration instead, when it changes after the device
+    /// is plugged.
+    fn live_config(&self) -> Option<LiveConfig> {
+        None
     }
     /// The features the driver accepted, before the first [`QueueDevice::process_queue`].
     fn set_acked_features(&mut self, _features: u64) {}
@@ -133,6 +144,12 @@ pub trait QueueDevice: Send + 'static {
     /// timerfd); [`QueueDevice::backend_ready`] runs when one is readable.
     fn backend_fds(&self) -> Vec<RawFd> {
         Vec::new()
+    }
+    /// Whether the worker should wait on `backend_fds()[n]` now (a NIC with a frame the guest
+    /// has no buffers for stops reading its backend until buffers arrive). Asked again after
+    /// each event the device handled.
+    fn backend_wanted(&self, _n: usize) -> bool {
+        true
     }
     /// `backend_fds()[n]` is readable.
     fn backend_ready(

@@ -13,7 +13,9 @@ use std::time::Duration;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{needs_interrupt, Activation, ActiveQueue, Error, QueueDevice, VirtioDevice};
+use crate::{
+    needs_interrupt, Activation, ActiveQueue, Error, LiveConfig, QueueDevice, VirtioDevice,
+};
 
 /// The model a worker serves.
 type Model = Box<dyn QueueDevice>;
@@ -51,6 +53,7 @@ pub struct Hosted {
     queue_max_sizes: Vec<u16>,
     features: u64,
     config: Vec<u8>,
+    live_config: Option<LiveConfig>,
     state: State,
 }
 
@@ -63,6 +66,7 @@ impl Hosted {
             queue_max_sizes: model.queue_max_sizes().to_vec(),
             features: model.features(),
             config: model.config(),
+            live_config: model.live_config(),
             state: State::Idle(model),
         }
     }
@@ -109,7 +113,10 @@ impl VirtioDevice for Hosted {
     }
 
     fn config(&self) -> Vec<u8> {
-        self.config.clone()
+        match &self.live_config {
+            Some(live) => live(),
+            None => self.config.clone(),
+        }
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), Error> {
@@ -223,7 +230,9 @@ fn watch(
     let wake_token = activation.queues.len();
     add(wake.as_raw_fd(), wake_token)?;
     for (n, fd) in model.backend_fds().into_iter().enumerate() {
-        add(fd, wake_token + 1 + n)?;
+        if model.backend_wanted(n) {
+            add(fd, wake_token + 1 + n)?;
+        }
     }
     Ok(epoll)
 }
@@ -243,6 +252,10 @@ impl WorkerLoop {
         let mut events =
             vec![EpollEvent::default(); wake_token + 1 + self.model.backend_fds().len()];
         let mut failed = false;
+        let backend_fds = self.model.backend_fds();
+        let mut watching: Vec<bool> = (0..backend_fds.len())
+            .map(|n| self.model.backend_wanted(n))
+            .collect();
         loop {
             let ready = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -284,6 +297,21 @@ impl WorkerLoop {
                     log::warn!("{}: {e}; the device needs a reset", self.name);
                     self.activation.interrupt.signal_needs_reset();
                     failed = true;
+                }
+            }
+            for (n, fd) in backend_fds.iter().enumerate() {
+                let wanted = !failed && self.model.backend_wanted(n);
+                if wanted != watching[n] {
+                    let (op, what) = if wanted {
+                        (ControlOperation::Add, "watch")
+                    } else {
+                        (ControlOperation::Delete, "unwatch")
+                    };
+                    let event = EpollEvent::new(EventSet::IN, (wake_token + 1 + n) as u64);
+                    match epoll.ctl(op, *fd, event) {
+                        Ok(()) => watching[n] = wanted,
+                        Err(e) => log::error!("{}: cannot {what} backend fd {fd}: {e}", self.name),
+                    }
                 }
             }
         }

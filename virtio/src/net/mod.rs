@@ -1,0 +1,398 @@
+//! virtio-net: Ethernet frames between the guest's receive and transmit queues and a host
+//! [`Backend`] (the user-mode network, a VDE switch, a tap device).
+//!
+//! Frames cross the queues behind a 12-byte `virtio_net_hdr_v1` (virtio 1.2, 5.1.6). With a
+//! backend that takes no offloads the header carries nothing: transmitted frames arrive with
+//! complete checksums and no segmentation, because no offload feature was offered. Received
+//! frames span several buffers when the driver accepted `VIRTIO_NET_F_MRG_RXBUF`. A received
+//! frame the guest has no buffers for waits (one at a time) and the backend is not read until
+//! the guest posts buffers, so a guest that stops receiving only costs frames the backend
+//! itself drops.
+
+pub mod channel;
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{
+    device_type, needs_interrupt, process_chains, ActiveQueue, Chain, Error, Interrupt,
+    LiveConfig, Memory, QueueDevice, COMMON_FEATURES,
+};
+
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
+/// `struct virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
+/// num_buffers.
+pub const HEADER_LEN: usize = 12;
+const NUM_BUFFERS_OFFSET: usize = 10;
+/// The largest Ethernet frame without segmentation offloads: 1500 bytes of payload, the
+/// 14-byte Ethernet header and a VLAN tag.
+pub const MAX_FRAME: usize = 1518;
+/// The smallest frame worth sending: an Ethernet header.
+pub const MIN_FRAME: usize = 14;
+
+pub const RX: usize = 0;
+pub const TX: usize = 1;
+const QUEUE_SIZES: &[u16] = &[256, 256];
+
+/// Where a NIC's frames go and come from. Frames are whole Ethernet frames without a
+/// virtio-net header.
+pub trait Backend: Send {
+    /// Readable while [`Backend::recv`] may have a frame.
+    fn fd(&self) -> RawFd;
+    /// The next frame from the network, or `None` when none is waiting.
+    fn recv(&mut self) -> std::io::Result<Option<Vec<u8>>>;
+    /// Hands one frame to the network. A backend that cannot take it now drops it, as a
+    /// network does; an error means the backend is gone.
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+}
+
+/// A NIC's link state, shared with whoever switches it (`set_link`): the guest sees it in
+/// the status field and gets a configuration-change interrupt when it changes.
+#[derive(Clone)]
+pub struct Link(Arc<LinkState>);
+
+struct LinkState {
+    up: AtomicBool,
+    changed: EventFd,
+}
+
+impl Link {
+    pub fn new() -> std::io::Result<Link> {
+        Ok(Link(Arc::new(LinkState {
+            up: AtomicBool::new(true),
+            changed: EventFd::new(libc::EFD_NONBLOCK)?,
+        })))
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.0.up.load(Ordering::Acquire)
+    }
+
+    /// Switches the link; the guest is told when the state actually changes.
+    pub fn set(&self, up: bool) {
+        if self.0.up.swap(up, Ordering::AcqRel) != up {
+            if let Err(e) = self.0.changed.write(1) {
+                log::warn!("virtio-net: cannot signal a link change: {e}");
+            }
+        }
+    }
+}
+
+/// Frames counted by a NIC, for logs and tests.
+#[derive(Default)]
+pub struct Counters {
+    pub tx_frames: AtomicU64,
+    pub rx_frames: AtomicU64,
+    /// Transmitted chains dropped because they were malformed, too short or too long.
+    pub tx_bad: AtomicU64,
+    /// Received frames dropped: too large for the guest's buffers, or the link was down.
+    pub rx_dropped: AtomicU64,
+}
+
+pub struct Net {
+    mac: [u8; 6],
+    backend: Box<dyn Backend>,
+    link: Link,
+    counters: Arc<Counters>,
+    mergeable: bool,
+    /// A received frame waiting for the guest to post buffers.
+    pending: Option<Vec<u8>>,
+    /// Set once the backend failed; the NIC then behaves as unplugged from the network.
+    backend_gone: bool,
+}
+
+enum Delivery {
+    Delivered,
+    /// Not enough buffers (this many were available): the frame waits.
+    NoBuffers(u16),
+    /// The frame does not fit a buffer of this driver (no mergeable buffers).
+    TooLarge,
+}
+
+impl Net {
+    pub fn new(mac: [u8; 6], backend: Box<dyn Backend>, link: Link) -> Net {
+        Net {
+            mac,
+            backend,
+            link,
+            counters: Arc::default(),
+            mergeable: false,
+            pending: None,
+            backend_gone: false,
+        }
+    }
+
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    fn backend_failed(&mut self, what: &str, e: std::io::Error) {
+        if !self.backend_gone {
+            log::error!("virtio-net {}: {what}: {e}; no more frames", mac_text(&self.mac));
+            self.backend_gone = true;
+        }
+    }
+
+    /// Reads one transmitted chain and hands its frame to the backend.
+    fn transmit(&mut self, chain: Chain, mem: &Memory) {
+        let frame = match read_frame(chain, mem) {
+            Some(frame) => frame,
+            None => {
+                self.counters.tx_bad.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        if !self.link.is_up() || self.backend_gone {
+            return;
+        }
+        self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.backend.send(&frame[HEADER_LEN..]) {
+            self.backend_failed("sending a frame", e);
+        }
+    }
+
+    /// Moves frames from the backend into the receive queue until either runs out. Returns
+    /// whether buffers were used.
+    fn receive(&mut self, queue: &mut Queue, mem: &Memory) -> Result<bool, Error> {
+        let mut used_any = false;
+        loop {
+            let frame = match self.pending.take() {
+                Some(frame) => frame,
+                None if self.backend_gone => return Ok(used_any),
+                None => match self.backend.recv() {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => return Ok(used_any),
+                    Err(e) => {
+                        self.backend_failed("receiving a frame", e);
+                        return Ok(used_any);
+                    }
+                },
+            };
+            if !self.link.is_up() || frame.len() > MAX_FRAME {
+                self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            match deliver(queue, mem, &frame, self.mergeable)? {
+                Delivery::Delivered => {
+                    self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    used_any = true;
+                }
+                Delivery::TooLarge => {
+                    self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Delivery::NoBuffers(seen) => {
+                    self.pending = Some(frame);
+                    // Ask for a kick when buffers arrive; some may have come meanwhile.
+                    queue.enable_notification(mem)?;
+                    let available = queue.avail_idx(mem, Ordering::Acquire)?
+                        - std::num::Wrapping(queue.next_avail());
+                    if available.0 > seen {
+                        continue;
+                    }
+                    return Ok(used_any);
+                }
+            }
+        }
+    }
+
+    fn receive_and_interrupt(
+        &mut self,
+        queues: &mut [ActiveQueue],
+        mem: &Memory,
+        interrupt: &Interrupt,
+    ) -> Result<(), Error> {
+        let Some(rx) = queues.iter_mut().find(|q| q.index == RX) else {
+            // The driver did not enable the receive queue: frames have nowhere to go.
+            return self.discard_received();
+        };
+        if self.receive(&mut rx.queue, mem)? && needs_interrupt(&mut rx.queue, mem) {
+            interrupt.signal_used(RX);
+        }
+        Ok(())
+    }
+
+    fn discard_received(&mut self) -> Result<(), Error> {
+        self.pending = None;
+        while let Ok(Some(_)) = self.backend.recv() {
+            self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// The header and frame of one transmitted chain, or `None` for a chain the device drops: a
+/// buffer outside guest memory, a device-writable buffer, no room for a header and an
+/// Ethernet header, or more than a frame can be.
+fn read_frame(chain: Chain, mem: &Memory) -> Option<Vec<u8>> {
+    let mut reader = chain.reader(mem).ok()?;
+    let len = reader.available_bytes();
+    if !(HEADER_LEN + MIN_FRAME..=HEADER_LEN + MAX_FRAME).contains(&len) {
+        log::debug!("virtio-net: dropping a {len}-byte transmit chain");
+        return None;
+    }
+    let mut frame = vec![0u8; len];
+    std::io::Read::read_exact(&mut reader, &mut frame).ok()?;
+    Some(frame)
+}
+
+/// Writes `frame` behind a header into as many receive buffers as it needs (one unless
+/// `mergeable`), or takes none back when they do not suffice.
+fn deliver(
+    queue: &mut Queue,
+    mem: &Memory,
+    frame: &[u8],
+    mergeable: bool,
+) -> Result<Delivery, Error> {
+    let needed = HEADER_LEN + frame.len();
+    let mut buffers = Vec::new();
+    // Chains the device cannot write into: returned empty once the frame is placed (or
+    // re-read later when it is not, so that positions can be rewound).
+    let mut bad = Vec::new();
+    let mut room = 0;
+    while room < needed {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let popped = buffers.len() + bad.len();
+            for _ in 0..popped {
+                queue.go_to_previous_position();
+            }
+            return Ok(Delivery::NoBuffers(popped as u16));
+        };
+        let head = chain.head_index();
+        match chain.writer(mem) {
+            Ok(writer) => {
+                room += writer.available_bytes();
+                buffers.push((head, writer));
+            }
+            Err(e) => {
+                log::debug!("virtio-net: bad receive buffer: {e}");
+                bad.push(head);
+            }
+        }
+        if !mergeable && !buffers.is_empty() && room < needed {
+            // Keep the one good buffer for a smaller frame; those before it are spent.
+            queue.go_to_previous_position();
+            return_empty(queue, mem, &bad)?;
+            return Ok(Delivery::TooLarge);
+        }
+    }
+    return_empty(queue, mem, &bad)?;
+    let mut data = Vec::with_capacity(needed);
+    data.extend_from_slice(&[0u8; NUM_BUFFERS_OFFSET]);
+    data.extend_from_slice(&(buffers.len() as u16).to_le_bytes());
+    data.extend_from_slice(frame);
+    let mut offset = 0;
+    for (head, mut writer) in buffers {
+        let take = writer.available_bytes().min(needed - offset);
+        if let Err(e) = std::io::Write::write_all(&mut writer, &data[offset..offset + take]) {
+            log::debug!("virtio-net: cannot write a receive buffer: {e}");
+        }
+        let written = writer.bytes_written();
+        offset += written;
+        queue.add_used(mem, head, written as u32)?;
+    }
+    Ok(Delivery::Delivered)
+}
+
+fn return_empty(queue: &mut Queue, mem: &Memory, heads: &[u16]) -> Result<(), Error> {
+    for head in heads {
+        queue.add_used(mem, *head, 0)?;
+    }
+    Ok(())
+}
+
+pub fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn config_bytes(mac: &[u8; 6], link: &Link) -> Vec<u8> {
+    let status = if link.is_up() { VIRTIO_NET_S_LINK_UP } else { 0 };
+    let mut config = mac.to_vec();
+    config.extend_from_slice(&status.to_le_bytes());
+    // max_virtqueue_pairs (meaningful only with VIRTIO_NET_F_MQ, which is not offered).
+    config.extend_from_slice(&1u16.to_le_bytes());
+    config
+}
+
+impl QueueDevice for Net {
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        COMMON_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF
+    }
+
+    fn config(&self) -> Vec<u8> {
+        config_bytes(&self.mac, &self.link)
+    }
+
+    fn live_config(&self) -> Option<LiveConfig> {
+        let (mac, link) = (self.mac, self.link.clone());
+        Some(Arc::new(move || config_bytes(&mac, &link)))
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.mergeable = features & VIRTIO_NET_F_MRG_RXBUF != 0;
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &Memory,
+    ) -> Result<bool, Error> {
+        match index {
+            RX => self.receive(queue, mem),
+            TX => process_chains(queue, mem, |chain| {
+                self.transmit(chain, mem);
+                0
+            }),
+            other => Err(Error::NoQueue(other)),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.pending = None;
+        self.mergeable = false;
+    }
+
+    fn backend_fds(&self) -> Vec<RawFd> {
+        vec![self.backend.fd(), self.link.0.changed.as_raw_fd()]
+    }
+
+    fn backend_wanted(&self, n: usize) -> bool {
+        n != 0 || (self.pending.is_none() && !self.backend_gone)
+    }
+
+    fn backend_ready(
+        &mut self,
+        n: usize,
+        queues: &mut [ActiveQueue],
+        mem: &Memory,
+        interrupt: &Interrupt,
+    ) -> Result<(), Error> {
+        match n {
+            0 => self.receive_and_interrupt(queues, mem, interrupt),
+            _ => {
+                let _ = self.link.0.changed.read();
+                interrupt.signal_config_change();
+                Ok(())
+            }
+        }
+    }
+}
