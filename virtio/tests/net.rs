@@ -134,8 +134,13 @@ fn received_frames_land_behind_a_header_and_wait_for_buffers() {
     assert_eq!(used_len(&mock, 0) as usize, HEADER_LEN + first.len());
     assert_eq!(used_len(&mock, 1) as usize, HEADER_LEN + second.len());
     let mut header = [0xffu8; HEADER_LEN];
-    mem.read_slice(&mut header, GuestAddress(0x10_0000)).unwrap();
-    assert_eq!(header, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], "num_buffers 1");
+    mem.read_slice(&mut header, GuestAddress(0x10_0000))
+        .unwrap();
+    assert_eq!(
+        header,
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        "num_buffers 1"
+    );
     let mut got = vec![0u8; first.len()];
     mem.read_slice(&mut got, GuestAddress(0x10_0000 + HEADER_LEN as u64))
         .unwrap();
@@ -268,11 +273,19 @@ fn a_bad_receive_buffer_among_good_ones_is_returned_empty_once() {
     .unwrap();
     network.send(frame(1500, 5));
     assert!(!net.process_queue(RX, &mut queue, &mem).unwrap());
-    assert_eq!(used_idx(&mock), 0, "nothing used while the frame cannot be placed");
+    assert_eq!(
+        used_idx(&mock),
+        0,
+        "nothing used while the frame cannot be placed"
+    );
     mock.add_desc_chains(&[desc(0x20_0000, 1000, WRITE, 0)], 2)
         .unwrap();
     assert!(net.process_queue(RX, &mut queue, &mem).unwrap());
-    assert_eq!(used_idx(&mock), 3, "two buffers carry the frame, the bad one comes back");
+    assert_eq!(
+        used_idx(&mock),
+        3,
+        "two buffers carry the frame, the bad one comes back"
+    );
     let lens: Vec<u32> = (0..3).map(|n| used_len(&mock, n)).collect();
     assert_eq!(lens.iter().filter(|l| **l == 0).count(), 1);
     assert_eq!(lens.iter().sum::<u32>() as usize, HEADER_LEN + 1500);

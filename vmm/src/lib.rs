@@ -55,7 +55,7 @@ pub enum RunError {
     #[error(transparent)]
     ControlPlane(#[from] event::ControlPlaneError),
     #[error(transparent)]
-    Backend(#[from] host::vhost_user_fs::ConnectError),
+    Backend(#[from] host::HostError),
 }
 
 /// Opens /dev/kvm, turning the usual failures into advice.

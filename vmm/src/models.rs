@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use virtio::block::{Block, BlockConfig, DiskError};
 use virtio::fs::{FsConfig, FsError, VirtioFs};
+use virtio::net::Net;
 use virtio::ninep::{ShareConfig, Virtio9p};
 use virtio::rng::Rng;
 use virtio::QueueDevice;
@@ -18,6 +19,11 @@ pub enum Model<'a> {
         config: &'a ShareConfig,
     },
     Rng,
+    Net {
+        mac: [u8; 6],
+        backend: Box<dyn virtio::net::Backend>,
+        link: virtio::net::Link,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,5 +51,6 @@ pub fn build(model: Model) -> Result<Box<dyn QueueDevice>, ModelError> {
             },
         )?),
         Model::Rng => Box::new(Rng::new()),
+        Model::Net { mac, backend, link } => Box::new(Net::new(mac, backend, link)),
     })
 }

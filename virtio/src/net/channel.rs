@@ -61,6 +61,7 @@ impl Direction {
 }
 
 /// One end: sends into the other end's queue, receives from its own.
+#[derive(Clone)]
 pub struct End {
     inbox: Arc<Direction>,
     outbox: Arc<Direction>,

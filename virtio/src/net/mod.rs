@@ -19,8 +19,8 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
-    device_type, needs_interrupt, process_chains, ActiveQueue, Chain, Error, Interrupt,
-    LiveConfig, Memory, QueueDevice, COMMON_FEATURES,
+    device_type, needs_interrupt, process_chains, ActiveQueue, Chain, Error, Interrupt, LiveConfig,
+    Memory, QueueDevice, COMMON_FEATURES,
 };
 
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -136,7 +136,10 @@ impl Net {
 
     fn backend_failed(&mut self, what: &str, e: std::io::Error) {
         if !self.backend_gone {
-            log::error!("virtio-net {}: {what}: {e}; no more frames", mac_text(&self.mac));
+            log::error!(
+                "virtio-net {}: {what}: {e}; no more frames",
+                mac_text(&self.mac)
+            );
             self.backend_gone = true;
         }
     }
@@ -316,7 +319,11 @@ pub fn mac_text(mac: &[u8; 6]) -> String {
 }
 
 fn config_bytes(mac: &[u8; 6], link: &Link) -> Vec<u8> {
-    let status = if link.is_up() { VIRTIO_NET_S_LINK_UP } else { 0 };
+    let status = if link.is_up() {
+        VIRTIO_NET_S_LINK_UP
+    } else {
+        0
+    };
     let mut config = mac.to_vec();
     config.extend_from_slice(&status.to_le_bytes());
     // max_virtqueue_pairs (meaningful only with VIRTIO_NET_F_MQ, which is not offered).

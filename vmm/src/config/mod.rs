@@ -1,5 +1,6 @@
 //! `VmConfig`: the one validated description of a VM, whichever front door built it.
 
+pub mod net;
 pub mod options;
 pub mod system;
 
@@ -10,6 +11,7 @@ use virtio::block::{BlockConfig, Format};
 use virtio::fs::FsConfig;
 use virtio::ninep::ShareConfig;
 
+use crate::config::net::NicConfig;
 use crate::config::options::{OptionError, Options};
 
 /// Highest vCPU count: APIC IDs are 8-bit in the MADT entries nixvmm writes.
@@ -43,6 +45,8 @@ pub struct VmConfig {
     pub disks: Vec<BlockConfig>,
     /// Shared host directories.
     pub shares: Vec<Share>,
+    /// virtio-net NICs, in the order the guest sees them (eth0, …).
+    pub nics: Vec<NicConfig>,
 }
 
 impl Default for VmConfig {
@@ -57,6 +61,7 @@ impl Default for VmConfig {
             rng: false,
             disks: Vec::new(),
             shares: Vec::new(),
+            nics: Vec::new(),
         }
     }
 }

@@ -30,11 +30,11 @@ pub enum OptionError {
 #[derive(Debug)]
 pub struct Options {
     option: String,
-    values: BTreeMap<String, String>,
+    values: BTreeMap<String, Vec<String>>,
 }
 
 /// Splits at single commas; `,,` stands for a literal comma.
-fn split_items(text: &str) -> Vec<String> {
+pub fn split_items(text: &str) -> Vec<String> {
     let mut items = Vec::new();
     let mut current = String::new();
     let mut chars = text.chars().peekable();
@@ -53,10 +53,32 @@ fn split_items(text: &str) -> Vec<String> {
 }
 
 impl Options {
-    /// Parses `text` given to `option` (e.g. "--disk"), accepting only `known` keys.
+    /// Parses `text` given to `option` (e.g. "--disk"), accepting only `known` keys, each
+    /// at most once.
     pub fn parse(option: &str, text: &str, known: &[&str]) -> Result<Options, OptionError> {
-        let mut values = BTreeMap::new();
-        for item in split_items(text) {
+        Options::parse_repeatable(option, text, known, &[])
+    }
+
+    /// As [`Options::parse`], but the keys in `repeatable` may come any number of times
+    /// (`hostfwd=` in `-netdev user`); [`Options::all`] gives them in order.
+    pub fn parse_repeatable(
+        option: &str,
+        text: &str,
+        known: &[&str],
+        repeatable: &[&str],
+    ) -> Result<Options, OptionError> {
+        Options::parse_items(option, split_items(text), known, repeatable)
+    }
+
+    /// Parses items already split at commas.
+    pub fn parse_items(
+        option: &str,
+        items: Vec<String>,
+        known: &[&str],
+        repeatable: &[&str],
+    ) -> Result<Options, OptionError> {
+        let mut values: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for item in items {
             let (key, value) = item
                 .split_once('=')
                 .ok_or_else(|| OptionError::NotKeyValue {
@@ -70,12 +92,14 @@ impl Options {
                     known: known.join(", "),
                 });
             }
-            if values.insert(key.to_string(), value.to_string()).is_some() {
+            let entry = values.entry(key.to_string()).or_default();
+            if !entry.is_empty() && !repeatable.contains(&key) {
                 return Err(OptionError::Repeated {
                     option: option.into(),
                     key: key.into(),
                 });
             }
+            entry.push(value.to_string());
         }
         Ok(Options {
             option: option.into(),
@@ -84,7 +108,15 @@ impl Options {
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.values.get(key).map(String::as_str)
+        self.values
+            .get(key)
+            .and_then(|v| v.first())
+            .map(String::as_str)
+    }
+
+    /// Every value of a repeatable key, in the order given.
+    pub fn all(&self, key: &str) -> &[String] {
+        self.values.get(key).map_or(&[], Vec::as_slice)
     }
 
     pub fn required(&self, key: &str) -> Result<&str, OptionError> {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::net::parse_net;
 use crate::config::system::{read_system, SystemError};
 use crate::config::{parse_disk, parse_share, parse_size, ConfigError, Kernel, VmConfig, MAX_CPUS};
 
@@ -113,6 +114,12 @@ pub struct RunArgs {
     /// with `mount -t virtiofs TAG /mnt`.
     #[arg(long, value_name = "OPTIONS")]
     pub share: Vec<String>,
+    /// A virtio-net NIC, repeatable, with the network behind it written as QEMU's -netdev:
+    /// user[,hostfwd=tcp::2222-:22][,guestfwd=tcp:10.0.2.100:80-cmd:COMMAND][,restrict=on]
+    /// [,net=10.0.2.0/24][,dns=…][,dhcpstart=…][,hostname=…][,mac=52:54:00:12:34:56] (the
+    /// user-mode network: DHCP gives the guest 10.0.2.15, the host is 10.0.2.2).
+    #[arg(long, value_name = "OPTIONS")]
+    pub net: Vec<String>,
 }
 
 /// `nixvmm device fs` (and virtiofsd's spelling of the same options).
@@ -172,6 +179,11 @@ impl RunArgs {
                 .disk
                 .iter()
                 .map(|d| parse_disk(d))
+                .collect::<Result<_, _>>()?,
+            nics: self
+                .net
+                .iter()
+                .map(|n| parse_net(n).map_err(ConfigError::from))
                 .collect::<Result<_, _>>()?,
             shares: self
                 .share

@@ -3,22 +3,83 @@
 //! owns it, and every VM a run builds (a guest reboot builds a new one) uses the same ones.
 
 pub mod console;
+pub mod slirp;
 pub mod vhost_user_fs;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::config::net::{NetBackend, NicConfig};
 use crate::config::{Share, VmConfig};
+use slirp::{SlirpError, UserNetwork};
 use vhost_user_fs::{ConnectError, SharedVhostUserFs, VhostUserFs};
 
 /// Host resources made once per run and shared by every VM of the run.
 pub struct HostResources {
     fs: Vec<(PathBuf, SharedVhostUserFs)>,
+    nics: Vec<Nic>,
+}
+
+/// A NIC's network and link, kept across guest reboots (forwarded ports stay bound).
+pub struct Nic {
+    pub mac: [u8; 6],
+    pub link: virtio::net::Link,
+    network: Network,
+}
+
+enum Network {
+    User(UserNetwork),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Slirp(#[from] SlirpError),
+    #[error("--net: cannot make the NIC's link state: {0}")]
+    Link(std::io::Error),
+}
+
+/// QEMU's MAC for the `n`th NIC that names none: 52:54:00:12:34:56, :57, …
+fn default_mac(n: usize) -> [u8; 6] {
+    [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(n as u8)]
+}
+
+impl Nic {
+    fn start(config: &NicConfig, unnamed: &mut usize) -> Result<Nic, HostError> {
+        let mac = config.mac.unwrap_or_else(|| {
+            *unnamed += 1;
+            default_mac(*unnamed - 1)
+        });
+        let network = match &config.backend {
+            NetBackend::User(user) => Network::User(UserNetwork::start(user)?),
+        };
+        Ok(Nic {
+            mac,
+            link: virtio::net::Link::new().map_err(HostError::Link)?,
+            network,
+        })
+    }
+
+    /// What one VM's NIC model sends into and receives from.
+    pub fn backend(&self) -> Box<dyn virtio::net::Backend> {
+        match &self.network {
+            Network::User(user) => Box::new(user.nic_end()),
+        }
+    }
+
+    /// The user-mode network behind this NIC, if that is what it is.
+    pub fn user_network(&self) -> Option<&UserNetwork> {
+        match &self.network {
+            Network::User(user) => Some(user),
+        }
+    }
 }
 
 impl HostResources {
     /// Connects to every backend `config` names.
-    pub fn connect(config: &VmConfig) -> Result<HostResources, ConnectError> {
+    pub fn connect(config: &VmConfig) -> Result<HostResources, HostError> {
         let mut fs = Vec::new();
         for share in &config.shares {
             if let Share::VhostUser { tag, socket } = share {
@@ -29,7 +90,17 @@ impl HostResources {
                 ));
             }
         }
-        Ok(HostResources { fs })
+        let mut unnamed = 0;
+        let nics = config
+            .nics
+            .iter()
+            .map(|nic| Nic::start(nic, &mut unnamed))
+            .collect::<Result<_, _>>()?;
+        Ok(HostResources { fs, nics })
+    }
+
+    pub fn nics(&self) -> &[Nic] {
+        &self.nics
     }
 
     /// The connection to the vhost-user-fs backend at `socket`.

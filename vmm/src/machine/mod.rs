@@ -214,7 +214,7 @@ impl Runtime {
 }
 
 /// The virtio device models `config` asks for: disks first (vda, vdb, … in order), shares,
-/// then rng.
+/// rng, then NICs.
 fn device_models(
     config: &VmConfig,
     backends: &HostResources,
@@ -241,6 +241,14 @@ fn device_models(
     }
     if config.rng {
         devices.push(hosted("virtio-rng".into(), Model::Rng)?);
+    }
+    for (n, nic) in backends.nics().iter().enumerate() {
+        let model = Model::Net {
+            mac: nic.mac,
+            backend: nic.backend(),
+            link: nic.link.clone(),
+        };
+        devices.push(hosted(format!("virtio-net{n}"), model)?);
     }
     Ok(devices)
 }
