@@ -828,3 +828,131 @@ fn tier4_cmos_rtc_gives_the_guest_the_host_time() {
         );
     }
 }
+
+/// A DNS server for the user-network tests, run in L1 on 127.0.0.1:53 (the address L1's
+/// resolv.conf names, so slirp forwards 10.0.2.3's queries to it): every A query is answered
+/// with 192.0.2.7, every other query with no records.
+const DNS_SERVER: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 53))
+while True:
+    q, peer = s.recvfrom(512)
+    i = 12
+    while i < len(q) and q[i]:
+        i += q[i] + 1
+    qtype = q[i + 1:i + 3]
+    answer = qtype == b"\x00\x01"
+    r = q[:2] + b"\x81\x80" + q[4:6] + (b"\x00\x01" if answer else b"\x00\x00") + b"\x00\x00\x00\x00" + q[12:i + 5]
+    if answer:
+        r += b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + bytes([192, 0, 2, 7])
+    s.sendto(r, peer)
+"#;
+
+/// busybox udhcpc's hook: configure what the lease says and report it.
+const DHCP_HOOK: &str = "#!/bin/sh\n\
+    case \"$1\" in bound|renew)\n\
+      ip addr add $ip/$mask dev $interface\n\
+      for r in $router; do ip route add default via $r; break; done\n\
+      echo DHCP_IP=$ip; echo DHCP_ROUTER=$router; echo DHCP_DNS=$dns;;\n\
+    esac\n";
+
+/// The guest's half of a user-network test: DHCP, then `rest`.
+fn user_net_guest_script(rest: &str) -> String {
+    format!(
+        "printf '%s' '{DHCP_HOOK}' > /dhcp.sh && chmod +x /dhcp.sh\n\
+         ip link set lo up && ip link set eth0 up\n\
+         echo MAC=$(cat /sys/class/net/eth0/address)\n\
+         udhcpc -i eth0 -n -q -t 10 -T 1 -s /dhcp.sh\n\
+         fetch() {{ printf 'GET /greeting HTTP/1.0\\r\\n\\r\\n' | timeout 10 nc $1 $2 | tail -n 1; }}\n\
+         {rest}"
+    )
+}
+
+/// An L1 job for a user-network test, in a network namespace of its own with only loopback:
+/// L1 serves /greeting over HTTP on 127.0.0.1:8080 and DNS on 127.0.0.1:53, starts the
+/// guest, and once the guest prints SERVING connects to the host-forwarded port 8022.
+fn user_net_job(guest: &Guest) -> String {
+    let inner = format!(
+        "set -u\n\
+         ip link set lo up\n\
+         www=$(mktemp -d) && echo hello-from-l1 > $www/greeting\n\
+         busybox httpd -f -p 127.0.0.1:8080 -h $www & httpd=$!\n\
+         echo 'nameserver 127.0.0.1' > $www/resolv.conf && mount --bind $www/resolv.conf /etc/resolv.conf\n\
+         python3 -c {dns} & dns=$!\n\
+         log=$www/console\n\
+         {nixvmm} > $log 2>&1 & vmm=$!\n\
+         for i in $(seq 600); do grep -q SERVING $log && break; kill -0 $vmm 2>/dev/null || break; sleep 0.2; done\n\
+         echo HOSTFWD=$(busybox nc 127.0.0.1 8022 < /dev/null)\n\
+         wait $vmm; rc=$?\n\
+         kill $httpd $dns\n\
+         cat $log\n\
+         exit $rc",
+        dns = shell_quote(DNS_SERVER),
+        nixvmm = guest.command(),
+    );
+    format!("exec unshare -mn bash -c {}", shell_quote(&inner))
+}
+
+const NET_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
+
+#[test]
+fn tier4_user_network_dhcp_dns_http_and_forwards_both_ways() {
+    let script = user_net_guest_script(
+        "echo HTTP=$(fetch 10.0.2.2 8080)\n\
+         echo GUESTFWD=$(fetch 10.0.2.100 80)\n\
+         echo DNS=$(nslookup web.nixvmm.test 10.0.2.3 | awk '/^Address/ {a=$NF} END {print a}')\n\
+         echo SERVING\n\
+         echo from-the-guest | nc -l -p 80\n\
+         echo SERVED=yes",
+    );
+    let guest = Guest {
+        modules: NET_MODULES,
+        script: &script,
+        args: args(&[
+            "--net",
+            "user,hostfwd=tcp:127.0.0.1:8022-:80,guestfwd=tcp:10.0.2.100:80-cmd:busybox nc 127.0.0.1 8080",
+        ]),
+        ..Guest::default()
+    };
+    let log = host().run(&user_net_job(&guest), BOOT_LIMIT).unwrap();
+    boots_and_powers_off(&log);
+    let tail = log.tail();
+    assert_eq!(log.value_of("MAC"), Some("52:54:00:12:34:56"), "{tail}");
+    assert_eq!(log.value_of("DHCP_IP"), Some("10.0.2.15"), "{tail}");
+    assert_eq!(log.value_of("DHCP_ROUTER"), Some("10.0.2.2"), "{tail}");
+    assert_eq!(log.value_of("DHCP_DNS"), Some("10.0.2.3"), "{tail}");
+    assert_eq!(log.value_of("HTTP"), Some("hello-from-l1"), "{tail}");
+    assert_eq!(log.value_of("GUESTFWD"), Some("hello-from-l1"), "{tail}");
+    assert_eq!(log.value_of("DNS"), Some("192.0.2.7"), "{tail}");
+    assert_eq!(log.value_of("HOSTFWD"), Some("from-the-guest"), "{tail}");
+    assert_eq!(log.value_of("SERVED"), Some("yes"), "{tail}");
+}
+
+#[test]
+fn tier4_restricted_user_network_keeps_forwards_and_blocks_the_rest() {
+    let script = user_net_guest_script(
+        "echo HTTP=$(fetch 10.0.2.2 8080 | grep -q hello && echo reached || echo blocked)\n\
+         echo GUESTFWD=$(fetch 10.0.2.100 80)\n\
+         echo SERVING\n\
+         echo from-the-guest | nc -l -p 80\n\
+         echo SERVED=yes",
+    );
+    let guest = Guest {
+        modules: NET_MODULES,
+        script: &script,
+        args: args(&[
+            "--net",
+            "user,restrict=on,hostfwd=tcp:127.0.0.1:8022-:80,guestfwd=tcp:10.0.2.100:80-cmd:busybox nc 127.0.0.1 8080,mac=52:54:00:12:01:01",
+        ]),
+        ..Guest::default()
+    };
+    let log = host().run(&user_net_job(&guest), BOOT_LIMIT).unwrap();
+    boots_and_powers_off(&log);
+    let tail = log.tail();
+    assert_eq!(log.value_of("MAC"), Some("52:54:00:12:01:01"), "{tail}");
+    assert_eq!(log.value_of("DHCP_IP"), Some("10.0.2.15"), "{tail}");
+    assert_eq!(log.value_of("HTTP"), Some("blocked"), "{tail}");
+    assert_eq!(log.value_of("GUESTFWD"), Some("hello-from-l1"), "{tail}");
+    assert_eq!(log.value_of("HOSTFWD"), Some("from-the-guest"), "{tail}");
+}
