@@ -17,6 +17,10 @@ pub struct NicConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetBackend {
     User(UserNet),
+    /// A port on the VDE switch whose socket directory this is.
+    Vde {
+        sock: std::path::PathBuf,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,11 +103,23 @@ pub fn parse_net(text: &str) -> Result<NicConfig, OptionError> {
                 backend: NetBackend::User(user_net(&o)?),
             })
         }
+        "vde" => {
+            let o = Options::parse_items("--net vde", items, &["id", "mac", "model", "sock"], &[])?;
+            check_model(&o)?;
+            Ok(NicConfig {
+                mac: o.get("mac").map(|m| parse_mac(&o, m)).transpose()?,
+                backend: NetBackend::Vde {
+                    sock: o.required("sock")?.into(),
+                },
+            })
+        }
         other => Err(OptionError::BadValue {
             option: "--net".into(),
             key: "the first word".into(),
             value: other.into(),
-            expected: "expected `user` (e.g. --net user,hostfwd=tcp::2222-:22)".into(),
+            expected: "expected `user` (e.g. --net user,hostfwd=tcp::2222-:22) or `vde` \
+                       (--net vde,sock=DIR)"
+                .into(),
         }),
     }
 }
@@ -173,6 +189,13 @@ fn parse_network(o: &Options, text: &str) -> Result<(Ipv4Addr, u8), OptionError>
     Ok((addr, prefix))
 }
 
+fn check_model(o: &Options) -> Result<(), OptionError> {
+    match o.get("model") {
+        None | Some("virtio" | "virtio-net-pci") => Ok(()),
+        Some(model) => Err(o.bad("model", model, "nixvmm's NIC is virtio (virtio-net-pci)")),
+    }
+}
+
 fn user_net(o: &Options) -> Result<UserNet, OptionError> {
     let (net, prefix_len) = parse_network(o, o.get("net").unwrap_or("10.0.2.0/24"))?;
     let mask = u32::MAX << (32 - prefix_len);
@@ -231,11 +254,7 @@ fn user_net(o: &Options) -> Result<UserNet, OptionError> {
     if !user.ipv4 && !user.ipv6 {
         return Err(o.bad("ipv4", "off", "ipv4=off needs ipv6=on"));
     }
-    if let Some(model) = o.get("model") {
-        if model != "virtio" && model != "virtio-net-pci" {
-            return Err(o.bad("model", model, "nixvmm's NIC is virtio (virtio-net-pci)"));
-        }
-    }
+    check_model(o)?;
     for text in o.all("hostfwd") {
         user.hostfwd
             .push(parse_hostfwd(text).map_err(|expected| o.bad("hostfwd", text, &expected))?);
@@ -328,6 +347,7 @@ mod tests {
     fn user(text: &str) -> UserNet {
         match parse_net(text).unwrap().backend {
             NetBackend::User(u) => u,
+            other => panic!("{other:?}"),
         }
     }
 
@@ -354,7 +374,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(nic.mac, Some([0x52, 0x54, 0, 0x12, 1, 1]));
-        let NetBackend::User(u) = nic.backend;
+        let NetBackend::User(u) = nic.backend else {
+            panic!("user")
+        };
         assert!(u.restrict);
         assert_eq!(
             u.hostfwd,
@@ -420,5 +442,18 @@ mod tests {
         assert!(err("user,bogus=1").contains("unknown key `bogus`"));
         assert!(err("user,restrict=on,restrict=off").contains("twice"));
         assert!(err("user,ipv4=off,ipv6=off").contains("needs ipv6=on"));
+        assert!(err("vde,mac=52:54:00:12:01:01").contains("`sock` is required"));
+    }
+
+    #[test]
+    fn the_test_drivers_vlan_form() {
+        let nic = parse_net("vde,id=vlan1,sock=/tmp/vde1.ctl,mac=52:54:00:12:01:02").unwrap();
+        assert_eq!(nic.mac, Some([0x52, 0x54, 0, 0x12, 1, 2]));
+        assert_eq!(
+            nic.backend,
+            NetBackend::Vde {
+                sock: "/tmp/vde1.ctl".into()
+            }
+        );
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod console;
 pub mod slirp;
+pub mod vde;
 pub mod vhost_user_fs;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ pub struct Nic {
 
 enum Network {
     User(UserNetwork),
+    Vde(vde::VdePort),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +39,10 @@ pub enum HostError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Slirp(#[from] SlirpError),
-    #[error("--net: cannot make the NIC's link state: {0}")]
-    Link(std::io::Error),
+    #[error(transparent)]
+    Vde(#[from] vde::VdeError),
+    #[error("--net: cannot set up the NIC: {0}")]
+    Nic(std::io::Error),
 }
 
 /// QEMU's MAC for the `n`th NIC that names none: 52:54:00:12:34:56, :57, …
@@ -54,18 +58,20 @@ impl Nic {
         });
         let network = match &config.backend {
             NetBackend::User(user) => Network::User(UserNetwork::start(user)?),
+            NetBackend::Vde { sock } => Network::Vde(vde::VdePort::connect(sock)?),
         };
         Ok(Nic {
             mac,
-            link: virtio::net::Link::new().map_err(HostError::Link)?,
+            link: virtio::net::Link::new().map_err(HostError::Nic)?,
             network,
         })
     }
 
     /// What one VM's NIC model sends into and receives from.
-    pub fn backend(&self) -> Box<dyn virtio::net::Backend> {
+    pub fn backend(&self) -> std::io::Result<Box<dyn virtio::net::Backend>> {
         match &self.network {
-            Network::User(user) => Box::new(user.nic_end()),
+            Network::User(user) => Ok(Box::new(user.nic_end())),
+            Network::Vde(port) => port.backend(),
         }
     }
 
@@ -73,6 +79,7 @@ impl Nic {
     pub fn user_network(&self) -> Option<&UserNetwork> {
         match &self.network {
             Network::User(user) => Some(user),
+            Network::Vde(_) => None,
         }
     }
 }

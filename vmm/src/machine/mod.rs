@@ -72,6 +72,8 @@ pub enum VmError {
     Model(#[from] models::ModelError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("NIC {0}: cannot reach its network: {1}")]
+    NicBackend(usize, std::io::Error),
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
@@ -245,7 +247,7 @@ fn device_models(
     for (n, nic) in backends.nics().iter().enumerate() {
         let model = Model::Net {
             mac: nic.mac,
-            backend: nic.backend(),
+            backend: nic.backend().map_err(|e| VmError::NicBackend(n, e))?,
             link: nic.link.clone(),
         };
         devices.push(hosted(format!("virtio-net{n}"), model)?);

@@ -14,6 +14,7 @@ const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 fn user(text: &str) -> UserNet {
     match parse_net(text).unwrap().backend {
         NetBackend::User(u) => u,
+        other => panic!("{other:?}"),
     }
 }
 
