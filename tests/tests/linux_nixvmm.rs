@@ -956,3 +956,57 @@ fn tier4_restricted_user_network_keeps_forwards_and_blocks_the_rest() {
     assert_eq!(log.value_of("GUESTFWD"), Some("hello-from-l1"), "{tail}");
     assert_eq!(log.value_of("HOSTFWD"), Some("from-the-guest"), "{tail}");
 }
+
+/// One machine of the VLAN test: the test driver's address 192.168.1.N and MAC
+/// 52:54:00:12:01:0N, pinging its peer until it answers. Then machine 1 waits until machine 2
+/// (done pinging too) connects to it, so neither leaves before the other's pings are answered.
+fn vlan_machine(n: u8, peer: u8, sock: &str) -> String {
+    let handshake = if n == 1 {
+        "timeout 120 nc -l -p 7000 > /dev/null".to_string()
+    } else {
+        format!(
+            "for i in $(seq 60); do echo bye | nc 192.168.1.{peer} 7000 && break; sleep 1; done"
+        )
+    };
+    let script = format!(
+        "ip link set lo up && ip link set eth0 up\n\
+         ip addr add 192.168.1.{n}/24 dev eth0\n\
+         for i in $(seq 120); do ping -c 1 -W 1 192.168.1.{peer} > /dev/null && break; done\n\
+         ping -c 3 -W 2 192.168.1.{peer} > /dev/null && echo PING_{n}_TO_{peer}=ok || echo PING_{n}_TO_{peer}=failed\n\
+         {handshake}"
+    );
+    let guest = Guest {
+        modules: NET_MODULES,
+        script: &script,
+        memory: "256M",
+        args: args(&["--net", &format!("vde,sock={sock},mac=52:54:00:12:01:0{n}")]),
+        ..Guest::default()
+    };
+    guest.command()
+}
+
+#[test]
+fn tier4_two_guests_on_one_vde_switch_ping_each_other() {
+    let sock = format!("/tmp/nixvmm-tier4-vde-{}", std::process::id());
+    let job = format!(
+        "set -u\n\
+         rm -rf {sock}\n\
+         vde_switch --sock {sock} --dirmode 0700 --hub --daemon --pidfile {sock}.pid\n\
+         for i in $(seq 100); do [ -S {sock}/ctl ] && break; sleep 0.1; done\n\
+         {one} > {sock}.1.log 2>&1 & one=$!\n\
+         {two} > {sock}.2.log 2>&1 & two=$!\n\
+         wait $one; rc1=$?; wait $two; rc2=$?\n\
+         kill $(cat {sock}.pid)\n\
+         cat {sock}.1.log {sock}.2.log\n\
+         echo RC1=$rc1 RC2=$rc2\n\
+         [ $rc1 = 0 ] && [ $rc2 = 0 ]",
+        one = vlan_machine(1, 2, &sock),
+        two = vlan_machine(2, 1, &sock),
+    );
+    let log = host().run(&job, BOOT_LIMIT).unwrap();
+    let tail = log.tail();
+    assert!(!log.timed_out, "timed out:\n{tail}");
+    assert_eq!(log.value_of("PING_1_TO_2"), Some("ok"), "{tail}");
+    assert_eq!(log.value_of("PING_2_TO_1"), Some("ok"), "{tail}");
+    assert!(log.exit_ok, "both guests power off with status 0:\n{tail}");
+}
