@@ -291,3 +291,16 @@ fn a_bad_receive_buffer_among_good_ones_is_returned_empty_once() {
     assert_eq!(lens.iter().sum::<u32>() as usize, HEADER_LEN + 1500);
     assert_eq!(queue.next_avail(), 3);
 }
+
+#[test]
+fn a_hostile_avail_index_does_not_hang_the_receive_path() {
+    let mem = memory();
+    let (mut net, network, _link) = nic(VIRTIO_NET_F_MRG_RXBUF);
+    let mock = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+    let mut queue: Queue = mock.create_queue().unwrap();
+    mock.avail().idx().store(1000);
+    network.send(frame(100, 1));
+    // Found by the net_queues fuzz target: this looped forever.
+    let _ = net.process_queue(RX, &mut queue, &mem);
+    assert_eq!(used_idx(&mock), 0);
+}

@@ -8,6 +8,8 @@ use devices::bus::lock;
 use devices::serial::SerialConsole;
 use devices::{ExitSender, VmExit};
 
+use crate::config::net::parse_hostfwd;
+use crate::host::HostResources;
 use crate::machine::{self, Vm};
 
 /// The running VM as other threads reach it: where to send its exit, its console UART.
@@ -23,6 +25,18 @@ struct Attached {
 pub struct Control {
     current: Arc<Mutex<Option<Attached>>>,
     stopped: Arc<AtomicBool>,
+    host: Arc<Mutex<Option<Arc<HostResources>>>>,
+}
+
+/// A control request that cannot be carried out, worded for the monitor user.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    #[error("no NIC {0} (the VM has {1})")]
+    NoNic(usize, usize),
+    #[error("NIC {0} is not on a user-mode network (--net user)")]
+    NotUserNetwork(usize),
+    #[error("{0}")]
+    Forward(String),
 }
 
 impl Control {
@@ -67,6 +81,53 @@ impl Control {
         }
     }
 
+    /// Switches NIC `nic`'s link (HMP's `set_link`); the guest sees a link change.
+    pub fn set_link(&self, nic: usize, up: bool) -> Result<(), ControlError> {
+        self.with_nic(nic, |n| {
+            n.link.set(up);
+            Ok(())
+        })
+    }
+
+    /// Adds a host forward to NIC `nic`'s user network (HMP's `hostfwd_add`), written
+    /// `[tcp|udp]:[haddr]:hport-[gaddr]:gport`.
+    pub fn add_hostfwd(&self, nic: usize, forward: &str) -> Result<(), ControlError> {
+        let forward = parse_hostfwd(forward).map_err(ControlError::Forward)?;
+        self.with_user_network(nic, |user| user.add_hostfwd(&forward))
+    }
+
+    /// Removes a host forward (HMP's `hostfwd_remove`).
+    pub fn remove_hostfwd(&self, nic: usize, forward: &str) -> Result<(), ControlError> {
+        let forward = parse_hostfwd(forward).map_err(ControlError::Forward)?;
+        self.with_user_network(nic, |user| user.remove_hostfwd(&forward))
+    }
+
+    fn with_nic<T>(
+        &self,
+        nic: usize,
+        f: impl FnOnce(&crate::host::Nic) -> Result<T, ControlError>,
+    ) -> Result<T, ControlError> {
+        let host = lock(&self.host).clone();
+        let nics = host.as_ref().map_or(&[][..], |h| h.nics());
+        let count = nics.len();
+        f(nics.get(nic).ok_or(ControlError::NoNic(nic, count))?)
+    }
+
+    fn with_user_network(
+        &self,
+        nic: usize,
+        f: impl FnOnce(&crate::host::slirp::UserNetwork) -> Result<(), crate::host::slirp::SlirpError>,
+    ) -> Result<(), ControlError> {
+        self.with_nic(nic, |n| {
+            let user = n.user_network().ok_or(ControlError::NotUserNetwork(nic))?;
+            f(user).map_err(|e| ControlError::Forward(e.to_string()))
+        })
+    }
+
+    pub(crate) fn attach_host(&self, host: &Arc<HostResources>) {
+        *lock(&self.host) = Some(host.clone());
+    }
+
     pub(crate) fn attach(&self, vm: &Vm) {
         *lock(&self.current) = Some(Attached {
             exit: vm.exit_sender(),
@@ -76,5 +137,43 @@ impl Control {
         if self.stopped.load(Ordering::Acquire) {
             vm.exit_sender().send(VmExit::Stopped);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::net::parse_net;
+    use crate::config::VmConfig;
+
+    #[test]
+    fn nic_requests_reach_the_link_and_the_user_network() {
+        let config = VmConfig {
+            nics: vec![parse_net("user").unwrap()],
+            ..VmConfig::default()
+        };
+        let host = Arc::new(HostResources::connect(&config).unwrap());
+        let control = Control::default();
+        assert_eq!(control.set_link(0, false), Err(ControlError::NoNic(0, 0)));
+        control.attach_host(&host);
+        control.set_link(0, false).unwrap();
+        assert!(!host.nics()[0].link.is_up());
+        control.set_link(0, true).unwrap();
+        assert!(host.nics()[0].link.is_up());
+        assert_eq!(control.set_link(1, true), Err(ControlError::NoNic(1, 1)));
+
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let forward = format!("tcp:127.0.0.1:{port}-:22");
+        control.add_hostfwd(0, &forward).unwrap();
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        control.remove_hostfwd(0, &forward).unwrap();
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+        let bad = control.add_hostfwd(0, "tcp:22").unwrap_err().to_string();
+        assert!(bad.contains("hostport-"), "{bad}");
     }
 }

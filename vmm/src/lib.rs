@@ -103,7 +103,8 @@ pub fn run_with(
     config.validate()?;
     let kvm = open_kvm()?;
     // Connections to external backends outlive each VM: a reboot reuses them.
-    let backends = host::HostResources::connect(config)?;
+    let backends = std::sync::Arc::new(host::HostResources::connect(config)?);
+    control.attach_host(&backends);
     loop {
         let (mut vm, exits) = Vm::build(&kvm, config, output, &backends, input_room)?;
         control.attach(&vm);

@@ -166,6 +166,7 @@ impl Net {
     /// whether buffers were used.
     fn receive(&mut self, queue: &mut Queue, mem: &Memory) -> Result<bool, Error> {
         let mut used_any = false;
+        let mut rechecked = false;
         loop {
             let frame = match self.pending.take() {
                 Some(frame) => frame,
@@ -194,10 +195,13 @@ impl Net {
                 Delivery::NoBuffers(seen) => {
                     self.pending = Some(frame);
                     // Ask for a kick when buffers arrive; some may have come meanwhile.
+                    // Once, since a guest's kick after this is not missed; more often a
+                    // hostile avail index (beyond the queue size) would loop here forever.
                     queue.enable_notification(mem)?;
                     let available = queue.avail_idx(mem, Ordering::Acquire)?
                         - std::num::Wrapping(queue.next_avail());
-                    if available.0 > seen {
+                    if !rechecked && available.0 > seen {
+                        rechecked = true;
                         continue;
                     }
                     return Ok(used_any);
