@@ -7,6 +7,7 @@ mod fs;
 mod guest;
 mod guest_disk;
 mod measure;
+mod net;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +55,21 @@ enum Bench {
         size_mib: u64,
         /// Seconds before a boot counts as hung.
         #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        #[arg(long)]
+        nixvmm: Option<PathBuf>,
+    },
+    /// TCP through the user-mode network inside a Linux guest: nixvmm --net user against
+    /// QEMU -netdev user, same kernel, in the tier-4 L1 guest where this host needs it.
+    Net {
+        /// MiB sent each way.
+        #[arg(long, default_value_t = 64)]
+        size_mib: u64,
+        /// Connections opened and closed.
+        #[arg(long, default_value_t = 200)]
+        connections: u32,
+        /// Seconds each VMM's run may take.
+        #[arg(long, default_value_t = 600)]
         timeout: u64,
         #[arg(long)]
         nixvmm: Option<PathBuf>,
@@ -248,6 +264,14 @@ fn main() -> std::process::ExitCode {
         } => nixvmm
             .map_or_else(default_nixvmm, Ok)
             .and_then(|bin| guest_disk::run(&bin, kernel, size_mib, Duration::from_secs(timeout))),
+        Bench::Net {
+            size_mib,
+            connections,
+            timeout,
+            nixvmm,
+        } => nixvmm
+            .map_or_else(default_nixvmm, Ok)
+            .and_then(|bin| net::run(&bin, size_mib, connections, Duration::from_secs(timeout))),
     };
     match result {
         Ok(table) => {

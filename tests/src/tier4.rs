@@ -30,7 +30,14 @@ const L1_START_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long past a job's limit L1 may take to report it before it counts as hung.
 const L1_GRACE: Duration = Duration::from_secs(60);
 /// Modules L1 loads: its 9p shares and KVM on the (emulated) SVM CPU.
-const L1_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "kvm_amd"];
+const L1_MODULES: &[&str] = &[
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "kvm_amd",
+    "tun",
+    "bridge",
+];
 
 /// Where tier-4 commands run.
 pub enum Tier4Host {

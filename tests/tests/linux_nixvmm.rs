@@ -881,9 +881,11 @@ fn user_net_job(guest: &Guest) -> String {
          echo 'nameserver 127.0.0.1' > $www/resolv.conf && mount --bind $www/resolv.conf /etc/resolv.conf\n\
          python3 -c {dns} & dns=$!\n\
          log=$www/console\n\
+         trap 'cat $log; exit 1' TERM\n\
          {nixvmm} > $log 2>&1 & vmm=$!\n\
          for i in $(seq 600); do grep -q SERVING $log && break; kill -0 $vmm 2>/dev/null || break; sleep 0.2; done\n\
-         echo HOSTFWD=$(busybox nc 127.0.0.1 8022 < /dev/null)\n\
+         for i in $(seq 40); do r=$(timeout 5 busybox nc 127.0.0.1 8022 < /dev/null); [ -n \"$r\" ] && break; sleep 0.5; done\n\
+         echo HOSTFWD=$r\n\
          wait $vmm; rc=$?\n\
          kill $httpd $dns\n\
          cat $log\n\
@@ -903,7 +905,7 @@ fn tier4_user_network_dhcp_dns_http_and_forwards_both_ways() {
          echo GUESTFWD=$(fetch 10.0.2.100 80)\n\
          echo DNS=$(nslookup web.nixvmm.test 10.0.2.3 | awk '/^Address/ {a=$NF} END {print a}')\n\
          echo SERVING\n\
-         echo from-the-guest | nc -l -p 80\n\
+         echo from-the-guest | timeout 60 nc -l -p 80\n\
          echo SERVED=yes",
     );
     let guest = Guest {
@@ -930,12 +932,12 @@ fn tier4_user_network_dhcp_dns_http_and_forwards_both_ways() {
 }
 
 #[test]
-fn tier4_restricted_user_network_keeps_forwards_and_blocks_the_rest() {
+fn tier4_restricted_user_network_blocks_the_guest_but_keeps_hostfwd_and_a_tcp_guestfwd() {
     let script = user_net_guest_script(
         "echo HTTP=$(fetch 10.0.2.2 8080 | grep -q hello && echo reached || echo blocked)\n\
          echo GUESTFWD=$(fetch 10.0.2.100 80)\n\
          echo SERVING\n\
-         echo from-the-guest | nc -l -p 80\n\
+         echo from-the-guest | timeout 60 nc -l -p 80\n\
          echo SERVED=yes",
     );
     let guest = Guest {
@@ -943,7 +945,7 @@ fn tier4_restricted_user_network_keeps_forwards_and_blocks_the_rest() {
         script: &script,
         args: args(&[
             "--net",
-            "user,restrict=on,hostfwd=tcp:127.0.0.1:8022-:80,guestfwd=tcp:10.0.2.100:80-cmd:busybox nc 127.0.0.1 8080,mac=52:54:00:12:01:01",
+            "user,restrict=on,hostfwd=tcp:127.0.0.1:8022-:80,guestfwd=tcp:10.0.2.100:80-tcp:127.0.0.1:8080,mac=52:54:00:12:01:01",
         ]),
         ..Guest::default()
     };
@@ -968,8 +970,19 @@ fn vlan_machine(n: u8, peer: u8, sock: &str) -> String {
             "for i in $(seq 60); do echo bye | nc 192.168.1.{peer} 7000 && break; sleep 1; done"
         )
     };
+    // Machine 2 has a second NIC on a user network: eth1, with QEMU's first default MAC.
+    let second_nic = if n == 2 {
+        format!(
+            "printf '%s' '{DHCP_HOOK}' > /dhcp.sh && chmod +x /dhcp.sh\n\
+             ip link set eth1 up && echo ETH1_MAC=$(cat /sys/class/net/eth1/address)\n\
+             udhcpc -i eth1 -n -q -t 10 -T 1 -s /dhcp.sh\n"
+        )
+    } else {
+        String::new()
+    };
     let script = format!(
         "ip link set lo up && ip link set eth0 up\n\
+         {second_nic}\
          ip addr add 192.168.1.{n}/24 dev eth0\n\
          for i in $(seq 120); do ping -c 1 -W 1 192.168.1.{peer} > /dev/null && break; done\n\
          ping -c 3 -W 2 192.168.1.{peer} > /dev/null && echo PING_{n}_TO_{peer}=ok || echo PING_{n}_TO_{peer}=failed\n\
@@ -979,14 +992,23 @@ fn vlan_machine(n: u8, peer: u8, sock: &str) -> String {
         modules: NET_MODULES,
         script: &script,
         memory: "256M",
-        args: args(&["--net", &format!("vde,sock={sock},mac=52:54:00:12:01:0{n}")]),
+        args: if n == 2 {
+            args(&[
+                "--net",
+                &format!("vde,sock={sock},mac=52:54:00:12:01:0{n}"),
+                "--net",
+                "user",
+            ])
+        } else {
+            args(&["--net", &format!("vde,sock={sock},mac=52:54:00:12:01:0{n}")])
+        },
         ..Guest::default()
     };
     guest.command()
 }
 
 #[test]
-fn tier4_two_guests_on_one_vde_switch_ping_each_other() {
+fn tier4_two_guests_on_one_vde_switch_ping_each_other_and_a_second_nic_works() {
     let sock = format!("/tmp/nixvmm-tier4-vde-{}", std::process::id());
     let job = format!(
         "set -u\n\
@@ -1008,5 +1030,95 @@ fn tier4_two_guests_on_one_vde_switch_ping_each_other() {
     assert!(!log.timed_out, "timed out:\n{tail}");
     assert_eq!(log.value_of("PING_1_TO_2"), Some("ok"), "{tail}");
     assert_eq!(log.value_of("PING_2_TO_1"), Some("ok"), "{tail}");
+    assert_eq!(
+        log.value_of("ETH1_MAC"),
+        Some("52:54:00:12:34:56"),
+        "{tail}"
+    );
+    assert_eq!(log.value_of("DHCP_IP"), Some("10.0.2.15"), "{tail}");
     assert!(log.exit_ok, "both guests power off with status 0:\n{tail}");
+}
+
+/// L1's side of the tap test: 4 MB to the guest on port 9000, 2 MB from it on port 9001.
+const TAP_PEER: &str = r#"
+import hashlib, os, socket
+data = os.urandom(4_000_000)
+print("SENT_MD5=" + hashlib.md5(data).hexdigest(), flush=True)
+down = socket.create_server(("192.168.100.1", 9000))
+up = socket.create_server(("192.168.100.1", 9001))
+c, _ = down.accept(); c.sendall(data); c.close()
+c, _ = up.accept()
+got = b""
+while len(got) < 2_000_000:
+    b = c.recv(65536)
+    if not b:
+        break
+    got += b
+print("RECEIVED_MD5=" + hashlib.md5(got).hexdigest(), flush=True)
+c.close()
+"#;
+
+#[test]
+fn tier4_a_tap_nic_on_a_bridge_reaches_l1_with_offloads() {
+    let script = "ip link set lo up && ip link set eth0 up\n\
+                  ip addr add 192.168.100.2/24 dev eth0\n\
+                  echo FEATURES=$(cat /sys/class/net/eth0/device/features)\n\
+                  for i in $(seq 30); do ping -c 1 -W 1 192.168.100.1 > /dev/null && break; done\n\
+                  ping -c 2 -W 2 192.168.100.1 > /dev/null && echo PING=ok || echo PING=failed\n\
+                  echo GOT_MD5=$(timeout 60 nc 192.168.100.1 9000 | md5sum | cut -d' ' -f1)\n\
+                  head -c 2000000 /dev/urandom > /up\n\
+                  echo UP_MD5=$(md5sum /up | cut -d' ' -f1)\n\
+                  timeout 60 nc 192.168.100.1 9001 < /up";
+    let guest = Guest {
+        modules: NET_MODULES,
+        script,
+        args: args(&["--net", "tap,ifname=tap0,script=no,downscript=no"]),
+        ..Guest::default()
+    };
+    let inner = format!(
+        "set -u\n\
+         ip link set lo up\n\
+         ip link add br0 type bridge && ip link set br0 up\n\
+         ip tuntap add dev tap0 mode tap vnet_hdr\n\
+         ip link set tap0 master br0 && ip link set tap0 up\n\
+         ip addr add 192.168.100.1/24 dev br0\n\
+         python3 -c {peer} & peer=$!\n\
+         sleep 1\n\
+         {nixvmm}\n\
+         rc=$?\n\
+         wait $peer\n\
+         exit $rc",
+        peer = shell_quote(TAP_PEER),
+        nixvmm = guest.command(),
+    );
+    let log = host()
+        .run(
+            &format!("exec unshare -n bash -c {}", shell_quote(&inner)),
+            BOOT_LIMIT,
+        )
+        .unwrap();
+    boots_and_powers_off(&log);
+    let tail = log.tail();
+    let features = log
+        .value_of("FEATURES")
+        .unwrap_or_default()
+        .as_bytes()
+        .to_vec();
+    for (bit, name) in [
+        (0, "CSUM"),
+        (1, "GUEST_CSUM"),
+        (7, "GUEST_TSO4"),
+        (11, "HOST_TSO4"),
+        (15, "MRG_RXBUF"),
+    ] {
+        assert_eq!(features.get(bit), Some(&b'1'), "{name} negotiated:\n{tail}");
+    }
+    assert_eq!(log.value_of("PING"), Some("ok"), "{tail}");
+    assert_eq!(log.value_of("GOT_MD5"), log.value_of("SENT_MD5"), "{tail}");
+    assert_eq!(
+        log.value_of("RECEIVED_MD5"),
+        log.value_of("UP_MD5"),
+        "{tail}"
+    );
+    assert!(log.value_of("UP_MD5").is_some(), "{tail}");
 }

@@ -126,6 +126,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => args.into_config().map_err(|e| e.to_string()).and_then(run),
         Command::Device(device) => serve_device(device),
+        Command::Relay { address } => vmm::host::slirp::relay(&address)
+            .map(|()| vmm::Outcome::Stopped)
+            .map_err(|e| format!("relay to {address}: {e}")),
     };
     match result {
         Ok(outcome) => {

@@ -3,7 +3,9 @@
 //!
 //! Frames cross the queues behind a 12-byte `virtio_net_hdr_v1` (virtio 1.2, 5.1.6). With a
 //! backend that takes no offloads the header carries nothing: transmitted frames arrive with
-//! complete checksums and no segmentation, because no offload feature was offered. Received
+//! complete checksums and no segmentation, because no offload feature was offered. A backend
+//! whose frames carry the same header (a tap with IFF_VNET_HDR) gets it as the guest wrote it,
+//! and offers the checksum and segmentation offloads it accepts. Received
 //! frames span several buffers when the driver accepted `VIRTIO_NET_F_MRG_RXBUF`. A received
 //! frame the guest has no buffers for waits (one at a time) and the backend is not read until
 //! the guest posts buffers, so a guest that stops receiving only costs frames the backend
@@ -23,7 +25,17 @@ use crate::{
     Memory, QueueDevice, COMMON_FEATURES,
 };
 
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
+pub const VIRTIO_NET_F_GUEST_UFO: u64 = 1 << 10;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
+pub const VIRTIO_NET_F_HOST_UFO: u64 = 1 << 14;
 pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
 pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
 const VIRTIO_NET_S_LINK_UP: u16 = 1;
@@ -37,13 +49,17 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 pub const MAX_FRAME: usize = 1518;
 /// The smallest frame worth sending: an Ethernet header.
 pub const MIN_FRAME: usize = 14;
+/// The largest frame with segmentation offloads: a 64 KiB IP packet and its link header.
+pub const MAX_GSO_FRAME: usize = 65_550;
+const HOST_GSO: u64 = VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_HOST_UFO;
+const GUEST_GSO: u64 = VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_GUEST_UFO;
 
 pub const RX: usize = 0;
 pub const TX: usize = 1;
 const QUEUE_SIZES: &[u16] = &[256, 256];
 
-/// Where a NIC's frames go and come from. Frames are whole Ethernet frames without a
-/// virtio-net header.
+/// Where a NIC's frames go and come from: whole Ethernet frames, behind a virtio-net header
+/// only when [`Backend::vnet_header`] says so.
 pub trait Backend: Send {
     /// Readable while [`Backend::recv`] may have a frame.
     fn fd(&self) -> RawFd;
@@ -52,6 +68,20 @@ pub trait Backend: Send {
     /// Hands one frame to the network. A backend that cannot take it now drops it, as a
     /// network does; an error means the backend is gone.
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+    /// Whether frames both ways carry a `virtio_net_hdr_v1` first.
+    fn vnet_header(&self) -> bool {
+        false
+    }
+    /// The offload feature bits (`VIRTIO_NET_F_CSUM`, `…_HOST_TSO4`, `…_GUEST_CSUM`, …) the
+    /// backend can take; only a backend with a vnet header can take any.
+    fn offloads(&self) -> u64 {
+        0
+    }
+    /// The driver accepted `features`: the backend produces only the guest offloads among
+    /// them from now on.
+    fn set_offloads(&mut self, _features: u64) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A NIC's link state, shared with whoever switches it (`set_link`): the guest sees it in
@@ -103,6 +133,8 @@ pub struct Net {
     link: Link,
     counters: Arc<Counters>,
     mergeable: bool,
+    /// The features the driver accepted.
+    acked: u64,
     /// A received frame waiting for the guest to post buffers.
     pending: Option<Vec<u8>>,
     /// Set once the backend failed; the NIC then behaves as unplugged from the network.
@@ -125,6 +157,7 @@ impl Net {
             link,
             counters: Arc::default(),
             mergeable: false,
+            acked: 0,
             pending: None,
             backend_gone: false,
         }
@@ -146,7 +179,12 @@ impl Net {
 
     /// Reads one transmitted chain and hands its frame to the backend.
     fn transmit(&mut self, chain: Chain, mem: &Memory) {
-        let frame = match read_frame(chain, mem) {
+        let max = if self.acked & HOST_GSO != 0 {
+            MAX_GSO_FRAME
+        } else {
+            MAX_FRAME
+        };
+        let frame = match read_frame(chain, mem, max) {
             Some(frame) => frame,
             None => {
                 self.counters.tx_bad.fetch_add(1, Ordering::Relaxed);
@@ -157,7 +195,12 @@ impl Net {
             return;
         }
         self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.backend.send(&frame[HEADER_LEN..]) {
+        let skip = if self.backend.vnet_header() {
+            0
+        } else {
+            HEADER_LEN
+        };
+        if let Err(e) = self.backend.send(&frame[skip..]) {
             self.backend_failed("sending a frame", e);
         }
     }
@@ -180,11 +223,20 @@ impl Net {
                     }
                 },
             };
-            if !self.link.is_up() || frame.len() > MAX_FRAME {
+            let header = self.backend.vnet_header();
+            let max = if self.acked & GUEST_GSO != 0 {
+                MAX_GSO_FRAME
+            } else {
+                MAX_FRAME
+            };
+            let frame_len = frame
+                .len()
+                .saturating_sub(if header { HEADER_LEN } else { 0 });
+            if !self.link.is_up() || frame_len > max || (header && frame.len() < HEADER_LEN) {
                 self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            match deliver(queue, mem, &frame, self.mergeable)? {
+            match deliver(queue, mem, &frame, header, self.mergeable)? {
                 Delivery::Delivered => {
                     self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
                     used_any = true;
@@ -238,10 +290,10 @@ impl Net {
 /// The header and frame of one transmitted chain, or `None` for a chain the device drops: a
 /// buffer outside guest memory, a device-writable buffer, no room for a header and an
 /// Ethernet header, or more than a frame can be.
-fn read_frame(chain: Chain, mem: &Memory) -> Option<Vec<u8>> {
+fn read_frame(chain: Chain, mem: &Memory, max: usize) -> Option<Vec<u8>> {
     let mut reader = chain.reader(mem).ok()?;
     let len = reader.available_bytes();
-    if !(HEADER_LEN + MIN_FRAME..=HEADER_LEN + MAX_FRAME).contains(&len) {
+    if !(HEADER_LEN + MIN_FRAME..=HEADER_LEN + max).contains(&len) {
         log::debug!("virtio-net: dropping a {len}-byte transmit chain");
         return None;
     }
@@ -250,14 +302,21 @@ fn read_frame(chain: Chain, mem: &Memory) -> Option<Vec<u8>> {
     Some(frame)
 }
 
-/// Writes `frame` behind a header into as many receive buffers as it needs (one unless
-/// `mergeable`), or takes none back when they do not suffice.
+/// Writes `frame` behind a header (its own when `has_header`, else an empty one) into as many
+/// receive buffers as it needs (one unless `mergeable`), or takes none back when they do not
+/// suffice.
 fn deliver(
     queue: &mut Queue,
     mem: &Memory,
     frame: &[u8],
+    has_header: bool,
     mergeable: bool,
 ) -> Result<Delivery, Error> {
+    let (header, frame) = if has_header {
+        frame.split_at(HEADER_LEN)
+    } else {
+        (&[0u8; HEADER_LEN][..], frame)
+    };
     let needed = HEADER_LEN + frame.len();
     let mut buffers = Vec::new();
     // Chains the device cannot write into: returned empty once the frame is placed (or
@@ -292,7 +351,7 @@ fn deliver(
     }
     return_empty(queue, mem, &bad)?;
     let mut data = Vec::with_capacity(needed);
-    data.extend_from_slice(&[0u8; NUM_BUFFERS_OFFSET]);
+    data.extend_from_slice(&header[..NUM_BUFFERS_OFFSET]);
     data.extend_from_slice(&(buffers.len() as u16).to_le_bytes());
     data.extend_from_slice(frame);
     let mut offset = 0;
@@ -345,7 +404,12 @@ impl QueueDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        COMMON_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF
+        let offloads = if self.backend.vnet_header() {
+            self.backend.offloads()
+        } else {
+            0
+        };
+        COMMON_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF | offloads
     }
 
     fn config(&self) -> Vec<u8> {
@@ -359,6 +423,13 @@ impl QueueDevice for Net {
 
     fn set_acked_features(&mut self, features: u64) {
         self.mergeable = features & VIRTIO_NET_F_MRG_RXBUF != 0;
+        self.acked = features;
+        if let Err(e) = self.backend.set_offloads(features) {
+            log::warn!(
+                "virtio-net {}: cannot set offloads: {e}",
+                mac_text(&self.mac)
+            );
+        }
     }
 
     fn process_queue(
@@ -380,6 +451,7 @@ impl QueueDevice for Net {
     fn reset(&mut self) {
         self.pending = None;
         self.mergeable = false;
+        self.acked = 0;
     }
 
     fn backend_fds(&self) -> Vec<RawFd> {

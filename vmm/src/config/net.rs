@@ -21,6 +21,14 @@ pub enum NetBackend {
     Vde {
         sock: std::path::PathBuf,
     },
+    /// A host tap device, by name or as an inherited descriptor.
+    Tap(TapTarget),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TapTarget {
+    Name(String),
+    Fd(i32),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,13 +64,20 @@ pub struct HostFwd {
     pub guest_port: u16,
 }
 
-/// `guestfwd=[tcp]:addr:port-TARGET`: the guest's connections to `addr:port` reach TARGET,
-/// `cmd:COMMAND` (a command run per connection, on its stdin and stdout).
+/// `guestfwd=[tcp]:addr:port-TARGET`: the guest's connections to `addr:port` reach TARGET.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestFwd {
     pub addr: Option<Ipv4Addr>,
     pub port: u16,
-    pub command: String,
+    pub target: GuestFwdTarget,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestFwdTarget {
+    /// `cmd:COMMAND`: a command run per connection, on its stdin and stdout.
+    Command(String),
+    /// `tcp:HOST:PORT`: a new connection from the host to HOST:PORT per guest connection.
+    Tcp { host: String, port: u16 },
 }
 
 const USER_KEYS: &[&str] = &[
@@ -113,12 +128,67 @@ pub fn parse_net(text: &str) -> Result<NicConfig, OptionError> {
                 },
             })
         }
+        "tap" => {
+            let o = Options::parse_items(
+                "--net tap",
+                items,
+                &[
+                    "id",
+                    "mac",
+                    "model",
+                    "ifname",
+                    "fd",
+                    "script",
+                    "downscript",
+                    "vnet_hdr",
+                ],
+                &[],
+            )?;
+            check_model(&o)?;
+            for key in ["script", "downscript"] {
+                if let Some(v) = o.get(key) {
+                    if v != "no" {
+                        return Err(o.bad(
+                            key,
+                            v,
+                            "nixvmm runs no scripts: set the tap up first and write no",
+                        ));
+                    }
+                }
+            }
+            if !o.flag("vnet_hdr", true)? {
+                return Err(o.bad(
+                    "vnet_hdr",
+                    "off",
+                    "nixvmm's tap NICs always use vnet headers",
+                ));
+            }
+            let target = match (o.get("ifname"), o.get("fd")) {
+                (Some(name), None) => TapTarget::Name(name.to_string()),
+                (None, Some(fd)) => {
+                    TapTarget::Fd(fd.parse().ok().filter(|fd| *fd >= 0).ok_or_else(|| {
+                        o.bad("fd", fd, "expected an open file descriptor number")
+                    })?)
+                }
+                _ => {
+                    return Err(o.bad(
+                        "ifname",
+                        o.get("ifname").unwrap_or(""),
+                        "give exactly one of ifname=NAME and fd=N",
+                    ))
+                }
+            };
+            Ok(NicConfig {
+                mac: o.get("mac").map(|m| parse_mac(&o, m)).transpose()?,
+                backend: NetBackend::Tap(target),
+            })
+        }
         other => Err(OptionError::BadValue {
             option: "--net".into(),
             key: "the first word".into(),
             value: other.into(),
-            expected: "expected `user` (e.g. --net user,hostfwd=tcp::2222-:22) or `vde` \
-                       (--net vde,sock=DIR)"
+            expected: "expected `user` (e.g. --net user,hostfwd=tcp::2222-:22), `vde` \
+                       (--net vde,sock=DIR) or `tap` (--net tap,ifname=tap0)"
                 .into(),
         }),
     }
@@ -311,7 +381,7 @@ pub fn parse_hostfwd(text: &str) -> Result<HostFwd, String> {
 }
 
 const GUESTFWD_FORM: &str =
-    "expected [tcp]:addr:port-cmd:COMMAND, e.g. tcp:10.0.2.100:80-cmd:nc 127.0.0.1 8080";
+    "expected [tcp]:addr:port-cmd:COMMAND or [tcp]:addr:port-tcp:HOST:PORT, e.g. tcp:10.0.2.100:80-cmd:nc 127.0.0.1 8080";
 
 pub fn parse_guestfwd(text: &str) -> Result<GuestFwd, String> {
     let form = || GUESTFWD_FORM.to_string();
@@ -323,19 +393,29 @@ pub fn parse_guestfwd(text: &str) -> Result<GuestFwd, String> {
     }
     let (addr, rest) = rest.split_once(':').ok_or_else(form)?;
     let (port_text, target) = rest.split_once('-').ok_or_else(form)?;
-    let command = target.strip_prefix("cmd:").ok_or_else(|| {
-        format!(
-            "target `{target}`: nixvmm forwards to a command (cmd:…); for a TCP target write \
-             cmd:nc HOST PORT"
-        )
-    })?;
-    if command.trim().is_empty() {
-        return Err(format!("an empty command; {GUESTFWD_FORM}"));
-    }
+    let target = if let Some(command) = target.strip_prefix("cmd:") {
+        if command.trim().is_empty() {
+            return Err(format!("an empty command; {GUESTFWD_FORM}"));
+        }
+        GuestFwdTarget::Command(command.to_string())
+    } else if let Some(address) = target.strip_prefix("tcp:") {
+        let (host, port_text) = address
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.is_empty())
+            .ok_or_else(|| format!("target `{target}`: expected tcp:HOST:PORT"))?;
+        GuestFwdTarget::Tcp {
+            host: host.to_string(),
+            port: port(port_text, "target port")?,
+        }
+    } else {
+        return Err(format!(
+            "target `{target}`: expected cmd:COMMAND or tcp:HOST:PORT; {GUESTFWD_FORM}"
+        ));
+    };
     Ok(GuestFwd {
         addr: optional_ipv4(addr, "address")?,
         port: port(port_text, "port")?,
-        command: command.to_string(),
+        target,
     })
 }
 
@@ -402,7 +482,7 @@ mod tests {
             vec![GuestFwd {
                 addr: Some(Ipv4Addr::new(10, 0, 2, 100)),
                 port: 80,
-                command: "nc 127.0.0.1 8080".into()
+                target: GuestFwdTarget::Command("nc 127.0.0.1 8080".into())
             }]
         );
         // From QEMU's manual.
@@ -436,13 +516,33 @@ mod tests {
         assert!(err("user,net=10.0.2.0/31").contains("8 to 30"));
         assert!(err("user,mac=01:00:00:00:00:01").contains("multicast"));
         assert!(err("user,mac=52:54:00:12:34").contains("six hex bytes"));
-        assert!(
-            err("user,guestfwd=tcp:10.0.2.100:80-tcp:127.0.0.1:8080").contains("cmd:nc HOST PORT")
+        assert!(err("user,guestfwd=tcp:10.0.2.100:80-udp:127.0.0.1:8080")
+            .contains("expected cmd:COMMAND or tcp:HOST:PORT"));
+        assert!(err("user,guestfwd=tcp:10.0.2.100:80-tcp:8080").contains("tcp:HOST:PORT"));
+        let u = user("user,guestfwd=tcp:10.0.2.100:1234-tcp:127.0.0.1:4321");
+        assert_eq!(
+            u.guestfwd[0].target,
+            GuestFwdTarget::Tcp {
+                host: "127.0.0.1".into(),
+                port: 4321
+            }
         );
         assert!(err("user,bogus=1").contains("unknown key `bogus`"));
         assert!(err("user,restrict=on,restrict=off").contains("twice"));
         assert!(err("user,ipv4=off,ipv6=off").contains("needs ipv6=on"));
         assert!(err("vde,mac=52:54:00:12:01:01").contains("`sock` is required"));
+        assert!(err("tap").contains("exactly one of ifname=NAME and fd=N"));
+        assert!(err("tap,ifname=tap0,fd=3").contains("exactly one"));
+        assert!(err("tap,ifname=tap0,script=/etc/qemu-ifup").contains("runs no scripts"));
+        assert!(err("tap,fd=-1").contains("file descriptor"));
+    }
+
+    #[test]
+    fn tap_forms() {
+        let nic = parse_net("tap,id=net0,ifname=tap0,script=no,downscript=no").unwrap();
+        assert_eq!(nic.backend, NetBackend::Tap(TapTarget::Name("tap0".into())));
+        let nic = parse_net("tap,fd=3").unwrap();
+        assert_eq!(nic.backend, NetBackend::Tap(TapTarget::Fd(3)));
     }
 
     #[test]

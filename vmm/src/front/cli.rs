@@ -32,6 +32,13 @@ pub enum Command {
     /// vhost-user-rng-pci) on a Unix socket, until the frontend disconnects.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Copies stdin and stdout to and from a TCP connection to HOST:PORT: what a user
+    /// network's `guestfwd=…-tcp:HOST:PORT` runs per guest connection.
+    #[command(hide = true)]
+    Relay {
+        /// HOST:PORT
+        address: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,13 +4,14 @@
 
 pub mod console;
 pub mod slirp;
+pub mod tap;
 pub mod vde;
 pub mod vhost_user_fs;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::config::net::{NetBackend, NicConfig};
+use crate::config::net::{NetBackend, NicConfig, TapTarget};
 use crate::config::{Share, VmConfig};
 use slirp::{SlirpError, UserNetwork};
 use vhost_user_fs::{ConnectError, SharedVhostUserFs, VhostUserFs};
@@ -31,6 +32,7 @@ pub struct Nic {
 enum Network {
     User(UserNetwork),
     Vde(vde::VdePort),
+    Tap(tap::Tap),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,8 @@ pub enum HostError {
     Slirp(#[from] SlirpError),
     #[error(transparent)]
     Vde(#[from] vde::VdeError),
+    #[error(transparent)]
+    Tap(#[from] tap::TapError),
     #[error("--net: cannot set up the NIC: {0}")]
     Nic(std::io::Error),
 }
@@ -59,6 +63,8 @@ impl Nic {
         let network = match &config.backend {
             NetBackend::User(user) => Network::User(UserNetwork::start(user)?),
             NetBackend::Vde { sock } => Network::Vde(vde::VdePort::connect(sock)?),
+            NetBackend::Tap(TapTarget::Name(name)) => Network::Tap(tap::Tap::open(name)?),
+            NetBackend::Tap(TapTarget::Fd(fd)) => Network::Tap(tap::Tap::from_fd(*fd)?),
         };
         Ok(Nic {
             mac,
@@ -72,6 +78,7 @@ impl Nic {
         match &self.network {
             Network::User(user) => Ok(Box::new(user.nic_end())),
             Network::Vde(port) => port.backend(),
+            Network::Tap(tap) => tap.backend(),
         }
     }
 
@@ -79,7 +86,7 @@ impl Nic {
     pub fn user_network(&self) -> Option<&UserNetwork> {
         match &self.network {
             Network::User(user) => Some(user),
-            Network::Vde(_) => None,
+            Network::Vde(_) | Network::Tap(_) => None,
         }
     }
 }

@@ -7,6 +7,9 @@
 //! Frames slirp sends to the guest go into the channel's other direction.
 
 mod ffi;
+mod relay;
+
+pub use relay::relay;
 
 use std::ffi::{CStr, CString};
 use std::net::Ipv4Addr;
@@ -19,7 +22,7 @@ use std::time::Instant;
 use virtio::net::channel;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::net::{HostFwd, UserNet};
+use crate::config::net::{GuestFwdTarget, HostFwd, UserNet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SlirpError {
@@ -279,7 +282,7 @@ impl Network {
             network.add_hostfwd(forward)?;
         }
         for forward in &config.guestfwd {
-            let command = cstring(&forward.command)?;
+            let command = cstring(&guestfwd_command(&forward.target)?)?;
             let mut addr = in_addr(forward.addr.unwrap_or(Ipv4Addr::UNSPECIFIED));
             // SAFETY: a live Slirp owned by this thread, a NUL-terminated command and an
             // in_addr slirp may fill in; slirp copies the command.
@@ -448,6 +451,19 @@ impl Drop for Network {
         for timer in self.callbacks.timers.drain(..) {
             // SAFETY: a Box made by timer_new* that slirp did not free.
             drop(unsafe { Box::from_raw(timer) });
+        }
+    }
+}
+
+/// The command libslirp runs per guest connection: the user's, or `nixvmm relay` for a TCP
+/// target (through the running binary, quoted for slirp's shell-style argument parsing).
+fn guestfwd_command(target: &GuestFwdTarget) -> Result<String, SlirpError> {
+    match target {
+        GuestFwdTarget::Command(command) => Ok(command.clone()),
+        GuestFwdTarget::Tcp { host, port } => {
+            let exe = std::env::current_exe().map_err(SlirpError::Thread)?;
+            let exe = exe.to_string_lossy().replace('\'', "'\\''");
+            Ok(format!("'{exe}' relay {host}:{port}"))
         }
     }
 }
