@@ -904,6 +904,9 @@ fn tier4_user_network_dhcp_dns_http_and_forwards_both_ways() {
         "echo HTTP=$(fetch 10.0.2.2 8080)\n\
          echo GUESTFWD=$(fetch 10.0.2.100 80)\n\
          echo DNS=$(nslookup web.nixvmm.test 10.0.2.3 | awk '/^Address/ {a=$NF} END {print a}')\n\
+         for i in $(seq 40); do ip -6 addr show dev eth0 | grep -q 'inet6 fec0:' && break; sleep 0.5; done\n\
+         echo IPV6=$(ip -6 addr show dev eth0 | awk '/inet6 fec0:/ {print $2}')\n\
+         ping -6 -c 1 -W 5 fec0::2 > /dev/null && echo PING6=ok || echo PING6=failed\n\
          echo SERVING\n\
          echo from-the-guest | timeout 60 nc -l -p 80\n\
          echo SERVED=yes",
@@ -927,6 +930,13 @@ fn tier4_user_network_dhcp_dns_http_and_forwards_both_ways() {
     assert_eq!(log.value_of("HTTP"), Some("hello-from-l1"), "{tail}");
     assert_eq!(log.value_of("GUESTFWD"), Some("hello-from-l1"), "{tail}");
     assert_eq!(log.value_of("DNS"), Some("192.0.2.7"), "{tail}");
+    // IPv6 by slirp's router advertisements (its timer): an address in fec0::/64.
+    let ipv6 = log.value_of("IPV6").unwrap_or_default();
+    assert!(
+        ipv6.starts_with("fec0::") && ipv6.ends_with("/64"),
+        "{ipv6}:\n{tail}"
+    );
+    assert_eq!(log.value_of("PING6"), Some("ok"), "{tail}");
     assert_eq!(log.value_of("HOSTFWD"), Some("from-the-guest"), "{tail}");
     assert_eq!(log.value_of("SERVED"), Some("yes"), "{tail}");
 }
