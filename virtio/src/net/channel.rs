@@ -1,5 +1,6 @@
-//! A pair of bounded frame queues between a NIC's worker and a host thread that runs the
-//! network (the user-mode network's slirp thread), each end readable through an eventfd.
+//! A pair of bounded frame queues, each end readable through an eventfd: an in-process
+//! network for a NIC (the device tests and the `net_queues` fuzz target plug a NIC into one
+//! and play the network at the other end).
 //!
 //! An end's eventfd is signalled exactly while frames wait for it (both are changed under
 //! the queue's lock), so level-triggered polling works and a batch of frames costs one

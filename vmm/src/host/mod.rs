@@ -76,7 +76,7 @@ impl Nic {
     /// What one VM's NIC model sends into and receives from.
     pub fn backend(&self) -> std::io::Result<Box<dyn virtio::net::Backend>> {
         match &self.network {
-            Network::User(user) => Ok(Box::new(user.nic_end())),
+            Network::User(user) => Ok(Box::new(user.backend())),
             Network::Vde(port) => port.backend(),
             Network::Tap(tap) => tap.backend(),
         }

@@ -1,12 +1,11 @@
 //! The callbacks libslirp calls (frames to the guest, the clock, timers, poll sets) and
-//! the state they reach through slirp's opaque pointer. They run only on the network's
-//! thread, inside the slirp calls it makes.
+//! the state they reach through slirp's opaque pointer. They run only inside the slirp calls
+//! the engine makes, under the engine's lock.
 
+use std::collections::VecDeque;
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
 use std::time::Instant;
-
-use virtio::net::channel;
 
 use super::ffi;
 
@@ -18,9 +17,14 @@ pub(super) struct Timer {
     pub expire_ms: Option<i64>,
 }
 
+/// Frames slirp sent that the guest has not taken, at most this many (QEMU's net queues hold
+/// up to 10000); beyond, frames are dropped as a network does, and TCP retransmits.
+pub const GUEST_QUEUE: usize = 4096;
+
 /// What slirp's callbacks reach through their opaque pointer.
 pub(super) struct Callbacks {
-    pub guest: channel::End,
+    /// Frames for the guest, oldest first.
+    pub guest: VecDeque<Vec<u8>>,
     pub started: Instant,
     pub timers: Vec<*mut Timer>,
 }
@@ -64,7 +68,9 @@ unsafe extern "C" fn send_packet(
             callbacks(opaque),
         )
     };
-    callbacks.guest.send(frame.to_vec());
+    if callbacks.guest.len() < GUEST_QUEUE {
+        callbacks.guest.push_back(frame.to_vec());
+    }
     len as libc::ssize_t
 }
 

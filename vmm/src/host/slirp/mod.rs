@@ -1,12 +1,17 @@
 //! QEMU's user-mode network (`--net user`) on Debian's libslirp: the same engine as QEMU's
 //! `-netdev user`, so DHCP, DNS forwarding, `restrict=on` and the forwards behave as there.
 //!
-//! libslirp is not thread-safe, so each network gets a thread of its own that owns the
-//! `Slirp` and runs a `poll()` loop over slirp's sockets, the frames the NIC transmits (one
-//! end of a [`channel`]) and a wake-up eventfd for requests (add or remove a forward, stop).
-//! Frames slirp sends to the guest go into the channel's other direction.
+//! The NIC's own worker thread runs slirp, as QEMU's main loop does: the NIC's backend
+//! ([`UserNic`]) feeds transmitted frames to `slirp_input` and, when it has no frame for the
+//! guest, lets slirp serve its sockets and timers for one step. The worker waits on one epoll
+//! fd ([`engine::Engine`]) holding slirp's sockets, a timerfd for slirp's timeouts and an
+//! eventfd that is readable while frames wait or a step is due. libslirp is not thread-safe:
+//! the engine sits behind a mutex, so one thread at a time calls into it (the NIC's worker, or
+//! the control plane adding a forward). No frame is served while no VM has the NIC active
+//! (before the driver starts it, between reboots); forwarded ports stay bound meanwhile.
 
 mod callbacks;
+mod engine;
 mod ffi;
 mod relay;
 
@@ -14,15 +19,14 @@ pub use relay::relay;
 
 use std::ffi::{CStr, CString};
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::RawFd;
 use std::os::raw::{c_char, c_int};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use callbacks::{add_poll, get_revents, Callbacks, CALLBACKS};
-use virtio::net::channel;
-use vmm_sys_util::eventfd::EventFd;
+use callbacks::{Callbacks, CALLBACKS};
+use devices::bus::lock;
+use engine::Engine;
 
 use crate::config::net::{GuestFwdTarget, HostFwd, UserNet};
 
@@ -38,102 +42,64 @@ pub enum SlirpError {
     NoSuchForward(String),
     #[error("--net user: a text with a NUL byte: {0:?}")]
     Nul(String),
-    #[error("--net user: cannot start the network thread: {0}")]
-    Thread(std::io::Error),
-    #[error("--net user: the network thread has ended")]
-    Gone,
+    #[error("--net user: cannot set up the network: {0}")]
+    Setup(std::io::Error),
 }
 
-enum Request {
-    AddHostFwd(HostFwd, Sender<Result<(), SlirpError>>),
-    RemoveHostFwd(HostFwd, Sender<Result<(), SlirpError>>),
-    Stop,
-}
-
-/// A running user-mode network. Dropping it stops the thread and closes every forward.
+/// A user-mode network and its forwards, for the whole run.
 pub struct UserNetwork {
-    requests: Sender<Request>,
-    wake: EventFd,
-    thread: Option<JoinHandle<()>>,
-    /// The end the NIC uses.
-    nic_end: channel::End,
+    engine: Arc<Mutex<Engine>>,
 }
 
 impl UserNetwork {
     /// Starts the network described by `config`, with its forwards in place. Fails (naming
     /// the forward) when libslirp rejects the configuration or a forward.
     pub fn start(config: &UserNet) -> Result<UserNetwork, SlirpError> {
-        let (nic_end, slirp_end) = channel::pair().map_err(SlirpError::Thread)?;
-        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(SlirpError::Thread)?;
-        let thread_wake = wake.try_clone().map_err(SlirpError::Thread)?;
-        let (requests, request_rx) = mpsc::channel();
-        let (started_tx, started_rx) = mpsc::channel();
-        let config = config.clone();
-        let thread = std::thread::Builder::new()
-            .name("slirp".into())
-            .spawn(move || {
-                let network = match Network::new(&config, slirp_end) {
-                    Ok(network) => network,
-                    Err(e) => {
-                        let _ = started_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = started_tx.send(Ok(()));
-                network.run(&thread_wake, &request_rx);
-            })
-            .map_err(SlirpError::Thread)?;
-        match started_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                return Err(e);
-            }
-            Err(_) => return Err(SlirpError::Gone),
-        }
+        let network = Network::new(config)?;
+        let engine = Engine::new(network).map_err(SlirpError::Setup)?;
         Ok(UserNetwork {
-            requests,
-            wake,
-            thread: Some(thread),
-            nic_end,
+            engine: Arc::new(Mutex::new(engine)),
         })
     }
 
-    /// The NIC's end of the network (each VM of a run gets a clone).
-    pub fn nic_end(&self) -> channel::End {
-        self.nic_end.clone()
-    }
-
-    fn ask(
-        &self,
-        make: impl FnOnce(Sender<Result<(), SlirpError>>) -> Request,
-    ) -> Result<(), SlirpError> {
-        let (reply, answer) = mpsc::channel();
-        self.requests
-            .send(make(reply))
-            .map_err(|_| SlirpError::Gone)?;
-        let _ = self.wake.write(1);
-        answer.recv().map_err(|_| SlirpError::Gone)?
+    /// What one VM's NIC sends into and receives from.
+    pub fn backend(&self) -> UserNic {
+        let fd = lock(&self.engine).fd();
+        UserNic {
+            engine: self.engine.clone(),
+            fd,
+        }
     }
 
     /// Adds a forward while the VM runs (HMP's `hostfwd_add`).
     pub fn add_hostfwd(&self, forward: &HostFwd) -> Result<(), SlirpError> {
-        self.ask(|reply| Request::AddHostFwd(forward.clone(), reply))
+        lock(&self.engine).change(|network| network.add_hostfwd(forward))
     }
 
     /// Removes a forward (HMP's `hostfwd_remove`); only protocol, address and port count.
     pub fn remove_hostfwd(&self, forward: &HostFwd) -> Result<(), SlirpError> {
-        self.ask(|reply| Request::RemoveHostFwd(forward.clone(), reply))
+        lock(&self.engine).change(|network| network.remove_hostfwd(forward))
     }
 }
 
-impl Drop for UserNetwork {
-    fn drop(&mut self) {
-        let _ = self.requests.send(Request::Stop);
-        let _ = self.wake.write(1);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+/// A NIC's way into the user network.
+pub struct UserNic {
+    engine: Arc<Mutex<Engine>>,
+    fd: RawFd,
+}
+
+impl virtio::net::Backend for UserNic {
+    fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    fn recv(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        Ok(lock(&self.engine).next_frame())
+    }
+
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        lock(&self.engine).input(frame);
+        Ok(())
     }
 }
 
@@ -145,7 +111,7 @@ pub fn version() -> String {
         .into_owned()
 }
 
-/// The slirp instance and what it owns, living on the network's thread.
+/// The slirp instance and what it owns.
 struct Network {
     slirp: *mut ffi::Slirp,
     callbacks: Box<Callbacks>,
@@ -171,7 +137,7 @@ fn cstring(text: &str) -> Result<CString, SlirpError> {
 }
 
 impl Network {
-    fn new(config: &UserNet, guest: channel::End) -> Result<Network, SlirpError> {
+    fn new(config: &UserNet) -> Result<Network, SlirpError> {
         let mut strings = Vec::new();
         let mut keep = |text: &Option<String>| -> Result<*const c_char, SlirpError> {
             match text {
@@ -227,7 +193,7 @@ impl Network {
             disable_dhcp: false,
         };
         let mut callbacks = Box::new(Callbacks {
-            guest,
+            guest: std::collections::VecDeque::new(),
             started: Instant::now(),
             timers: Vec::new(),
         });
@@ -251,7 +217,7 @@ impl Network {
         for forward in &config.guestfwd {
             let command = cstring(&guestfwd_command(&forward.target)?)?;
             let mut addr = in_addr(forward.addr.unwrap_or(Ipv4Addr::UNSPECIFIED));
-            // SAFETY: a live Slirp owned by this thread, a NUL-terminated command and an
+            // SAFETY: a live Slirp owned by this Network, a NUL-terminated command and an
             // in_addr slirp may fill in; slirp copies the command.
             let rc = unsafe {
                 ffi::slirp_add_exec(
@@ -273,7 +239,7 @@ impl Network {
     }
 
     fn add_hostfwd(&self, f: &HostFwd) -> Result<(), SlirpError> {
-        // SAFETY: a live Slirp owned by this thread; plain values.
+        // SAFETY: a live Slirp owned by this Network; plain values.
         let rc = unsafe {
             ffi::slirp_add_hostfwd(
                 self.slirp,
@@ -291,7 +257,7 @@ impl Network {
     }
 
     fn remove_hostfwd(&self, f: &HostFwd) -> Result<(), SlirpError> {
-        // SAFETY: a live Slirp owned by this thread; plain values.
+        // SAFETY: a live Slirp owned by this Network; plain values.
         let rc = unsafe {
             ffi::slirp_remove_hostfwd(
                 self.slirp,
@@ -306,69 +272,47 @@ impl Network {
         Ok(())
     }
 
-    /// Serves the network until asked to stop.
-    fn run(mut self, wake: &EventFd, requests: &Receiver<Request>) {
-        let own = |fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
+    /// The sockets slirp wants watched, into `fds`; returns slirp's timeout in ms
+    /// (`u32::MAX`: none).
+    fn fill(&mut self, fds: &mut Vec<libc::pollfd>) -> u32 {
+        fds.clear();
+        let mut timeout: u32 = u32::MAX;
+        // SAFETY: a live Slirp; `add_poll` only pushes onto the Vec `fds` points to, which
+        // outlives the call.
+        unsafe {
+            ffi::slirp_pollfds_fill(
+                self.slirp,
+                &mut timeout,
+                callbacks::add_poll,
+                (fds as *mut Vec<libc::pollfd>).cast(),
+            )
         };
-        let mut fds: Vec<libc::pollfd> = Vec::new();
-        loop {
-            fds.clear();
-            fds.push(own(wake.as_raw_fd()));
-            fds.push(own(self.callbacks.guest.ready_fd()));
-            let mut timeout: u32 = u32::MAX;
-            // SAFETY: a live Slirp; `add_poll` only pushes onto the Vec `fds` points to,
-            // which outlives the call.
-            unsafe {
-                ffi::slirp_pollfds_fill(
-                    self.slirp,
-                    &mut timeout,
-                    add_poll,
-                    (&mut fds as *mut Vec<libc::pollfd>).cast(),
-                )
-            };
-            let timeout = self.next_timer_in(timeout);
-            // SAFETY: `fds` is a live, correctly sized array of pollfd.
-            let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-            let error = ready < 0
-                && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted;
-            // SAFETY: a live Slirp; `get_revents` only reads the Vec `fds` points to.
-            unsafe {
-                ffi::slirp_pollfds_poll(
-                    self.slirp,
-                    c_int::from(error),
-                    get_revents,
-                    (&mut fds as *mut Vec<libc::pollfd>).cast(),
-                )
-            };
-            self.fire_timers();
-            while let Some(frame) = self.callbacks.guest.recv() {
-                if frame.len() <= c_int::MAX as usize {
-                    // SAFETY: a live Slirp and a frame buffer that outlives the call.
-                    unsafe { ffi::slirp_input(self.slirp, frame.as_ptr(), frame.len() as c_int) };
-                }
-            }
-            if fds[0].revents != 0 {
-                let _ = wake.read();
-                while let Ok(request) = requests.try_recv() {
-                    match request {
-                        Request::AddHostFwd(f, reply) => {
-                            let _ = reply.send(self.add_hostfwd(&f));
-                        }
-                        Request::RemoveHostFwd(f, reply) => {
-                            let _ = reply.send(self.remove_hostfwd(&f));
-                        }
-                        Request::Stop => return,
-                    }
-                }
-            }
+        timeout
+    }
+
+    /// Lets slirp serve the sockets whose `revents` are set.
+    fn serve(&mut self, fds: &mut Vec<libc::pollfd>, error: bool) {
+        // SAFETY: a live Slirp; `get_revents` only reads the Vec `fds` points to.
+        unsafe {
+            ffi::slirp_pollfds_poll(
+                self.slirp,
+                c_int::from(error),
+                callbacks::get_revents,
+                (fds as *mut Vec<libc::pollfd>).cast(),
+            )
+        };
+    }
+
+    /// Hands slirp one frame from the guest.
+    fn input(&mut self, frame: &[u8]) {
+        if frame.len() <= c_int::MAX as usize {
+            // SAFETY: a live Slirp and a frame buffer that outlives the call.
+            unsafe { ffi::slirp_input(self.slirp, frame.as_ptr(), frame.len() as c_int) };
         }
     }
 
-    /// The poll timeout in ms: slirp's, shortened to the next timer.
-    fn next_timer_in(&self, slirp_timeout: u32) -> c_int {
+    /// The wait in ms (-1: none): slirp's timeout, shortened to the next timer.
+    fn next_timer_in(&self, slirp_timeout: u32) -> i64 {
         let now = self.callbacks.now_ms();
         let mut timeout = if slirp_timeout == u32::MAX {
             -1
@@ -385,7 +329,7 @@ impl Network {
                 }
             }
         }
-        timeout.min(i64::from(c_int::MAX)) as c_int
+        timeout
     }
 
     fn fire_timers(&mut self) {
@@ -428,7 +372,7 @@ fn guestfwd_command(target: &GuestFwdTarget) -> Result<String, SlirpError> {
     match target {
         GuestFwdTarget::Command(command) => Ok(command.clone()),
         GuestFwdTarget::Tcp { host, port } => {
-            let exe = std::env::current_exe().map_err(SlirpError::Thread)?;
+            let exe = std::env::current_exe().map_err(SlirpError::Setup)?;
             let exe = exe.to_string_lossy().replace('\'', "'\\''");
             Ok(format!("'{exe}' relay {host}:{port}"))
         }

@@ -1,5 +1,5 @@
-//! The user-mode network without a guest: frames a guest would send go into the NIC's end of
-//! the channel, and slirp's answers come out of it.
+//! The user-mode network without a guest: frames a guest would send go into the NIC's
+//! backend, and slirp's answers come out of it (each receive lets slirp take a step).
 
 #![allow(clippy::unwrap_used)]
 
@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::config::net::{parse_net, NetBackend};
+use virtio::net::Backend;
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 
@@ -30,10 +31,10 @@ fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
 }
 
 /// The next frame slirp sends to the guest, waiting up to 5 s.
-fn next_frame(end: &channel::End) -> Option<Vec<u8>> {
+fn next_frame(nic: &mut UserNic) -> Option<Vec<u8>> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        if let Some(frame) = end.recv() {
+        if let Some(frame) = nic.recv().unwrap() {
             return Some(frame);
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -52,12 +53,13 @@ fn is_arp_reply_from(frame: &[u8], ip: Ipv4Addr) -> bool {
 fn the_virtual_host_answers_arp_and_the_version_is_known() {
     assert!(version().starts_with('4'), "{}", version());
     let network = UserNetwork::start(&user("user")).unwrap();
-    let end = network.nic_end();
-    end.send(arp_request(
+    let mut nic = network.backend();
+    nic.send(&arp_request(
         Ipv4Addr::new(10, 0, 2, 15),
         Ipv4Addr::new(10, 0, 2, 2),
-    ));
-    let reply = std::iter::from_fn(|| next_frame(&end))
+    ))
+    .unwrap();
+    let reply = std::iter::from_fn(|| next_frame(&mut nic))
         .find(|f| is_arp_reply_from(f, Ipv4Addr::new(10, 0, 2, 2)))
         .expect("an ARP reply for 10.0.2.2");
     assert_eq!(&reply[..6], &GUEST_MAC, "addressed to the guest");
@@ -70,11 +72,11 @@ fn a_host_forward_listens_and_calls_the_guest_and_can_be_removed() {
     drop(probe);
     let network =
         UserNetwork::start(&user(&format!("user,hostfwd=tcp:127.0.0.1:{port}-:22"))).unwrap();
-    let end = network.nic_end();
+    let mut nic = network.backend();
     let _client =
         TcpStream::connect(("127.0.0.1", port)).expect("slirp listens on the forwarded port");
     // slirp now opens the connection to the guest: it first asks where 10.0.2.15 is.
-    let frame = next_frame(&end).expect("a frame toward the guest");
+    let frame = next_frame(&mut nic).expect("a frame toward the guest");
     assert_eq!(
         &frame[12..14],
         &[0x08, 0x06],
