@@ -869,10 +869,15 @@ fn user_net_guest_script(rest: &str) -> String {
     )
 }
 
+/// L1's side once the guest prints SERVING: connect to the host-forwarded port 8022 (again
+/// until the guest listens) and report what came back.
+const HOSTFWD_CHECK: &str = "for i in $(seq 40); do r=$(timeout 5 busybox nc 127.0.0.1 8022 < /dev/null); [ -n \"$r\" ] && break; sleep 0.5; done\n\
+                             echo HOSTFWD=$r";
+
 /// An L1 job for a user-network test, in a network namespace of its own with only loopback:
 /// L1 serves /greeting over HTTP on 127.0.0.1:8080 and DNS on 127.0.0.1:53, starts the
-/// guest, and once the guest prints SERVING connects to the host-forwarded port 8022.
-fn user_net_job(guest: &Guest) -> String {
+/// guest, and once the guest prints SERVING runs `host_side`.
+fn user_net_job(guest: &Guest, host_side: &str) -> String {
     let inner = format!(
         "set -u\n\
          ip link set lo up\n\
@@ -884,8 +889,7 @@ fn user_net_job(guest: &Guest) -> String {
          trap 'cat $log; exit 1' TERM\n\
          {nixvmm} > $log 2>&1 & vmm=$!\n\
          for i in $(seq 600); do grep -q SERVING $log && break; kill -0 $vmm 2>/dev/null || break; sleep 0.2; done\n\
-         for i in $(seq 40); do r=$(timeout 5 busybox nc 127.0.0.1 8022 < /dev/null); [ -n \"$r\" ] && break; sleep 0.5; done\n\
-         echo HOSTFWD=$r\n\
+         {host_side}\n\
          wait $vmm; rc=$?\n\
          kill $httpd $dns\n\
          cat $log\n\
@@ -920,7 +924,9 @@ fn tier4_user_network_dhcp_dns_http_and_forwards_both_ways() {
         ]),
         ..Guest::default()
     };
-    let log = host().run(&user_net_job(&guest), BOOT_LIMIT).unwrap();
+    let log = host()
+        .run(&user_net_job(&guest, HOSTFWD_CHECK), BOOT_LIMIT)
+        .unwrap();
     boots_and_powers_off(&log);
     let tail = log.tail();
     assert_eq!(log.value_of("MAC"), Some("52:54:00:12:34:56"), "{tail}");
@@ -959,7 +965,9 @@ fn tier4_restricted_user_network_blocks_the_guest_but_keeps_hostfwd_and_a_tcp_gu
         ]),
         ..Guest::default()
     };
-    let log = host().run(&user_net_job(&guest), BOOT_LIMIT).unwrap();
+    let log = host()
+        .run(&user_net_job(&guest, HOSTFWD_CHECK), BOOT_LIMIT)
+        .unwrap();
     boots_and_powers_off(&log);
     let tail = log.tail();
     assert_eq!(log.value_of("MAC"), Some("52:54:00:12:01:01"), "{tail}");
@@ -1131,4 +1139,74 @@ fn tier4_a_tap_nic_on_a_bridge_reaches_l1_with_offloads() {
         "{tail}"
     );
     assert!(log.value_of("UP_MD5").is_some(), "{tail}");
+}
+
+/// L1's side of the flood test: a forwarded connection reset by the host (SO_LINGER 0), then
+/// a normal one.
+const RESET_THEN_CONNECT: &str = r#"
+import socket, struct, time
+for i in range(100):
+    try:
+        c = socket.create_connection(("127.0.0.1", 8022), timeout=5)
+        break
+    except OSError:
+        time.sleep(0.2)
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+time.sleep(1)
+c.close()
+print("RESET=sent", flush=True)
+"#;
+
+#[test]
+fn tier4_a_flooding_guest_and_a_reset_forward_leave_devices_and_network_working() {
+    let disk = host().tempdir().unwrap();
+    let image = disk.path().join("disk.raw");
+    std::fs::write(&image, vec![0x5a; 8 << 20]).unwrap();
+    let script = user_net_guest_script(
+        "( dd if=/dev/zero bs=1400 count=100000 2>/dev/null | nc -u 10.0.2.2 9999 ) & flood=$!\n\
+         dd if=/dev/hwrng of=/dev/null bs=1k count=32 2>/dev/null && echo RNG=ok\n\
+         echo DISK=$(dd if=/dev/vda bs=1M count=8 2>/dev/null | tr -d Z | wc -c)/$(dd if=/dev/vda bs=1M count=8 2>/dev/null | wc -c)\n\
+         kill $flood 2>/dev/null; wait $flood 2>/dev/null\n\
+         echo HTTP=$(fetch 10.0.2.2 8080)\n\
+         (echo first | timeout 60 nc -l -p 80; echo FIRST_ENDED=yes) & first=$!\n\
+         sleep 1; echo SERVING; wait $first\n\
+         echo from-the-guest | timeout 60 nc -l -p 80\n\
+         echo SERVED=yes",
+    );
+    let guest = Guest {
+        modules: &["virtio_pci", "virtio_net", "virtio_rng", "virtio_blk"],
+        script: &script,
+        args: args(&[
+            "--net",
+            "user,hostfwd=tcp:127.0.0.1:8022-:80",
+            "--rng",
+            "--disk",
+            &format!("path={},format=raw", path(&image)),
+        ]),
+        ..Guest::default()
+    };
+    let host_side = format!(
+        "python3 -c {}\n{HOSTFWD_CHECK}",
+        shell_quote(RESET_THEN_CONNECT)
+    );
+    let log = host()
+        .run(&user_net_job(&guest, &host_side), BOOT_LIMIT)
+        .unwrap();
+    boots_and_powers_off(&log);
+    let tail = log.tail();
+    assert_eq!(log.value_of("RNG"), Some("ok"), "{tail}");
+    // 8 MiB read back, all of it the image's 0x5a ('Z') bytes.
+    assert_eq!(log.value_of("DISK"), Some("0/8388608"), "{tail}");
+    assert_eq!(
+        log.value_of("HTTP"),
+        Some("hello-from-l1"),
+        "after the flood:\n{tail}"
+    );
+    assert_eq!(log.value_of("RESET"), Some("sent"), "{tail}");
+    assert_eq!(log.value_of("FIRST_ENDED"), Some("yes"), "{tail}");
+    assert_eq!(
+        log.value_of("HOSTFWD"),
+        Some("from-the-guest"),
+        "after the reset:\n{tail}"
+    );
 }
