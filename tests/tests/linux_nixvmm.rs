@@ -628,8 +628,10 @@ fn tier4_virtiofs_share_in_vmm() {
     assert!(!ro.path().join("new").exists());
 }
 
-#[test]
-fn tier4_vhost_user_fs_share_served_by_nixvmm_device_fs() {
+/// A virtio-fs share served over vhost-user by `backend` (given the socket path and the
+/// shared folder): the guest reads a host file and writes one back, and the backend exits
+/// with status 0 once nixvmm disconnects.
+fn vhost_user_fs_share_works(backend: impl Fn(&str, &str) -> String) {
     let dir = host().tempdir().unwrap();
     std::fs::write(dir.path().join("greeting"), "hello\n").unwrap();
     let script = "mount -t virtiofs data /mnt && echo GREETING=$(cat /mnt/greeting)\n\
@@ -647,7 +649,7 @@ fn tier4_vhost_user_fs_share_served_by_nixvmm_device_fs() {
     };
     let job = format!(
         "rm -f {socket}\n\
-         {} device fs --socket-path {socket} --shared-dir {} &\n\
+         {} &\n\
          backend=$!\n\
          for i in $(seq 100); do [ -S {socket} ] && break; sleep 0.1; done\n\
          {}\n\
@@ -655,8 +657,7 @@ fn tier4_vhost_user_fs_share_served_by_nixvmm_device_fs() {
          wait $backend\n\
          echo BACKEND_ENDED=$?\n\
          exit $rc",
-        shell_quote(path(&nixvmm_bin())),
-        shell_quote(path(dir.path())),
+        backend(&socket, path(dir.path())),
         guest.command(),
     );
     let log = host().run(&job, BOOT_LIMIT).unwrap();
@@ -669,6 +670,55 @@ fn tier4_vhost_user_fs_share_served_by_nixvmm_device_fs() {
         std::fs::read_to_string(dir.path().join("back")).unwrap(),
         "from-guest\n"
     );
+}
+
+#[test]
+fn tier4_vhost_user_fs_share_served_by_nixvmm_device_fs() {
+    vhost_user_fs_share_works(|socket, dir| {
+        shell_words(&[
+            path(&nixvmm_bin()),
+            "device",
+            "fs",
+            "--socket-path",
+            socket,
+            "--shared-dir",
+            dir,
+        ])
+    });
+}
+
+/// virtiofsd as qemu-vm.nix starts it, installed by scripts/setup.
+fn virtiofsd() -> PathBuf {
+    let installed = PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo/bin/virtiofsd");
+    if installed.is_file() {
+        return installed;
+    }
+    let found = std::process::Command::new("sh")
+        .args(["-c", "command -v virtiofsd"])
+        .output()
+        .unwrap();
+    let found = String::from_utf8_lossy(&found.stdout).trim().to_string();
+    assert!(
+        !found.is_empty(),
+        "virtiofsd not found: scripts/setup installs it"
+    );
+    PathBuf::from(found)
+}
+
+#[test]
+fn tier4_vhost_user_fs_share_served_by_virtiofsd() {
+    let virtiofsd = virtiofsd();
+    vhost_user_fs_share_works(|socket, dir| {
+        shell_words(&[
+            path(&virtiofsd),
+            "--socket-path",
+            socket,
+            "--shared-dir",
+            dir,
+            "--sandbox",
+            "none",
+        ])
+    });
 }
 
 /// Shell functions for the affinity test. `move IRQ` asks Linux to move an IRQ to the CPU it
