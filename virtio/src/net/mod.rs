@@ -132,7 +132,6 @@ pub struct Net {
     backend: Box<dyn Backend>,
     link: Link,
     counters: Arc<Counters>,
-    mergeable: bool,
     /// The features the driver accepted.
     acked: u64,
     /// A received frame waiting for the guest to post buffers.
@@ -156,7 +155,6 @@ impl Net {
             backend,
             link,
             counters: Arc::default(),
-            mergeable: false,
             acked: 0,
             pending: None,
             backend_gone: false,
@@ -165,6 +163,20 @@ impl Net {
 
     pub fn counters(&self) -> Arc<Counters> {
         self.counters.clone()
+    }
+
+    fn mergeable(&self) -> bool {
+        self.acked & VIRTIO_NET_F_MRG_RXBUF != 0
+    }
+
+    /// The largest frame (without header) the driver may send or receive: 64 KiB once it
+    /// accepted segmentation offloads in that direction (`gso`), a plain frame otherwise.
+    fn frame_limit(&self, gso: u64) -> usize {
+        if self.acked & gso != 0 {
+            MAX_GSO_FRAME
+        } else {
+            MAX_FRAME
+        }
     }
 
     fn backend_failed(&mut self, what: &str, e: std::io::Error) {
@@ -179,12 +191,7 @@ impl Net {
 
     /// Reads one transmitted chain and hands its frame to the backend.
     fn transmit(&mut self, chain: Chain, mem: &Memory) {
-        let max = if self.acked & HOST_GSO != 0 {
-            MAX_GSO_FRAME
-        } else {
-            MAX_FRAME
-        };
-        let frame = match read_frame(chain, mem, max) {
+        let frame = match read_frame(chain, mem, self.frame_limit(HOST_GSO)) {
             Some(frame) => frame,
             None => {
                 self.counters.tx_bad.fetch_add(1, Ordering::Relaxed);
@@ -223,20 +230,19 @@ impl Net {
                     }
                 },
             };
-            let header = self.backend.vnet_header();
-            let max = if self.acked & GUEST_GSO != 0 {
-                MAX_GSO_FRAME
+            // The backend's own header, or an empty one.
+            let split = if self.backend.vnet_header() {
+                frame.split_at_checked(HEADER_LEN)
             } else {
-                MAX_FRAME
+                Some((&[0u8; HEADER_LEN][..], &frame[..]))
             };
-            let frame_len = frame
-                .len()
-                .saturating_sub(if header { HEADER_LEN } else { 0 });
-            if !self.link.is_up() || frame_len > max || (header && frame.len() < HEADER_LEN) {
+            let Some((header, payload)) = split.filter(|(_, payload)| {
+                self.link.is_up() && payload.len() <= self.frame_limit(GUEST_GSO)
+            }) else {
                 self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
-            }
-            match deliver(queue, mem, &frame, header, self.mergeable)? {
+            };
+            match deliver(queue, mem, header, payload, self.mergeable())? {
                 Delivery::Delivered => {
                     self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
                     used_any = true;
@@ -270,7 +276,8 @@ impl Net {
     ) -> Result<(), Error> {
         let Some(rx) = queues.iter_mut().find(|q| q.index == RX) else {
             // The driver did not enable the receive queue: frames have nowhere to go.
-            return self.discard_received();
+            self.discard_received();
+            return Ok(());
         };
         if self.receive(&mut rx.queue, mem)? && needs_interrupt(&mut rx.queue, mem) {
             interrupt.signal_used(RX);
@@ -278,12 +285,11 @@ impl Net {
         Ok(())
     }
 
-    fn discard_received(&mut self) -> Result<(), Error> {
+    fn discard_received(&mut self) {
         self.pending = None;
         while let Ok(Some(_)) = self.backend.recv() {
             self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(())
     }
 }
 
@@ -302,21 +308,15 @@ fn read_frame(chain: Chain, mem: &Memory, max: usize) -> Option<Vec<u8>> {
     Some(frame)
 }
 
-/// Writes `frame` behind a header (its own when `has_header`, else an empty one) into as many
-/// receive buffers as it needs (one unless `mergeable`), or takes none back when they do not
-/// suffice.
+/// Writes `frame` behind `header` (its num_buffers set here) into as many receive buffers as
+/// it needs (one unless `mergeable`), or takes none back when they do not suffice.
 fn deliver(
     queue: &mut Queue,
     mem: &Memory,
+    header: &[u8],
     frame: &[u8],
-    has_header: bool,
     mergeable: bool,
 ) -> Result<Delivery, Error> {
-    let (header, frame) = if has_header {
-        frame.split_at(HEADER_LEN)
-    } else {
-        (&[0u8; HEADER_LEN][..], frame)
-    };
     let needed = HEADER_LEN + frame.len();
     let mut buffers = Vec::new();
     // Chains the device cannot write into: returned empty once the frame is placed (or
@@ -422,7 +422,6 @@ impl QueueDevice for Net {
     }
 
     fn set_acked_features(&mut self, features: u64) {
-        self.mergeable = features & VIRTIO_NET_F_MRG_RXBUF != 0;
         self.acked = features;
         if let Err(e) = self.backend.set_offloads(features) {
             log::warn!(
@@ -450,7 +449,6 @@ impl QueueDevice for Net {
 
     fn reset(&mut self) {
         self.pending = None;
-        self.mergeable = false;
         self.acked = 0;
     }
 
