@@ -249,10 +249,10 @@ struct WorkerLoop {
 impl WorkerLoop {
     fn run(&mut self, epoll: &Epoll) {
         let wake_token = self.activation.queues.len();
-        let mut events =
-            vec![EpollEvent::default(); wake_token + 1 + self.model.backend_fds().len()];
-        let mut failed = false;
         let backend_fds = self.model.backend_fds();
+        let mut events = vec![EpollEvent::default(); wake_token + 1 + backend_fds.len()];
+        let mut failed = false;
+        // What `watch` registered.
         let mut watching: Vec<bool> = (0..backend_fds.len())
             .map(|n| self.model.backend_wanted(n))
             .collect();
@@ -299,20 +299,34 @@ impl WorkerLoop {
                     failed = true;
                 }
             }
-            for (n, fd) in backend_fds.iter().enumerate() {
-                let wanted = !failed && self.model.backend_wanted(n);
-                if wanted != watching[n] {
-                    let (op, what) = if wanted {
-                        (ControlOperation::Add, "watch")
-                    } else {
-                        (ControlOperation::Delete, "unwatch")
-                    };
-                    let event = EpollEvent::new(EventSet::IN, (wake_token + 1 + n) as u64);
-                    match epoll.ctl(op, *fd, event) {
-                        Ok(()) => watching[n] = wanted,
-                        Err(e) => log::error!("{}: cannot {what} backend fd {fd}: {e}", self.name),
-                    }
-                }
+            self.follow_backend_interest(epoll, &backend_fds, &mut watching, failed);
+        }
+    }
+
+    /// Adds to or removes from `epoll` each backend fd whose wanted state changed (none is
+    /// wanted once the device failed).
+    fn follow_backend_interest(
+        &self,
+        epoll: &Epoll,
+        backend_fds: &[std::os::fd::RawFd],
+        watching: &mut [bool],
+        failed: bool,
+    ) {
+        let first_token = self.activation.queues.len() + 1;
+        for (n, fd) in backend_fds.iter().enumerate() {
+            let wanted = !failed && self.model.backend_wanted(n);
+            if wanted == watching[n] {
+                continue;
+            }
+            let op = if wanted {
+                ControlOperation::Add
+            } else {
+                ControlOperation::Delete
+            };
+            let event = EpollEvent::new(EventSet::IN, (first_token + n) as u64);
+            match epoll.ctl(op, *fd, event) {
+                Ok(()) => watching[n] = wanted,
+                Err(e) => log::error!("{}: cannot change the watch on fd {fd}: {e}", self.name),
             }
         }
     }
