@@ -108,18 +108,12 @@ impl Tap {
                 std::io::Error::last_os_error(),
             ));
         }
-        // SAFETY: `fd` is open and, as the user asked, handed to nixvmm to own from now on.
-        let file = unsafe { File::from_raw_fd(fd) };
         // SAFETY: ifreq is plain old data; all zeroes is valid.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        // SAFETY: TUNGETIFF writes the interface's name and flags into `req`.
-        let rc = unsafe {
-            libc::ioctl(
-                file.as_raw_fd(),
-                libc::TUNGETIFF,
-                &mut req as *mut libc::ifreq,
-            )
-        };
+        // SAFETY: TUNGETIFF on an open fd writes the interface's name and flags into `req`
+        // (any other fd refuses it). The fd is not owned yet: a wrong number the user gave
+        // (stdin, say) stays open.
+        let rc = unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut req as *mut libc::ifreq) };
         if rc < 0 {
             return Err(failed("not a tap device (TUNGETIFF)")(
                 std::io::Error::last_os_error(),
@@ -132,6 +126,8 @@ impl Tap {
                 "IFF_TUN",
             )));
         }
+        // SAFETY: `fd` is an open tap, which the user handed to nixvmm to own from now on.
+        let file = unsafe { File::from_raw_fd(fd) };
         // SAFETY: F_SETFL with O_NONBLOCK on an open fd.
         unsafe {
             let old = libc::fcntl(fd, libc::F_GETFL);
@@ -262,6 +258,14 @@ mod tests {
         let fd = std::os::fd::IntoRawFd::into_raw_fd(null);
         let err = Tap::from_fd(fd).err().unwrap().to_string();
         assert!(err.contains("not a tap device"), "{err}");
+        // SAFETY: F_GETFD only asks whether `fd` is open.
+        let still_open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+        assert!(
+            still_open,
+            "a refused fd is not closed: it was never nixvmm's"
+        );
+        // SAFETY: the test's own fd, closed once.
+        unsafe { libc::close(fd) };
         let err = Tap::open("a-name-longer-than-16")
             .err()
             .unwrap()
