@@ -31,6 +31,15 @@ pub enum TapTarget {
     Fd(i32),
 }
 
+/// The network mask of a `prefix_len`-bit prefix (0 to 32).
+pub fn netmask(prefix_len: u8) -> Ipv4Addr {
+    Ipv4Addr::from(
+        u32::MAX
+            .checked_shl(32 - u32::from(prefix_len.min(32)))
+            .unwrap_or(0),
+    )
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UserNet {
     pub ipv4: bool,
@@ -268,7 +277,7 @@ fn check_model(o: &Options) -> Result<(), OptionError> {
 
 fn user_net(o: &Options) -> Result<UserNet, OptionError> {
     let (net, prefix_len) = parse_network(o, o.get("net").unwrap_or("10.0.2.0/24"))?;
-    let mask = u32::MAX << (32 - prefix_len);
+    let mask = u32::from(netmask(prefix_len));
     let net = Ipv4Addr::from(u32::from(net) & mask);
     let in_net = |n: u32| Ipv4Addr::from(u32::from(net) | n);
     let address = |key: &str, default: Ipv4Addr| -> Result<Ipv4Addr, OptionError> {
@@ -535,6 +544,14 @@ mod tests {
         assert!(err("tap,ifname=tap0,fd=3").contains("exactly one"));
         assert!(err("tap,ifname=tap0,script=/etc/qemu-ifup").contains("runs no scripts"));
         assert!(err("tap,fd=-1").contains("file descriptor"));
+    }
+
+    #[test]
+    fn netmasks_for_every_prefix_length() {
+        assert_eq!(netmask(0), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(netmask(24), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(netmask(32), Ipv4Addr::BROADCAST);
+        assert_eq!(netmask(200), Ipv4Addr::BROADCAST);
     }
 
     #[test]

@@ -56,21 +56,11 @@ impl Options {
     /// Parses `text` given to `option` (e.g. "--disk"), accepting only `known` keys, each
     /// at most once.
     pub fn parse(option: &str, text: &str, known: &[&str]) -> Result<Options, OptionError> {
-        Options::parse_repeatable(option, text, known, &[])
+        Options::parse_items(option, split_items(text), known, &[])
     }
 
-    /// As [`Options::parse`], but the keys in `repeatable` may come any number of times
-    /// (`hostfwd=` in `-netdev user`); [`Options::all`] gives them in order.
-    pub fn parse_repeatable(
-        option: &str,
-        text: &str,
-        known: &[&str],
-        repeatable: &[&str],
-    ) -> Result<Options, OptionError> {
-        Options::parse_items(option, split_items(text), known, repeatable)
-    }
-
-    /// Parses items already split at commas.
+    /// Parses items already split at commas; the keys in `repeatable` may come any number of
+    /// times (`hostfwd=` in `-netdev user`), and [`Options::all`] gives them in order.
     pub fn parse_items(
         option: &str,
         items: Vec<String>,

@@ -148,7 +148,9 @@ unsafe extern "C" fn timer_mod(timer: *mut c_void, expire_ms: i64, opaque: *mut 
 
 unsafe extern "C" fn ignore_fd(_fd: c_int, _opaque: *mut c_void) {}
 
-/// Nothing to do: the loop asks slirp for its sockets again before every poll.
+/// Nothing to do: slirp calls this for guest forwards with write callbacks
+/// (`slirp_add_guestfwd`), which nixvmm does not make; every engine step asks slirp for its
+/// sockets again anyway.
 unsafe extern "C" fn notify(_opaque: *mut c_void) {}
 
 pub(super) unsafe extern "C" fn add_poll(fd: c_int, events: c_int, opaque: *mut c_void) -> c_int {

@@ -28,7 +28,7 @@ use callbacks::{Callbacks, CALLBACKS};
 use devices::bus::lock;
 use engine::Engine;
 
-use crate::config::net::{GuestFwdTarget, HostFwd, UserNet};
+use crate::config::net::{netmask, GuestFwdTarget, HostFwd, UserNet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SlirpError {
@@ -162,13 +162,12 @@ impl Network {
             dnssearch.push(std::ptr::null());
             dnssearch.as_ptr()
         };
-        let mask = u32::MAX << (32 - config.prefix_len);
         let cfg = ffi::SlirpConfig {
             version: ffi::SLIRP_CONFIG_VERSION,
             restricted: c_int::from(config.restrict),
             in_enabled: config.ipv4,
             vnetwork: in_addr(config.net),
-            vnetmask: in_addr(Ipv4Addr::from(mask)),
+            vnetmask: in_addr(netmask(config.prefix_len)),
             vhost: in_addr(config.host),
             in6_enabled: config.ipv6,
             vprefix_addr6: in6_addr(config.ipv6_prefix),
