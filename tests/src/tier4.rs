@@ -11,8 +11,8 @@
 //! A test hands a bash script to [`Tier4Host::run`] and gets its output and exit status. One
 //! L1 serves every test of a process, one script at a time, each under `timeout`. QEMU's
 //! emulated SVM occasionally wedges L1 (a soft lockup of an L1 CPU, seen about once in 30
-//! boots): a job whose L1 dies or stops answering runs once more in a new L1, and stderr says
-//! so.
+//! boots): a job whose L1 dies or stops answering runs again in a new L1, up to three L1s in
+//! all, and stderr says so.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,6 +29,8 @@ const L1_MEMORY: &str = "8G";
 const L1_START_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long past a job's limit L1 may take to report it before it counts as hung.
 const L1_GRACE: Duration = Duration::from_secs(60);
+/// How many L1s a job may take when L1 fails under it.
+const L1_ATTEMPTS: u32 = 3;
 /// Modules L1 loads: its 9p shares and KVM on the (emulated) SVM CPU.
 const L1_MODULES: &[&str] = &[
     "virtio_pci",
@@ -254,18 +256,19 @@ impl Nested {
         lock(&self.current).clone()
     }
 
-    /// Runs `script` in L1; if L1 dies or hangs meanwhile, or the job runs out of time, once
-    /// more in a new L1 (a fault of the emulated machine, reported on stderr).
+    /// Runs `script` in L1; if L1 dies or hangs meanwhile, or the job runs out of time, again
+    /// in a new L1, up to `L1_ATTEMPTS` times (a fault of the emulated machine, reported on
+    /// stderr). Three, because one L1 failing also fails the job queued behind in it.
     fn run(&self, script: &str, limit: Duration) -> Result<BootLog, String> {
         let mut failure = String::new();
-        for attempt in 1..=2 {
+        for attempt in 1..=L1_ATTEMPTS {
             let l1 = self.current();
             match l1.run(script, limit) {
                 // TCG's emulated SVM now and then hangs an L2 guest for good (measured: about
                 // one Linux boot in 40, at random points of the boot): a job that ran out of
-                // time runs once more in a new L1, said on stderr. A hang of nixvmm's own
-                // making hangs the second time too.
-                Ok(log) if log.timed_out && attempt == 1 => {
+                // time runs again in a new L1, said on stderr. A hang of nixvmm's own
+                // making hangs every time.
+                Ok(log) if log.timed_out && attempt < L1_ATTEMPTS => {
                     let _ = writeln!(
                         std::io::stderr(),
                         "tier 4: a job ran out of time in L1 #{}; it runs again in a new L1 \
@@ -283,7 +286,7 @@ impl Nested {
                         "tier 4: L1 #{} failed ({}); {}",
                         l1.generation,
                         e.lines().next().unwrap_or_default(),
-                        if attempt == 1 {
+                        if attempt < L1_ATTEMPTS {
                             "the job runs again in a new L1"
                         } else {
                             "giving up"

@@ -86,6 +86,22 @@ impl Guest<'_> {
             .run(&format!("exec {}", self.command()), BOOT_LIMIT)
             .unwrap()
     }
+
+    /// Boots once more, said on stderr, when a vCPU triple-faulted before /init. Four vCPUs
+    /// in a two-vCPU L1 on TCG's emulated SVM reset early now and then under QEMU as under
+    /// nixvmm (measured in one L1, `-smp 4 -m 3G`, -no-reboot: QEMU 3 of 8 boots, nixvmm 1 of
+    /// 8, both just after the switch to kvm-clock). A reset of nixvmm's making repeats.
+    fn boot_past_a_nested_reset(&self) -> BootLog {
+        let log = self.boot();
+        if log.has("triple fault") && !log.has(INIT_MARKER) {
+            eprintln!(
+                "tier 4: L2 triple-faulted before /init (nested SVM); booting once more:\n{}",
+                log.tail()
+            );
+            return self.boot();
+        }
+        log
+    }
 }
 
 fn args(words: &[&str]) -> Vec<String> {
@@ -171,7 +187,7 @@ fn tier4_four_cpus_in_3_gib() {
         cpus: 4,
         ..Guest::default()
     }
-    .boot();
+    .boot_past_a_nested_reset();
     boots_and_powers_off(&log);
     assert_eq!(log.value_of("NPROC"), Some("4"), "{}", log.tail());
     assert_eq!(log.value_of("CPUINFO"), Some("4"), "{}", log.tail());
