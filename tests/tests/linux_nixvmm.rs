@@ -1276,3 +1276,177 @@ fn tier4_a_flooding_guest_and_a_reset_forward_leave_devices_and_network_working(
         "after the reset:\n{tail}"
     );
 }
+
+/// The shell logic of qemu-vm.nix's `run-nixos-vm` (disk creation, TMPDIR and xchg,
+/// SHARED_DIR, QEMU_OPTS, QEMU_KERNEL_PARAMS, QEMU_NET_OPTS), with `$STORE` and `$TOPLEVEL`
+/// where Nix writes store paths, graphics off (`virtualisation.graphics = false`). `$SHARES`
+/// is the share options: 9p by default, or the virtio-fs form.
+const RUN_NIXOS_VM: &str = r#"#!/usr/bin/env bash
+set -e
+createEmptyFilesystemImage() {
+  local name=$1
+  local size=$2
+  local temp=$(mktemp)
+  qemu-img create -f raw "$temp" "$size"
+  mkfs.ext4 -L nixos "$temp"
+  qemu-img convert -f raw -O qcow2 "$temp" "$name"
+  rm "$temp"
+}
+NIX_DISK_IMAGE=$(readlink -f "${NIX_DISK_IMAGE:-./nixos.qcow2}") || test -z "$NIX_DISK_IMAGE"
+if test -n "$NIX_DISK_IMAGE" && ! test -e "$NIX_DISK_IMAGE"; then
+    echo "Disk image do not exist, creating the virtualisation disk image..."
+    createEmptyFilesystemImage "$NIX_DISK_IMAGE" "64M"
+    echo "Virtualisation disk image created."
+fi
+if [ -z "$TMPDIR" ] || [ -z "$USE_TMPDIR" ]; then
+    TMPDIR=$(mktemp -d nix-vm.XXXXXXXXXX --tmpdir)
+fi
+mkdir -p "$TMPDIR/xchg"
+cd "$TMPDIR"
+if [ "$SHARES" = virtiofs ]; then
+  for tag in nix-store shared xchg; do
+    case $tag in nix-store) dir=$STORE;; shared) dir=${SHARED_DIR:-$TMPDIR/xchg};; xchg) dir=$TMPDIR/xchg;; esac
+    $VIRTIOFSD --socket-path="$TMPDIR/virtiofsd-$tag.sock" --shared-dir="$dir" --sandbox none --seccomp none &
+  done
+  SHARE_OPTS="-chardev socket,id=fs0,path=$TMPDIR/virtiofsd-nix-store.sock -device vhost-user-fs-pci,chardev=fs0,tag=nix-store
+    -chardev socket,id=fs1,path=$TMPDIR/virtiofsd-shared.sock -device vhost-user-fs-pci,chardev=fs1,tag=shared
+    -chardev socket,id=fs2,path=$TMPDIR/virtiofsd-xchg.sock -device vhost-user-fs-pci,chardev=fs2,tag=xchg
+    -object memory-backend-memfd,id=mem,size=1024M,share=on -machine memory-backend=mem"
+  qemu-kvm -machine accel=kvm:tcg -cpu max \
+    -name nixos \
+    -m 1024 \
+    -smp 1 \
+    -device virtio-rng-pci \
+    -net nic,netdev=user.0,model=virtio -netdev user,id=user.0,"$QEMU_NET_OPTS" \
+    $SHARE_OPTS \
+    -drive cache=writeback,file="$NIX_DISK_IMAGE",id=drive1,if=none,index=1,werror=report \
+    -device virtio-blk-pci,bootindex=1,drive=drive1,serial=root \
+    -device virtio-keyboard \
+    -usb \
+    -device usb-tablet,bus=usb-bus.0 \
+    -kernel $TOPLEVEL/kernel \
+    -initrd $TOPLEVEL/initrd \
+    -append "$(cat $TOPLEVEL/kernel-params) init=$TOPLEVEL/init regInfo=$STORE/registration console=tty0 console=ttyS0,115200n8 $QEMU_KERNEL_PARAMS" \
+    $QEMU_OPTS \
+    "$@"
+  rc=$?
+  wait
+  exit $rc
+fi
+exec qemu-kvm -cpu max \
+    -name nixos \
+    -m 1024 \
+    -smp 1 \
+    -device virtio-rng-pci \
+    -net nic,netdev=user.0,model=virtio -netdev user,id=user.0,"$QEMU_NET_OPTS" \
+    -virtfs local,path=$STORE,security_model=none,mount_tag=nix-store \
+    -virtfs local,path="${SHARED_DIR:-$TMPDIR/xchg}",security_model=none,mount_tag=shared \
+    -virtfs local,path="$TMPDIR"/xchg,security_model=none,mount_tag=xchg \
+    -drive cache=writeback,file="$NIX_DISK_IMAGE",id=drive1,if=none,index=1,werror=report \
+    -device virtio-blk-pci,bootindex=1,drive=drive1,serial=root \
+    -device virtio-keyboard \
+    -usb \
+    -device usb-tablet,bus=usb-bus.0 \
+    -kernel $TOPLEVEL/kernel \
+    -initrd $TOPLEVEL/initrd \
+    -append "$(cat $TOPLEVEL/kernel-params) init=$TOPLEVEL/init regInfo=$STORE/registration console=tty0 console=ttyS0,115200n8 $QEMU_KERNEL_PARAMS" \
+    $QEMU_OPTS \
+    "$@"
+"#;
+
+/// The guest's side: NixOS stage 1's mounts (9p or virtio-fs), the root disk by its id as
+/// udev names it, a file into xchg and shared, and a server on the forwarded port.
+fn nixos_like_guest(fs: &str) -> String {
+    let mount = if fs == "9p" {
+        "mount -t 9p -o trans=virtio,version=9p2000.L,msize=16384"
+    } else {
+        "mount -t virtiofs"
+    };
+    let loose = if fs == "9p" { ",cache=loose" } else { "" };
+    user_net_guest_script(&format!(
+        "mkdir -p /nix/store /xchg /shared /dev/disk/by-id\n\
+         {mount} -o ro{loose} nix-store /nix/store && echo STORE=$(cat /nix/store/greeting)\n\
+         {mount} xchg /xchg && {mount} shared /shared\n\
+         for b in /sys/block/vd*; do ln -s /dev/${{b##*/}} /dev/disk/by-id/virtio-$(cat $b/serial); done\n\
+         echo ROOT_LABEL=$(blkid /dev/disk/by-id/virtio-root | sed -n 's/.*LABEL=\"\\([^\"]*\\)\".*/\\1/p')\n\
+         echo NPROC=$(nproc)\n\
+         echo PARAMS=$(grep -o 'nixvmm.door=[a-z]*' /proc/cmdline)\n\
+         echo from-the-guest > /xchg/result && echo shared-from-the-guest > /shared/result\n\
+         umount /xchg /shared\n\
+         echo SERVING\n\
+         echo from-the-guest | timeout 60 nc -l -p 80\n\
+         echo SERVED=yes"
+    ))
+}
+
+/// qemu-vm.nix's run script runs unchanged with nixvmm as its QEMU (`qemu-kvm` on PATH is
+/// nixvmm), the environment set as the test driver sets it.
+fn run_nixos_vm_with_nixvmm(fs: &str) {
+    let dir = host().tempdir().unwrap();
+    let store = dir.path().join("store");
+    let toplevel = store.join("toplevel");
+    let shared = dir.path().join("shared");
+    for d in [&toplevel, &shared] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(store.join("greeting"), "hello-from-the-store\n").unwrap();
+    let mut modules = NET_MODULES.to_vec();
+    modules.extend(["virtio_blk", "9pnet_virtio", "9p", "virtiofs"]);
+    let initrd = kit().initrd(&modules, &nixos_like_guest(fs)).unwrap();
+    std::os::unix::fs::symlink(host().kernel(), toplevel.join("kernel")).unwrap();
+    std::os::unix::fs::symlink(&initrd, toplevel.join("initrd")).unwrap();
+    std::fs::write(toplevel.join("kernel-params"), "panic=-1 loglevel=4").unwrap();
+    std::fs::write(dir.path().join("run-nixos-vm"), RUN_NIXOS_VM).unwrap();
+    let virtiofsd = format!("{} device fs", path(&nixvmm_bin()));
+    let job = format!(
+        "set -u\n\
+         bin=$(mktemp -d) && ln -s {nixvmm} $bin/qemu-kvm\n\
+         state=$(mktemp -d) && cd $state\n\
+         export PATH=$bin:$PATH:/usr/sbin:/sbin STORE={store} TOPLEVEL={toplevel} SHARES={fs} VIRTIOFSD={virtiofsd}\n\
+         export TMPDIR=$(mktemp -d) USE_TMPDIR=1 SHARED_DIR={shared}\n\
+         export QEMU_OPTS='-nographic -smp 2' QEMU_KERNEL_PARAMS=nixvmm.door=yes\n\
+         export QEMU_NET_OPTS=hostfwd=tcp:127.0.0.1:8022-:80\n\
+         log=$state/console\n\
+         bash {script} -no-reboot > $log 2>&1 & vm=$!\n\
+         for i in $(seq 600); do grep -q SERVING $log && break; kill -0 $vm 2>/dev/null || break; sleep 0.2; done\n\
+         {HOSTFWD_CHECK}\n\
+         wait $vm; rc=$?\n\
+         cat $log\n\
+         echo XCHG=$(cat $TMPDIR/xchg/result)\n\
+         echo DISK=$(qemu-img info --output=json $state/nixos.qcow2 | grep -o '\"format\": \"[a-z0-9]*\"')\n\
+         exit $rc",
+        nixvmm = path(&nixvmm_bin()),
+        store = path(&store),
+        toplevel = path(&toplevel),
+        shared = path(&shared),
+        virtiofsd = shell_quote(&virtiofsd),
+        script = path(&dir.path().join("run-nixos-vm")),
+    );
+    let log = host()
+        .run(&format!("exec unshare -n bash -c {}", shell_quote(&format!("ip link set lo up\n{job}"))), BOOT_LIMIT)
+        .unwrap();
+    boots_and_powers_off(&log);
+    let tail = log.tail();
+    assert_eq!(log.value_of("STORE"), Some("hello-from-the-store"), "{tail}");
+    assert_eq!(log.value_of("ROOT_LABEL"), Some("nixos"), "{tail}");
+    assert_eq!(log.value_of("NPROC"), Some("2"), "QEMU_OPTS:\n{tail}");
+    assert_eq!(log.value_of("PARAMS"), Some("nixvmm.door=yes"), "{tail}");
+    assert_eq!(log.value_of("DHCP_IP"), Some("10.0.2.15"), "{tail}");
+    assert_eq!(log.value_of("HOSTFWD"), Some("from-the-guest"), "{tail}");
+    assert_eq!(log.value_of("XCHG"), Some("from-the-guest"), "{tail}");
+    assert_eq!(log.value_of("DISK"), Some("\"format\": \"qcow2\""), "{tail}");
+    assert_eq!(
+        std::fs::read_to_string(shared.join("result")).unwrap(),
+        "shared-from-the-guest\n"
+    );
+}
+
+#[test]
+fn tier4_qemu_vm_nix_run_script_with_nixvmm_as_qemu_over_9p() {
+    run_nixos_vm_with_nixvmm("9p");
+}
+
+#[test]
+fn tier4_qemu_vm_nix_run_script_with_nixvmm_as_qemu_over_virtiofs() {
+    run_nixos_vm_with_nixvmm("virtiofs");
+}

@@ -1,6 +1,9 @@
 //! The `nixvmm` binary: parse, run, map the outcome to an exit status. Errors are one line on
 //! stderr and status 1.
 
+use std::ffi::{OsStr, OsString};
+use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -8,35 +11,56 @@ use vmm::event::signals::SignalWatch;
 use vmm::event::stdin::StdinWatch;
 use vmm::event::ControlPlane;
 use vmm::front::cli::{Cli, Command, DeviceCommand};
+use vmm::front::qemu::{self, QemuCommand, QemuError};
 use vmm::host::console::{ConsoleOutput, RawTerminal};
 use vmm::models::Model;
 use vmm::Control;
 use vmm_sys_util::eventfd::EventFd;
 
-struct StderrLogger;
+/// nixvmm's log: stderr, or the file QEMU's `-D` names.
+struct Logger {
+    file: Option<std::sync::Mutex<std::fs::File>>,
+}
 
-impl log::Log for StderrLogger {
+impl log::Log for Logger {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
         metadata.level() <= log::max_level()
     }
     fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            eprint!(
-                "nixvmm: {}: {}\r\n",
-                record.level().as_str().to_lowercase(),
-                record.args()
-            );
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let level = record.level().as_str().to_lowercase();
+        match &self.file {
+            Some(file) => {
+                let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = writeln!(file, "nixvmm: {level}: {}", record.args());
+            }
+            None => eprint!("nixvmm: {level}: {}\r\n", record.args()),
         }
     }
     fn flush(&self) {}
+}
+
+fn start_logging(verbose: u8, file: Option<std::fs::File>) {
+    let logger = Box::leak(Box::new(Logger {
+        file: file.map(std::sync::Mutex::new),
+    }));
+    let _ = log::set_logger(logger);
+    log::set_max_level(match verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    });
 }
 
 fn build(model: Model) -> Result<Box<dyn virtio::QueueDevice>, String> {
     vmm::models::build(model).map_err(|e| e.to_string())
 }
 
-/// `nixvmm run`: the VM on this terminal, stopped by SIGTERM, SIGINT and SIGHUP.
-fn run(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
+/// The VM on this terminal, stopped by SIGTERM, SIGINT and SIGHUP.
+fn run_vm(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
     // Before any thread starts, so that every thread inherits the mask.
     let signals = vmm::event::signals::block_termination_signals();
     let control = Control::default();
@@ -103,7 +127,116 @@ fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The QEMU door: `args` as qemu-system-x86_64 takes them; `program` is what QEMU is run as
+/// when the boot is QEMU's.
+fn qemu_main(program: &OsStr, args: &[OsString]) -> ExitCode {
+    let words: Result<Vec<String>, _> = args
+        .iter()
+        .map(|a| {
+            a.to_str()
+                .map(String::from)
+                .ok_or_else(|| format!("argument {a:?} is not UTF-8"))
+        })
+        .collect();
+    let parsed = words.and_then(|w| match qemu::parse(&w) {
+        Err(QemuError::Unsupported(why)) if qemu::unknown_falls_back() => {
+            Ok(QemuCommand::Fallback(format!("NIXVMM_UNKNOWN=fallback: {why}")))
+        }
+        other => other.map_err(|e| e.to_string()),
+    });
+    let run = match parsed {
+        Ok(QemuCommand::Answer(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(QemuCommand::Fallback(reason)) => return fall_back(program, args, &reason),
+        Ok(QemuCommand::Run(run)) => run,
+        Err(message) => {
+            eprintln!("nixvmm: error: {message}");
+            return ExitCode::from(1);
+        }
+    };
+    if run.tcg_allowed && !kvm_usable() {
+        return fall_back(program, args, "no usable /dev/kvm, and the accelerators allow tcg");
+    }
+    let log_file = match run.log_file.as_deref().map(std::fs::File::create).transpose() {
+        Ok(file) => file,
+        Err(e) => {
+            eprintln!("nixvmm: error: -D {}: {e}", run.log_file.unwrap_or_default().display());
+            return ExitCode::from(1);
+        }
+    };
+    start_logging(0, log_file);
+    if !run.ignored.is_empty() {
+        eprintln!(
+            "nixvmm: running headless with the serial console on stdout; accepted and ignored: {}",
+            run.ignored.join(", ")
+        );
+    }
+    if let Some(pidfile) = &run.pidfile {
+        if let Err(e) = std::fs::write(pidfile, format!("{}\n", std::process::id())) {
+            eprintln!("nixvmm: error: -pidfile {}: {e}", pidfile.display());
+            return ExitCode::from(1);
+        }
+    }
+    let result = run_vm(run.config);
+    if let Some(pidfile) = &run.pidfile {
+        let _ = std::fs::remove_file(pidfile);
+    }
+    exit_status(result)
+}
+
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// Runs the real QEMU in nixvmm's place, after one line saying why.
+fn fall_back(program: &OsStr, args: &[OsString], reason: &str) -> ExitCode {
+    eprintln!("nixvmm: handing this boot to QEMU ({reason})");
+    let ourselves = std::env::current_exe().unwrap_or_default();
+    let found = qemu::fallback::real_qemu(
+        std::env::var_os(qemu::fallback::QEMU_VARIABLE),
+        std::env::var_os("PATH"),
+        &ourselves,
+    );
+    let message = match found {
+        Ok(qemu) => qemu::fallback::exec(&qemu, program, args),
+        Err(message) => message,
+    };
+    eprintln!("nixvmm: error: {message}");
+    ExitCode::from(1)
+}
+
+fn exit_status(result: Result<vmm::Outcome, String>) -> ExitCode {
+    match result {
+        Ok(outcome) => {
+            log::info!("guest ended: {outcome:?}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("nixvmm: error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let program = args.first().cloned().unwrap_or_default();
+    let name = Path::new(&program).file_name().unwrap_or_default();
+    if name == "qemu-system-x86_64" || name == "qemu-kvm" {
+        return qemu_main(&program, args.get(1..).unwrap_or_default());
+    }
+    if args.get(1).is_some_and(|a| a == "qemu") {
+        return qemu_main(
+            OsStr::new("qemu-system-x86_64"),
+            args.get(2..).unwrap_or_default(),
+        );
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -116,28 +249,16 @@ fn main() -> ExitCode {
             };
         }
     };
-    let _ = log::set_logger(&StderrLogger);
-    log::set_max_level(match cli.verbose {
-        0 => log::LevelFilter::Warn,
-        1 => log::LevelFilter::Info,
-        2 => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    });
+    start_logging(cli.verbose, None);
     let result = match cli.command {
-        Command::Run(args) => args.into_config().map_err(|e| e.to_string()).and_then(run),
+        Command::Run(args) => args
+            .into_config()
+            .map_err(|e| e.to_string())
+            .and_then(run_vm),
         Command::Device(device) => serve_device(device),
         Command::Relay { address } => vmm::host::slirp::relay(&address)
             .map(|()| vmm::Outcome::Stopped)
             .map_err(|e| format!("relay to {address}: {e}")),
     };
-    match result {
-        Ok(outcome) => {
-            log::info!("guest ended: {outcome:?}");
-            ExitCode::SUCCESS
-        }
-        Err(message) => {
-            eprintln!("nixvmm: error: {message}");
-            ExitCode::from(1)
-        }
-    }
+    exit_status(result)
 }

@@ -113,6 +113,12 @@ const USER_REPEATABLE: &[&str] = &["hostfwd", "guestfwd", "dnssearch"];
 
 /// Parses a whole `--net` value.
 pub fn parse_net(text: &str) -> Result<NicConfig, OptionError> {
+    parse_net_as("--net", text)
+}
+
+/// Parses a network written as `option` takes it (`--net`, or QEMU's `-netdev` and `-nic`),
+/// errors naming `option`.
+pub fn parse_net_as(option: &str, text: &str) -> Result<NicConfig, OptionError> {
     let mut items = split_items(text);
     let kind = if items.first().is_some_and(|i| !i.contains('=')) {
         items.remove(0)
@@ -121,14 +127,15 @@ pub fn parse_net(text: &str) -> Result<NicConfig, OptionError> {
     };
     match kind.as_str() {
         "user" => {
-            let o = Options::parse_items("--net user", items, USER_KEYS, USER_REPEATABLE)?;
+            let o = Options::parse_items(&format!("{option} user"), items, USER_KEYS, USER_REPEATABLE)?;
+            check_model(&o)?;
             Ok(NicConfig {
                 mac: o.get("mac").map(|m| parse_mac(&o, m)).transpose()?,
                 backend: NetBackend::User(user_net(&o)?),
             })
         }
         "vde" => {
-            let o = Options::parse_items("--net vde", items, &["id", "mac", "model", "sock"], &[])?;
+            let o = Options::parse_items(&format!("{option} vde"), items, &["id", "mac", "model", "sock"], &[])?;
             check_model(&o)?;
             Ok(NicConfig {
                 mac: o.get("mac").map(|m| parse_mac(&o, m)).transpose()?,
@@ -139,7 +146,7 @@ pub fn parse_net(text: &str) -> Result<NicConfig, OptionError> {
         }
         "tap" => {
             let o = Options::parse_items(
-                "--net tap",
+                &format!("{option} tap"),
                 items,
                 &[
                     "id",
@@ -193,12 +200,13 @@ pub fn parse_net(text: &str) -> Result<NicConfig, OptionError> {
             })
         }
         other => Err(OptionError::BadValue {
-            option: "--net".into(),
+            option: option.into(),
             key: "the first word".into(),
             value: other.into(),
-            expected: "expected `user` (e.g. --net user,hostfwd=tcp::2222-:22), `vde` \
-                       (--net vde,sock=DIR) or `tap` (--net tap,ifname=tap0)"
-                .into(),
+            expected: format!(
+                "expected `user` (e.g. {option} user,hostfwd=tcp::2222-:22), `vde` \
+                 ({option} vde,sock=DIR) or `tap` ({option} tap,ifname=tap0)"
+            ),
         }),
     }
 }

@@ -23,6 +23,9 @@ pub struct ConnectError {
     pub source: vhost::Error,
 }
 
+/// How long nixvmm waits for a backend's socket to accept (the error names the 10 s).
+const SOCKET_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct VhostUserFs {
     frontend: Frontend,
     tag: String,
@@ -51,9 +54,22 @@ impl VhostUserFs {
                 source,
             }
         };
-        let mut frontend = Frontend::connect(socket, QUEUE_SIZES.len() as u64).map_err(failed(
-            "cannot connect (is virtiofsd or `nixvmm device fs` listening?)",
-        ))?;
+        // runInLinuxVM starts virtiofsd and the VMM at once: the socket may not be there yet.
+        let deadline = std::time::Instant::now() + SOCKET_WAIT;
+        let mut frontend = loop {
+            match Frontend::connect(socket, QUEUE_SIZES.len() as u64) {
+                Ok(frontend) => break frontend,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(failed(
+                        "no connection within 10 s (is virtiofsd or `nixvmm device fs` \
+                         listening there?)",
+                    )(e))
+                }
+            }
+        };
         frontend.set_owner().map_err(failed("SET_OWNER"))?;
         let backend_features = frontend.get_features().map_err(failed("GET_FEATURES"))?;
         if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {

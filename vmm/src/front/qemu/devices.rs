@@ -1,0 +1,567 @@
+//! QEMU's device options (`-device`, `-drive`, `-netdev`, `-net`, `-nic`, `-virtfs`,
+//! `-chardev`, `-object`) onto nixvmm's disks, NICs, shares and rng. A device may name its
+//! backend before the backend's option comes (`-net nic,netdev=user.0 -netdev user,id=user.0`),
+//! so references are resolved at the end, in the order the devices came.
+
+use std::path::PathBuf;
+
+use virtio::block::{BlockConfig, Format};
+use virtio::ninep::ShareConfig;
+
+use super::{invalid, option_error, unsupported, Result};
+use crate::config::net::{parse_mac, parse_net_as, NicConfig};
+use crate::config::options::{split_items, Options};
+use crate::config::{parse_size, Share};
+
+/// Devices a headless VMM accepts and does without: graphics and USB input.
+const HEADLESS: &[&str] = &[
+    "virtio-keyboard",
+    "virtio-keyboard-pci",
+    "virtio-mouse",
+    "virtio-mouse-pci",
+    "virtio-tablet",
+    "virtio-tablet-pci",
+    "usb-tablet",
+    "usb-kbd",
+    "usb-mouse",
+    "usb-ehci",
+    "qemu-xhci",
+    "nec-usb-xhci",
+    "piix3-usb-uhci",
+    "VGA",
+    "virtio-vga",
+    "virtio-gpu-pci",
+    "qxl-vga",
+    "cirrus-vga",
+    "bochs-display",
+    "ramfb",
+];
+
+/// Keys every PCI device takes that change nothing for nixvmm (its own slot numbering).
+const PCI_KEYS: &[&str] = &["id", "bus", "addr", "multifunction", "romfile", "bootindex"];
+
+#[derive(Default)]
+pub struct Devices {
+    drives: Vec<Drive>,
+    netdevs: Vec<(String, NicConfig)>,
+    chardevs: Vec<Chardev>,
+    memory_backends: Vec<(String, u64)>,
+    rng_objects: Vec<String>,
+    /// Devices in command-line order, their backends not yet looked up.
+    pending: Vec<Pending>,
+    rng: bool,
+    ignored: Vec<String>,
+}
+
+struct Drive {
+    id: Option<String>,
+    config: BlockConfig,
+    /// `if=virtio`: a disk by itself; `if=none`: a backend for `-device virtio-blk-pci`.
+    standalone: bool,
+}
+
+struct Chardev {
+    id: String,
+    path: PathBuf,
+}
+
+enum Pending {
+    Disk { drive: String, serial: Option<String> },
+    Nic { netdev: String, mac: Option<[u8; 6]> },
+    ReadyNic(NicConfig),
+    VhostUserFs { chardev: String, tag: String },
+    Share(Share),
+}
+
+/// The devices, their backends resolved.
+pub struct Resolved {
+    pub rng: bool,
+    pub disks: Vec<BlockConfig>,
+    pub shares: Vec<Share>,
+    pub nics: Vec<NicConfig>,
+    pub ignored: Vec<String>,
+}
+
+/// `DRIVER,key=value,…` with the driver as the first word or as `driver=`.
+fn driver_and_items(option: &str, value: &str) -> Result<(String, Vec<String>)> {
+    let mut items = split_items(value);
+    if items.first().is_some_and(|i| !i.contains('=')) {
+        let driver = items.remove(0);
+        return Ok((driver, items));
+    }
+    match items.iter().position(|i| i.starts_with("driver=")) {
+        Some(at) => {
+            let driver = items.remove(at)["driver=".len()..].to_string();
+            Ok((driver, items))
+        }
+        None => Err(invalid(format!("{option} {value}: name the driver first"))),
+    }
+}
+
+fn keys<'a>(specific: &[&'a str]) -> Vec<&'a str> {
+    let mut all = PCI_KEYS.to_vec();
+    all.extend_from_slice(specific);
+    all
+}
+
+fn serial(option: &str, o: &Options) -> Result<Option<String>> {
+    match o.get("serial") {
+        Some(s) if s.len() > 20 => Err(invalid(format!(
+            "{option} serial={s}: at most 20 characters"
+        ))),
+        other => Ok(other.map(String::from)),
+    }
+}
+
+impl Devices {
+    pub fn device(&mut self, value: &str) -> Result<()> {
+        let (driver, items) = driver_and_items("-device", value)?;
+        let option = format!("-device {driver}");
+        let parse = |specific: &[&str]| {
+            Options::parse_items(&option, items.clone(), &keys(specific), &[]).map_err(option_error)
+        };
+        match driver.as_str() {
+            "virtio-rng-pci" | "virtio-rng" => {
+                let o = parse(&["rng", "max-bytes", "period"])?;
+                if let Some(id) = o.get("rng") {
+                    if !self.rng_objects.iter().any(|r| r == id) {
+                        return Err(invalid(format!(
+                            "{option},rng={id}: no -object rng-random or rng-builtin with id={id}"
+                        )));
+                    }
+                }
+                self.rng = true;
+            }
+            "virtio-blk-pci" | "virtio-blk" => {
+                let o = parse(&["drive", "serial", "num-queues", "queue-size", "write-cache"])?;
+                self.pending.push(Pending::Disk {
+                    drive: o.required("drive").map_err(option_error)?.to_string(),
+                    serial: serial(&option, &o)?,
+                });
+            }
+            "virtio-net-pci" | "virtio-net" => {
+                let o = parse(&["netdev", "mac"])?;
+                self.pending.push(Pending::Nic {
+                    netdev: o.required("netdev").map_err(option_error)?.to_string(),
+                    mac: o
+                        .get("mac")
+                        .map(|m| parse_mac(&o, m))
+                        .transpose()
+                        .map_err(option_error)?,
+                });
+            }
+            "vhost-user-fs-pci" | "vhost-user-fs" => {
+                let o = parse(&["chardev", "tag", "queue-size", "num-request-queues"])?;
+                let tag = o.required("tag").map_err(option_error)?.to_string();
+                if let Err(need) = virtio::fs::check_tag(&tag) {
+                    return Err(invalid(format!("{option} tag={tag}: {need}")));
+                }
+                self.pending.push(Pending::VhostUserFs {
+                    chardev: o.required("chardev").map_err(option_error)?.to_string(),
+                    tag,
+                });
+            }
+            headless if HEADLESS.contains(&headless) => {
+                self.ignored.push(format!("-device {headless}"));
+            }
+            "virtio-serial" | "virtio-serial-pci" | "virtconsole" | "vhost-user-vsock-pci"
+            | "tpm-tis" | "tpm-crb" => {
+                return Err(unsupported(format!(
+                    "{option}: nixvmm does not serve this device yet"
+                )))
+            }
+            other => {
+                return Err(unsupported(format!(
+                    "-device {other}: not a device nixvmm has (it serves virtio-rng-pci, \
+                     virtio-blk-pci, virtio-net-pci and vhost-user-fs-pci; set \
+                     NIXVMM_UNKNOWN=fallback to hand such command lines to QEMU)"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    pub fn drive(&mut self, value: &str) -> Result<()> {
+        let o = Options::parse(
+            "-drive",
+            value,
+            &[
+                "file",
+                "format",
+                "if",
+                "id",
+                "index",
+                "cache",
+                "werror",
+                "rerror",
+                "readonly",
+                "serial",
+                "aio",
+                "discard",
+                "media",
+                "snapshot",
+                "detect-zeroes",
+                "cache.direct",
+                "cache.no-flush",
+            ],
+        )
+        .map_err(option_error)?;
+        let standalone = match o.get("if").unwrap_or("ide") {
+            "virtio" => true,
+            "none" => false,
+            other => {
+                return Err(unsupported(format!(
+                    "-drive if={other}: nixvmm's disks are virtio; write if=virtio, or if=none \
+                     with -device virtio-blk-pci,drive=ID"
+                )))
+            }
+        };
+        o.choice(
+            "cache",
+            &["writeback", "none", "writethrough", "directsync", "unsafe"],
+        )
+        .map_err(option_error)?;
+        for key in ["werror", "rerror"] {
+            if let Some(v) = o.get(key).filter(|v| *v != "report") {
+                return Err(unsupported(format!(
+                    "-drive {key}={v}: nixvmm reports I/O errors to the guest; write \
+                     {key}=report"
+                )));
+            }
+        }
+        if let Some(media) = o.get("media").filter(|m| *m != "disk") {
+            return Err(unsupported(format!("-drive media={media}: nixvmm has disks only")));
+        }
+        if o.flag("snapshot", false).map_err(option_error)? {
+            return Err(unsupported(
+                "-drive snapshot=on: nixvmm writes to the image; use a qcow2 overlay \
+                 (qemu-img create -f qcow2 -b IMAGE -F FORMAT overlay.qcow2)",
+            ));
+        }
+        let format = match o.get("format") {
+            None => None,
+            Some("raw") => Some(Format::Raw),
+            Some("qcow2") => Some(Format::Qcow2),
+            Some(other) => {
+                return Err(unsupported(format!(
+                    "-drive format={other}: nixvmm reads raw and qcow2 images"
+                )))
+            }
+        };
+        let file = o.get("file").ok_or_else(|| {
+            unsupported("-drive without file=: nixvmm has no empty drives (e.g. CD-ROM drives)")
+        })?;
+        let path = PathBuf::from(file);
+        if !path.is_file() {
+            return Err(invalid(format!(
+                "-drive file={file}: file not found; check the path"
+            )));
+        }
+        self.drives.push(Drive {
+            id: o.get("id").map(String::from),
+            config: BlockConfig {
+                path,
+                format,
+                readonly: o.flag("readonly", false).map_err(option_error)?,
+                serial: serial("-drive", &o)?,
+            },
+            standalone,
+        });
+        Ok(())
+    }
+
+    pub fn netdev(&mut self, value: &str) -> Result<()> {
+        let items = split_items(value);
+        let kind = items.first().map(String::as_str).unwrap_or_default();
+        if !matches!(kind, "user" | "vde" | "tap") {
+            return Err(unsupported(format!(
+                "-netdev {kind}: nixvmm's networks are user, vde and tap"
+            )));
+        }
+        let id = items
+            .iter()
+            .find_map(|i| i.strip_prefix("id="))
+            .ok_or_else(|| invalid(format!("-netdev {kind}: `id` is required")))?
+            .to_string();
+        let nic = parse_net_as("-netdev", value).map_err(option_error)?;
+        if self.netdevs.iter().any(|(other, _)| *other == id) {
+            return Err(invalid(format!("-netdev id={id}: given twice")));
+        }
+        self.netdevs.push((id, nic));
+        Ok(())
+    }
+
+    /// `-net nic,netdev=ID[,model=virtio][,macaddr=MAC]` or `-net none`.
+    pub fn net(&mut self, value: &str) -> Result<()> {
+        let (kind, items) = driver_and_items("-net", value)?;
+        match kind.as_str() {
+            "none" => Ok(()),
+            "nic" => {
+                let o = Options::parse_items(
+                    "-net nic",
+                    items,
+                    &["netdev", "model", "macaddr", "id", "name", "addr", "vectors"],
+                    &[],
+                )
+                .map_err(option_error)?;
+                if let Some(model) = o.get("model").filter(|m| *m != "virtio") {
+                    return Err(unsupported(format!(
+                        "-net nic,model={model}: nixvmm's NIC is virtio; write model=virtio"
+                    )));
+                }
+                let netdev = o.get("netdev").ok_or_else(|| {
+                    unsupported(
+                        "-net nic without netdev=: nixvmm has no QEMU hubs; write -netdev \
+                         …,id=ID and -net nic,netdev=ID,model=virtio",
+                    )
+                })?;
+                self.pending.push(Pending::Nic {
+                    netdev: netdev.to_string(),
+                    mac: o
+                        .get("macaddr")
+                        .map(|m| parse_mac(&o, m))
+                        .transpose()
+                        .map_err(option_error)?,
+                });
+                Ok(())
+            }
+            other => Err(unsupported(format!(
+                "-net {other}: nixvmm has no QEMU hubs; write -netdev {other},id=ID with -net \
+                 nic,netdev=ID,model=virtio"
+            ))),
+        }
+    }
+
+    /// `-nic KIND,…`: a NIC and its network in one option.
+    pub fn nic(&mut self, value: &str) -> Result<()> {
+        if value == "none" {
+            return Ok(());
+        }
+        let kind = split_items(value).into_iter().next().unwrap_or_default();
+        if !matches!(kind.as_str(), "user" | "vde" | "tap") {
+            return Err(unsupported(format!(
+                "-nic {kind}: nixvmm's networks are user, vde and tap"
+            )));
+        }
+        let nic = parse_net_as("-nic", value).map_err(option_error)?;
+        self.pending.push(Pending::ReadyNic(nic));
+        Ok(())
+    }
+
+    /// `-virtfs local,path=DIR,mount_tag=TAG,security_model=M[,readonly=on][,multidevs=…]`.
+    pub fn virtfs(&mut self, value: &str) -> Result<()> {
+        let (driver, items) = driver_and_items("-virtfs", value)?;
+        if driver != "local" {
+            return Err(unsupported(format!(
+                "-virtfs {driver}: nixvmm shares host directories (-virtfs local,…)"
+            )));
+        }
+        let o = Options::parse_items(
+            "-virtfs local",
+            items,
+            &[
+                "path",
+                "mount_tag",
+                "security_model",
+                "readonly",
+                "multidevs",
+                "id",
+                "writeout",
+                "fmode",
+                "dmode",
+            ],
+            &[],
+        )
+        .map_err(option_error)?;
+        let path = o.required("path").map_err(option_error)?;
+        if !std::path::Path::new(path).is_dir() {
+            return Err(invalid(format!(
+                "-virtfs path={path}: no such directory; check the path"
+            )));
+        }
+        let tag = o.required("mount_tag").map_err(option_error)?;
+        let model = o.required("security_model").map_err(option_error)?;
+        let security_model = model
+            .parse()
+            .map_err(|why: String| invalid(format!("-virtfs security_model={model}: {why}")))?;
+        o.choice("multidevs", &["remap", "forbid", "warn"])
+            .map_err(option_error)?;
+        self.pending.push(Pending::Share(Share::NineP {
+            tag: tag.to_string(),
+            config: ShareConfig {
+                root: path.into(),
+                readonly: o.flag("readonly", false).map_err(option_error)?,
+                security_model,
+            },
+        }));
+        Ok(())
+    }
+
+    /// `-chardev socket,id=ID,path=PATH`: the frontend side of a vhost-user connection.
+    pub fn chardev(&mut self, value: &str) -> Result<()> {
+        let (backend, items) = driver_and_items("-chardev", value)?;
+        if backend != "socket" {
+            return Err(unsupported(format!(
+                "-chardev {backend}: nixvmm's chardevs are Unix sockets for vhost-user devices"
+            )));
+        }
+        let o = Options::parse_items(
+            "-chardev socket",
+            items,
+            &["id", "path", "server", "wait", "reconnect", "reconnect-ms"],
+            &[],
+        )
+        .map_err(option_error)?;
+        if o.flag("server", false).map_err(option_error)? {
+            return Err(unsupported(
+                "-chardev socket,server=on: nixvmm connects to vhost-user backends; start the \
+                 backend as the server",
+            ));
+        }
+        self.chardevs.push(Chardev {
+            id: o.required("id").map_err(option_error)?.to_string(),
+            path: o.required("path").map_err(option_error)?.into(),
+        });
+        Ok(())
+    }
+
+    /// `-object memory-backend-memfd|file|ram,id=ID,size=S,…` and `-object rng-…,id=ID`.
+    pub fn object(&mut self, value: &str) -> Result<()> {
+        let (kind, items) = driver_and_items("-object", value)?;
+        let option = format!("-object {kind}");
+        match kind.as_str() {
+            "memory-backend-memfd" | "memory-backend-file" | "memory-backend-ram" => {
+                // nixvmm's guest RAM is always one shareable memfd; how QEMU would back it
+                // changes nothing here.
+                let o = Options::parse_items(
+                    &option,
+                    items,
+                    &[
+                        "id",
+                        "size",
+                        "share",
+                        "mem-path",
+                        "prealloc",
+                        "merge",
+                        "dump",
+                        "seal",
+                        "reserve",
+                        "discard-data",
+                    ],
+                    &[],
+                )
+                .map_err(option_error)?;
+                let size = o.required("size").map_err(option_error)?;
+                let bytes = parse_size(size)
+                    .map_err(|_| invalid(format!("{option} size={size}: not a size")))?;
+                self.memory_backends
+                    .push((o.required("id").map_err(option_error)?.to_string(), bytes));
+            }
+            "rng-random" | "rng-builtin" => {
+                // The guest's entropy comes from the host's getrandom either way.
+                let o = Options::parse_items(&option, items, &["id", "filename"], &[])
+                    .map_err(option_error)?;
+                self.rng_objects
+                    .push(o.required("id").map_err(option_error)?.to_string());
+            }
+            other => {
+                return Err(unsupported(format!(
+                    "-object {other}: nixvmm knows memory backends and rng objects only"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    pub fn memory_backend_size(&self, id: &str) -> Option<u64> {
+        self.memory_backends
+            .iter()
+            .find(|(other, _)| other == id)
+            .map(|(_, size)| *size)
+    }
+
+    /// Looks every reference up, in device order.
+    pub fn finish(&mut self) -> Result<Resolved> {
+        let mut resolved = Resolved {
+            rng: self.rng,
+            disks: Vec::new(),
+            shares: Vec::new(),
+            nics: Vec::new(),
+            ignored: std::mem::take(&mut self.ignored),
+        };
+        resolved.disks.extend(
+            self.drives
+                .iter()
+                .filter(|d| d.standalone)
+                .map(|d| d.config.clone()),
+        );
+        let mut used_netdevs = Vec::new();
+        let mut used_drives = Vec::new();
+        for pending in std::mem::take(&mut self.pending) {
+            match pending {
+                Pending::Disk { drive, serial } => {
+                    let found = self
+                        .drives
+                        .iter()
+                        .find(|d| !d.standalone && d.id.as_deref() == Some(drive.as_str()))
+                        .ok_or_else(|| {
+                            invalid(format!(
+                                "-device virtio-blk-pci,drive={drive}: no -drive \
+                                 if=none,id={drive}"
+                            ))
+                        })?;
+                    if used_drives.contains(&drive) {
+                        return Err(invalid(format!("-drive id={drive}: used by two devices")));
+                    }
+                    let mut config = found.config.clone();
+                    config.serial = serial.or(config.serial);
+                    resolved.disks.push(config);
+                    used_drives.push(drive);
+                }
+                Pending::Nic { netdev, mac } => {
+                    let (_, nic) = self
+                        .netdevs
+                        .iter()
+                        .find(|(id, _)| *id == netdev)
+                        .ok_or_else(|| {
+                            invalid(format!("netdev={netdev}: no -netdev …,id={netdev}"))
+                        })?;
+                    if used_netdevs.contains(&netdev) {
+                        return Err(invalid(format!(
+                            "-netdev id={netdev}: used by two NICs"
+                        )));
+                    }
+                    let mut nic = nic.clone();
+                    nic.mac = mac.or(nic.mac);
+                    resolved.nics.push(nic);
+                    used_netdevs.push(netdev);
+                }
+                Pending::ReadyNic(nic) => resolved.nics.push(nic),
+                Pending::VhostUserFs { chardev, tag } => {
+                    let socket = self
+                        .chardevs
+                        .iter()
+                        .find(|c| c.id == chardev)
+                        .ok_or_else(|| {
+                            invalid(format!(
+                                "vhost-user-fs-pci,chardev={chardev}: no -chardev \
+                                 socket,id={chardev},path=…"
+                            ))
+                        })?
+                        .path
+                        .clone();
+                    resolved.shares.push(Share::VhostUser { tag, socket });
+                }
+                Pending::Share(share) => resolved.shares.push(share),
+            }
+        }
+        for (id, _) in &self.netdevs {
+            if !used_netdevs.contains(id) {
+                resolved
+                    .ignored
+                    .push(format!("-netdev id={id} (no NIC uses it)"));
+            }
+        }
+        Ok(resolved)
+    }
+}

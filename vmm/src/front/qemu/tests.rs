@@ -1,0 +1,368 @@
+//! The command lines qemu-vm.nix, the test driver and runInLinuxVM write, as they write them.
+
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::config::net::NetBackend;
+use crate::config::Share;
+use virtio::block::Format;
+
+/// A folder with a kernel, initrd, disks and share folders that the command lines name.
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    fn new() -> Files {
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["kernel", "initrd", "nixos.qcow2", "empty0.qcow2", "store.img", "disk.img"] {
+            std::fs::write(dir.path().join(file), b"x").unwrap();
+        }
+        for folder in ["store", "xchg", "shared"] {
+            std::fs::create_dir(dir.path().join(folder)).unwrap();
+        }
+        Files { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `line` split like a shell would (single quotes group words), `@` standing for the
+    /// folder.
+    fn words(&self, line: &str) -> Vec<String> {
+        let line = line.replace('@', self.dir.path().to_str().unwrap());
+        let (mut words, mut word, mut quoted) = (Vec::new(), None::<String>, false);
+        for c in line.chars() {
+            match c {
+                '\'' => {
+                    quoted = !quoted;
+                    word.get_or_insert_with(String::new);
+                }
+                c if c.is_whitespace() && !quoted => words.extend(word.take()),
+                c => word.get_or_insert_with(String::new).push(c),
+            }
+        }
+        words.extend(word);
+        words
+    }
+
+    fn run(&self, line: &str) -> QemuRun {
+        match parse(&self.words(line)) {
+            Ok(QemuCommand::Run(run)) => run,
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    fn error(&self, line: &str) -> QemuError {
+        match parse(&self.words(line)) {
+            Err(e) => e,
+            other => panic!("{line}: not refused: {other:?}"),
+        }
+    }
+
+    fn fallback(&self, line: &str) -> String {
+        match parse(&self.words(line)) {
+            Ok(QemuCommand::Fallback(reason)) => reason,
+            other => panic!("{line}: no fallback: {other:?}"),
+        }
+    }
+}
+
+const BOOT: &str = "-kernel @/kernel -initrd @/initrd";
+
+/// qemu-vm.nix's line with default options (its `$QEMU_OPTS` empty).
+fn qemu_vm_nix(extra: &str) -> String {
+    format!(
+        "-cpu max -name nixos -m 1024 -smp 1 -device virtio-rng-pci \
+         -net nic,netdev=user.0,model=virtio -netdev user,id=user.0,hostfwd=tcp::2222-:22 \
+         -virtfs local,path=@/store,security_model=none,mount_tag=nix-store \
+         -virtfs local,path=@/shared,security_model=none,mount_tag=shared \
+         -virtfs local,path=@/xchg,security_model=none,mount_tag=xchg \
+         -drive cache=writeback,file=@/nixos.qcow2,id=drive1,if=none,index=1,werror=report \
+         -device virtio-blk-pci,bootindex=1,drive=drive1,serial=root \
+         -device virtio-keyboard -usb -device usb-tablet,bus=usb-bus.0 {BOOT} \
+         -append 'init=/nix/store/x/init regInfo=/nix/store/y/registration console=ttyS0,115200n8 console=tty0' \
+         {extra}"
+    )
+}
+
+fn tags(shares: &[Share]) -> Vec<&str> {
+    shares
+        .iter()
+        .map(|s| match s {
+            Share::NineP { tag, .. } | Share::VhostUser { tag, .. } => tag.as_str(),
+            Share::VirtioFs(fs) => fs.tag.as_deref().unwrap_or(""),
+        })
+        .collect()
+}
+
+fn user(nic: &NicConfig) -> &crate::config::net::UserNet {
+    match &nic.backend {
+        NetBackend::User(user) => user,
+        other => panic!("not a user network: {other:?}"),
+    }
+}
+
+use crate::config::net::NicConfig;
+
+#[test]
+fn qemu_vm_nix_default_line() {
+    let files = Files::new();
+    let run = files.run(&qemu_vm_nix(""));
+    let c = &run.config;
+    assert_eq!(c.kernel, Kernel::File(files.path("kernel")));
+    assert_eq!(c.initrd, Some(files.path("initrd")));
+    assert!(c.cmdline.starts_with("init=/nix/store/x/init regInfo="));
+    assert_eq!((c.memory, c.cpus, c.rng, c.no_reboot), (1 << 30, 1, true, false));
+    assert_eq!(tags(&c.shares), ["nix-store", "shared", "xchg"]);
+    let Share::NineP { config, .. } = &c.shares[0] else {
+        panic!("9p")
+    };
+    assert_eq!(config.root, files.path("store"));
+    assert_eq!(config.security_model, virtio::ninep::SecurityModel::None);
+    assert_eq!(c.disks.len(), 1);
+    assert_eq!(c.disks[0].path, files.path("nixos.qcow2"));
+    assert_eq!(c.disks[0].serial.as_deref(), Some("root"));
+    assert!(!c.disks[0].readonly);
+    assert_eq!(c.nics.len(), 1);
+    assert_eq!(user(&c.nics[0]).hostfwd.len(), 1);
+    assert_eq!(user(&c.nics[0]).hostfwd[0].host_port, 2222);
+    assert_eq!(
+        run.ignored,
+        ["-usb", "-device virtio-keyboard", "-device usb-tablet"]
+    );
+    assert!(!run.tcg_allowed);
+}
+
+#[test]
+fn graphics_off_forwards_and_restrict() {
+    let files = Files::new();
+    let line = qemu_vm_nix("-nographic").replace(
+        "hostfwd=tcp::2222-:22",
+        "hostfwd=tcp::2222-:22,hostfwd=udp:127.0.0.1:5353-:53,\
+         'guestfwd=tcp:10.0.2.100:80-cmd:nc localhost 8080',restrict=on",
+    );
+    let run = files.run(&line);
+    let net = user(&run.config.nics[0]);
+    assert!(net.restrict);
+    assert_eq!(net.hostfwd.len(), 2);
+    assert!(net.hostfwd[1].udp);
+    assert_eq!(net.guestfwd.len(), 1);
+    assert_eq!(net.guestfwd[0].port, 80);
+}
+
+#[test]
+fn vlans_empty_disks_and_the_store_image() {
+    let files = Files::new();
+    let run = files.run(&qemu_vm_nix(
+        "-device virtio-net-pci,netdev=vlan1,mac=52:54:00:12:01:01 \
+         -netdev vde,id=vlan1,sock=@/vde1.ctl \
+         -drive cache=writeback,file=@/empty0.qcow2,id=drive2,if=none,index=2,werror=report \
+         -device virtio-blk-pci,drive=drive2 \
+         -drive cache=writeback,file=@/store.img,id=drive3,if=none,index=3,readonly=on,werror=report,format=raw \
+         -device virtio-blk-pci,bootindex=2,drive=drive3,serial=nix-store",
+    ));
+    let c = &run.config;
+    assert_eq!(c.nics.len(), 2);
+    assert_eq!(c.nics[1].mac, Some([0x52, 0x54, 0, 0x12, 1, 1]));
+    assert_eq!(
+        c.nics[1].backend,
+        NetBackend::Vde {
+            sock: files.path("vde1.ctl")
+        }
+    );
+    let disks: Vec<(&Path, Option<&str>, bool)> = c
+        .disks
+        .iter()
+        .map(|d| (d.path.as_path(), d.serial.as_deref(), d.readonly))
+        .collect();
+    assert_eq!(
+        disks,
+        [
+            (files.path("nixos.qcow2").as_path(), Some("root"), false),
+            (files.path("empty0.qcow2").as_path(), None, false),
+            (files.path("store.img").as_path(), Some("nix-store"), true),
+        ]
+    );
+    assert_eq!(c.disks[2].format, Some(Format::Raw));
+}
+
+#[test]
+fn virtiofs_shares_with_a_memfd_backend() {
+    let files = Files::new();
+    let line = qemu_vm_nix(
+        "-chardev socket,id=fs0,path=@/store.sock -device vhost-user-fs-pci,chardev=fs0,tag=nix-store \
+         -object memory-backend-memfd,id=mem,size=1024M,share=on -machine memory-backend=mem",
+    )
+    .replace(
+        "-virtfs local,path=@/store,security_model=none,mount_tag=nix-store",
+        "",
+    );
+    let run = files.run(&line);
+    let c = &run.config;
+    assert_eq!(c.memory, 1 << 30);
+    assert_eq!(tags(&c.shares), ["shared", "xchg", "nix-store"]);
+    assert_eq!(
+        c.shares[2],
+        Share::VhostUser {
+            tag: "nix-store".into(),
+            socket: files.path("store.sock")
+        }
+    );
+    let err = files.error(&line.replace("size=1024M", "size=2G"));
+    assert!(err.to_string().contains("differ"), "{err}");
+}
+
+#[test]
+fn run_in_linux_vm_line() {
+    let files = Files::new();
+    let run = files.run(&format!(
+        "-nographic -no-reboot -device virtio-rng-pci \
+         -chardev socket,id=store,path=@/virtio-store.sock \
+         -device vhost-user-fs-pci,chardev=store,tag=store \
+         -chardev socket,id=xchg,path=@/virtio-xchg.sock \
+         -device vhost-user-fs-pci,chardev=xchg,tag=xchg \
+         -drive file=@/disk.img,if=virtio,cache=unsafe,werror=report {BOOT} \
+         -append 'console=ttyS0 panic=1 command=/nix/store/z-builder out=/nix/store/o mountDisk=1 loglevel=4' \
+         -m 512 -object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem"
+    ));
+    let c = &run.config;
+    assert!(c.no_reboot && c.rng);
+    assert_eq!(c.memory, 512 << 20);
+    assert_eq!(tags(&c.shares), ["store", "xchg"]);
+    assert_eq!(c.disks.len(), 1);
+    assert_eq!(c.disks[0].path, files.path("disk.img"));
+    assert!(c.nics.is_empty());
+}
+
+#[test]
+fn the_test_drivers_tpm_line_is_refused_until_served() {
+    let files = Files::new();
+    let err = files.error(&qemu_vm_nix(
+        "-chardev socket,id=chrtpm,path=@/swtpm-sock -tpmdev emulator,id=tpm_dev_0,chardev=chrtpm \
+         -device tpm-tis,tpmdev=tpm_dev_0",
+    ));
+    assert!(matches!(&err, QemuError::Unsupported(m) if m.contains("-tpmdev")), "{err}");
+}
+
+#[test]
+fn firmware_bootloader_and_software_cpu_boots_go_to_qemu() {
+    let files = Files::new();
+    for (line, says) in [
+        ("-m 1024 -drive file=@/disk.img,if=virtio", "no -kernel"),
+        ("-bios /OVMF.fd -kernel @/kernel", "-bios"),
+        (
+            "-drive if=pflash,format=raw,readonly=on,file=/OVMF_CODE.fd -kernel @/kernel",
+            "if=pflash",
+        ),
+        ("-pflash /OVMF.fd", "-pflash"),
+        ("-M isapc -kernel @/kernel", "-machine isapc"),
+        ("-machine virt,accel=kvm -kernel @/kernel", "-machine virt"),
+        ("-machine accel=tcg -kernel @/kernel", "accel=tcg"),
+        ("-accel tcg -kernel @/kernel", "-accel tcg"),
+        // Fallback comes first: QEMU serves what nixvmm would refuse.
+        ("-bogus -device e1000 -m 1024", "no -kernel"),
+    ] {
+        let reason = files.fallback(line);
+        assert!(reason.contains(says), "{line}: {reason}");
+    }
+    for machine in ["pc", "q35", "microvm", "pc-q35-9.2", "pc-i440fx-8.0"] {
+        files.run(&format!("-M {machine},accel=kvm {BOOT}"));
+    }
+    let run = files.run(&format!("-machine accel=kvm:tcg {BOOT}"));
+    assert!(run.tcg_allowed, "kvm:tcg may run on QEMU without /dev/kvm");
+    assert!(!files.run(&format!("-enable-kvm -accel kvm {BOOT}")).tcg_allowed);
+}
+
+#[test]
+fn grammar_corner_cases() {
+    let files = Files::new();
+    std::fs::create_dir(files.path("a,b")).unwrap();
+    let run = files.run(&format!(
+        "--m size=2G --smp cores=2,threads=2 -cpu host,+x2apic -device driver=virtio-rng-pci,id=rng0 \
+         -virtfs local,path=@/a,,b,mount_tag=ab,security_model=mapped,readonly=yes,multidevs=remap \
+         -drive file=@/disk.img,if=virtio,readonly=on,format=qcow2 -pidfile @/pid -D @/log \
+         -sandbox on -nodefaults -display none -vga none -serial mon:stdio -rtc base=utc {BOOT}"
+    ));
+    let c = &run.config;
+    assert_eq!((c.memory, c.cpus, c.rng), (2 << 30, 4, true));
+    let Share::NineP { config, .. } = &c.shares[0] else {
+        panic!("9p")
+    };
+    assert_eq!(config.root, files.path("a,b"));
+    assert!(config.readonly);
+    assert_eq!(
+        config.security_model,
+        virtio::ninep::SecurityModel::MappedXattr
+    );
+    assert!(c.disks[0].readonly);
+    assert_eq!(run.pidfile, Some(files.path("pid")));
+    assert_eq!(run.log_file, Some(files.path("log")));
+    assert!(run.ignored.iter().any(|i| i.contains("-sandbox on")));
+    assert_eq!(files.run(BOOT).config.memory, 128 << 20, "QEMU's default");
+    assert_eq!(files.run(&format!("-smp 3,maxcpus=3 {BOOT}")).config.cpus, 3);
+    assert_eq!(
+        files.run(&format!("-smp 2,sockets=1,cores=2 {BOOT}")).config.cpus,
+        2
+    );
+    for (line, says) in [
+        ("-smp 2,maxcpus=4", "no CPU hotplug"),
+        ("-m 1G,slots=2,maxmem=4G", "no memory hotplug"),
+        ("-m lots", "-m lots: not a size"),
+        ("-drive file=@/disk.img,if=virtio,cache=fast", "cache=fast"),
+        ("-smp 300", "at most 254"),
+        ("-drive file=@/disk.img,if=virtio,readonly=maybe", "on or off"),
+        ("-drive file=@/nope.img,if=virtio", "file=@/nope.img: file not found"),
+        ("-device virtio-blk-pci,drive=d9", "no -drive if=none,id=d9"),
+        ("-net nic,netdev=n1,model=virtio", "no -netdev …,id=n1"),
+        ("-device vhost-user-fs-pci,chardev=c,tag=t", "no -chardev socket,id=c"),
+        ("-virtfs local,path=@/store,mount_tag=s", "`security_model` is required"),
+        ("-kernel @/nope", "kernel @/nope: file not found"),
+    ] {
+        let line = format!("{BOOT} {line}");
+        let err = files.error(&line).to_string();
+        let says = says.replace('@', files.dir.path().to_str().unwrap());
+        assert!(err.contains(&says), "{line}: {err}");
+    }
+}
+
+#[test]
+fn unknown_options_and_devices_are_named() {
+    let files = Files::new();
+    for (line, says) in [
+        ("-bogus 1", "-bogus: not an option nixvmm knows"),
+        ("-device e1000,netdev=n", "-device e1000: not a device nixvmm has"),
+        ("-drive file=@/disk.img", "-drive if=ide"),
+        ("-drive file=@/disk.img,if=virtio,werror=stop", "werror=stop"),
+        ("-netdev socket,id=s,listen=:1234", "-netdev socket"),
+        ("-net user", "no QEMU hubs"),
+        ("-daemonize", "stays in the foreground"),
+        ("-readconfig vm.cfg", "-readconfig"),
+        ("-monitor stdio", "-monitor"),
+        ("-serial pty", "-serial pty"),
+        ("-cpu Skylake-Client", "-cpu Skylake-Client"),
+        ("disk.img", "a bare argument"),
+        ("-object tls-creds-x509,id=t", "-object tls-creds-x509"),
+        ("-machine q35,smm=off,confidential-guest-support=sev0", "confidential"),
+    ] {
+        let line = format!("{BOOT} {line}");
+        let err = files.error(&line);
+        assert!(
+            matches!(&err, QemuError::Unsupported(m) if m.contains(says)),
+            "{line}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn version_and_help_answer_like_qemu() {
+    let Ok(QemuCommand::Answer(text)) = parse(&["-version".to_string()]) else {
+        panic!("-version")
+    };
+    assert!(text.starts_with("QEMU emulator version 9."), "{text}");
+    let Ok(QemuCommand::Answer(text)) = parse(&["--help".to_string()]) else {
+        panic!("--help")
+    };
+    assert!(text.contains("-kernel") && text.contains("NIXVMM_QEMU"), "{text}");
+}
