@@ -1355,7 +1355,8 @@ exec qemu-kvm -cpu max \
 "#;
 
 /// The guest's side: NixOS stage 1's mounts (9p or virtio-fs), the root disk by its id as
-/// udev names it, a file into xchg and shared, and a server on the forwarded port.
+/// udev names it (its ext4 label read from the superblock: s_volume_name at byte 1024 + 120;
+/// busybox has no blkid), a file into xchg and shared, and a server on the forwarded port.
 fn nixos_like_guest(fs: &str) -> String {
     let mount = if fs == "9p" {
         "mount -t 9p -o trans=virtio,version=9p2000.L,msize=16384"
@@ -1368,7 +1369,7 @@ fn nixos_like_guest(fs: &str) -> String {
          {mount} -o ro{loose} nix-store /nix/store && echo STORE=$(cat /nix/store/greeting)\n\
          {mount} xchg /xchg && {mount} shared /shared\n\
          for b in /sys/block/vd*; do ln -s /dev/${{b##*/}} /dev/disk/by-id/virtio-$(cat $b/serial); done\n\
-         echo ROOT_LABEL=$(blkid /dev/disk/by-id/virtio-root | sed -n 's/.*LABEL=\"\\([^\"]*\\)\".*/\\1/p')\n\
+         echo ROOT_LABEL=$(dd if=/dev/disk/by-id/virtio-root bs=1 skip=1144 count=16 2>/dev/null | tr -d '\\0')\n\
          echo NPROC=$(nproc)\n\
          echo PARAMS=$(grep -o 'nixvmm.door=[a-z]*' /proc/cmdline)\n\
          echo from-the-guest > /xchg/result && echo shared-from-the-guest > /shared/result\n\
