@@ -1451,3 +1451,91 @@ fn tier4_qemu_vm_nix_run_script_with_nixvmm_as_qemu_over_9p() {
 fn tier4_qemu_vm_nix_run_script_with_nixvmm_as_qemu_over_virtiofs() {
     run_nixos_vm_with_nixvmm("virtiofs");
 }
+
+/// vmTools.runInLinuxVM's `vm-run` (vmRunCommand and qemuCommandLinux), its shell logic as
+/// nixpkgs writes it: xchg with the saved environment, a virtiofsd per share started at the
+/// same moment as QEMU, the QEMU command from `./run-vm` sourced, the command's status read
+/// back from `xchg/in-vm-exit`.
+const VM_RUN: &str = r#"set -u
+mkdir xchg
+export > xchg/saved-env
+cat > ./run-vm <<EOF
+#! /bin/sh
+$VIRTIOFSD --xattr --socket-path virtio-store.sock --sandbox none --seccomp none --shared-dir "$STORE" &
+$VIRTIOFSD --xattr --socket-path virtio-xchg.sock --sandbox none --seccomp none --shared-dir xchg &
+qemu-kvm -cpu max \
+  -nographic -no-reboot \
+  -device virtio-rng-pci \
+  -chardev socket,id=store,path=virtio-store.sock \
+  -device vhost-user-fs-pci,chardev=store,tag=store \
+  -chardev socket,id=xchg,path=virtio-xchg.sock \
+  -device vhost-user-fs-pci,chardev=xchg,tag=xchg \
+  -kernel $KERNEL \
+  -initrd $INITRD \
+  -append "console=ttyS0 panic=1 command=/nix/store/builder out=/nix/store/out mountDisk=0 loglevel=4" \
+  \$QEMU_OPTS
+EOF
+chmod +x ./run-vm
+source ./run-vm
+wait
+if ! test -e xchg/in-vm-exit; then
+  echo "Virtual machine didn't produce an exit code."
+  exit 1
+fi
+echo IN_VM_EXIT=$(cat xchg/in-vm-exit)
+echo RESULT=$(cat xchg/result)
+"#;
+
+/// runInLinuxVM's stage 1 in short: the store and xchg over virtio-fs, the `command=` from
+/// the kernel command line run, its status written to xchg.
+const IN_VM_STAGE_1: &str = "mkdir -p /fs/nix/store /fs/tmp/xchg\n\
+    mount -t virtiofs store /fs/nix/store && mount -t virtiofs xchg /fs/tmp/xchg\n\
+    command=$(sed -n 's/.* command=\\([^ ]*\\).*/\\1/p' /proc/cmdline)\n\
+    echo COMMAND=$command\n\
+    sh /fs$command; echo $? > /fs/tmp/xchg/in-vm-exit\n\
+    umount /fs/tmp/xchg /fs/nix/store";
+
+/// The runInLinuxVM line with nixvmm as its QEMU and `virtiofsd` (a command) serving store
+/// and xchg: the builder's output and its status (3) come back through xchg.
+fn run_in_linux_vm_with_nixvmm(virtiofsd: &str) {
+    let dir = host().tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::write(
+        store.join("builder"),
+        "echo built-in-the-vm > /fs/tmp/xchg/result\nexit 3\n",
+    )
+    .unwrap();
+    let initrd = kit()
+        .initrd(&["virtio_pci", "virtiofs"], IN_VM_STAGE_1)
+        .unwrap();
+    let job = format!(
+        "bin=$(mktemp -d) && ln -s {nixvmm} $bin/qemu-kvm\n\
+         export PATH=$bin:$PATH STORE={store} KERNEL={kernel} INITRD={initrd} VIRTIOFSD={virtiofsd}\n\
+         export QEMU_OPTS='-m 512 -object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem'\n\
+         cd $(mktemp -d)\n\
+         {VM_RUN}",
+        nixvmm = path(&nixvmm_bin()),
+        store = path(&store),
+        kernel = path(host().kernel()),
+        initrd = path(&initrd),
+        virtiofsd = shell_quote(virtiofsd),
+    );
+    let log = host().run(&job, BOOT_LIMIT).unwrap();
+    let tail = log.tail();
+    assert!(!log.timed_out, "timed out:\n{tail}");
+    assert_eq!(log.value_of("COMMAND"), Some("/nix/store/builder"), "{tail}");
+    assert_eq!(log.value_of("IN_VM_EXIT"), Some("3"), "{tail}");
+    assert_eq!(log.value_of("RESULT"), Some("built-in-the-vm"), "{tail}");
+    assert!(log.exit_ok, "vm-run ends with status 0:\n{tail}");
+}
+
+#[test]
+fn tier4_run_in_linux_vm_line_with_nixvmm_as_qemu_and_nixvmm_device_fs() {
+    run_in_linux_vm_with_nixvmm(&format!("{} device fs", path(&nixvmm_bin())));
+}
+
+#[test]
+fn tier4_run_in_linux_vm_line_with_nixvmm_as_qemu_and_virtiofsd() {
+    run_in_linux_vm_with_nixvmm(path(&virtiofsd()));
+}
