@@ -1424,18 +1424,32 @@ fn run_nixos_vm_with_nixvmm(fs: &str) {
         script = path(&dir.path().join("run-nixos-vm")),
     );
     let log = host()
-        .run(&format!("exec unshare -n bash -c {}", shell_quote(&format!("ip link set lo up\n{job}"))), BOOT_LIMIT)
+        .run(
+            &format!(
+                "exec unshare -n bash -c {}",
+                shell_quote(&format!("ip link set lo up\n{job}"))
+            ),
+            BOOT_LIMIT,
+        )
         .unwrap();
     boots_and_powers_off(&log);
     let tail = log.tail();
-    assert_eq!(log.value_of("STORE"), Some("hello-from-the-store"), "{tail}");
+    assert_eq!(
+        log.value_of("STORE"),
+        Some("hello-from-the-store"),
+        "{tail}"
+    );
     assert_eq!(log.value_of("ROOT_LABEL"), Some("nixos"), "{tail}");
     assert_eq!(log.value_of("NPROC"), Some("2"), "QEMU_OPTS:\n{tail}");
     assert_eq!(log.value_of("PARAMS"), Some("nixvmm.door=yes"), "{tail}");
     assert_eq!(log.value_of("DHCP_IP"), Some("10.0.2.15"), "{tail}");
     assert_eq!(log.value_of("HOSTFWD"), Some("from-the-guest"), "{tail}");
     assert_eq!(log.value_of("XCHG"), Some("from-the-guest"), "{tail}");
-    assert_eq!(log.value_of("DISK"), Some("\"format\": \"qcow2\""), "{tail}");
+    assert_eq!(
+        log.value_of("DISK"),
+        Some("\"format\": \"qcow2\""),
+        "{tail}"
+    );
     assert_eq!(
         std::fs::read_to_string(shared.join("result")).unwrap(),
         "shared-from-the-guest\n"
@@ -1524,7 +1538,11 @@ fn run_in_linux_vm_with_nixvmm(virtiofsd: &str) {
     let log = host().run(&job, BOOT_LIMIT).unwrap();
     let tail = log.tail();
     assert!(!log.timed_out, "timed out:\n{tail}");
-    assert_eq!(log.value_of("COMMAND"), Some("/nix/store/builder"), "{tail}");
+    assert_eq!(
+        log.value_of("COMMAND"),
+        Some("/nix/store/builder"),
+        "{tail}"
+    );
     assert_eq!(log.value_of("IN_VM_EXIT"), Some("3"), "{tail}");
     assert_eq!(log.value_of("RESULT"), Some("built-in-the-vm"), "{tail}");
     assert!(log.exit_ok, "vm-run ends with status 0:\n{tail}");

@@ -139,9 +139,9 @@ fn qemu_main(program: &OsStr, args: &[OsString]) -> ExitCode {
         })
         .collect();
     let parsed = words.and_then(|w| match qemu::parse(&w) {
-        Err(QemuError::Unsupported(why)) if qemu::unknown_falls_back() => {
-            Ok(QemuCommand::Fallback(format!("NIXVMM_UNKNOWN=fallback: {why}")))
-        }
+        Err(QemuError::Unsupported(why)) if qemu::unknown_falls_back() => Ok(
+            QemuCommand::Fallback(format!("NIXVMM_UNKNOWN=fallback: {why}")),
+        ),
         other => other.map_err(|e| e.to_string()),
     });
     let run = match parsed {
@@ -157,12 +157,24 @@ fn qemu_main(program: &OsStr, args: &[OsString]) -> ExitCode {
         }
     };
     if run.tcg_allowed && !kvm_usable() {
-        return fall_back(program, args, "no usable /dev/kvm, and the accelerators allow tcg");
+        return fall_back(
+            program,
+            args,
+            "no usable /dev/kvm, and the accelerators allow tcg",
+        );
     }
-    let log_file = match run.log_file.as_deref().map(std::fs::File::create).transpose() {
+    let log_file = match run
+        .log_file
+        .as_deref()
+        .map(std::fs::File::create)
+        .transpose()
+    {
         Ok(file) => file,
         Err(e) => {
-            eprintln!("nixvmm: error: -D {}: {e}", run.log_file.unwrap_or_default().display());
+            eprintln!(
+                "nixvmm: error: -D {}: {e}",
+                run.log_file.unwrap_or_default().display()
+            );
             return ExitCode::from(1);
         }
     };

@@ -127,7 +127,8 @@ pub fn parse_net_as(option: &str, text: &str) -> Result<NicConfig, OptionError> 
     };
     match kind.as_str() {
         "user" => {
-            let o = Options::parse_items(&format!("{option} user"), items, USER_KEYS, USER_REPEATABLE)?;
+            let o =
+                Options::parse_items(&format!("{option} user"), items, USER_KEYS, USER_REPEATABLE)?;
             check_model(&o)?;
             Ok(NicConfig {
                 mac: o.get("mac").map(|m| parse_mac(&o, m)).transpose()?,
@@ -135,7 +136,12 @@ pub fn parse_net_as(option: &str, text: &str) -> Result<NicConfig, OptionError> 
             })
         }
         "vde" => {
-            let o = Options::parse_items(&format!("{option} vde"), items, &["id", "mac", "model", "sock"], &[])?;
+            let o = Options::parse_items(
+                &format!("{option} vde"),
+                items,
+                &["id", "mac", "model", "sock"],
+                &[],
+            )?;
             check_model(&o)?;
             Ok(NicConfig {
                 mac: o.get("mac").map(|m| parse_mac(&o, m)).transpose()?,

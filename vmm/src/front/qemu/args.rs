@@ -182,7 +182,9 @@ mod tests {
 
     #[test]
     fn values_flags_and_double_dashes() {
-        let args = tokenize(&words("-m 1024 --smp 2 -nographic -kernel /k bare -bogus x -y"));
+        let args = tokenize(&words(
+            "-m 1024 --smp 2 -nographic -kernel /k bare -bogus x -y",
+        ));
         let got: Vec<(&str, Option<&str>, bool)> = args
             .iter()
             .map(|a| (a.name.as_str(), a.value.as_deref(), a.known))
@@ -205,6 +207,9 @@ mod tests {
     fn a_value_may_start_with_a_dash() {
         let args = tokenize(&words("-append -v -m"));
         assert_eq!(args[0].value.as_deref(), Some("-v"));
-        assert_eq!((args[1].name.as_str(), args[1].value.as_deref()), ("m", None));
+        assert_eq!(
+            (args[1].name.as_str(), args[1].value.as_deref()),
+            ("m", None)
+        );
     }
 }

@@ -66,10 +66,19 @@ struct Chardev {
 }
 
 enum Pending {
-    Disk { drive: String, serial: Option<String> },
-    Nic { netdev: String, mac: Option<[u8; 6]> },
+    Disk {
+        drive: String,
+        serial: Option<String>,
+    },
+    Nic {
+        netdev: String,
+        mac: Option<[u8; 6]>,
+    },
     ReadyNic(NicConfig),
-    VhostUserFs { chardev: String, tag: String },
+    VhostUserFs {
+        chardev: String,
+        tag: String,
+    },
     Share(Share),
 }
 
@@ -164,8 +173,12 @@ impl Devices {
             headless if HEADLESS.contains(&headless) => {
                 self.ignored.push(format!("-device {headless}"));
             }
-            "virtio-serial" | "virtio-serial-pci" | "virtconsole" | "vhost-user-vsock-pci"
-            | "tpm-tis" | "tpm-crb" => {
+            "virtio-serial"
+            | "virtio-serial-pci"
+            | "virtconsole"
+            | "vhost-user-vsock-pci"
+            | "tpm-tis"
+            | "tpm-crb" => {
                 return Err(unsupported(format!(
                     "{option}: nixvmm does not serve this device yet"
                 )))
@@ -230,7 +243,9 @@ impl Devices {
             }
         }
         if let Some(media) = o.get("media").filter(|m| *m != "disk") {
-            return Err(unsupported(format!("-drive media={media}: nixvmm has disks only")));
+            return Err(unsupported(format!(
+                "-drive media={media}: nixvmm has disks only"
+            )));
         }
         if o.flag("snapshot", false).map_err(option_error)? {
             return Err(unsupported(
@@ -300,7 +315,9 @@ impl Devices {
                 let o = Options::parse_items(
                     "-net nic",
                     items,
-                    &["netdev", "model", "macaddr", "id", "name", "addr", "vectors"],
+                    &[
+                        "netdev", "model", "macaddr", "id", "name", "addr", "vectors",
+                    ],
                     &[],
                 )
                 .map_err(option_error)?;
@@ -527,9 +544,7 @@ impl Devices {
                             invalid(format!("netdev={netdev}: no -netdev …,id={netdev}"))
                         })?;
                     if used_netdevs.contains(&netdev) {
-                        return Err(invalid(format!(
-                            "-netdev id={netdev}: used by two NICs"
-                        )));
+                        return Err(invalid(format!("-netdev id={netdev}: used by two NICs")));
                     }
                     let mut nic = nic.clone();
                     nic.mac = mac.or(nic.mac);

@@ -29,9 +29,7 @@ pub fn real_qemu(
     path.iter()
         .flat_map(std::env::split_paths)
         .map(|dir| dir.join("qemu-system-x86_64"))
-        .find(|candidate| {
-            is_executable(candidate) && candidate.canonicalize().ok() != ourselves
-        })
+        .find(|candidate| is_executable(candidate) && candidate.canonicalize().ok() != ourselves)
         .ok_or_else(|| {
             format!(
                 "no real qemu-system-x86_64 on PATH besides nixvmm; set {QEMU_VARIABLE} to its \
@@ -78,7 +76,10 @@ mod tests {
         std::os::unix::fs::symlink(&nixvmm, ours.join("qemu-system-x86_64")).unwrap();
         let real = executable(&theirs, "qemu-system-x86_64");
         let path = std::env::join_paths([&ours, &theirs]).unwrap();
-        assert_eq!(real_qemu(None, Some(path.clone()), &nixvmm), Ok(real.clone()));
+        assert_eq!(
+            real_qemu(None, Some(path.clone()), &nixvmm),
+            Ok(real.clone())
+        );
         let named = executable(dir.path(), "my-qemu");
         assert_eq!(
             real_qemu(Some(named.clone().into()), Some(path), &nixvmm),

@@ -4,8 +4,8 @@
 //! when a boot belongs to the real QEMU (firmware, a bootloader, no KVM).
 
 pub mod args;
-pub mod fallback;
 mod devices;
+pub mod fallback;
 #[cfg(test)]
 mod tests;
 
@@ -159,7 +159,9 @@ fn fallback_reason(args: &[Arg]) -> Result<Option<String>> {
         }
         if let Some(accel) = machine.accel {
             if !accel.split(':').any(|a| a == "kvm") {
-                return Ok(Some(format!("-machine accel={accel}: nixvmm runs on KVM only")));
+                return Ok(Some(format!(
+                    "-machine accel={accel}: nixvmm runs on KVM only"
+                )));
             }
         }
     }
@@ -264,7 +266,9 @@ impl Builder {
         let devices = self.devices.finish()?;
         self.ignored.extend(devices.ignored);
         let Some(kernel) = self.kernel else {
-            return Ok(QemuCommand::Fallback("no -kernel: a bootloader boot".into()));
+            return Ok(QemuCommand::Fallback(
+                "no -kernel: a bootloader boot".into(),
+            ));
         };
         let config = VmConfig {
             kernel: Kernel::File(kernel),
@@ -438,7 +442,9 @@ fn parse_smp(value: &str) -> Result<u8> {
     let o = Options::parse_items(
         "-smp",
         items,
-        &["cpus", "sockets", "dies", "clusters", "cores", "threads", "maxcpus"],
+        &[
+            "cpus", "sockets", "dies", "clusters", "cores", "threads", "maxcpus",
+        ],
         &[],
     )
     .map_err(option_error)?;

@@ -15,7 +15,14 @@ struct Files {
 impl Files {
     fn new() -> Files {
         let dir = tempfile::tempdir().unwrap();
-        for file in ["kernel", "initrd", "nixos.qcow2", "empty0.qcow2", "store.img", "disk.img"] {
+        for file in [
+            "kernel",
+            "initrd",
+            "nixos.qcow2",
+            "empty0.qcow2",
+            "store.img",
+            "disk.img",
+        ] {
             std::fs::write(dir.path().join(file), b"x").unwrap();
         }
         for folder in ["store", "xchg", "shared"] {
@@ -114,7 +121,10 @@ fn qemu_vm_nix_default_line() {
     assert_eq!(c.kernel, Kernel::File(files.path("kernel")));
     assert_eq!(c.initrd, Some(files.path("initrd")));
     assert!(c.cmdline.starts_with("init=/nix/store/x/init regInfo="));
-    assert_eq!((c.memory, c.cpus, c.rng, c.no_reboot), (1 << 30, 1, true, false));
+    assert_eq!(
+        (c.memory, c.cpus, c.rng, c.no_reboot),
+        (1 << 30, 1, true, false)
+    );
     assert_eq!(tags(&c.shares), ["nix-store", "shared", "xchg"]);
     let Share::NineP { config, .. } = &c.shares[0] else {
         panic!("9p")
@@ -243,7 +253,10 @@ fn the_test_drivers_tpm_line_is_refused_until_served() {
         "-chardev socket,id=chrtpm,path=@/swtpm-sock -tpmdev emulator,id=tpm_dev_0,chardev=chrtpm \
          -device tpm-tis,tpmdev=tpm_dev_0",
     ));
-    assert!(matches!(&err, QemuError::Unsupported(m) if m.contains("-tpmdev")), "{err}");
+    assert!(
+        matches!(&err, QemuError::Unsupported(m) if m.contains("-tpmdev")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -272,7 +285,11 @@ fn firmware_bootloader_and_software_cpu_boots_go_to_qemu() {
     }
     let run = files.run(&format!("-machine accel=kvm:tcg {BOOT}"));
     assert!(run.tcg_allowed, "kvm:tcg may run on QEMU without /dev/kvm");
-    assert!(!files.run(&format!("-enable-kvm -accel kvm {BOOT}")).tcg_allowed);
+    assert!(
+        !files
+            .run(&format!("-enable-kvm -accel kvm {BOOT}"))
+            .tcg_allowed
+    );
 }
 
 #[test]
@@ -301,9 +318,15 @@ fn grammar_corner_cases() {
     assert_eq!(run.log_file, Some(files.path("log")));
     assert!(run.ignored.iter().any(|i| i.contains("-sandbox on")));
     assert_eq!(files.run(BOOT).config.memory, 128 << 20, "QEMU's default");
-    assert_eq!(files.run(&format!("-smp 3,maxcpus=3 {BOOT}")).config.cpus, 3);
     assert_eq!(
-        files.run(&format!("-smp 2,sockets=1,cores=2 {BOOT}")).config.cpus,
+        files.run(&format!("-smp 3,maxcpus=3 {BOOT}")).config.cpus,
+        3
+    );
+    assert_eq!(
+        files
+            .run(&format!("-smp 2,sockets=1,cores=2 {BOOT}"))
+            .config
+            .cpus,
         2
     );
     for (line, says) in [
@@ -312,12 +335,24 @@ fn grammar_corner_cases() {
         ("-m lots", "-m lots: not a size"),
         ("-drive file=@/disk.img,if=virtio,cache=fast", "cache=fast"),
         ("-smp 300", "at most 254"),
-        ("-drive file=@/disk.img,if=virtio,readonly=maybe", "on or off"),
-        ("-drive file=@/nope.img,if=virtio", "file=@/nope.img: file not found"),
+        (
+            "-drive file=@/disk.img,if=virtio,readonly=maybe",
+            "on or off",
+        ),
+        (
+            "-drive file=@/nope.img,if=virtio",
+            "file=@/nope.img: file not found",
+        ),
         ("-device virtio-blk-pci,drive=d9", "no -drive if=none,id=d9"),
         ("-net nic,netdev=n1,model=virtio", "no -netdev …,id=n1"),
-        ("-device vhost-user-fs-pci,chardev=c,tag=t", "no -chardev socket,id=c"),
-        ("-virtfs local,path=@/store,mount_tag=s", "`security_model` is required"),
+        (
+            "-device vhost-user-fs-pci,chardev=c,tag=t",
+            "no -chardev socket,id=c",
+        ),
+        (
+            "-virtfs local,path=@/store,mount_tag=s",
+            "`security_model` is required",
+        ),
         ("-kernel @/nope", "kernel @/nope: file not found"),
     ] {
         let line = format!("{BOOT} {line}");
@@ -332,9 +367,15 @@ fn unknown_options_and_devices_are_named() {
     let files = Files::new();
     for (line, says) in [
         ("-bogus 1", "-bogus: not an option nixvmm knows"),
-        ("-device e1000,netdev=n", "-device e1000: not a device nixvmm has"),
+        (
+            "-device e1000,netdev=n",
+            "-device e1000: not a device nixvmm has",
+        ),
         ("-drive file=@/disk.img", "-drive if=ide"),
-        ("-drive file=@/disk.img,if=virtio,werror=stop", "werror=stop"),
+        (
+            "-drive file=@/disk.img,if=virtio,werror=stop",
+            "werror=stop",
+        ),
         ("-netdev socket,id=s,listen=:1234", "-netdev socket"),
         ("-net user", "no QEMU hubs"),
         ("-daemonize", "stays in the foreground"),
@@ -344,7 +385,10 @@ fn unknown_options_and_devices_are_named() {
         ("-cpu Skylake-Client", "-cpu Skylake-Client"),
         ("disk.img", "a bare argument"),
         ("-object tls-creds-x509,id=t", "-object tls-creds-x509"),
-        ("-machine q35,smm=off,confidential-guest-support=sev0", "confidential"),
+        (
+            "-machine q35,smm=off,confidential-guest-support=sev0",
+            "confidential",
+        ),
     ] {
         let line = format!("{BOOT} {line}");
         let err = files.error(&line);
@@ -364,5 +408,8 @@ fn version_and_help_answer_like_qemu() {
     let Ok(QemuCommand::Answer(text)) = parse(&["--help".to_string()]) else {
         panic!("--help")
     };
-    assert!(text.contains("-kernel") && text.contains("NIXVMM_QEMU"), "{text}");
+    assert!(
+        text.contains("-kernel") && text.contains("NIXVMM_QEMU"),
+        "{text}"
+    );
 }
