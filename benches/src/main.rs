@@ -9,6 +9,7 @@ mod guest_disk;
 mod measure;
 mod net;
 mod report;
+mod vm_build;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -71,6 +72,20 @@ enum Bench {
         /// Seconds each VMM's run may take.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        #[arg(long)]
+        nixvmm: Option<PathBuf>,
+    },
+    /// A vmTools.runInLinuxVM round trip (nixpkgs' vm-run: virtiofsd per share, boot, run a
+    /// builder, status through xchg, poweroff) with nixvmm as its QEMU, against QEMU.
+    VmBuild {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Seconds each vm-run may take.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// virtiofsd (default: the one scripts/setup installs, else from PATH).
+        #[arg(long)]
+        virtiofsd: Option<PathBuf>,
         #[arg(long)]
         nixvmm: Option<PathBuf>,
     },
@@ -272,6 +287,15 @@ fn main() -> std::process::ExitCode {
         } => nixvmm
             .map_or_else(default_nixvmm, Ok)
             .and_then(|bin| net::run(&bin, size_mib, connections, Duration::from_secs(timeout))),
+        Bench::VmBuild {
+            runs,
+            timeout,
+            virtiofsd,
+            nixvmm,
+        } => nixvmm.map_or_else(default_nixvmm, Ok).and_then(|bin| {
+            let virtiofsd = virtiofsd.unwrap_or_else(vm_build::default_virtiofsd);
+            vm_build::run(&bin, &virtiofsd, runs, Duration::from_secs(timeout))
+        }),
     };
     match result {
         Ok(table) => {

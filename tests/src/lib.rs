@@ -2,11 +2,13 @@
 //! - [`tiny`]: tiny guests assembled in the tests, booted through nixvmm's real boot path;
 //! - [`linux_kit`]: Debian's stock kernel and a busybox initrd, booted under QEMU (tier 3) or
 //!   nixvmm (tier 4);
+//! - [`nixpkgs_scripts`]: the run-nixos-vm and vm-run shell logic of nixpkgs;
 //! - [`tier4`]: where tier-4 commands run (this host, or nested KVM inside an L1 guest).
 
 pub mod cpio;
 pub mod fuse_mount;
 pub mod linux_kit;
+pub mod nixpkgs_scripts;
 pub mod tier4;
 pub mod tiny;
 pub mod tiny_run;

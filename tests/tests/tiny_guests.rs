@@ -256,3 +256,41 @@ fn a_paused_vm_runs_no_guest_code_until_resumed() {
     let outcome = runner.join().unwrap().expect("VM runs");
     assert_eq!(outcome, Outcome::Stopped);
 }
+
+/// A reader of nixvmm's output that goes away (`nixvmm … | head -1`, a log collector that
+/// died) costs the console, not the VM: output is dropped and poweroff still ends nixvmm
+/// with status 0.
+#[test]
+fn a_closed_stdout_and_stderr_do_not_stop_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::new();
+    for _ in 0..64 {
+        g.text("line after line of console output nobody reads any more\n")
+            .unwrap();
+    }
+    g.poweroff().unwrap();
+    let kernel = write_guest(dir.path(), g);
+    let mut child = Command::new(nixvmm_bin())
+        .args(["run", "--memory", "64M", "--kernel"])
+        .arg(&kernel)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Both read ends closed before the guest writes a byte.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("nixvmm still running 60 s after its output was closed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}

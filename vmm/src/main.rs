@@ -36,10 +36,18 @@ impl log::Log for Logger {
                 let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
                 let _ = writeln!(file, "nixvmm: {level}: {}", record.args());
             }
-            None => eprint!("nixvmm: {level}: {}\r\n", record.args()),
+            None => {
+                let _ = write!(std::io::stderr(), "nixvmm: {level}: {}\r\n", record.args());
+            }
         }
     }
     fn flush(&self) {}
+}
+
+/// One line on stderr. A closed stderr (`nixvmm … 2>&1 | head -1`) loses the line, never
+/// the process: `eprintln!` would panic there.
+fn say(line: std::fmt::Arguments) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 fn start_logging(verbose: u8, file: Option<std::fs::File>) {
@@ -146,13 +154,13 @@ fn qemu_main(program: &OsStr, args: &[OsString]) -> ExitCode {
     });
     let run = match parsed {
         Ok(QemuCommand::Answer(text)) => {
-            print!("{text}");
+            let _ = std::io::stdout().write_all(text.as_bytes());
             return ExitCode::SUCCESS;
         }
         Ok(QemuCommand::Fallback(reason)) => return fall_back(program, args, &reason),
         Ok(QemuCommand::Run(run)) => run,
         Err(message) => {
-            eprintln!("nixvmm: error: {message}");
+            say(format_args!("nixvmm: error: {message}"));
             return ExitCode::from(1);
         }
     };
@@ -171,23 +179,26 @@ fn qemu_main(program: &OsStr, args: &[OsString]) -> ExitCode {
     {
         Ok(file) => file,
         Err(e) => {
-            eprintln!(
+            say(format_args!(
                 "nixvmm: error: -D {}: {e}",
                 run.log_file.unwrap_or_default().display()
-            );
+            ));
             return ExitCode::from(1);
         }
     };
     start_logging(0, log_file);
     if !run.ignored.is_empty() {
-        eprintln!(
+        say(format_args!(
             "nixvmm: running headless with the serial console on stdout; accepted and ignored: {}",
             run.ignored.join(", ")
-        );
+        ));
     }
     if let Some(pidfile) = &run.pidfile {
         if let Err(e) = std::fs::write(pidfile, format!("{}\n", std::process::id())) {
-            eprintln!("nixvmm: error: -pidfile {}: {e}", pidfile.display());
+            say(format_args!(
+                "nixvmm: error: -pidfile {}: {e}",
+                pidfile.display()
+            ));
             return ExitCode::from(1);
         }
     }
@@ -208,7 +219,7 @@ fn kvm_usable() -> bool {
 
 /// Runs the real QEMU in nixvmm's place, after one line saying why.
 fn fall_back(program: &OsStr, args: &[OsString], reason: &str) -> ExitCode {
-    eprintln!("nixvmm: handing this boot to QEMU ({reason})");
+    say(format_args!("nixvmm: handing this boot to QEMU ({reason})"));
     let ourselves = std::env::current_exe().unwrap_or_default();
     let found = qemu::fallback::real_qemu(
         std::env::var_os(qemu::fallback::QEMU_VARIABLE),
@@ -219,7 +230,7 @@ fn fall_back(program: &OsStr, args: &[OsString], reason: &str) -> ExitCode {
         Ok(qemu) => qemu::fallback::exec(&qemu, program, args),
         Err(message) => message,
     };
-    eprintln!("nixvmm: error: {message}");
+    say(format_args!("nixvmm: error: {message}"));
     ExitCode::from(1)
 }
 
@@ -230,7 +241,7 @@ fn exit_status(result: Result<vmm::Outcome, String>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(message) => {
-            eprintln!("nixvmm: error: {message}");
+            say(format_args!("nixvmm: error: {message}"));
             ExitCode::from(1)
         }
     }
