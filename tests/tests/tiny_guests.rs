@@ -294,3 +294,36 @@ fn a_closed_stdout_and_stderr_do_not_stop_the_guest() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// Guest RAM is advised for transparent huge pages (`hg` in its mapping's VmFlags), as QEMU
+/// advises it: on hosts in THP `madvise` mode, NixOS's default among them, it would
+/// otherwise stay on 4 KiB pages.
+#[test]
+fn guest_ram_is_advised_for_huge_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(nixvmm_bin())
+        .args(["run", "--memory", "96M", "--kernel"])
+        .arg(ticking_guest(dir.path()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 5];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    // Each mapping: a header line, then fields ending in VmFlags; RAM is the one of 96 MiB.
+    let mut size_kib = 0;
+    let mut ram = None;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("Size:") => size_kib = words.next().unwrap_or("0").parse().unwrap_or(0),
+            Some("VmFlags:") if size_kib == 96 * 1024 => ram = Some(words.collect::<Vec<_>>()),
+            _ => {}
+        }
+    }
+    let flags = ram.unwrap_or_else(|| panic!("no 96 MiB mapping in:\n{smaps}"));
+    assert!(flags.contains(&"hg"), "VmFlags: {flags:?}");
+}
