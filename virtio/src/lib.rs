@@ -9,6 +9,7 @@
 //! process (a vhost-user frontend) implements [`VirtioDevice`] directly.
 
 pub mod block;
+pub mod console;
 pub mod fs;
 pub mod interrupt;
 pub mod net;
