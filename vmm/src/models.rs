@@ -24,6 +24,8 @@ pub enum Model<'a> {
         backend: Box<dyn virtio::net::Backend>,
         link: virtio::net::Link,
     },
+    /// virtio-console, its ports by id (`None`: no port with that id).
+    Console(Vec<Option<virtio::console::PortConfig>>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,8 @@ pub enum ModelError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     VirtioFs(#[from] FsError),
+    #[error("virtio-console: {0}")]
+    Console(std::io::Error),
     #[error("--share {path}: {source}")]
     NineP {
         path: PathBuf,
@@ -52,5 +56,8 @@ pub fn build(model: Model) -> Result<Box<dyn QueueDevice>, ModelError> {
         )?),
         Model::Rng => Box::new(Rng::new()),
         Model::Net { mac, backend, link } => Box::new(Net::new(mac, backend, link)),
+        Model::Console(ports) => {
+            Box::new(virtio::console::Console::new(ports).map_err(ModelError::Console)?)
+        }
     })
 }

@@ -1,5 +1,6 @@
 //! `VmConfig`: the one validated description of a VM, whichever front door built it.
 
+pub mod console;
 pub mod net;
 pub mod options;
 pub mod system;
@@ -47,6 +48,9 @@ pub struct VmConfig {
     pub shares: Vec<Share>,
     /// virtio-net NICs, in the order the guest sees them (eth0, …).
     pub nics: Vec<NicConfig>,
+    /// virtio-console ports, on one device: the first console is port 0 (/dev/hvc0), the
+    /// others follow in order from port 1.
+    pub ports: Vec<console::PortSpec>,
 }
 
 impl Default for VmConfig {
@@ -62,6 +66,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             shares: Vec::new(),
             nics: Vec::new(),
+            ports: Vec::new(),
         }
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::console::parse_port;
 use crate::config::net::parse_net;
 use crate::config::system::{read_system, SystemError};
 use crate::config::{parse_disk, parse_share, parse_size, ConfigError, Kernel, VmConfig, MAX_CPUS};
@@ -127,6 +128,11 @@ pub struct RunArgs {
     /// user-mode network: DHCP gives the guest 10.0.2.15, the host is 10.0.2.2).
     #[arg(long, value_name = "OPTIONS")]
     pub net: Vec<String>,
+    /// A virtio-console port, repeatable: console=on (the guest's /dev/hvc0, hvc1, …) or
+    /// name=NAME (/dev/virtio-ports/NAME), and its host side as QEMU's -chardev:
+    /// chardev=socket,path=SOCKET[,server=on[,wait=off]] | chardev=file,path=FILE | chardev=null.
+    #[arg(long, value_name = "OPTIONS")]
+    pub port: Vec<String>,
 }
 
 /// `nixvmm device fs` (and virtiofsd's spelling of the same options).
@@ -196,6 +202,11 @@ impl RunArgs {
                 .share
                 .iter()
                 .map(|s| parse_share(s))
+                .collect::<Result<_, _>>()?,
+            ports: self
+                .port
+                .iter()
+                .map(|p| parse_port(p).map_err(ConfigError::from))
                 .collect::<Result<_, _>>()?,
         };
         config.validate()?;

@@ -1,7 +1,8 @@
-//! What a VM uses on the host: the terminal (`console`) and connections to backends outside
-//! nixvmm (`vhost_user_fs`). [`HostResources`] holds those that outlive one VM: the runner
+//! What a VM uses on the host: the terminal (`console`), connections to backends outside
+//! nixvmm (`vhost_user_fs`), networks (`slirp`, `vde`, `tap`) and chardevs (`chardev`). [`HostResources`] holds those that outlive one VM: the runner
 //! owns it, and every VM a run builds (a guest reboot builds a new one) uses the same ones.
 
+pub mod chardev;
 pub mod console;
 pub mod slirp;
 pub mod tap;
@@ -20,6 +21,8 @@ use vhost_user_fs::{ConnectError, SharedVhostUserFs, VhostUserFs};
 pub struct HostResources {
     fs: Vec<(PathBuf, SharedVhostUserFs)>,
     nics: Vec<Nic>,
+    /// One per console port, in `VmConfig::ports` order.
+    chardevs: Vec<chardev::Chardev>,
 }
 
 /// A NIC's network and link, kept across guest reboots (forwarded ports stay bound).
@@ -45,6 +48,8 @@ pub enum HostError {
     Vde(#[from] vde::VdeError),
     #[error(transparent)]
     Tap(#[from] tap::TapError),
+    #[error(transparent)]
+    Chardev(#[from] chardev::ChardevError),
     #[error("--net: cannot set up the NIC: {0}")]
     Nic(std::io::Error),
 }
@@ -110,11 +115,20 @@ impl HostResources {
             .iter()
             .map(|nic| Nic::start(nic, &mut unnamed))
             .collect::<Result<_, _>>()?;
-        Ok(HostResources { fs, nics })
+        let chardevs = config
+            .ports
+            .iter()
+            .map(|port| chardev::Chardev::open(&port.chardev))
+            .collect::<Result<_, _>>()?;
+        Ok(HostResources { fs, nics, chardevs })
     }
 
     pub fn nics(&self) -> &[Nic] {
         &self.nics
+    }
+
+    pub fn chardevs(&self) -> &[chardev::Chardev] {
+        &self.chardevs
     }
 
     /// The connection to the vhost-user-fs backend at `socket`.

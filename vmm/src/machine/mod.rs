@@ -33,6 +33,7 @@ use crate::models::{self, Model};
 use cpu::CpuSetup;
 use pci_devices::VirtioDevices;
 use vcpu::{Buses, Vcpus};
+use virtio::console::PortConfig;
 use virtio::worker::Hosted;
 
 /// The KVM identity-map and TSS pages, just below the IOAPIC in the MMIO hole.
@@ -216,7 +217,7 @@ impl Runtime {
 }
 
 /// The virtio device models `config` asks for: disks first (vda, vdb, … in order), shares,
-/// rng, then NICs.
+/// rng, NICs, then the console ports' device.
 fn device_models(
     config: &VmConfig,
     backends: &HostResources,
@@ -252,7 +253,33 @@ fn device_models(
         };
         devices.push(hosted(format!("virtio-net{n}"), model)?);
     }
+    if !config.ports.is_empty() {
+        devices.push(hosted(
+            "virtio-console".into(),
+            Model::Console(console_ports(config, backends)),
+        )?);
+    }
     Ok(devices)
+}
+
+/// The console ports by id, as QEMU numbers them: the first console is port 0 (/dev/hvc0),
+/// every other port follows from 1 in order; without a console, port 0 stays empty.
+fn console_ports(config: &VmConfig, backends: &HostResources) -> Vec<Option<PortConfig>> {
+    let first_console = config.ports.iter().position(|p| p.console);
+    let mut ports = vec![None];
+    for (n, (spec, chardev)) in config.ports.iter().zip(backends.chardevs()).enumerate() {
+        let port = PortConfig {
+            console: spec.console,
+            name: spec.name.clone(),
+            backend: chardev.backend(),
+        };
+        if Some(n) == first_console {
+            ports[0] = Some(port);
+        } else {
+            ports.push(Some(port));
+        }
+    }
+    ports
 }
 
 /// The KVM VM with the in-kernel irqchip and PIT.

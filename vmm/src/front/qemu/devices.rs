@@ -1,5 +1,5 @@
 //! QEMU's device options (`-device`, `-drive`, `-netdev`, `-net`, `-nic`, `-virtfs`,
-//! `-chardev`, `-object`) onto nixvmm's disks, NICs, shares and rng. A device may name its
+//! `-chardev`, `-object`) onto nixvmm's disks, NICs, shares, console ports and rng. A device may name its
 //! backend before the backend's option comes (`-net nic,netdev=user.0 -netdev user,id=user.0`),
 //! so references are resolved at the end, in the order the devices came.
 
@@ -9,6 +9,7 @@ use virtio::block::{BlockConfig, Format};
 use virtio::ninep::ShareConfig;
 
 use super::{invalid, option_error, unsupported, Result};
+use crate::config::console::{chardev_from, ChardevSpec, PortSpec};
 use crate::config::net::{parse_mac, parse_net_as, NicConfig};
 use crate::config::options::{split_items, Options};
 use crate::config::{parse_size, Share};
@@ -50,6 +51,8 @@ pub struct Devices {
     /// Devices in command-line order, their backends not yet looked up.
     pending: Vec<Pending>,
     rng: bool,
+    /// A `-device virtio-serial` came: console ports may follow.
+    serial_bus: bool,
     ignored: Vec<String>,
 }
 
@@ -62,7 +65,7 @@ struct Drive {
 
 struct Chardev {
     id: String,
-    path: PathBuf,
+    spec: ChardevSpec,
 }
 
 enum Pending {
@@ -80,6 +83,11 @@ enum Pending {
         tag: String,
     },
     Share(Share),
+    Port {
+        console: bool,
+        name: Option<String>,
+        chardev: String,
+    },
 }
 
 /// The devices, their backends resolved.
@@ -88,6 +96,7 @@ pub struct Resolved {
     pub disks: Vec<BlockConfig>,
     pub shares: Vec<Share>,
     pub nics: Vec<NicConfig>,
+    pub ports: Vec<PortSpec>,
     pub ignored: Vec<String>,
 }
 
@@ -173,12 +182,31 @@ impl Devices {
             headless if HEADLESS.contains(&headless) => {
                 self.ignored.push(format!("-device {headless}"));
             }
-            "virtio-serial"
-            | "virtio-serial-pci"
-            | "virtconsole"
-            | "vhost-user-vsock-pci"
-            | "tpm-tis"
-            | "tpm-crb" => {
+            "virtio-serial" | "virtio-serial-pci" => {
+                parse(&["max_ports", "vectors", "ioeventfd"])?;
+                self.serial_bus = true;
+            }
+            "virtconsole" | "virtserialport" => {
+                let o = parse(&["chardev", "name", "nr"])?;
+                if !self.serial_bus {
+                    return Err(invalid(format!(
+                        "{option}: needs a -device virtio-serial before it"
+                    )));
+                }
+                let console = driver == "virtconsole";
+                let name = o.get("name").map(String::from);
+                if !console && name.is_none() {
+                    return Err(invalid(format!(
+                        "{option}: give the port a name= (the guest's /dev/virtio-ports/NAME)"
+                    )));
+                }
+                self.pending.push(Pending::Port {
+                    console,
+                    name,
+                    chardev: o.required("chardev").map_err(option_error)?.to_string(),
+                });
+            }
+            "vhost-user-vsock-pci" | "tpm-tis" | "tpm-crb" => {
                 return Err(unsupported(format!(
                     "{option}: nixvmm does not serve this device yet"
                 )))
@@ -186,7 +214,8 @@ impl Devices {
             other => {
                 return Err(unsupported(format!(
                     "-device {other}: not a device nixvmm has (it serves virtio-rng-pci, \
-                     virtio-blk-pci, virtio-net-pci and vhost-user-fs-pci; set \
+                     virtio-blk-pci, virtio-net-pci, vhost-user-fs-pci, virtio-serial with \
+                     virtconsole and virtserialport; set \
                      NIXVMM_UNKNOWN=fallback to hand such command lines to QEMU)"
                 )))
             }
@@ -414,32 +443,56 @@ impl Devices {
         Ok(())
     }
 
-    /// `-chardev socket,id=ID,path=PATH`: the frontend side of a vhost-user connection.
+    /// `-chardev socket|file|null,id=ID,…`: a console port's host side, or the frontend
+    /// side of a vhost-user connection (a socket nixvmm connects to).
     pub fn chardev(&mut self, value: &str) -> Result<()> {
         let (backend, items) = driver_and_items("-chardev", value)?;
-        if backend != "socket" {
-            return Err(unsupported(format!(
-                "-chardev {backend}: nixvmm's chardevs are Unix sockets for vhost-user devices"
-            )));
-        }
+        let option = format!("-chardev {backend}");
         let o = Options::parse_items(
-            "-chardev socket",
+            &option,
             items,
-            &["id", "path", "server", "wait", "reconnect", "reconnect-ms"],
+            &[
+                "id",
+                "path",
+                "server",
+                "wait",
+                "reconnect",
+                "reconnect-ms",
+                "append",
+                "logfile",
+                "signal",
+            ],
             &[],
         )
         .map_err(option_error)?;
-        if o.flag("server", false).map_err(option_error)? {
-            return Err(unsupported(
-                "-chardev socket,server=on: nixvmm connects to vhost-user backends; start the \
-                 backend as the server",
-            ));
+        if o.get("logfile").is_some() || o.flag("append", false).map_err(option_error)? {
+            return Err(unsupported(format!(
+                "{option}: logfile= and append=on are not served yet"
+            )));
         }
+        let spec = match backend.as_str() {
+            "socket" | "file" | "null" => {
+                chardev_from(&backend, &o, &option).map_err(option_error)?
+            }
+            other => {
+                return Err(unsupported(format!(
+                    "-chardev {other}: nixvmm's chardevs are socket (Unix), file and null"
+                )))
+            }
+        };
         self.chardevs.push(Chardev {
             id: o.required("id").map_err(option_error)?.to_string(),
-            path: o.required("path").map_err(option_error)?.into(),
+            spec,
         });
         Ok(())
+    }
+
+    fn find_chardev(&self, device: &str, id: &str) -> Result<&ChardevSpec> {
+        self.chardevs
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| &c.spec)
+            .ok_or_else(|| invalid(format!("{device},chardev={id}: no -chardev …,id={id}")))
     }
 
     /// `-object memory-backend-memfd|file|ram,id=ID,size=S,…` and `-object rng-…,id=ID`.
@@ -504,6 +557,7 @@ impl Devices {
             disks: Vec::new(),
             shares: Vec::new(),
             nics: Vec::new(),
+            ports: Vec::new(),
             ignored: std::mem::take(&mut self.ignored),
         };
         resolved.disks.extend(
@@ -514,6 +568,7 @@ impl Devices {
         );
         let mut used_netdevs = Vec::new();
         let mut used_drives = Vec::new();
+        let mut used_chardevs: Vec<String> = Vec::new();
         for pending in std::mem::take(&mut self.pending) {
             match pending {
                 Pending::Disk { drive, serial } => {
@@ -553,19 +608,38 @@ impl Devices {
                 }
                 Pending::ReadyNic(nic) => resolved.nics.push(nic),
                 Pending::VhostUserFs { chardev, tag } => {
-                    let socket = self
-                        .chardevs
-                        .iter()
-                        .find(|c| c.id == chardev)
-                        .ok_or_else(|| {
-                            invalid(format!(
-                                "vhost-user-fs-pci,chardev={chardev}: no -chardev \
-                                 socket,id={chardev},path=…"
-                            ))
-                        })?
-                        .path
-                        .clone();
+                    let socket = match self.find_chardev("vhost-user-fs-pci", &chardev)? {
+                        ChardevSpec::SocketClient { path } => path.clone(),
+                        _ => {
+                            return Err(unsupported(format!(
+                                "vhost-user-fs-pci,chardev={chardev}: nixvmm connects to \
+                                 vhost-user backends; give -chardev socket,id={chardev},path=… \
+                                 without server=on"
+                            )))
+                        }
+                    };
                     resolved.shares.push(Share::VhostUser { tag, socket });
+                }
+                Pending::Port {
+                    console,
+                    name,
+                    chardev,
+                } => {
+                    let device = if console {
+                        "virtconsole"
+                    } else {
+                        "virtserialport"
+                    };
+                    if used_chardevs.contains(&chardev) {
+                        return Err(invalid(format!("-chardev id={chardev}: used by two ports")));
+                    }
+                    let spec = self.find_chardev(device, &chardev)?.clone();
+                    resolved.ports.push(PortSpec {
+                        console,
+                        name,
+                        chardev: spec,
+                    });
+                    used_chardevs.push(chardev);
                 }
                 Pending::Share(share) => resolved.shares.push(share),
             }

@@ -281,6 +281,7 @@ impl Builder {
             disks: devices.disks,
             shares: devices.shares,
             nics: devices.nics,
+            ports: devices.ports,
         };
         config.validate().map_err(|e| invalid(e.to_string()))?;
         self.ignored.dedup();

@@ -247,6 +247,84 @@ fn run_in_linux_vm_line() {
 }
 
 #[test]
+fn the_test_drivers_shell_console_and_named_ports() {
+    use crate::config::console::{ChardevSpec, PortSpec};
+    let files = Files::new();
+    let run = files.run(&qemu_vm_nix(
+        "-chardev socket,id=shell,path=@/shell -device virtio-serial \
+         -device virtconsole,chardev=shell -device virtio-rng-pci -serial stdio \
+         -chardev socket,id=qga,path=@/qga,server=on,wait=off \
+         -device virtserialport,chardev=qga,name=org.qemu.guest_agent.0 \
+         -chardev file,id=log,path=@/port.log -device virtserialport,chardev=log,name=log \
+         -chardev null,id=nothing -device virtconsole,chardev=nothing",
+    ));
+    assert_eq!(
+        run.config.ports,
+        [
+            PortSpec {
+                console: true,
+                name: None,
+                chardev: ChardevSpec::SocketClient {
+                    path: files.path("shell")
+                },
+            },
+            PortSpec {
+                console: false,
+                name: Some("org.qemu.guest_agent.0".into()),
+                chardev: ChardevSpec::SocketServer {
+                    path: files.path("qga"),
+                    wait: false
+                },
+            },
+            PortSpec {
+                console: false,
+                name: Some("log".into()),
+                chardev: ChardevSpec::File {
+                    path: files.path("port.log")
+                },
+            },
+            PortSpec {
+                console: true,
+                name: None,
+                chardev: ChardevSpec::Null,
+            },
+        ]
+    );
+    for (line, says) in [
+        (
+            "-chardev null,id=c -device virtconsole,chardev=c",
+            "needs a -device virtio-serial before it",
+        ),
+        (
+            "-device virtio-serial -chardev null,id=c -device virtserialport,chardev=c",
+            "give the port a name=",
+        ),
+        (
+            "-device virtio-serial -chardev null,id=c -device virtconsole,chardev=c \
+             -device virtconsole,chardev=c",
+            "-chardev id=c: used by two ports",
+        ),
+        (
+            "-device virtio-serial -device virtconsole,chardev=gone",
+            "virtconsole,chardev=gone: no -chardev …,id=gone",
+        ),
+        (
+            "-chardev socket,id=fs,path=@/fs.sock,server=on,wait=off \
+             -device vhost-user-fs-pci,chardev=fs,tag=store",
+            "nixvmm connects to vhost-user backends",
+        ),
+    ] {
+        let err = files.error(&format!("{BOOT} {line}")).to_string();
+        assert!(err.contains(says), "{line}: {err}");
+    }
+    let err = files.error(&format!("{BOOT} -chardev pty,id=p"));
+    assert!(
+        matches!(&err, QemuError::Unsupported(m) if m.contains("-chardev pty")),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_test_drivers_tpm_line_is_refused_until_served() {
     let files = Files::new();
     let err = files.error(&qemu_vm_nix(
@@ -347,7 +425,7 @@ fn grammar_corner_cases() {
         ("-net nic,netdev=n1,model=virtio", "no -netdev …,id=n1"),
         (
             "-device vhost-user-fs-pci,chardev=c,tag=t",
-            "no -chardev socket,id=c",
+            "vhost-user-fs-pci,chardev=c: no -chardev …,id=c",
         ),
         (
             "-virtfs local,path=@/store,mount_tag=s",
