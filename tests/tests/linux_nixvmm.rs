@@ -1438,3 +1438,102 @@ fn tier4_run_in_linux_vm_line_with_nixvmm_as_qemu_and_nixvmm_device_fs() {
 fn tier4_run_in_linux_vm_line_with_nixvmm_as_qemu_and_virtiofsd() {
     run_in_linux_vm_with_nixvmm(path(&virtiofsd()));
 }
+
+/// The NixOS test driver's side of a machine, in short: it listens on STATE/shell before
+/// the VMM starts (the VMM connects as a client), waits for the backdoor's greeting on that
+/// connection, runs commands the way the driver frames them (output in base64 on one line,
+/// then the status), and reads the console log on the VMM's stdout. Prints KEY=value lines.
+const TEST_DRIVER: &str = r#"
+import base64, os, socket, subprocess, sys
+state, command = sys.argv[1], sys.argv[2:]
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(os.path.join(state, "shell"))
+listener.listen(1)
+vm = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+def fail(why):
+    vm.kill()
+    raise SystemExit(why)
+def drive():
+    listener.settimeout(120)
+    try:
+        shell, _ = listener.accept()
+    except OSError as e:
+        fail("nixvmm never connected to the shell socket: %s" % e)
+    shell.settimeout(120)
+    buffer = b""
+    def line():
+        nonlocal buffer
+        while b"\n" not in buffer:
+            chunk = shell.recv(65536)
+            if not chunk:
+                fail("the shell connection closed")
+            buffer += chunk
+        text, buffer = buffer.split(b"\n", 1)
+        return text.decode()
+    while "Spawning backdoor root shell..." not in line():
+        pass
+    def succeed(cmd):
+        shell.sendall(("sh -c '%s' > /tmp/out; echo $? > /tmp/rc; base64 /tmp/out | tr -d '\\n'; echo\n" % cmd).encode())
+        reply = line()
+        try:
+            out = base64.b64decode(reply).decode()
+        except ValueError:
+            fail("not base64 from the shell: %r" % reply)
+        shell.sendall(b"cat /tmp/rc\n")
+        return out, int(line())
+    out, rc = succeed("echo $((6 * 7))")
+    print("ANSWER=%s RC=%d" % (out.strip(), rc), flush=True)
+    out, rc = succeed("echo to the console > /dev/ttyS0; exit 3")
+    print("FAILING_RC=%d" % rc, flush=True)
+    out, rc = succeed("seq 1 40000")
+    lines = out.split()
+    print("BIG_LINES=%d LAST=%s" % (len(lines), lines[-1]), flush=True)
+    shell.sendall(b"exit\n")
+    print("VM_RC=%d" % vm.wait(timeout=120), flush=True)
+
+try:
+    drive()
+except Exception as e:
+    fail("the driver failed: %r" % e)
+"#;
+
+/// The backdoor as NixOS starts it on /dev/hvc0 (`stty raw -echo`, the greeting, a shell
+/// reading commands from the port), with busybox's sh for bash. hvc resets its settings at
+/// the last close, so the port stays open throughout, as systemd's StandardInput=tty keeps it.
+const BACKDOOR: &str = "for i in $(seq 100); do [ -e /dev/hvc0 ] && break; sleep 0.1; done\n\
+    (stty raw -echo; echo 'Spawning backdoor root shell...'; PS1= sh /dev/hvc0) \
+    < /dev/hvc0 > /dev/hvc0 2>&1\n\
+    echo BACKDOOR=done";
+
+#[test]
+fn tier4_a_test_driver_runs_commands_on_the_backdoor_shell_over_virtconsole() {
+    let initrd = kit()
+        .initrd(&["virtio_pci", "virtio_console"], BACKDOOR)
+        .unwrap();
+    let job = format!(
+        "state=$(mktemp -d) && cd $state\n\
+         python3 -c {driver} $state {nixvmm} qemu -m 512 -nographic -no-reboot \
+         -kernel {kernel} -initrd {initrd} -append 'console=ttyS0 panic=-1' \
+         -chardev socket,id=shell,path=$state/shell -device virtio-serial \
+         -device virtconsole,chardev=shell -device virtio-rng-pci -serial stdio",
+        driver = shell_quote(TEST_DRIVER),
+        nixvmm = path(&nixvmm_bin()),
+        kernel = path(host().kernel()),
+        initrd = path(&initrd),
+    );
+    let log = host().run(&job, BOOT_LIMIT).unwrap();
+    let tail = log.tail();
+    assert!(!log.timed_out, "timed out:\n{tail}");
+    assert!(log.has("ANSWER=42 RC=0"), "{tail}");
+    assert_eq!(log.value_of("FAILING_RC"), Some("3"), "{tail}");
+    assert!(
+        log.has("to the console"),
+        "serial output seen by the driver:\n{tail}"
+    );
+    assert!(
+        log.has("BIG_LINES=40000 LAST=40000"),
+        "no output lost:\n{tail}"
+    );
+    assert_eq!(log.value_of("BACKDOOR"), Some("done"), "{tail}");
+    assert_eq!(log.value_of("VM_RC"), Some("0"), "{tail}");
+}
