@@ -1439,9 +1439,9 @@ fn tier4_run_in_linux_vm_line_with_nixvmm_as_qemu_and_virtiofsd() {
     run_in_linux_vm_with_nixvmm(path(&virtiofsd()));
 }
 
-/// The NixOS test driver's side of a machine, in short: it listens on STATE/shell before
-/// the VMM starts (the VMM connects as a client), waits for the backdoor's greeting on that
-/// connection, runs commands the way the driver frames them (output in base64 on one line,
+/// The NixOS test driver's side of a machine, in short: it listens on STATE/monitor and
+/// STATE/shell before the VMM starts (the VMM connects to both as a client), reads HMP
+/// answers up to the `(qemu) ` prompt, waits for the backdoor's greeting on the shell, runs commands the way the driver frames them (output in base64 on one line,
 /// then the status), and reads the console log on the VMM's stdout. Prints KEY=value lines.
 const TEST_DRIVER: &str = r#"
 import base64, os, socket, subprocess, sys
@@ -1449,17 +1449,34 @@ state, command = sys.argv[1], sys.argv[2:]
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(os.path.join(state, "shell"))
 listener.listen(1)
+monitor_listener = socket.socket(socket.AF_UNIX)
+monitor_listener.bind(os.path.join(state, "monitor"))
+monitor_listener.listen(1)
 vm = subprocess.Popen(command, stdin=subprocess.DEVNULL)
 def fail(why):
     vm.kill()
     raise SystemExit(why)
 def drive():
     listener.settimeout(120)
+    monitor_listener.settimeout(120)
     try:
+        monitor, _ = monitor_listener.accept()
         shell, _ = listener.accept()
     except OSError as e:
-        fail("nixvmm never connected to the shell socket: %s" % e)
+        fail("nixvmm never connected to the monitor and shell sockets: %s" % e)
     shell.settimeout(120)
+    monitor.settimeout(120)
+    def hmp(command=None):
+        if command is not None:
+            monitor.sendall((command + "\n").encode())
+        reply = b""
+        while not reply.endswith(b"(qemu) "):
+            chunk = monitor.recv(4096)
+            if not chunk:
+                fail("the monitor connection closed")
+            reply += chunk
+        return reply.decode()[: -len("(qemu) ")].strip()
+    print("BANNER=%s" % hmp().split(" - ")[0].replace(" ", "_"), flush=True)
     buffer = b""
     def line():
         nonlocal buffer
@@ -1488,6 +1505,13 @@ def drive():
     out, rc = succeed("seq 1 40000")
     lines = out.split()
     print("BIG_LINES=%d LAST=%s" % (len(lines), lines[-1]), flush=True)
+    print("HMP_RUNNING=%s" % hmp("info status").replace(" ", "_"), flush=True)
+    hmp("stop")
+    print("HMP_STOPPED=%s" % hmp("info status").replace(" ", "_"), flush=True)
+    hmp("cont")
+    out, rc = succeed("echo alive")
+    print("AFTER_CONT=%s" % out.strip(), flush=True)
+    print("HMP_UNKNOWN=%s" % hmp("frobnicate").replace(" ", "_"), flush=True)
     shell.sendall(b"exit\n")
     print("VM_RC=%d" % vm.wait(timeout=120), flush=True)
 
@@ -1506,7 +1530,7 @@ const BACKDOOR: &str = "for i in $(seq 100); do [ -e /dev/hvc0 ] && break; sleep
     echo BACKDOOR=done";
 
 #[test]
-fn tier4_a_test_driver_runs_commands_on_the_backdoor_shell_over_virtconsole() {
+fn tier4_a_test_driver_uses_the_backdoor_shell_over_virtconsole_and_the_monitor() {
     let initrd = kit()
         .initrd(&["virtio_pci", "virtio_console"], BACKDOOR)
         .unwrap();
@@ -1514,6 +1538,7 @@ fn tier4_a_test_driver_runs_commands_on_the_backdoor_shell_over_virtconsole() {
         "state=$(mktemp -d) && cd $state\n\
          python3 -c {driver} $state {nixvmm} qemu -m 512 -nographic -no-reboot \
          -kernel {kernel} -initrd {initrd} -append 'console=ttyS0 panic=-1' \
+         -monitor unix:$state/monitor \
          -chardev socket,id=shell,path=$state/shell -device virtio-serial \
          -device virtconsole,chardev=shell -device virtio-rng-pci -serial stdio",
         driver = shell_quote(TEST_DRIVER),
@@ -1533,6 +1558,27 @@ fn tier4_a_test_driver_runs_commands_on_the_backdoor_shell_over_virtconsole() {
     assert!(
         log.has("BIG_LINES=40000 LAST=40000"),
         "no output lost:\n{tail}"
+    );
+    assert_eq!(
+        log.value_of("BANNER"),
+        Some("QEMU_9.2.0_monitor_(nixvmm)"),
+        "{tail}"
+    );
+    assert_eq!(
+        log.value_of("HMP_RUNNING"),
+        Some("VM_status:_running"),
+        "{tail}"
+    );
+    assert_eq!(
+        log.value_of("HMP_STOPPED"),
+        Some("VM_status:_paused"),
+        "{tail}"
+    );
+    assert_eq!(log.value_of("AFTER_CONT"), Some("alive"), "{tail}");
+    assert_eq!(
+        log.value_of("HMP_UNKNOWN"),
+        Some("unknown_command:_'frobnicate'"),
+        "{tail}"
     );
     assert_eq!(log.value_of("BACKDOOR"), Some("done"), "{tail}");
     assert_eq!(log.value_of("VM_RC"), Some("0"), "{tail}");

@@ -35,6 +35,8 @@ pub enum ControlError {
     NoNic(usize, usize),
     #[error("NIC {0} is not on a user-mode network (--net user)")]
     NotUserNetwork(usize),
+    #[error("no NIC is on a user-mode network (--net user)")]
+    NoUserNetwork,
     #[error("{0}")]
     Forward(String),
 }
@@ -45,6 +47,14 @@ impl Control {
         self.stopped.store(true, Ordering::Release);
         if let Some(vm) = &*lock(&self.current) {
             vm.exit.send(VmExit::Stopped);
+        }
+    }
+
+    /// Resets the machine as a reset button would (QMP `system_reset`); with `--no-reboot`
+    /// that ends the run, as QEMU's `-no-reboot` does.
+    pub fn reset(&self) {
+        if let Some(vm) = &*lock(&self.current) {
+            vm.exit.send(VmExit::Reset);
         }
     }
 
@@ -100,6 +110,24 @@ impl Control {
     pub fn remove_hostfwd(&self, nic: usize, forward: &str) -> Result<(), ControlError> {
         let forward = parse_hostfwd(forward).map_err(ControlError::Forward)?;
         self.with_user_network(nic, |user| user.remove_hostfwd(&forward))
+    }
+
+    /// [`Control::add_hostfwd`] on the first NIC with a user-mode network (HMP's
+    /// `hostfwd_add` without a netdev names the first).
+    pub fn add_hostfwd_anywhere(&self, forward: &str) -> Result<(), ControlError> {
+        self.add_hostfwd(self.first_user_network()?, forward)
+    }
+
+    pub fn remove_hostfwd_anywhere(&self, forward: &str) -> Result<(), ControlError> {
+        self.remove_hostfwd(self.first_user_network()?, forward)
+    }
+
+    fn first_user_network(&self) -> Result<usize, ControlError> {
+        let host = lock(&self.host).clone();
+        let nics = host.as_ref().map_or(&[][..], |h| h.nics());
+        nics.iter()
+            .position(|n| n.user_network().is_some())
+            .ok_or(ControlError::NoUserNetwork)
     }
 
     fn with_nic<T>(

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
+use vmm::event::hmp::HmpMonitor;
 use vmm::event::signals::SignalWatch;
 use vmm::event::stdin::StdinWatch;
 use vmm::event::ControlPlane;
@@ -82,6 +83,16 @@ fn run_vm(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
     let room = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("an eventfd: {e}"))?;
     let stdin_room = room.try_clone().map_err(|e| format!("an eventfd: {e}"))?;
     plane.add(Box::new(StdinWatch::new(control.clone(), stdin_room)));
+    if let Some(path) = &config.monitor {
+        let monitor = HmpMonitor::connect(path, control.clone()).map_err(|e| {
+            format!(
+                "-monitor unix:{}: cannot connect: {e} (start the monitor client listening \
+                 first)",
+                path.display()
+            )
+        })?;
+        plane.add(Box::new(monitor));
+    }
     let terminal = RawTerminal::enter();
     let outcome = vmm::run_with(
         &config,

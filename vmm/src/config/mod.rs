@@ -51,6 +51,9 @@ pub struct VmConfig {
     /// virtio-console ports, on one device: the first console is port 0 (/dev/hvc0), the
     /// others follow in order from port 1.
     pub ports: Vec<console::PortSpec>,
+    /// QEMU's human monitor, on this Unix socket that a peer listens on (`-monitor
+    /// unix:PATH`, as the NixOS test driver gives it).
+    pub monitor: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -67,6 +70,7 @@ impl Default for VmConfig {
             shares: Vec::new(),
             nics: Vec::new(),
             ports: Vec::new(),
+            monitor: None,
         }
     }
 }

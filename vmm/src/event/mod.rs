@@ -5,6 +5,7 @@
 //! it ends. Other threads reach the loop through the [`ExitSender`](devices::ExitSender) of
 //! the running VM (what [`Control`](crate::Control) uses).
 
+pub mod hmp;
 pub mod signals;
 pub mod stdin;
 

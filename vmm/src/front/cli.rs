@@ -133,6 +133,11 @@ pub struct RunArgs {
     /// chardev=socket,path=SOCKET[,server=on[,wait=off]] | chardev=file,path=FILE | chardev=null.
     #[arg(long, value_name = "OPTIONS")]
     pub port: Vec<String>,
+    /// QEMU's human monitor (HMP) on a Unix socket that something listens on: nixvmm
+    /// connects and answers `info status`, `stop`, `cont`, `system_reset`, `quit`,
+    /// `hostfwd_add`, `set_link`, …
+    #[arg(long, value_name = "SOCKET")]
+    pub monitor: Option<PathBuf>,
 }
 
 /// `nixvmm device fs` (and virtiofsd's spelling of the same options).
@@ -208,6 +213,7 @@ impl RunArgs {
                 .iter()
                 .map(|p| parse_port(p).map_err(ConfigError::from))
                 .collect::<Result<_, _>>()?,
+            monitor: self.monitor,
         };
         config.validate()?;
         Ok(config)

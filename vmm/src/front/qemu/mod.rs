@@ -253,6 +253,7 @@ struct Builder {
     tcg_allowed: bool,
     serial_seen: bool,
     memory_backend: Option<String>,
+    monitor: Option<PathBuf>,
     ignored: Vec<String>,
     devices: Devices,
 }
@@ -282,6 +283,7 @@ impl Builder {
             shares: devices.shares,
             nics: devices.nics,
             ports: devices.ports,
+            monitor: self.monitor,
         };
         config.validate().map_err(|e| invalid(e.to_string()))?;
         self.ignored.dedup();
@@ -349,6 +351,7 @@ impl Builder {
             "display" | "vga" => self.ignored.push(format!("-{name} {}", need()?)),
             "usb" => self.ignored.push("-usb".into()),
             "serial" => self.serial(need()?)?,
+            "monitor" => self.monitor(need()?)?,
             "pidfile" => self.pidfile = Some(PathBuf::from(need()?)),
             "D" => self.log_file = Some(PathBuf::from(need()?)),
             "sandbox" => {
@@ -384,6 +387,35 @@ impl Builder {
                      NIXVMM_UNKNOWN=fallback to hand such command lines to QEMU)"
                 )))
             }
+        }
+        Ok(())
+    }
+
+    /// `-monitor unix:PATH` (nixvmm connects, as the test driver listens) or `none`.
+    fn monitor(&mut self, value: &str) -> Result<()> {
+        if value == "none" {
+            return Ok(());
+        }
+        let items = split_items(value);
+        let path = items
+            .first()
+            .and_then(|first| first.strip_prefix("unix:"))
+            .ok_or_else(|| {
+                unsupported(format!(
+                    "-monitor {value}: nixvmm's monitor connects to a Unix socket; write \
+                     -monitor unix:PATH"
+                ))
+            })?;
+        let o = Options::parse_items("-monitor", items[1..].to_vec(), &["server", "wait"], &[])
+            .map_err(option_error)?;
+        if o.flag("server", false).map_err(option_error)? {
+            return Err(unsupported(format!(
+                "-monitor {value}: nixvmm does not listen for monitor clients yet; let the \
+                 client listen (server=off)"
+            )));
+        }
+        if self.monitor.replace(PathBuf::from(path)).is_some() {
+            return Err(unsupported("-monitor: nixvmm has one monitor"));
         }
         Ok(())
     }

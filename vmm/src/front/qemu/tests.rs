@@ -317,6 +317,17 @@ fn the_test_drivers_shell_console_and_named_ports() {
         let err = files.error(&format!("{BOOT} {line}")).to_string();
         assert!(err.contains(says), "{line}: {err}");
     }
+    let run = files.run(&format!("{BOOT} -monitor unix:@/monitor -serial stdio"));
+    assert_eq!(run.config.monitor, Some(files.path("monitor")));
+    assert_eq!(
+        files.run(&format!("{BOOT} -monitor none")).config.monitor,
+        None
+    );
+    let err = files.error(&format!("{BOOT} -monitor unix:@/m,server=on,wait=off"));
+    assert!(
+        matches!(&err, QemuError::Unsupported(m) if m.contains("server=off")),
+        "{err}"
+    );
     let err = files.error(&format!("{BOOT} -chardev pty,id=p"));
     assert!(
         matches!(&err, QemuError::Unsupported(m) if m.contains("-chardev pty")),

@@ -1,0 +1,252 @@
+//! QEMU's human monitor (HMP) on a Unix socket nixvmm connects to (`-monitor unix:PATH`, as
+//! the NixOS test driver listens for it): a banner, then one command per line, each answer
+//! ending in the `(qemu) ` prompt the driver waits for. Commands: `info status`, `stop`,
+//! `cont`, `system_reset`, `quit`, `hostfwd_add`, `hostfwd_remove`, `set_link`, `help`;
+//! `screendump`, `sendkey` and `system_powerdown` answer with an error saying what nixvmm
+//! lacks; anything else as QEMU answers an unknown command.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+
+use crate::machine::vcpu::VcpuState;
+use crate::Control;
+
+pub const PROMPT: &str = "(qemu) ";
+/// A line longer than this is answered as an error and dropped, so a peer cannot make the
+/// monitor buffer without end.
+const MAX_LINE: usize = 4096;
+
+pub fn banner() -> String {
+    format!(
+        "QEMU {} monitor (nixvmm) - type 'help' for more information\r\n{PROMPT}",
+        crate::front::qemu::QEMU_VERSION
+    )
+}
+
+/// What a command line asks: the answer, and whether the monitor user asked to quit.
+pub struct Answer {
+    pub text: String,
+    pub quit: bool,
+}
+
+fn answer(text: impl Into<String>) -> Answer {
+    Answer {
+        text: text.into(),
+        quit: false,
+    }
+}
+
+/// The NIC a `set_link` name means: QEMU's automatic device names (`virtio-net-pci.N`, the
+/// N-th virtio-net NIC from 0) or `nicN`.
+fn nic_index(name: &str) -> Option<usize> {
+    name.strip_prefix("virtio-net-pci.")
+        .or_else(|| name.strip_prefix("nic"))
+        .and_then(|n| n.parse().ok())
+}
+
+/// Runs one command line; the answer has no prompt yet.
+pub fn execute(line: &str, control: &Control) -> Answer {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let Some((&command, args)) = words.split_first() else {
+        return answer("");
+    };
+    let done = |result: Result<(), String>| match result {
+        Ok(()) => answer(""),
+        Err(e) => answer(format!("Error: {e}\r\n")),
+    };
+    match (command, args) {
+        ("help" | "?", _) => answer(
+            "info status | stop | cont | system_reset | quit | hostfwd_add [netdev] RULE | \
+             hostfwd_remove [netdev] RULE | set_link NAME on|off\r\n",
+        ),
+        ("info", ["status"]) => {
+            let paused = control
+                .vcpu_states()
+                .iter()
+                .any(|s| *s == VcpuState::Paused);
+            answer(format!(
+                "VM status: {}\r\n",
+                if paused { "paused" } else { "running" }
+            ))
+        }
+        ("info", _) => answer("Error: nixvmm answers `info status` only\r\n"),
+        ("stop", []) => done(control.pause().map_err(|e| e.to_string())),
+        ("cont" | "c", []) => done(control.resume().map_err(|e| e.to_string())),
+        ("system_reset", []) => {
+            control.reset();
+            answer("")
+        }
+        ("quit" | "q", []) => {
+            control.stop();
+            Answer {
+                text: String::new(),
+                quit: true,
+            }
+        }
+        ("hostfwd_add" | "hostfwd_remove", [.., rule]) if args.len() <= 2 => {
+            // The netdev may be named first; nixvmm's user network is the first NIC's
+            // that has one.
+            let result = if command == "hostfwd_add" {
+                control.add_hostfwd_anywhere(rule)
+            } else {
+                control.remove_hostfwd_anywhere(rule)
+            };
+            done(result.map_err(|e| e.to_string()))
+        }
+        ("set_link", [name, state @ ("on" | "off")]) => match nic_index(name) {
+            Some(nic) => done(
+                control
+                    .set_link(nic, *state == "on")
+                    .map_err(|e| e.to_string()),
+            ),
+            None => answer(format!("Error: Device '{name}' not found\r\n")),
+        },
+        ("screendump", _) => answer("Error: there is no display to dump: nixvmm is headless\r\n"),
+        ("sendkey", _) => answer("Error: nixvmm has no keyboard yet\r\n"),
+        ("system_powerdown", _) => answer("Error: nixvmm has no ACPI power button yet\r\n"),
+        (
+            "stop" | "cont" | "c" | "system_reset" | "quit" | "q" | "hostfwd_add"
+            | "hostfwd_remove" | "set_link",
+            _,
+        ) => answer(format!("Error: {command}: wrong arguments; see `help`\r\n")),
+        (other, _) => answer(format!("unknown command: '{other}'\r\n")),
+    }
+}
+
+/// The control plane's subscriber for one monitor connection.
+pub struct HmpMonitor {
+    stream: UnixStream,
+    control: Control,
+    input: Vec<u8>,
+}
+
+impl HmpMonitor {
+    /// Connects to the monitor socket at `path` (the peer listens) and greets it.
+    pub fn connect(path: &std::path::Path, control: Control) -> std::io::Result<HmpMonitor> {
+        let mut stream = UnixStream::connect(path)?;
+        stream.write_all(banner().as_bytes())?;
+        stream.set_nonblocking(true)?;
+        Ok(HmpMonitor {
+            stream,
+            control,
+            input: Vec::new(),
+        })
+    }
+
+    fn events(&self) -> Events {
+        Events::new(&self.stream, EventSet::IN)
+    }
+
+    /// Answers every complete line; returns false when the connection should end.
+    fn serve_lines(&mut self) -> bool {
+        while let Some(end) = self.input.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.input.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let reply = execute(line.trim_end_matches(['\r', '\n']), &self.control);
+            let mut text = reply.text;
+            if !reply.quit {
+                text.push_str(PROMPT);
+            }
+            if self.send(text.as_bytes()).is_err() || reply.quit {
+                return false;
+            }
+        }
+        if self.input.len() > MAX_LINE {
+            self.input.clear();
+            let text = format!("Error: a line longer than {MAX_LINE} bytes\r\n{PROMPT}");
+            return self.send(text.as_bytes()).is_ok();
+        }
+        true
+    }
+
+    /// Writes a whole answer (answers are short; the peer is waiting for them).
+    fn send(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            match self.stream.write(bytes) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MutEventSubscriber for HmpMonitor {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(self.events()) {
+            log::warn!("the monitor connection cannot be watched: {e}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() != self.stream.as_raw_fd() {
+            return;
+        }
+        let mut buf = [0u8; 1024];
+        let keep = match self.stream.read(&mut buf) {
+            Ok(0) => false,
+            Ok(n) => {
+                self.input.extend_from_slice(&buf[..n]);
+                self.serve_lines()
+            }
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        };
+        if !keep {
+            let _ = ops.remove(self.events());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_as_qemus_monitor_does() {
+        let control = Control::default();
+        assert!(banner().ends_with("\r\n(qemu) "));
+        assert_eq!(
+            execute("info status", &control).text,
+            "VM status: running\r\n"
+        );
+        assert_eq!(execute("", &control).text, "");
+        assert_eq!(
+            execute("frobnicate now", &control).text,
+            "unknown command: 'frobnicate'\r\n"
+        );
+        assert!(execute("screendump /tmp/x.ppm", &control)
+            .text
+            .starts_with("Error: there is no display"));
+        assert_eq!(
+            execute("set_link eth9 off", &control).text,
+            "Error: Device 'eth9' not found\r\n"
+        );
+        assert_eq!(
+            execute("set_link virtio-net-pci.1 off", &control).text,
+            "Error: no NIC 1 (the VM has 0)\r\n"
+        );
+        assert!(execute("set_link virtio-net-pci.1 maybe", &control)
+            .text
+            .contains("wrong arguments"));
+        assert!(execute("hostfwd_add tcp::2222-:22", &control)
+            .text
+            .starts_with("Error: "));
+        let quit = execute("quit", &control);
+        assert!(quit.quit && quit.text.is_empty());
+    }
+
+    #[test]
+    fn nic_names_as_qemu_gives_them() {
+        assert_eq!(nic_index("virtio-net-pci.0"), Some(0));
+        assert_eq!(nic_index("virtio-net-pci.12"), Some(12));
+        assert_eq!(nic_index("nic1"), Some(1));
+        assert_eq!(nic_index("user.0"), None);
+    }
+}
