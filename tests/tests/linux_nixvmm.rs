@@ -1444,7 +1444,7 @@ fn tier4_run_in_linux_vm_line_with_nixvmm_as_qemu_and_virtiofsd() {
 /// answers up to the `(qemu) ` prompt, waits for the backdoor's greeting on the shell, runs commands the way the driver frames them (output in base64 on one line,
 /// then the status), and reads the console log on the VMM's stdout. Prints KEY=value lines.
 const TEST_DRIVER: &str = r#"
-import base64, os, socket, subprocess, sys
+import base64, json, os, socket, subprocess, sys
 state, command = sys.argv[1], sys.argv[2:]
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(os.path.join(state, "shell"))
@@ -1477,6 +1477,19 @@ def drive():
             reply += chunk
         return reply.decode()[: -len("(qemu) ")].strip()
     print("BANNER=%s" % hmp().split(" - ")[0].replace(" ", "_"), flush=True)
+    # As the driver does: QMP right after both accepts, no retry.
+    qmp = socket.socket(socket.AF_UNIX)
+    qmp.connect(os.path.join(state, "qmp"))
+    qmp.settimeout(120)
+    qmp_file = qmp.makefile("rb")
+    def qmp_read():
+        text = qmp_file.readline()
+        if not text:
+            fail("the QMP connection closed")
+        return json.loads(text)
+    print("QMP_GREETING=%s" % ("QMP" in qmp_read()), flush=True)
+    qmp.sendall(b'{"execute": "qmp_capabilities"}\n')
+    print("QMP_CAPABILITIES=%s" % qmp_read(), flush=True)
     buffer = b""
     def line():
         nonlocal buffer
@@ -1509,10 +1522,13 @@ def drive():
     hmp("stop")
     print("HMP_STOPPED=%s" % hmp("info status").replace(" ", "_"), flush=True)
     hmp("cont")
+    print("QMP_EVENTS=%s,%s" % (qmp_read()["event"], qmp_read()["event"]), flush=True)
     out, rc = succeed("echo alive")
     print("AFTER_CONT=%s" % out.strip(), flush=True)
     print("HMP_UNKNOWN=%s" % hmp("frobnicate").replace(" ", "_"), flush=True)
     shell.sendall(b"exit\n")
+    shutdown = qmp_read()
+    print("QMP_SHUTDOWN=%s/%s/%s" % (shutdown["event"], shutdown["data"]["guest"], shutdown["data"]["reason"]), flush=True)
     print("VM_RC=%d" % vm.wait(timeout=120), flush=True)
 
 try:
@@ -1538,7 +1554,7 @@ fn tier4_a_test_driver_uses_the_backdoor_shell_over_virtconsole_and_the_monitor(
         "state=$(mktemp -d) && cd $state\n\
          python3 -c {driver} $state {nixvmm} qemu -m 512 -nographic -no-reboot \
          -kernel {kernel} -initrd {initrd} -append 'console=ttyS0 panic=-1' \
-         -monitor unix:$state/monitor \
+         -qmp unix:$state/qmp,server=on,wait=off -monitor unix:$state/monitor \
          -chardev socket,id=shell,path=$state/shell -device virtio-serial \
          -device virtconsole,chardev=shell -device virtio-rng-pci -serial stdio",
         driver = shell_quote(TEST_DRIVER),
@@ -1562,6 +1578,18 @@ fn tier4_a_test_driver_uses_the_backdoor_shell_over_virtconsole_and_the_monitor(
     assert_eq!(
         log.value_of("BANNER"),
         Some("QEMU_9.2.0_monitor_(nixvmm)"),
+        "{tail}"
+    );
+    assert_eq!(log.value_of("QMP_GREETING"), Some("True"), "{tail}");
+    assert_eq!(
+        log.value_of("QMP_CAPABILITIES"),
+        Some("{'return': {}}"),
+        "{tail}"
+    );
+    assert_eq!(log.value_of("QMP_EVENTS"), Some("STOP,RESUME"), "{tail}");
+    assert_eq!(
+        log.value_of("QMP_SHUTDOWN"),
+        Some("SHUTDOWN/True/guest-shutdown"),
         "{tail}"
     );
     assert_eq!(

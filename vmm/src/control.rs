@@ -19,6 +19,19 @@ struct Attached {
     runtime: Arc<machine::Runtime>,
 }
 
+/// What happened to the VM, as QMP reports it (SHUTDOWN, RESET, STOP, RESUME): `guest`
+/// says whether the guest asked for it, `reason` is QEMU's word for why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmEvent {
+    Shutdown { guest: bool, reason: &'static str },
+    Reset { guest: bool, reason: &'static str },
+    Stop,
+    Resume,
+}
+
+/// Told of every [`VmEvent`], on the thread where it happened.
+pub type EventObserver = Arc<dyn Fn(VmEvent) + Send + Sync>;
+
 /// Reaches the running VM from other threads: console input and stopping. Stays valid across
 /// guest reboots, following each new VM.
 #[derive(Clone, Default)]
@@ -26,6 +39,11 @@ pub struct Control {
     current: Arc<Mutex<Option<Attached>>>,
     stopped: Arc<AtomicBool>,
     host: Arc<Mutex<Option<Arc<HostResources>>>>,
+    observers: Arc<Mutex<Vec<EventObserver>>>,
+    /// Why the VM was stopped (QMP's SHUTDOWN reason), and whether the last reset was asked
+    /// from the host.
+    stop_reason: Arc<Mutex<&'static str>>,
+    host_reset: Arc<AtomicBool>,
 }
 
 /// A control request that cannot be carried out, worded for the monitor user.
@@ -44,6 +62,12 @@ pub enum ControlError {
 impl Control {
     /// Stops the VM; `run` returns [`Outcome::Stopped`].
     pub fn stop(&self) {
+        self.stop_for("host-signal");
+    }
+
+    /// [`Control::stop`], saying why (QMP's SHUTDOWN reason: `host-qmp-quit`, `host-ui`, …).
+    pub fn stop_for(&self, reason: &'static str) {
+        *lock(&self.stop_reason) = reason;
         self.stopped.store(true, Ordering::Release);
         if let Some(vm) = &*lock(&self.current) {
             vm.exit.send(VmExit::Stopped);
@@ -53,6 +77,7 @@ impl Control {
     /// Resets the machine as a reset button would (QMP `system_reset`); with `--no-reboot`
     /// that ends the run, as QEMU's `-no-reboot` does.
     pub fn reset(&self) {
+        self.host_reset.store(true, Ordering::Release);
         if let Some(vm) = &*lock(&self.current) {
             vm.exit.send(VmExit::Reset);
         }
@@ -60,18 +85,70 @@ impl Control {
 
     /// Pauses the running VM: its vCPUs and its devices' queue processing (QMP `stop`).
     pub fn pause(&self) -> Result<(), virtio::Error> {
-        match self.runtime() {
-            Some(runtime) => runtime.pause(),
-            None => Ok(()),
+        if let Some(runtime) = self.runtime() {
+            runtime.pause()?;
         }
+        self.announce(VmEvent::Stop);
+        Ok(())
     }
 
     /// Resumes a paused VM (QMP `cont`).
     pub fn resume(&self) -> Result<(), virtio::Error> {
-        match self.runtime() {
-            Some(runtime) => runtime.resume(),
-            None => Ok(()),
+        if let Some(runtime) = self.runtime() {
+            runtime.resume()?;
         }
+        self.announce(VmEvent::Resume);
+        Ok(())
+    }
+
+    /// `observer` is told of every [`VmEvent`] from now on.
+    pub fn watch_events(&self, observer: EventObserver) {
+        lock(&self.observers).push(observer);
+    }
+
+    fn announce(&self, event: VmEvent) {
+        let observers = lock(&self.observers).clone();
+        for observer in observers {
+            observer(event);
+        }
+    }
+
+    /// Reports how a VM ended: `exit` as the run loop saw it.
+    pub(crate) fn announce_exit(&self, exit: &VmExit, no_reboot: bool) {
+        let event = match exit {
+            VmExit::Shutdown => VmEvent::Shutdown {
+                guest: true,
+                reason: "guest-shutdown",
+            },
+            VmExit::Stopped => VmEvent::Shutdown {
+                guest: false,
+                reason: *lock(&self.stop_reason),
+            },
+            VmExit::Reset => {
+                let host = self.host_reset.swap(false, Ordering::AcqRel);
+                let (guest, reason) = if host {
+                    (false, "host-qmp-system-reset")
+                } else {
+                    (true, "guest-reset")
+                };
+                if no_reboot {
+                    VmEvent::Shutdown { guest, reason }
+                } else {
+                    VmEvent::Reset { guest, reason }
+                }
+            }
+            VmExit::Failed(_) => VmEvent::Shutdown {
+                guest: true,
+                reason: "guest-panic",
+            },
+        };
+        self.announce(event);
+    }
+
+    /// Whether the running VM is paused (QMP `query-status`, HMP `info status`).
+    pub fn paused(&self) -> bool {
+        self.vcpu_states()
+            .contains(&machine::vcpu::VcpuState::Paused)
     }
 
     /// Where each vCPU of the running VM is.

@@ -111,7 +111,9 @@ pub fn run_with(
         vm.start()?;
         let exit = plane.run_until_exit(exits);
         vm.stop();
-        match exit? {
+        let exit = exit?;
+        control.announce_exit(&exit, config.no_reboot);
+        match exit {
             VmExit::Shutdown => return Ok(Outcome::PoweredOff),
             VmExit::Stopped => return Ok(Outcome::Stopped),
             VmExit::Reset if config.no_reboot => return Ok(Outcome::Rebooted),

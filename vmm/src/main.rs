@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::event::hmp::HmpMonitor;
+use vmm::event::qmp::QmpServer;
 use vmm::event::signals::SignalWatch;
 use vmm::event::stdin::StdinWatch;
 use vmm::event::ControlPlane;
@@ -83,6 +84,13 @@ fn run_vm(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
     let room = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("an eventfd: {e}"))?;
     let stdin_room = room.try_clone().map_err(|e| format!("an eventfd: {e}"))?;
     plane.add(Box::new(StdinWatch::new(control.clone(), stdin_room)));
+    // Listening before connecting to the monitor: the test driver connects to QMP as soon
+    // as it has accepted nixvmm's monitor and shell connections, without retrying.
+    if let Some(path) = &config.qmp {
+        let qmp = QmpServer::listen(path, control.clone())
+            .map_err(|e| format!("-qmp unix:{}: cannot listen: {e}", path.display()))?;
+        plane.add(Box::new(qmp));
+    }
     if let Some(path) = &config.monitor {
         let monitor = HmpMonitor::connect(path, control.clone()).map_err(|e| {
             format!(

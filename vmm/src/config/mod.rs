@@ -54,6 +54,8 @@ pub struct VmConfig {
     /// QEMU's human monitor, on this Unix socket that a peer listens on (`-monitor
     /// unix:PATH`, as the NixOS test driver gives it).
     pub monitor: Option<PathBuf>,
+    /// QMP, on this Unix socket nixvmm listens on (`-qmp unix:PATH,server=on,wait=off`).
+    pub qmp: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -71,6 +73,7 @@ impl Default for VmConfig {
             nics: Vec::new(),
             ports: Vec::new(),
             monitor: None,
+            qmp: None,
         }
     }
 }

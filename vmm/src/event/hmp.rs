@@ -11,7 +11,6 @@ use std::os::unix::net::UnixStream;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
-use crate::machine::vcpu::VcpuState;
 use crate::Control;
 
 pub const PROMPT: &str = "(qemu) ";
@@ -63,10 +62,7 @@ pub fn execute(line: &str, control: &Control) -> Answer {
              hostfwd_remove [netdev] RULE | set_link NAME on|off\r\n",
         ),
         ("info", ["status"]) => {
-            let paused = control
-                .vcpu_states()
-                .iter()
-                .any(|s| *s == VcpuState::Paused);
+            let paused = control.paused();
             answer(format!(
                 "VM status: {}\r\n",
                 if paused { "paused" } else { "running" }
@@ -80,7 +76,7 @@ pub fn execute(line: &str, control: &Control) -> Answer {
             answer("")
         }
         ("quit" | "q", []) => {
-            control.stop();
+            control.stop_for("host-qmp-quit");
             Answer {
                 text: String::new(),
                 quit: true,

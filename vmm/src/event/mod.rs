@@ -6,6 +6,7 @@
 //! the running VM (what [`Control`](crate::Control) uses).
 
 pub mod hmp;
+pub mod qmp;
 pub mod signals;
 pub mod stdin;
 

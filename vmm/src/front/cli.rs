@@ -138,6 +138,10 @@ pub struct RunArgs {
     /// `hostfwd_add`, `set_link`, …
     #[arg(long, value_name = "SOCKET")]
     pub monitor: Option<PathBuf>,
+    /// QMP on a Unix socket nixvmm listens on (qmp_capabilities, query-status, stop, cont,
+    /// system_reset, quit, human-monitor-command; SHUTDOWN, RESET, STOP, RESUME events).
+    #[arg(long, value_name = "SOCKET")]
+    pub qmp: Option<PathBuf>,
 }
 
 /// `nixvmm device fs` (and virtiofsd's spelling of the same options).
@@ -214,6 +218,7 @@ impl RunArgs {
                 .map(|p| parse_port(p).map_err(ConfigError::from))
                 .collect::<Result<_, _>>()?,
             monitor: self.monitor,
+            qmp: self.qmp,
         };
         config.validate()?;
         Ok(config)

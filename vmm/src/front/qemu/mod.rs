@@ -24,7 +24,7 @@ const DEFAULT_MEMORY: u64 = 128 << 20;
 /// What a QEMU command line asks of nixvmm.
 #[derive(Debug)]
 pub enum QemuCommand {
-    Run(QemuRun),
+    Run(Box<QemuRun>),
     /// Not a boot nixvmm serves: exec the real QEMU with the same arguments, for this reason.
     Fallback(String),
     /// `-version` or `-help`: print this on stdout, exit 0.
@@ -254,6 +254,7 @@ struct Builder {
     serial_seen: bool,
     memory_backend: Option<String>,
     monitor: Option<PathBuf>,
+    qmp: Option<PathBuf>,
     ignored: Vec<String>,
     devices: Devices,
 }
@@ -284,16 +285,17 @@ impl Builder {
             nics: devices.nics,
             ports: devices.ports,
             monitor: self.monitor,
+            qmp: self.qmp,
         };
         config.validate().map_err(|e| invalid(e.to_string()))?;
         self.ignored.dedup();
-        Ok(QemuCommand::Run(QemuRun {
+        Ok(QemuCommand::Run(Box::new(QemuRun {
             config,
             pidfile: self.pidfile,
             log_file: self.log_file,
             tcg_allowed: self.tcg_allowed,
             ignored: self.ignored,
-        }))
+        })))
     }
 
     /// RAM: `-m`, or the size of the `memory-backend` object (they must agree, as in QEMU).
@@ -352,6 +354,7 @@ impl Builder {
             "usb" => self.ignored.push("-usb".into()),
             "serial" => self.serial(need()?)?,
             "monitor" => self.monitor(need()?)?,
+            "qmp" => self.qmp(need()?)?,
             "pidfile" => self.pidfile = Some(PathBuf::from(need()?)),
             "D" => self.log_file = Some(PathBuf::from(need()?)),
             "sandbox" => {
@@ -416,6 +419,34 @@ impl Builder {
         }
         if self.monitor.replace(PathBuf::from(path)).is_some() {
             return Err(unsupported("-monitor: nixvmm has one monitor"));
+        }
+        Ok(())
+    }
+
+    /// `-qmp unix:PATH,server=on,wait=off`: nixvmm listens, clients come when they like.
+    fn qmp(&mut self, value: &str) -> Result<()> {
+        let items = split_items(value);
+        let path = items
+            .first()
+            .and_then(|first| first.strip_prefix("unix:"))
+            .ok_or_else(|| {
+                unsupported(format!(
+                    "-qmp {value}: nixvmm's QMP listens on a Unix socket; write \
+                     -qmp unix:PATH,server=on,wait=off"
+                ))
+            })?;
+        let o = Options::parse_items("-qmp", items[1..].to_vec(), &["server", "wait"], &[])
+            .map_err(option_error)?;
+        if !o.flag("server", false).map_err(option_error)?
+            || o.flag("wait", true).map_err(option_error)?
+        {
+            return Err(unsupported(format!(
+                "-qmp {value}: nixvmm's QMP socket is a server that does not wait for its \
+                 first client; write server=on,wait=off"
+            )));
+        }
+        if self.qmp.replace(PathBuf::from(path)).is_some() {
+            return Err(unsupported("-qmp: nixvmm has one QMP socket"));
         }
         Ok(())
     }

@@ -56,7 +56,7 @@ impl Files {
 
     fn run(&self, line: &str) -> QemuRun {
         match parse(&self.words(line)) {
-            Ok(QemuCommand::Run(run)) => run,
+            Ok(QemuCommand::Run(run)) => *run,
             other => panic!("{line}: {other:?}"),
         }
     }
@@ -326,6 +326,13 @@ fn the_test_drivers_shell_console_and_named_ports() {
     let err = files.error(&format!("{BOOT} -monitor unix:@/m,server=on,wait=off"));
     assert!(
         matches!(&err, QemuError::Unsupported(m) if m.contains("server=off")),
+        "{err}"
+    );
+    let run = files.run(&format!("{BOOT} -qmp unix:@/qmp,server=on,wait=off"));
+    assert_eq!(run.config.qmp, Some(files.path("qmp")));
+    let err = files.error(&format!("{BOOT} -qmp unix:@/qmp,server=on"));
+    assert!(
+        matches!(&err, QemuError::Unsupported(m) if m.contains("wait=off")),
         "{err}"
     );
     let err = files.error(&format!("{BOOT} -chardev pty,id=p"));

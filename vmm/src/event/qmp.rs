@@ -1,0 +1,433 @@
+//! QMP, QEMU's machine protocol, on a Unix socket nixvmm listens on (`-qmp
+//! unix:PATH,server=on,wait=off`, as the NixOS test driver asks; `--qmp PATH`). Each client
+//! gets the greeting, negotiates with `qmp_capabilities`, then sends commands as JSON
+//! objects (`{"execute": …, "arguments": …, "id": …}`) and receives one reply per command
+//! and the VM's events (SHUTDOWN, RESET, STOP, RESUME) as they happen.
+//!
+//! Commands: `qmp_capabilities`, `query-status`, `query-version`, `query-commands`, `stop`,
+//! `cont`, `system_reset`, `quit`, `human-monitor-command` (the HMP commands of
+//! [`super::hmp`]); `system_powerdown` answers that nixvmm has no power button yet. Errors
+//! are QEMU's `{"error": {"class": …, "desc": …}}`.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use devices::bus::lock;
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde_json::{json, Value};
+
+use crate::control::VmEvent;
+use crate::Control;
+
+/// Input a client may send without completing a command (a cap against a peer that never
+/// ends its JSON).
+const MAX_INPUT: usize = 1 << 20;
+/// Clients at once.
+const MAX_CLIENTS: usize = 16;
+
+const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-status",
+    "query-version",
+    "query-commands",
+    "stop",
+    "cont",
+    "system_reset",
+    "system_powerdown",
+    "quit",
+    "human-monitor-command",
+];
+
+pub fn greeting() -> Value {
+    let mut version = crate::front::qemu::QEMU_VERSION
+        .split('.')
+        .map(|n| n.parse::<u64>().unwrap_or(0));
+    json!({"QMP": {
+        "version": {
+            "qemu": {
+                "major": version.next().unwrap_or(0),
+                "minor": version.next().unwrap_or(0),
+                "micro": version.next().unwrap_or(0),
+            },
+            "package": format!("nixvmm {}", env!("CARGO_PKG_VERSION")),
+        },
+        "capabilities": ["oob"],
+    }})
+}
+
+fn error(class: &str, desc: impl Into<String>) -> Value {
+    json!({"error": {"class": class, "desc": desc.into()}})
+}
+
+/// The JSON of one event, timestamped as QEMU does.
+pub fn event_json(event: VmEvent) -> Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let (name, data) = match event {
+        VmEvent::Shutdown { guest, reason } => {
+            ("SHUTDOWN", Some(json!({"guest": guest, "reason": reason})))
+        }
+        VmEvent::Reset { guest, reason } => {
+            ("RESET", Some(json!({"guest": guest, "reason": reason})))
+        }
+        VmEvent::Stop => ("STOP", None),
+        VmEvent::Resume => ("RESUME", None),
+    };
+    let mut value = json!({
+        "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()},
+        "event": name,
+    });
+    if let (Some(data), Some(map)) = (data, value.as_object_mut()) {
+        map.insert("data".into(), data);
+    }
+    value
+}
+
+/// One client's protocol state.
+#[derive(Default)]
+pub struct Session {
+    pub negotiated: bool,
+}
+
+/// The reply to one request, and whether the client asked nixvmm to quit.
+pub fn execute(request: &Value, session: &mut Session, control: &Control) -> (Value, bool) {
+    let id = request.get("id").cloned();
+    let (mut reply, quit) = reply_to(request, session, control);
+    if let (Some(id), Some(map)) = (id, reply.as_object_mut()) {
+        map.insert("id".into(), id);
+    }
+    (reply, quit)
+}
+
+fn reply_to(request: &Value, session: &mut Session, control: &Control) -> (Value, bool) {
+    let Some(command) = request.get("execute").and_then(Value::as_str) else {
+        return (
+            error(
+                "GenericError",
+                "QMP input lacks member 'execute' (or it is not a string)",
+            ),
+            false,
+        );
+    };
+    let ok = || json!({"return": {}});
+    if !session.negotiated && command != "qmp_capabilities" {
+        return (
+            error(
+                "CommandNotFound",
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            ),
+            false,
+        );
+    }
+    let reply = match command {
+        "qmp_capabilities" if session.negotiated => error(
+            "CommandNotFound",
+            "Capabilities negotiation is already complete, command ignored",
+        ),
+        "qmp_capabilities" => {
+            session.negotiated = true;
+            ok()
+        }
+        "query-status" => {
+            let paused = control.paused();
+            json!({"return": {
+                "status": if paused { "paused" } else { "running" },
+                "running": !paused,
+                "singlestep": false,
+            }})
+        }
+        "query-version" => json!({"return": greeting()["QMP"]["version"]}),
+        "query-commands" => {
+            json!({"return": COMMANDS.iter().map(|c| json!({"name": c})).collect::<Vec<_>>()})
+        }
+        "stop" => match control.pause() {
+            Ok(()) => ok(),
+            Err(e) => error("GenericError", e.to_string()),
+        },
+        "cont" => match control.resume() {
+            Ok(()) => ok(),
+            Err(e) => error("GenericError", e.to_string()),
+        },
+        "system_reset" => {
+            control.reset();
+            ok()
+        }
+        "system_powerdown" => error("GenericError", "nixvmm has no ACPI power button yet"),
+        "quit" => {
+            control.stop_for("host-qmp-quit");
+            return (ok(), true);
+        }
+        "human-monitor-command" => {
+            match request
+                .pointer("/arguments/command-line")
+                .and_then(Value::as_str)
+            {
+                Some(line) => {
+                    let answer = super::hmp::execute(line, control);
+                    return (json!({"return": answer.text}), answer.quit);
+                }
+                None => error("GenericError", "Parameter 'command-line' is missing"),
+            }
+        }
+        other => error(
+            "CommandNotFound",
+            format!("The command {other} has not been found"),
+        ),
+    };
+    (reply, false)
+}
+
+struct Client {
+    stream: UnixStream,
+    session: Session,
+    input: Vec<u8>,
+}
+
+impl Client {
+    fn send(&mut self, value: &Value) -> std::io::Result<()> {
+        let mut text = value.to_string();
+        text.push_str("\r\n");
+        let mut bytes = text.as_bytes();
+        while !bytes.is_empty() {
+            match self.stream.write(bytes) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers every complete request in the input; false when the client is done.
+    fn serve(&mut self, control: &Control) -> bool {
+        let text = self.input.clone();
+        let mut stream = serde_json::Deserializer::from_slice(&text).into_iter::<Value>();
+        let mut used = 0;
+        let mut keep = true;
+        loop {
+            match stream.next() {
+                Some(Ok(request)) => {
+                    used = stream.byte_offset();
+                    // After `quit` the connection stays until nixvmm exits, so that the
+                    // SHUTDOWN event reaches this client too.
+                    let (reply, _quit) = execute(&request, &mut self.session, control);
+                    if self.send(&reply).is_err() {
+                        keep = false;
+                        break;
+                    }
+                }
+                Some(Err(e)) if e.is_eof() => break,
+                Some(Err(e)) => {
+                    // QEMU answers bad JSON and starts over after it.
+                    used = text.len();
+                    keep = self
+                        .send(&error("GenericError", format!("JSON parse error, {e}")))
+                        .is_ok();
+                    break;
+                }
+                None => {
+                    used = text.len();
+                    break;
+                }
+            }
+        }
+        self.input.drain(..used.min(self.input.len()));
+        if self.input.len() > MAX_INPUT {
+            self.input.clear();
+            keep &= self
+                .send(&error("GenericError", "QMP input too long"))
+                .is_ok();
+        }
+        keep
+    }
+}
+
+/// Where events go: a writing handle of each client, and whether it has negotiated.
+type EventSinks = Arc<Mutex<BTreeMap<RawFd, (UnixStream, bool)>>>;
+
+/// The control plane's subscriber for the QMP socket and its clients.
+pub struct QmpServer {
+    listener: UnixListener,
+    path: PathBuf,
+    clients: BTreeMap<RawFd, Client>,
+    sinks: EventSinks,
+    control: Control,
+}
+
+impl QmpServer {
+    /// Listens on `path` (a socket file left from an earlier run is replaced, as QEMU does)
+    /// and has `control`'s events sent to negotiated clients.
+    pub fn listen(path: &Path, control: Control) -> std::io::Result<QmpServer> {
+        if path.exists() {
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        let sinks: EventSinks = Arc::default();
+        let watched = sinks.clone();
+        control.watch_events(Arc::new(move |event| {
+            let mut text = event_json(event).to_string();
+            text.push_str("\r\n");
+            for (stream, negotiated) in lock(&watched).values_mut() {
+                if *negotiated {
+                    // A client that does not read loses events, never stalls the VMM.
+                    let _ = stream.write(text.as_bytes());
+                }
+            }
+        }));
+        Ok(QmpServer {
+            listener,
+            path: path.to_path_buf(),
+            clients: BTreeMap::new(),
+            sinks,
+            control,
+        })
+    }
+
+    fn accept(&mut self, ops: &mut EventOps) {
+        let Ok((stream, _)) = self.listener.accept() else {
+            return;
+        };
+        if self.clients.len() >= MAX_CLIENTS {
+            log::warn!("QMP: more than {MAX_CLIENTS} clients; refusing one");
+            return;
+        }
+        let Ok(sink) = stream.try_clone() else {
+            return;
+        };
+        let mut client = Client {
+            stream,
+            session: Session::default(),
+            input: Vec::new(),
+        };
+        if client.stream.set_nonblocking(true).is_err() || client.send(&greeting()).is_err() {
+            return;
+        }
+        let fd = client.stream.as_raw_fd();
+        if ops.add(Events::new_raw(fd, EventSet::IN)).is_ok() {
+            self.clients.insert(fd, client);
+            lock(&self.sinks).insert(fd, (sink, false));
+        }
+    }
+}
+
+impl MutEventSubscriber for QmpServer {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            log::warn!("QMP: cannot watch {}: {e}", self.path.display());
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.listener.as_raw_fd() {
+            self.accept(ops);
+            return;
+        }
+        let Some(client) = self.clients.get_mut(&fd) else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        let keep = match client.stream.read(&mut buf) {
+            Ok(0) => false,
+            Ok(n) => {
+                client.input.extend_from_slice(&buf[..n]);
+                let keep = client.serve(&self.control);
+                if let Some(sink) = lock(&self.sinks).get_mut(&fd) {
+                    sink.1 = client.session.negotiated;
+                }
+                keep
+            }
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        };
+        if !keep {
+            let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+            self.clients.remove(&fd);
+            lock(&self.sinks).remove(&fd);
+        }
+    }
+}
+
+impl Drop for QmpServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(session: &mut Session, request: &str) -> (Value, bool) {
+        execute(
+            &serde_json::from_str(request).unwrap(),
+            session,
+            &Control::default(),
+        )
+    }
+
+    #[test]
+    fn a_session_as_qemu_answers_it() {
+        let greeting = greeting();
+        assert_eq!(greeting["QMP"]["version"]["qemu"]["major"], 9);
+        assert_eq!(greeting["QMP"]["capabilities"], json!(["oob"]));
+        let mut session = Session::default();
+        let (before, _) = run(&mut session, r#"{"execute": "query-status"}"#);
+        assert_eq!(before["error"]["class"], "CommandNotFound");
+        assert_eq!(
+            run(&mut session, r#"{"execute": "qmp_capabilities", "id": 7}"#).0,
+            json!({"return": {}, "id": 7})
+        );
+        let (again, _) = run(&mut session, r#"{"execute": "qmp_capabilities"}"#);
+        assert_eq!(again["error"]["class"], "CommandNotFound");
+        assert_eq!(
+            run(&mut session, r#"{"execute": "query-status"}"#).0,
+            json!({"return": {"status": "running", "running": true, "singlestep": false}})
+        );
+        let (hmp, _) = run(
+            &mut session,
+            r#"{"execute": "human-monitor-command", "arguments": {"command-line": "info status"}}"#,
+        );
+        assert_eq!(hmp, json!({"return": "VM status: running\r\n"}));
+        let (unknown, _) = run(&mut session, r#"{"execute": "blockdev-add"}"#);
+        assert_eq!(
+            unknown["error"]["desc"],
+            "The command blockdev-add has not been found"
+        );
+        let (bad, _) = run(&mut session, r#"{"exec": "quit"}"#);
+        assert_eq!(bad["error"]["class"], "GenericError");
+        let (power, _) = run(&mut session, r#"{"execute": "system_powerdown"}"#);
+        assert!(power["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("power button"));
+        let (quit, done) = run(&mut session, r#"{"execute": "quit"}"#);
+        assert!(done);
+        assert_eq!(quit, json!({"return": {}}));
+    }
+
+    #[test]
+    fn events_are_timestamped_and_carry_their_data() {
+        let shutdown = event_json(VmEvent::Shutdown {
+            guest: true,
+            reason: "guest-shutdown",
+        });
+        assert_eq!(shutdown["event"], "SHUTDOWN");
+        assert_eq!(
+            shutdown["data"],
+            json!({"guest": true, "reason": "guest-shutdown"})
+        );
+        assert!(shutdown["timestamp"]["seconds"].as_u64().unwrap() > 1_700_000_000);
+        let stop = event_json(VmEvent::Stop);
+        assert_eq!(stop["event"], "STOP");
+        assert!(stop.get("data").is_none());
+    }
+}
