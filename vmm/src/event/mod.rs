@@ -1,6 +1,6 @@
 //! The control plane: one event loop on the main thread (event-manager) that waits for what
-//! the VMM must react to: a VM's end, termination signals, console input, and later chardev
-//! sockets and QMP/HMP. Subscribers that outlive one VM (signals, stdin) stay registered
+//! the VMM must react to: a VM's end, termination signals, console input, the human monitor
+//! (`hmp`) and QMP (`qmp`). Subscribers that outlive one VM (signals, stdin) stay registered
 //! across guest reboots; each VM adds the watch on its own exit channel and removes it when
 //! it ends. Other threads reach the loop through the [`ExitSender`](devices::ExitSender) of
 //! the running VM (what [`Control`](crate::Control) uses).
