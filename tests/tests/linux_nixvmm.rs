@@ -1444,7 +1444,7 @@ fn tier4_run_in_linux_vm_line_with_nixvmm_as_qemu_and_virtiofsd() {
 /// answers up to the `(qemu) ` prompt, waits for the backdoor's greeting on the shell, runs commands the way the driver frames them (output in base64 on one line,
 /// then the status), and reads the console log on the VMM's stdout. Prints KEY=value lines.
 const TEST_DRIVER: &str = r#"
-import base64, json, os, socket, subprocess, sys
+import base64, json, os, socket, subprocess, sys, time
 state, command = sys.argv[1], sys.argv[2:]
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(os.path.join(state, "shell"))
@@ -1525,6 +1525,28 @@ def drive():
     print("QMP_EVENTS=%s,%s" % (qmp_read()["event"], qmp_read()["event"]), flush=True)
     out, rc = succeed("echo alive")
     print("AFTER_CONT=%s" % out.strip(), flush=True)
+    # forward_port(): a guest server reached through a forward added over HMP.
+    succeed("echo through-the-forward | nc -l -p 80 > /dev/null &")
+    print("HOSTFWD_ADD=[%s]" % hmp("hostfwd_add tcp:127.0.0.1:8022-:80"), flush=True)
+    got = b""
+    for attempt in range(50):
+        try:
+            peer = socket.create_connection(("127.0.0.1", 8022), timeout=10)
+            got = peer.recv(100)
+            peer.close()
+        except OSError:
+            got = b""
+        if got:
+            break
+        time.sleep(0.2)
+    print("FORWARDED=%s" % got.decode().strip(), flush=True)
+    # block(): the link goes down, as the guest sees it.
+    hmp("set_link virtio-net-pci.0 off")
+    out, rc = succeed("cat /sys/class/net/eth0/carrier")
+    print("CARRIER_AFTER_BLOCK=%s" % out.strip(), flush=True)
+    hmp("set_link virtio-net-pci.0 on")
+    out, rc = succeed("cat /sys/class/net/eth0/carrier")
+    print("CARRIER_AFTER_UNBLOCK=%s" % out.strip(), flush=True)
     print("HMP_UNKNOWN=%s" % hmp("frobnicate").replace(" ", "_"), flush=True)
     shell.sendall(b"exit\n")
     shutdown = qmp_read()
@@ -1548,11 +1570,16 @@ const BACKDOOR: &str = "for i in $(seq 100); do [ -e /dev/hvc0 ] && break; sleep
 #[test]
 fn tier4_a_test_driver_uses_the_backdoor_shell_over_virtconsole_and_the_monitor() {
     let initrd = kit()
-        .initrd(&["virtio_pci", "virtio_console"], BACKDOOR)
+        .initrd(
+            &["virtio_pci", "virtio_console", "virtio_net"],
+            &user_net_guest_script(BACKDOOR),
+        )
         .unwrap();
     let job = format!(
-        "state=$(mktemp -d) && cd $state\n\
+        "ip link set lo up\n\
+         state=$(mktemp -d) && cd $state\n\
          python3 -c {driver} $state {nixvmm} qemu -m 512 -nographic -no-reboot \
+         -netdev user,id=user.0 -net nic,netdev=user.0,model=virtio \
          -kernel {kernel} -initrd {initrd} -append 'console=ttyS0 panic=-1' \
          -qmp unix:$state/qmp,server=on,wait=off -monitor unix:$state/monitor \
          -chardev socket,id=shell,path=$state/shell -device virtio-serial \
@@ -1562,10 +1589,15 @@ fn tier4_a_test_driver_uses_the_backdoor_shell_over_virtconsole_and_the_monitor(
         kernel = path(host().kernel()),
         initrd = path(&initrd),
     );
+    let job = format!("exec unshare -n bash -c {}", shell_quote(&job));
     let log = host().run(&job, BOOT_LIMIT).unwrap();
     let tail = log.tail();
     assert!(!log.timed_out, "timed out:\n{tail}");
     assert!(log.has("ANSWER=42 RC=0"), "{tail}");
+    assert_eq!(log.value_of("HOSTFWD_ADD"), Some("[]"), "{tail}");
+    assert_eq!(log.value_of("FORWARDED"), Some("through-the-forward"), "{tail}");
+    assert_eq!(log.value_of("CARRIER_AFTER_BLOCK"), Some("0"), "{tail}");
+    assert_eq!(log.value_of("CARRIER_AFTER_UNBLOCK"), Some("1"), "{tail}");
     assert_eq!(log.value_of("FAILING_RC"), Some("3"), "{tail}");
     assert!(
         log.has("to the console"),
