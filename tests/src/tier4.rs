@@ -281,11 +281,11 @@ impl Nested {
                 Ok(log) => return Ok(log),
                 Err(JobError::Other(e)) => return Err(e),
                 Err(JobError::L1Failed(e)) => {
+                    // The whole of it: the console's tail says why L1 ended.
                     let _ = writeln!(
                         std::io::stderr(),
-                        "tier 4: L1 #{} failed ({}); {}",
+                        "tier 4: L1 #{} failed; {}:\n{e}",
                         l1.generation,
-                        e.lines().next().unwrap_or_default(),
                         if attempt < L1_ATTEMPTS {
                             "the job runs again in a new L1"
                         } else {
