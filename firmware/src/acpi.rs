@@ -22,8 +22,8 @@ use zerocopy::{Immutable, IntoBytes};
 
 use crate::layout::{
     ACPI_END, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_PORT, ACPI_START,
-    CMOS_CENTURY_REGISTER, CMOS_PORT, COM1_IRQ, COM1_PORT, IOAPIC_START, LAPIC_START,
-    PCI_CONFIG_PORT, PCI_ECAM_START, PCI_MMIO_END, PCI_MMIO_START,
+    CMOS_CENTURY_REGISTER, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT, IOAPIC_START,
+    KEYBOARD_IRQ, LAPIC_START, PCI_CONFIG_PORT, PCI_ECAM_START, PCI_MMIO_END, PCI_MMIO_START,
 };
 use crate::{Error, Result};
 
@@ -112,7 +112,30 @@ fn rtc(body: &mut Vec<u8>) {
     .to_aml_bytes(body);
 }
 
-/// The DSDT: the `_S5_` sleep state, the COM1 UART, the RTC and the PCI host bridge.
+/// The i8042 keyboard controller (PNP0303): data and command ports and IRQ 1, which Linux's
+/// i8042 driver takes from here (with hardware-reduced ACPI there are no legacy ISA IRQs
+/// it could assume).
+fn keyboard(body: &mut Vec<u8>) {
+    aml::Device::new(
+        "_SB_.KBD_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(I8042_DATA_PORT, I8042_DATA_PORT, 1, 1),
+                    &aml::IO::new(I8042_DATA_PORT + 4, I8042_DATA_PORT + 4, 1, 1),
+                    &aml::Interrupt::new(true, true, false, false, KEYBOARD_IRQ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(body);
+}
+
+/// The DSDT: the `_S5_` sleep state, the COM1 UART, the keyboard controller, the RTC and the
+/// PCI host bridge.
 pub fn dsdt() -> Vec<u8> {
     let mut body = Vec::new();
     aml::Name::new(
@@ -135,12 +158,16 @@ pub fn dsdt() -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut body);
+    keyboard(&mut body);
     rtc(&mut body);
     pci_root(&mut body);
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     table.append_slice(&body);
     table.as_slice().to_vec()
 }
+
+/// FADT IAPC_BOOT_ARCH bit 1: the platform has an 8042 keyboard controller.
+pub const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
 
 /// The FADT of a hardware-reduced platform whose DSDT is at `dsdt`.
 pub fn fadt(dsdt: u64) -> Vec<u8> {
@@ -156,6 +183,9 @@ pub fn fadt(dsdt: u64) -> Vec<u8> {
     builder.reset_value = ACPI_RESET_VALUE;
     // Where Linux reads (and writes) the century when it uses the RTC.
     builder.century = CMOS_CENTURY_REGISTER;
+    // IA-PC boot architecture: an 8042 is there (Linux then probes the keyboard controller
+    // at 0x60/0x64 without a PNP device for it).
+    builder.iapc_boot_arch = IAPC_BOOT_ARCH_8042.into();
     to_bytes(&builder.finalize())
 }
 

@@ -52,6 +52,8 @@ pub const HIGH_RAM_START: u64 = MMIO_HOLE_END;
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const I8042_DATA_PORT: u16 = 0x60;
+/// The i8042 keyboard's ISA interrupt.
+pub const KEYBOARD_IRQ: u32 = 1;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// The MC146818 CMOS RTC: index port here, data port at `CMOS_PORT + 1`.
 pub const CMOS_PORT: u16 = 0x70;

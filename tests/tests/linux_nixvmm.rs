@@ -1595,7 +1595,11 @@ fn tier4_a_test_driver_uses_the_backdoor_shell_over_virtconsole_and_the_monitor(
     assert!(!log.timed_out, "timed out:\n{tail}");
     assert!(log.has("ANSWER=42 RC=0"), "{tail}");
     assert_eq!(log.value_of("HOSTFWD_ADD"), Some("[]"), "{tail}");
-    assert_eq!(log.value_of("FORWARDED"), Some("through-the-forward"), "{tail}");
+    assert_eq!(
+        log.value_of("FORWARDED"),
+        Some("through-the-forward"),
+        "{tail}"
+    );
     assert_eq!(log.value_of("CARRIER_AFTER_BLOCK"), Some("0"), "{tail}");
     assert_eq!(log.value_of("CARRIER_AFTER_UNBLOCK"), Some("1"), "{tail}");
     assert_eq!(log.value_of("FAILING_RC"), Some("3"), "{tail}");
@@ -1642,4 +1646,52 @@ fn tier4_a_test_driver_uses_the_backdoor_shell_over_virtconsole_and_the_monitor(
     );
     assert_eq!(log.value_of("BACKDOOR"), Some("done"), "{tail}");
     assert_eq!(log.value_of("VM_RC"), Some("0"), "{tail}");
+}
+
+/// HMP's side of the driver's `reboot()`: `sendkey ctrl-alt-delete` once the guest is up.
+const SENDKEY_DRIVER: &str = r#"
+import os, socket, subprocess, sys
+state, command = sys.argv[1], sys.argv[2:]
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(os.path.join(state, "monitor"))
+listener.listen(1)
+vm = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+listener.settimeout(120)
+monitor, _ = listener.accept()
+for line in vm.stdout:
+    text = line.decode(errors="replace").rstrip()
+    print(text, flush=True)
+    if text.startswith("WAITING-FOR-CTRL-ALT-DELETE"):
+        monitor.sendall(b"sendkey ctrl-alt-delete\n")
+print("VM_RC=%d" % vm.wait(timeout=120), flush=True)
+"#;
+
+#[test]
+fn tier4_sendkey_ctrl_alt_delete_reaches_the_guests_ps2_keyboard_and_reboots_it() {
+    let script = "dmesg | grep -i -E 'i8042|serio|input|8042|keyboard'\n\
+                  echo KEYBOARD=$(grep -c 'AT Translated Set 2 keyboard' /proc/bus/input/devices)\n\
+                  echo WAITING-FOR-CTRL-ALT-DELETE\n\
+                  sleep 120\n\
+                  echo NO_REBOOT_CAME";
+    let guest = Guest {
+        script,
+        args: args(&["--monitor", "MONITOR"]),
+        ..Guest::default()
+    };
+    let command = guest.command().replace("MONITOR", "$state/monitor");
+    let job = format!(
+        "state=$(mktemp -d)\npython3 -c {} $state {command}",
+        shell_quote(SENDKEY_DRIVER)
+    );
+    let log = host().run(&job, BOOT_LIMIT).unwrap();
+    let tail = log.tail();
+    assert!(!log.timed_out, "timed out:\n{tail}");
+    assert_eq!(log.value_of("KEYBOARD"), Some("1"), "{tail}");
+    assert!(log.has("reboot: Restarting system"), "{tail}");
+    assert!(!log.has("NO_REBOOT_CAME"), "{tail}");
+    assert_eq!(
+        log.value_of("VM_RC"),
+        Some("0"),
+        "--no-reboot ends nixvmm: {tail}"
+    );
 }

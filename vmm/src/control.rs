@@ -16,6 +16,7 @@ use crate::machine::{self, Vm};
 struct Attached {
     exit: ExitSender,
     serial: Arc<Mutex<SerialConsole>>,
+    keyboard: Arc<Mutex<devices::i8042::I8042>>,
     runtime: Arc<machine::Runtime>,
 }
 
@@ -55,6 +56,8 @@ pub enum ControlError {
     NotUserNetwork(usize),
     #[error("no NIC is on a user-mode network (--net user)")]
     NoUserNetwork,
+    #[error("unknown key '{0}'")]
+    UnknownKey(String),
     #[error("{0}")]
     Forward(String),
 }
@@ -168,6 +171,22 @@ impl Control {
         }
     }
 
+    /// Presses a chord of keys on the guest's PS/2 keyboard (HMP `sendkey`), written as
+    /// QEMU writes it: key names joined by `-`, such as `ctrl-alt-delete` or `shift-a`.
+    pub fn send_keys(&self, chord: &str) -> Result<(), ControlError> {
+        let keys = chord
+            .split('-')
+            .map(|name| {
+                devices::i8042::Key::named(name)
+                    .ok_or_else(|| ControlError::UnknownKey(name.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(vm) = &*lock(&self.current) {
+            lock(&vm.keyboard).press_keys(&keys);
+        }
+        Ok(())
+    }
+
     /// Switches NIC `nic`'s link (HMP's `set_link`); the guest sees a link change.
     pub fn set_link(&self, nic: usize, up: bool) -> Result<(), ControlError> {
         self.with_nic(nic, |n| {
@@ -237,6 +256,7 @@ impl Control {
         *lock(&self.current) = Some(Attached {
             exit: vm.exit_sender(),
             serial: vm.serial(),
+            keyboard: vm.keyboard(),
             runtime: vm.runtime(),
         });
         if self.stopped.load(Ordering::Acquire) {

@@ -1,8 +1,8 @@
 //! QEMU's human monitor (HMP) on a Unix socket nixvmm connects to (`-monitor unix:PATH`, as
 //! the NixOS test driver listens for it): a banner, then one command per line, each answer
 //! ending in the `(qemu) ` prompt the driver waits for. Commands: `info status`, `stop`,
-//! `cont`, `system_reset`, `quit`, `hostfwd_add`, `hostfwd_remove`, `set_link`, `help`;
-//! `screendump`, `sendkey` and `system_powerdown` answer with an error saying what nixvmm
+//! `cont`, `system_reset`, `quit`, `hostfwd_add`, `hostfwd_remove`, `set_link`, `sendkey`,
+//! `help`; `screendump` and `system_powerdown` answer with an error saying what nixvmm
 //! lacks; anything else as QEMU answers an unknown command.
 
 use std::io::{Read, Write};
@@ -59,7 +59,7 @@ pub fn execute(line: &str, control: &Control) -> Answer {
     match (command, args) {
         ("help" | "?", _) => answer(
             "info status | stop | cont | system_reset | quit | hostfwd_add [netdev] RULE | \
-             hostfwd_remove [netdev] RULE | set_link NAME on|off\r\n",
+             hostfwd_remove [netdev] RULE | set_link NAME on|off | sendkey KEYS\r\n",
         ),
         ("info", ["status"]) => {
             let paused = control.paused();
@@ -101,11 +101,11 @@ pub fn execute(line: &str, control: &Control) -> Answer {
             None => answer(format!("Error: Device '{name}' not found\r\n")),
         },
         ("screendump", _) => answer("Error: there is no display to dump: nixvmm is headless\r\n"),
-        ("sendkey", _) => answer("Error: nixvmm has no keyboard yet\r\n"),
+        ("sendkey", [chord, ..]) => done(control.send_keys(chord).map_err(|e| e.to_string())),
         ("system_powerdown", _) => answer("Error: nixvmm has no ACPI power button yet\r\n"),
         (
             "stop" | "cont" | "c" | "system_reset" | "quit" | "q" | "hostfwd_add"
-            | "hostfwd_remove" | "set_link",
+            | "hostfwd_remove" | "set_link" | "sendkey",
             _,
         ) => answer(format!("Error: {command}: wrong arguments; see `help`\r\n")),
         (other, _) => answer(format!("unknown command: '{other}'\r\n")),
@@ -234,6 +234,11 @@ mod tests {
         assert!(execute("hostfwd_add tcp::2222-:22", &control)
             .text
             .starts_with("Error: "));
+        assert_eq!(execute("sendkey ctrl-alt-delete", &control).text, "");
+        assert_eq!(
+            execute("sendkey ctrl-frob", &control).text,
+            "Error: unknown key 'frob'\r\n"
+        );
         let quit = execute("quit", &control);
         assert!(quit.quit && quit.text.is_empty());
     }

@@ -18,8 +18,8 @@ use devices::{ExitReceiver, ExitSender};
 use firmware::acpi::{write_acpi_tables, AcpiConfig};
 use firmware::boot::{self, BootSetup, LoadedKernel};
 use firmware::layout::{
-    self, ACPI_SLEEP_PORT, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT, PCI_CONFIG_PORT,
-    PCI_ECAM_SIZE, PCI_ECAM_START,
+    self, ACPI_SLEEP_PORT, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT, KEYBOARD_IRQ,
+    PCI_CONFIG_PORT, PCI_ECAM_SIZE, PCI_ECAM_START,
 };
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -87,6 +87,7 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     buses: Arc<Buses>,
     serial: Arc<Mutex<SerialConsole>>,
+    keyboard: Arc<Mutex<I8042>>,
     exit_tx: ExitSender,
     runtime: Arc<Runtime>,
     _vm_fd: Arc<VmFd>,
@@ -120,7 +121,7 @@ impl Vm {
 
         let (exit_tx, exit_rx) = devices::exit_channel().map_err(VmError::EventFd)?;
         let input_room = input_room.try_clone().map_err(VmError::EventFd)?;
-        let (io, serial) = legacy_devices(&vm_fd, console, &exit_tx, input_room)?;
+        let (io, serial, keyboard) = legacy_devices(&vm_fd, console, &exit_tx, input_room)?;
         let mut pci = PciRoot::new();
         let mmio = Arc::new(Bus::new());
         let models = device_models(config, backends)?;
@@ -141,6 +142,7 @@ impl Vm {
             vcpus: create_vcpus(kvm, &vm_fd, config.cpus, entry, cr3)?,
             buses: Arc::new(Buses { io, mmio }),
             serial,
+            keyboard,
             exit_tx,
             runtime: Arc::new(Runtime {
                 vcpus: Mutex::new(None),
@@ -154,6 +156,11 @@ impl Vm {
 
     pub fn serial(&self) -> Arc<Mutex<SerialConsole>> {
         self.serial.clone()
+    }
+
+    /// The i8042 and its keyboard (QMP/HMP `sendkey`).
+    pub fn keyboard(&self) -> Arc<Mutex<I8042>> {
+        self.keyboard.clone()
     }
 
     /// Pausing and resuming the running VM, from other threads.
@@ -327,13 +334,17 @@ fn write_boot_state(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<(u64,
     Ok((kernel.entry.0, cr3))
 }
 
-/// COM1, the i8042 and the ACPI power register on a new I/O bus.
+/// The I/O bus with the legacy devices, and those other threads reach (console input, keys).
+type LegacyDevices = (Bus, Arc<Mutex<SerialConsole>>, Arc<Mutex<I8042>>);
+
+/// COM1, the i8042 with its keyboard, the CMOS RTC and the ACPI power register on a new I/O
+/// bus.
 fn legacy_devices(
     vm_fd: &VmFd,
     console: &ConsoleOutput,
     exit_tx: &ExitSender,
     input_room: EventFd,
-) -> Result<(Bus, Arc<Mutex<SerialConsole>>), VmError> {
+) -> Result<LegacyDevices, VmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     vm_fd
         .register_irqfd(&serial_irq, COM1_IRQ)
@@ -345,11 +356,15 @@ fn legacy_devices(
     )));
     let io = Bus::new();
     io.insert(u64::from(COM1_PORT), 8, serial.clone())?;
-    io.insert(
-        u64::from(I8042_DATA_PORT),
-        5,
-        Arc::new(Mutex::new(I8042::new(exit_tx.clone()))),
-    )?;
+    let keyboard_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm_fd
+        .register_irqfd(&keyboard_irq, KEYBOARD_IRQ)
+        .map_err(kvm_err("keyboard interrupt"))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        exit_tx.clone(),
+        Box::new(keyboard_irq),
+    )));
+    io.insert(u64::from(I8042_DATA_PORT), 5, i8042.clone())?;
     io.insert(
         u64::from(CMOS_PORT),
         2,
@@ -360,7 +375,7 @@ fn legacy_devices(
         1,
         Arc::new(Mutex::new(AcpiPower::new(exit_tx.clone()))),
     )?;
-    Ok((io, serial))
+    Ok((io, serial, i8042))
 }
 
 /// The vCPUs, configured; the boot CPU enters at `entry` with page tables at `cr3`.
