@@ -327,3 +327,34 @@ fn guest_ram_is_advised_for_huge_pages() {
     let flags = ram.unwrap_or_else(|| panic!("no 96 MiB mapping in:\n{smaps}"));
     assert!(flags.contains(&"hg"), "VmFlags: {flags:?}");
 }
+
+/// Ctrl-A c switches the terminal from the guest's console to QEMU's monitor, as in QEMU's
+/// `-nographic`: typed lines are monitor commands, echoed, and `quit` ends nixvmm.
+#[test]
+fn ctrl_a_c_opens_the_monitor_on_the_terminal() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_guest(dir.path(), echo_guest().expect("guest assembles"));
+    let mut child = Command::new(nixvmm_bin())
+        .args(["run", "--memory", "64M", "--kernel"])
+        .arg(&kernel)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = [0u8; 6];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut ready).unwrap();
+    assert_eq!(&ready, b"ready\n", "the guest runs");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"\x01cinfo status\rfrob\rquit\r").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("monitor (nixvmm)"), "the banner: {text}");
+    assert!(
+        text.contains("(qemu) info status\r\nVM status: running\r\n(qemu) "),
+        "echoed and answered: {text:?}"
+    );
+    assert!(text.contains("unknown command: 'frob'"), "{text:?}");
+    assert_eq!(out.status.code(), Some(0), "quit ends nixvmm: {text:?}");
+}

@@ -1,6 +1,7 @@
-//! Console input: what is typed on stdin goes to the running guest's UART.
+//! Console input: what is typed on stdin goes to the running guest's UART, or, after
+//! Ctrl-A c, to QEMU's human monitor on the same terminal (as QEMU's `-nographic`).
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -8,9 +9,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::Control;
 
-/// Ctrl-A, then `x`: leave the console and stop the VM (as in QEMU's `-nographic`).
+/// Ctrl-A, then `x`: leave the console and stop the VM; then `c`: switch between the guest's
+/// console and the monitor (as in QEMU's `-nographic`).
 const ESCAPE: u8 = 0x01;
 const QUIT: u8 = b'x';
+const MONITOR: u8 = b'c';
+const BACKSPACE: u8 = 0x7f;
+/// The longest monitor line kept; what is typed beyond it is dropped.
+const MONITOR_LINE: usize = 1024;
 
 /// The control plane's subscriber for stdin: forwards what is typed to the running guest's
 /// UART, across guest reboots, until stdin closes. When the UART's receive FIFO is full it
@@ -21,6 +27,8 @@ pub struct StdinWatch {
     after_escape: bool,
     /// Typed bytes the guest has no room for yet.
     pending: Vec<u8>,
+    /// Typing goes to the monitor, this line so far.
+    monitor: Option<Vec<u8>>,
 }
 
 impl StdinWatch {
@@ -30,6 +38,7 @@ impl StdinWatch {
             room,
             after_escape: false,
             pending: Vec::new(),
+            monitor: None,
         }
     }
 
@@ -38,10 +47,30 @@ impl StdinWatch {
         for &byte in bytes {
             match (self.after_escape, byte) {
                 (true, QUIT) => {
-                    self.control.stop();
+                    self.control.stop_for("host-ui");
                     return false;
                 }
+                (true, MONITOR) => {
+                    self.after_escape = false;
+                    self.monitor = match self.monitor.take() {
+                        Some(_) => {
+                            say("\r\n");
+                            None
+                        }
+                        None => {
+                            say(&format!("\r\n{}", super::hmp::banner()));
+                            Some(Vec::new())
+                        }
+                    };
+                }
                 (false, ESCAPE) => self.after_escape = true,
+                // At the monitor, other keys are its line (Ctrl-A Ctrl-A, Ctrl-A KEY too).
+                (_, other) if self.monitor.is_some() => {
+                    self.after_escape = false;
+                    if !self.monitor_key(other) {
+                        return false;
+                    }
+                }
                 (true, ESCAPE) => {
                     self.pending.push(ESCAPE);
                     self.after_escape = false;
@@ -52,6 +81,35 @@ impl StdinWatch {
                 }
                 (false, other) => self.pending.push(other),
             }
+        }
+        true
+    }
+
+    /// A key typed at the monitor: echoed, kept until Enter, then run. False once the
+    /// monitor user quit.
+    fn monitor_key(&mut self, key: u8) -> bool {
+        let Some(line) = self.monitor.as_mut() else {
+            return true;
+        };
+        match key {
+            b'\r' | b'\n' => {
+                let text = String::from_utf8_lossy(line).into_owned();
+                line.clear();
+                let answer = super::hmp::execute(&text, &self.control);
+                say(&format!("\r\n{}", answer.text));
+                if answer.quit {
+                    return false;
+                }
+                say(super::hmp::PROMPT);
+            }
+            BACKSPACE | 0x08 if line.pop().is_some() => say("\x08 \x08"),
+            BACKSPACE | 0x08 => {}
+            key if line.len() < MONITOR_LINE => {
+                line.push(key);
+                let _ = std::io::stdout().write_all(&[key]);
+                let _ = std::io::stdout().flush();
+            }
+            _ => {}
         }
         true
     }
@@ -75,6 +133,13 @@ impl StdinWatch {
     fn room_events(&self) -> Events {
         Events::new(&self.room, EventSet::IN)
     }
+}
+
+/// Text for the monitor user on the terminal (a closed stdout loses it).
+fn say(text: &str) {
+    let mut out = std::io::stdout();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
 }
 
 impl MutEventSubscriber for StdinWatch {
