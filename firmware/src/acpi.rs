@@ -24,6 +24,7 @@ use crate::layout::{
     ACPI_END, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_PORT, ACPI_START,
     CMOS_CENTURY_REGISTER, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT, IOAPIC_START,
     KEYBOARD_IRQ, LAPIC_START, PCI_CONFIG_PORT, PCI_ECAM_START, PCI_MMIO_END, PCI_MMIO_START,
+    POWER_BUTTON_GSI,
 };
 use crate::{Error, Result};
 
@@ -134,8 +135,50 @@ fn keyboard(body: &mut Vec<u8>) {
     .to_aml_bytes(body);
 }
 
-/// The DSDT: the `_S5_` sleep state, the COM1 UART, the keyboard controller, the RTC and the
-/// PCI host bridge.
+/// The power button (PNP0C0C) and the Generic Event Device (ACPI0013) that signals it: a
+/// hardware-reduced platform has no fixed power button, so its interrupt (GSI
+/// [`POWER_BUTTON_GSI`]) runs `_EVT`, which notifies the button, and Linux's button driver
+/// reports KEY_POWER (systemd-logind then powers off).
+fn power_button(body: &mut Vec<u8>) {
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(body);
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true,
+                    true,
+                    false,
+                    false,
+                    POWER_BUTTON_GSI,
+                )]),
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                false,
+                vec![&aml::If::new(
+                    &aml::Equal::new(&aml::Arg(0), &POWER_BUTTON_GSI),
+                    vec![&aml::Notify::new(&aml::Path::new("\\_SB_.PWRB"), &0x80u8)],
+                )],
+            ),
+        ],
+    )
+    .to_aml_bytes(body);
+}
+
+/// The DSDT: the `_S5_` sleep state, the COM1 UART, the keyboard controller, the power
+/// button, the RTC and the PCI host bridge.
 pub fn dsdt() -> Vec<u8> {
     let mut body = Vec::new();
     aml::Name::new(
@@ -159,6 +202,7 @@ pub fn dsdt() -> Vec<u8> {
     )
     .to_aml_bytes(&mut body);
     keyboard(&mut body);
+    power_button(&mut body);
     rtc(&mut body);
     pci_root(&mut body);
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);

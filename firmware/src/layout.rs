@@ -54,6 +54,8 @@ pub const COM1_IRQ: u32 = 4;
 pub const I8042_DATA_PORT: u16 = 0x60;
 /// The i8042 keyboard's ISA interrupt.
 pub const KEYBOARD_IRQ: u32 = 1;
+/// The ACPI Generic Event Device's interrupt: the power button (QMP `system_powerdown`).
+pub const POWER_BUTTON_GSI: u32 = 5;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// The MC146818 CMOS RTC: index port here, data port at `CMOS_PORT + 1`.
 pub const CMOS_PORT: u16 = 0x70;

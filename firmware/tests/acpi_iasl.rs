@@ -201,3 +201,46 @@ fn pci_root_bridge_and_mcfg_describe_ecam() {
     assert_eq!(field(mcfg, "Start Bus Number"), ["00"], "{mcfg}");
     assert_eq!(field(mcfg, "End Bus Number"), ["00"], "{mcfg}");
 }
+
+/// The text of `device` in the decompiled DSDT, up to the next device.
+fn device<'a>(dsdt: &'a str, device: &str) -> &'a str {
+    let body = dsdt
+        .split(&format!("Device ({device})"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {device} in {dsdt}"));
+    body.split("Device (").next().unwrap_or(body)
+}
+
+#[test]
+fn dsdt_has_the_keyboard_controller_and_the_fadt_says_so() {
+    let tables = decompiled(1);
+    let kbd = device(find(&tables, "DSDT"), "_SB.KBD");
+    assert!(kbd.contains("EisaId (\"PNP0303\")"), "{kbd}");
+    assert!(kbd.contains("0x0060") && kbd.contains("0x0064"), "{kbd}");
+    assert!(kbd.contains("0x00000001"), "IRQ 1 in {kbd}");
+    let fadt = find(&tables, "FACP");
+    assert_eq!(
+        field(fadt, "8042 Present on ports 60/64 (V2)"),
+        ["1"],
+        "{fadt}"
+    );
+}
+
+#[test]
+fn dsdt_has_a_power_button_signalled_by_a_generic_event_device() {
+    let tables = decompiled(1);
+    let dsdt = find(&tables, "DSDT");
+    let button = device(dsdt, "_SB.PWRB");
+    assert!(button.contains("EisaId (\"PNP0C0C\")"), "{button}");
+    let ged = device(dsdt, "_SB.GED");
+    assert!(ged.contains("\"ACPI0013\""), "{ged}");
+    assert!(ged.contains("0x00000005"), "GSI 5 in {ged}");
+    assert!(ged.contains("Method (_EVT, 1"), "{ged}");
+    assert!(ged.contains("Notify (\\_SB.PWRB, 0x80"), "{ged}");
+    let fadt = find(&tables, "FACP");
+    assert_eq!(
+        field(fadt, "Control Method Power Button (V1)"),
+        ["1"],
+        "no fixed power button: {fadt}"
+    );
+}

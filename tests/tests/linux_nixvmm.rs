@@ -1648,10 +1648,12 @@ fn tier4_a_test_driver_uses_the_backdoor_shell_over_virtconsole_and_the_monitor(
     assert_eq!(log.value_of("VM_RC"), Some("0"), "{tail}");
 }
 
-/// HMP's side of the driver's `reboot()`: `sendkey ctrl-alt-delete` once the guest is up.
-const SENDKEY_DRIVER: &str = r#"
+/// A monitor client that sends one HMP command (its first argument after the state folder)
+/// once the guest prints a line starting with WAITING-FOR, as the driver's `reboot()` sends
+/// `sendkey ctrl-alt-delete`.
+const HMP_ONCE_READY: &str = r#"
 import os, socket, subprocess, sys
-state, command = sys.argv[1], sys.argv[2:]
+state, hmp_command, command = sys.argv[1], sys.argv[2], sys.argv[3:]
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(os.path.join(state, "monitor"))
 listener.listen(1)
@@ -1661,8 +1663,8 @@ monitor, _ = listener.accept()
 for line in vm.stdout:
     text = line.decode(errors="replace").rstrip()
     print(text, flush=True)
-    if text.startswith("WAITING-FOR-CTRL-ALT-DELETE"):
-        monitor.sendall(b"sendkey ctrl-alt-delete\n")
+    if text.startswith("WAITING-FOR"):
+        monitor.sendall(hmp_command.encode() + b"\n")
 print("VM_RC=%d" % vm.wait(timeout=120), flush=True)
 "#;
 
@@ -1680,8 +1682,8 @@ fn tier4_sendkey_ctrl_alt_delete_reaches_the_guests_ps2_keyboard_and_reboots_it(
     };
     let command = guest.command().replace("MONITOR", "$state/monitor");
     let job = format!(
-        "state=$(mktemp -d)\npython3 -c {} $state {command}",
-        shell_quote(SENDKEY_DRIVER)
+        "state=$(mktemp -d)\npython3 -c {} $state 'sendkey ctrl-alt-delete' {command}",
+        shell_quote(HMP_ONCE_READY)
     );
     let log = host().run(&job, BOOT_LIMIT).unwrap();
     let tail = log.tail();
@@ -1694,4 +1696,40 @@ fn tier4_sendkey_ctrl_alt_delete_reaches_the_guests_ps2_keyboard_and_reboots_it(
         Some("0"),
         "--no-reboot ends nixvmm: {tail}"
     );
+}
+
+#[test]
+fn tier4_system_powerdown_presses_the_acpi_power_button_the_guest_sees() {
+    // The reader is there before the guest says it waits: evdev gives events only to readers.
+    let script = "dev=$(awk '/Name=\"Power Button\"/{p=1} p && /Handlers/{for (i = 1; i <= NF; i++) if ($i ~ /^event/) print $i; exit}' /proc/bus/input/devices)\n\
+                  echo POWER_BUTTON=$dev\n\
+                  timeout 60 dd if=/dev/input/$dev of=/tmp/event bs=24 count=1 2>/dev/null & reader=$!\n\
+                  sleep 1\n\
+                  echo WAITING-FOR-THE-POWER-BUTTON\n\
+                  wait $reader\n\
+                  echo GED_INTERRUPTS=$(awk '/ACPI:Ged/{print $2}' /proc/interrupts)\n\
+                  echo KEY_CODE=$(od -An -tu2 -j18 -N2 /tmp/event | tr -d ' ')\n\
+                  echo KEY_VALUE=$(od -An -tu4 -j20 -N4 /tmp/event | tr -d ' ')";
+    let guest = Guest {
+        modules: &["button", "evdev"],
+        script,
+        args: args(&["--monitor", "MONITOR"]),
+        ..Guest::default()
+    };
+    let command = guest.command().replace("MONITOR", "$state/monitor");
+    let job = format!(
+        "state=$(mktemp -d)\npython3 -c {} $state system_powerdown {command}",
+        shell_quote(HMP_ONCE_READY)
+    );
+    let log = host().run(&job, BOOT_LIMIT).unwrap();
+    boots_and_powers_off(&log);
+    let tail = log.tail();
+    assert!(
+        log.value_of("POWER_BUTTON")
+            .is_some_and(|d| d.starts_with("event")),
+        "{tail}"
+    );
+    assert_eq!(log.value_of("GED_INTERRUPTS"), Some("1"), "{tail}");
+    assert_eq!(log.value_of("KEY_CODE"), Some("116"), "KEY_POWER: {tail}");
+    assert_eq!(log.value_of("KEY_VALUE"), Some("1"), "pressed: {tail}");
 }

@@ -17,10 +17,11 @@ struct Attached {
     exit: ExitSender,
     serial: Arc<Mutex<SerialConsole>>,
     keyboard: Arc<Mutex<devices::i8042::I8042>>,
+    power_button: Arc<vmm_sys_util::eventfd::EventFd>,
     runtime: Arc<machine::Runtime>,
 }
 
-/// What happened to the VM, as QMP reports it (SHUTDOWN, RESET, STOP, RESUME): `guest`
+/// What happened to the VM, as QMP reports it (SHUTDOWN, RESET, STOP, RESUME, POWERDOWN): `guest`
 /// says whether the guest asked for it, `reason` is QEMU's word for why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmEvent {
@@ -28,6 +29,7 @@ pub enum VmEvent {
     Reset { guest: bool, reason: &'static str },
     Stop,
     Resume,
+    Powerdown,
 }
 
 /// Told of every [`VmEvent`], on the thread where it happened.
@@ -171,6 +173,15 @@ impl Control {
         }
     }
 
+    /// Presses the ACPI power button (QMP `system_powerdown`): the guest decides what
+    /// follows (NixOS's logind powers off).
+    pub fn press_power_button(&self) {
+        if let Some(vm) = &*lock(&self.current) {
+            let _ = vm.power_button.write(1);
+        }
+        self.announce(VmEvent::Powerdown);
+    }
+
     /// Presses a chord of keys on the guest's PS/2 keyboard (HMP `sendkey`), written as
     /// QEMU writes it: key names joined by `-`, such as `ctrl-alt-delete` or `shift-a`.
     pub fn send_keys(&self, chord: &str) -> Result<(), ControlError> {
@@ -257,6 +268,7 @@ impl Control {
             exit: vm.exit_sender(),
             serial: vm.serial(),
             keyboard: vm.keyboard(),
+            power_button: vm.power_button(),
             runtime: vm.runtime(),
         });
         if self.stopped.load(Ordering::Acquire) {

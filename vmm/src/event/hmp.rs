@@ -2,8 +2,8 @@
 //! the NixOS test driver listens for it): a banner, then one command per line, each answer
 //! ending in the `(qemu) ` prompt the driver waits for. Commands: `info status`, `stop`,
 //! `cont`, `system_reset`, `quit`, `hostfwd_add`, `hostfwd_remove`, `set_link`, `sendkey`,
-//! `help`; `screendump` and `system_powerdown` answer with an error saying what nixvmm
-//! lacks; anything else as QEMU answers an unknown command.
+//! `system_powerdown`, `help`; `screendump` answers that there is no display; anything else
+//! as QEMU answers an unknown command.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -58,7 +58,7 @@ pub fn execute(line: &str, control: &Control) -> Answer {
     };
     match (command, args) {
         ("help" | "?", _) => answer(
-            "info status | stop | cont | system_reset | quit | hostfwd_add [netdev] RULE | \
+            "info status | stop | cont | system_reset | system_powerdown | quit | hostfwd_add [netdev] RULE | \
              hostfwd_remove [netdev] RULE | set_link NAME on|off | sendkey KEYS\r\n",
         ),
         ("info", ["status"]) => {
@@ -102,10 +102,13 @@ pub fn execute(line: &str, control: &Control) -> Answer {
         },
         ("screendump", _) => answer("Error: there is no display to dump: nixvmm is headless\r\n"),
         ("sendkey", [chord, ..]) => done(control.send_keys(chord).map_err(|e| e.to_string())),
-        ("system_powerdown", _) => answer("Error: nixvmm has no ACPI power button yet\r\n"),
+        ("system_powerdown", []) => {
+            control.press_power_button();
+            answer("")
+        }
         (
-            "stop" | "cont" | "c" | "system_reset" | "quit" | "q" | "hostfwd_add"
-            | "hostfwd_remove" | "set_link" | "sendkey",
+            "stop" | "cont" | "c" | "system_reset" | "system_powerdown" | "quit" | "q"
+            | "hostfwd_add" | "hostfwd_remove" | "set_link" | "sendkey",
             _,
         ) => answer(format!("Error: {command}: wrong arguments; see `help`\r\n")),
         (other, _) => answer(format!("unknown command: '{other}'\r\n")),

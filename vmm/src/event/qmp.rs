@@ -6,8 +6,7 @@
 //!
 //! Commands: `qmp_capabilities`, `query-status`, `query-version`, `query-commands`, `stop`,
 //! `cont`, `system_reset`, `quit`, `human-monitor-command` (the HMP commands of
-//! [`super::hmp`]); `system_powerdown` answers that nixvmm has no power button yet. Errors
-//! are QEMU's `{"error": {"class": …, "desc": …}}`.
+//! [`super::hmp`]), `system_powerdown` (the ACPI power button). Errors are QEMU's `{"error": {"class": …, "desc": …}}`.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -77,6 +76,7 @@ pub fn event_json(event: VmEvent) -> Value {
         }
         VmEvent::Stop => ("STOP", None),
         VmEvent::Resume => ("RESUME", None),
+        VmEvent::Powerdown => ("POWERDOWN", None),
     };
     let mut value = json!({
         "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()},
@@ -157,7 +157,10 @@ fn reply_to(request: &Value, session: &mut Session, control: &Control) -> (Value
             control.reset();
             ok()
         }
-        "system_powerdown" => error("GenericError", "nixvmm has no ACPI power button yet"),
+        "system_powerdown" => {
+            control.press_power_button();
+            ok()
+        }
         "quit" => {
             control.stop_for("host-qmp-quit");
             return (ok(), true);
@@ -405,10 +408,7 @@ mod tests {
         let (bad, _) = run(&mut session, r#"{"exec": "quit"}"#);
         assert_eq!(bad["error"]["class"], "GenericError");
         let (power, _) = run(&mut session, r#"{"execute": "system_powerdown"}"#);
-        assert!(power["error"]["desc"]
-            .as_str()
-            .unwrap()
-            .contains("power button"));
+        assert_eq!(power, json!({"return": {}}));
         let (quit, done) = run(&mut session, r#"{"execute": "quit"}"#);
         assert!(done);
         assert_eq!(quit, json!({"return": {}}));

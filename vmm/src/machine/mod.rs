@@ -19,7 +19,7 @@ use firmware::acpi::{write_acpi_tables, AcpiConfig};
 use firmware::boot::{self, BootSetup, LoadedKernel};
 use firmware::layout::{
     self, ACPI_SLEEP_PORT, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT, KEYBOARD_IRQ,
-    PCI_CONFIG_PORT, PCI_ECAM_SIZE, PCI_ECAM_START,
+    PCI_CONFIG_PORT, PCI_ECAM_SIZE, PCI_ECAM_START, POWER_BUTTON_GSI,
 };
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -88,6 +88,8 @@ pub struct Vm {
     buses: Arc<Buses>,
     serial: Arc<Mutex<SerialConsole>>,
     keyboard: Arc<Mutex<I8042>>,
+    /// The Generic Event Device's interrupt: a press of the ACPI power button.
+    power_button: Arc<EventFd>,
     exit_tx: ExitSender,
     runtime: Arc<Runtime>,
     _vm_fd: Arc<VmFd>,
@@ -122,6 +124,10 @@ impl Vm {
         let (exit_tx, exit_rx) = devices::exit_channel().map_err(VmError::EventFd)?;
         let input_room = input_room.try_clone().map_err(VmError::EventFd)?;
         let (io, serial, keyboard) = legacy_devices(&vm_fd, console, &exit_tx, input_room)?;
+        let power_button = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm_fd
+            .register_irqfd(&power_button, POWER_BUTTON_GSI)
+            .map_err(kvm_err("power button interrupt"))?;
         let mut pci = PciRoot::new();
         let mmio = Arc::new(Bus::new());
         let models = device_models(config, backends)?;
@@ -143,6 +149,7 @@ impl Vm {
             buses: Arc::new(Buses { io, mmio }),
             serial,
             keyboard,
+            power_button: Arc::new(power_button),
             exit_tx,
             runtime: Arc::new(Runtime {
                 vcpus: Mutex::new(None),
@@ -156,6 +163,11 @@ impl Vm {
 
     pub fn serial(&self) -> Arc<Mutex<SerialConsole>> {
         self.serial.clone()
+    }
+
+    /// Presses the ACPI power button (QMP `system_powerdown`).
+    pub fn power_button(&self) -> Arc<EventFd> {
+        self.power_button.clone()
     }
 
     /// The i8042 and its keyboard (QMP/HMP `sendkey`).
