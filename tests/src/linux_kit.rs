@@ -361,7 +361,7 @@ impl BootLog {
     /// The value of a `KEY=value` line the script printed.
     pub fn value_of(&self, key: &str) -> Option<&str> {
         self.console.lines().find_map(|l| {
-            l.trim_end_matches('\r')
+            without_kernel_message(l.trim_end_matches('\r'))
                 .strip_prefix(key)?
                 .strip_prefix('=')
         })
@@ -370,7 +370,7 @@ impl BootLog {
     /// The exit status of the test's script.
     pub fn script_rc(&self) -> Option<i32> {
         self.console.lines().find_map(|l| {
-            l.trim_end_matches('\r')
+            without_kernel_message(l.trim_end_matches('\r'))
                 .strip_prefix(DONE_MARKER)?
                 .parse()
                 .ok()
@@ -535,4 +535,43 @@ pub fn write_file(dir: &Path, name: &str, text: &[u8]) -> Result<PathBuf, String
         .and_then(|mut f| f.write_all(text))
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(path)
+}
+
+/// A console line without a kernel message that the guest's printk wrote into the middle of
+/// it (`RNG=ok[    7.05] IPv6: …`: the kernel and the script share ttyS0).
+fn without_kernel_message(line: &str) -> &str {
+    let mut from = 0;
+    while let Some(at) = line[from..].find('[').map(|i| from + i) {
+        let rest = line[at + 1..].trim_start_matches(' ');
+        let (seconds, after) = rest.split_at(
+            rest.find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len()),
+        );
+        if let Some(after) = after.strip_prefix('.') {
+            let fraction =
+                after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            if !seconds.is_empty() && fraction > 0 && after[fraction..].starts_with(']') {
+                return &line[..at];
+            }
+        }
+        from = at + 1;
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_kernel_message;
+
+    #[test]
+    fn a_kernel_message_inside_a_line_is_cut_off() {
+        assert_eq!(
+            without_kernel_message("RNG=ok[    7.055723] IPv6: ADDRCONF(NETDEV_CHANGE): eth0"),
+            "RNG=ok"
+        );
+        assert_eq!(without_kernel_message("[    7.1] whole"), "");
+        assert_eq!(without_kernel_message("HOSTFWD_ADD=[]"), "HOSTFWD_ADD=[]");
+        assert_eq!(without_kernel_message("A=[1.x] b"), "A=[1.x] b");
+        assert_eq!(without_kernel_message("plain"), "plain");
+    }
 }
