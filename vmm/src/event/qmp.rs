@@ -269,10 +269,7 @@ impl QmpServer {
     /// Listens on `path` (a socket file left from an earlier run is replaced, as QEMU does)
     /// and has `control`'s events sent to negotiated clients.
     pub fn listen(path: &Path, control: Control) -> std::io::Result<QmpServer> {
-        if path.exists() {
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
+        let listener = crate::host::chardev::listen_replacing(path)?;
         listener.set_nonblocking(true)?;
         let sinks: EventSinks = Arc::default();
         let watched = sinks.clone();

@@ -86,11 +86,7 @@ impl Chardev {
                     path: path.clone(),
                     source,
                 };
-                // As QEMU: a socket file left behind by an earlier run is replaced.
-                if path.exists() {
-                    std::fs::remove_file(path).map_err(listen)?;
-                }
-                let listener = UnixListener::bind(path).map_err(listen)?;
+                let listener = listen_replacing(path).map_err(listen)?;
                 let peer = if *wait {
                     log::warn!(
                         "waiting for a connection on {} (-chardev socket,server=on,wait=on)",
@@ -137,6 +133,23 @@ impl Chardev {
     pub fn backend(&self) -> Box<dyn PortBackend> {
         Box::new(self.clone())
     }
+}
+
+/// Listens on the Unix socket `path`. As in QEMU, a socket left behind by an earlier run is
+/// replaced; any other file there is an error, never removed.
+pub fn listen_replacing(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is there; remove it or choose another path",
+            ))
+        }
+        Err(_) => {}
+    }
+    UnixListener::bind(path)
 }
 
 impl State {
@@ -315,5 +328,26 @@ impl Drop for State {
         {
             let _ = std::fs::remove_file(Path::new(path));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listening_socket_replaces_a_stale_socket_but_no_other_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("qmp");
+        drop(UnixListener::bind(&socket).unwrap());
+        assert!(
+            listen_replacing(&socket).is_ok(),
+            "a stale socket is replaced"
+        );
+        let file = dir.path().join("notes.txt");
+        std::fs::write(&file, "keep me").unwrap();
+        let err = listen_replacing(&file).unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
     }
 }
