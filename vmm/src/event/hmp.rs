@@ -162,18 +162,8 @@ impl HmpMonitor {
     }
 
     /// Writes a whole answer (answers are short; the peer is waiting for them).
-    fn send(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
-        while !bytes.is_empty() {
-            match self.stream.write(bytes) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        super::send_answer(&mut self.stream, bytes)
     }
 }
 

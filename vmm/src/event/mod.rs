@@ -19,6 +19,34 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 
 pub type Subscriber = Box<dyn MutEventSubscriber>;
 
+/// How long a monitor or QMP peer may leave an answer unread before nixvmm drops it (the
+/// control plane must not wait on a peer that never reads).
+const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Writes a whole monitor or QMP answer to a non-blocking socket; an error once the peer
+/// has left it unread for [`ANSWER_DEADLINE`].
+pub(crate) fn send_answer(
+    stream: &mut std::os::unix::net::UnixStream,
+    mut bytes: &[u8],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let deadline = std::time::Instant::now() + ANSWER_DEADLINE;
+    while !bytes.is_empty() {
+        match stream.write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() > deadline {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("the control plane's event loop: {0}")]
 pub struct ControlPlaneError(event_manager::Error);

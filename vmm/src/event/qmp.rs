@@ -195,18 +195,7 @@ impl Client {
     fn send(&mut self, value: &Value) -> std::io::Result<()> {
         let mut text = value.to_string();
         text.push_str("\r\n");
-        let mut bytes = text.as_bytes();
-        while !bytes.is_empty() {
-            match self.stream.write(bytes) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        super::send_answer(&mut self.stream, text.as_bytes())
     }
 
     /// Answers every complete request in the input; false when the client is done.

@@ -399,18 +399,7 @@ impl Builder {
         if value == "none" {
             return Ok(());
         }
-        let items = split_items(value);
-        let path = items
-            .first()
-            .and_then(|first| first.strip_prefix("unix:"))
-            .ok_or_else(|| {
-                unsupported(format!(
-                    "-monitor {value}: nixvmm's monitor connects to a Unix socket; write \
-                     -monitor unix:PATH"
-                ))
-            })?;
-        let o = Options::parse_items("-monitor", items[1..].to_vec(), &["server", "wait"], &[])
-            .map_err(option_error)?;
+        let (path, o) = unix_socket("-monitor", value, "-monitor unix:PATH")?;
         if o.flag("server", false).map_err(option_error)? {
             return Err(unsupported(format!(
                 "-monitor {value}: nixvmm does not listen for monitor clients yet; let the \
@@ -425,18 +414,7 @@ impl Builder {
 
     /// `-qmp unix:PATH,server=on,wait=off`: nixvmm listens, clients come when they like.
     fn qmp(&mut self, value: &str) -> Result<()> {
-        let items = split_items(value);
-        let path = items
-            .first()
-            .and_then(|first| first.strip_prefix("unix:"))
-            .ok_or_else(|| {
-                unsupported(format!(
-                    "-qmp {value}: nixvmm's QMP listens on a Unix socket; write \
-                     -qmp unix:PATH,server=on,wait=off"
-                ))
-            })?;
-        let o = Options::parse_items("-qmp", items[1..].to_vec(), &["server", "wait"], &[])
-            .map_err(option_error)?;
+        let (path, o) = unix_socket("-qmp", value, "-qmp unix:PATH,server=on,wait=off")?;
         if !o.flag("server", false).map_err(option_error)?
             || o.flag("wait", true).map_err(option_error)?
         {
@@ -466,6 +444,22 @@ impl Builder {
             ))),
         }
     }
+}
+
+/// `unix:PATH[,server=…][,wait=…]` as `-monitor` and `-qmp` take it; `form` is what to write.
+fn unix_socket(option: &str, value: &str, form: &str) -> Result<(String, Options)> {
+    let mut items = split_items(value);
+    let path = match items.first().and_then(|first| first.strip_prefix("unix:")) {
+        Some(path) => path.to_string(),
+        None => {
+            return Err(unsupported(format!(
+                "{option} {value}: nixvmm's {option} is a Unix socket; write {form}"
+            )))
+        }
+    };
+    items.remove(0);
+    let o = Options::parse_items(option, items, &["server", "wait"], &[]).map_err(option_error)?;
+    Ok((path, o))
 }
 
 /// `-m 1024`, `-m 1G`, `-m size=1G` (a bare number is MiB); no memory hotplug.
