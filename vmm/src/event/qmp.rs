@@ -200,7 +200,7 @@ impl Client {
 
     /// Answers every complete request in the input; false when the client is done.
     fn serve(&mut self, control: &Control) -> bool {
-        let text = self.input.clone();
+        let text = std::mem::take(&mut self.input);
         let mut stream = serde_json::Deserializer::from_slice(&text).into_iter::<Value>();
         let mut used = 0;
         let mut keep = true;
@@ -231,7 +231,7 @@ impl Client {
                 }
             }
         }
-        self.input.drain(..used.min(self.input.len()));
+        self.input = text.get(used..).unwrap_or_default().to_vec();
         if self.input.len() > MAX_INPUT {
             self.input.clear();
             keep &= self
