@@ -3,15 +3,19 @@
 //!
 //! Both kernel formats are entered the same way, in 64-bit mode with the boot parameters'
 //! address in RSI: a bzImage at its 64-bit entry (`startup_64`, 0x200 past the protected-mode
-//! code), an ELF vmlinux at its ELF entry point (as Firecracker does).
+//! code), an ELF vmlinux at its ELF entry point (as Firecracker does). A bzImage whose payload
+//! the host has already decompressed is entered like a vmlinux, at its link address, with the
+//! bzImage's own setup header in the boot params: the guest skips its decompressor (and with it
+//! the decompressor's KASLR).
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek};
+use std::ops::Range;
 use std::path::Path;
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory, ReadVolatile};
 
 use crate::layout::{self, BOOT_PARAMS_START, CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_MEMORY_START};
 use crate::{Error, Result};
@@ -23,6 +27,12 @@ const LOADER_TYPE_UNDEFINED: u8 = 0xff;
 const XLF_KERNEL_64: u16 = 1 << 0;
 /// Offset of `startup_64` from the start of a bzImage's protected-mode code.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// Where the setup header starts in a bzImage, and the fields read from it before loading.
+const SETUP_HEADER_OFFSET: usize = 0x1f1;
+const PAYLOAD_OFFSET_FIELD: usize = 0x248;
+const PAYLOAD_LENGTH_FIELD: usize = 0x24c;
+/// Boot protocol 2.08 added `payload_offset` and `payload_length`.
+const PAYLOAD_FIELDS_VERSION: u16 = 0x0208;
 /// Limits for kernels that do not state them (ELF vmlinux, old headers).
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
 const DEFAULT_CMDLINE_SIZE: usize = 2048;
@@ -32,6 +42,8 @@ const KERNEL_ALIGNMENT: u32 = 0x100_0000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelFormat {
     BzImage,
+    /// A bzImage whose payload was decompressed on the host, entered as its vmlinux.
+    UnpackedBzImage,
     Elf,
     /// Code with no headers, entered at its first byte.
     Raw,
@@ -109,6 +121,72 @@ pub fn load_kernel<M: GuestMemory>(mem: &M, path: &Path) -> Result<LoadedKernel>
         });
     }
     Err(Error::NotAKernel { path: shown })
+}
+
+/// How many bytes from a bzImage's start [`bzimage_payload`] and [`load_unpacked_bzimage`]
+/// read: the boot sector and the setup header.
+pub const BZIMAGE_HEAD_LEN: usize = 0x400;
+
+/// Where the compressed vmlinux lies in a bzImage file (`payload_offset` and `payload_length`
+/// of its setup header, boot protocol 2.08 and later), given the file's first
+/// [`BZIMAGE_HEAD_LEN`] bytes; `None` when `head` is no such bzImage.
+pub fn bzimage_payload(head: &[u8]) -> Option<Range<u64>> {
+    let header = bzimage_header(head)?;
+    if header.version < PAYLOAD_FIELDS_VERSION {
+        return None;
+    }
+    let field = |at: usize| -> Option<u64> {
+        let bytes = head.get(at..at + 4)?.try_into().ok()?;
+        Some(u64::from(u32::from_le_bytes(bytes)))
+    };
+    let start = protected_mode_start(&header) + field(PAYLOAD_OFFSET_FIELD)?;
+    Some(start..start + field(PAYLOAD_LENGTH_FIELD)?)
+}
+
+/// Loads `vmlinux`, the decompressed payload of the bzImage whose first bytes are `head`, into
+/// guest memory at its link address. The boot params carry the bzImage's setup header, as its
+/// decompressor would have passed them on.
+pub fn load_unpacked_bzimage<M, F>(mem: &M, head: &[u8], vmlinux: &mut F) -> Result<LoadedKernel>
+where
+    M: GuestMemory,
+    F: Read + ReadVolatile + Seek,
+{
+    let load_err = |reason: String| Error::KernelLoad {
+        path: "the decompressed bzImage payload".into(),
+        reason,
+    };
+    let header = bzimage_header(head).ok_or_else(|| load_err("no bzImage header".into()))?;
+    if header.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(load_err(
+            "this bzImage has no 64-bit entry point (not an x86-64 kernel)".into(),
+        ));
+    }
+    let highmem = Some(GuestAddress(HIGH_MEMORY_START));
+    let result = Elf::load(mem, None, vmlinux, highmem).map_err(|e| load_err(e.to_string()))?;
+    Ok(LoadedKernel {
+        format: KernelFormat::UnpackedBzImage,
+        entry: result.kernel_load,
+        end: result.kernel_end,
+        header: Some(header),
+    })
+}
+
+/// The setup header in a bzImage's first bytes, if they have one ("HdrS").
+fn bzimage_header(head: &[u8]) -> Option<setup_header> {
+    let mut header = setup_header::default();
+    let size = std::mem::size_of::<setup_header>();
+    let bytes = head.get(SETUP_HEADER_OFFSET..SETUP_HEADER_OFFSET + size)?;
+    header.as_mut_slice().copy_from_slice(bytes);
+    (header.header == HDRS_MAGIC).then_some(header)
+}
+
+/// Where a bzImage's protected-mode code starts: after its real-mode setup sectors.
+fn protected_mode_start(header: &setup_header) -> u64 {
+    let sectors = match header.setup_sects {
+        0 => 4,
+        n => u64::from(n),
+    };
+    (sectors + 1) * 512
 }
 
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -192,6 +192,9 @@ enum JobError {
 /// `N.rc` holds its status and the byte count of its output, which the host checks.
 const RUNNER: &str = r#"
 cd "$1" || exit 1
+# nixvmm's kernel cache on the work share: every L1 of this test run reuses the vmlinux the
+# first one decompressed (L1's home is read-only, its /tmp is gone with it).
+export NIXVMM_KERNEL_CACHE="$(dirname "$PWD")/kernel-cache"
 local=/run/nixvmm-jobs
 mkdir -p "$local"
 # One VM stays open for L1's life, so KVM enables virtualization once rather than at every

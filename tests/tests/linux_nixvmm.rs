@@ -139,10 +139,22 @@ fn memtotal_kb(log: &BootLog) -> u64 {
     log.value_of("MEMTOTAL_KB").unwrap().parse().unwrap()
 }
 
+/// Where the kernel's code lies in physical memory, and the boot params' `loadflags` (0x211)
+/// as the kernel got them: the bzImage's decompressor sets KASLR_FLAG (bit 1) when it ran with
+/// KASLR on, as Debian's kernel has it by default.
+const KERNEL_PLACEMENT: &str =
+    "echo KERNEL_CODE=$(grep 'Kernel code' /proc/iomem | cut -d- -f1 | tr -d ' ')\n\
+    echo LOADFLAGS=$(od -An -tu1 -j 529 -N1 /sys/kernel/boot_params/data | tr -d ' ')";
+const KASLR_FLAG: u8 = 1 << 1;
+
+fn loadflags(log: &BootLog) -> u8 {
+    log.value_of("LOADFLAGS").unwrap().parse().unwrap()
+}
+
 #[test]
 fn tier4_bzimage_boots_with_two_cpus_and_powers_off() {
     let log = Guest {
-        script: CPU_AND_MEMORY,
+        script: &format!("{CPU_AND_MEMORY}\n{KERNEL_PLACEMENT}"),
         memory: "1G",
         cpus: 2,
         cmdline: "nixvmm.test=tier4",
@@ -151,6 +163,10 @@ fn tier4_bzimage_boots_with_two_cpus_and_powers_off() {
     .boot();
     boots_and_powers_off(&log);
     let tail = log.tail();
+    // nixvmm decompressed the payload (by default): the guest entered its vmlinux at the
+    // link address (16 MiB) and its decompressor never ran.
+    assert_eq!(log.value_of("KERNEL_CODE"), Some("01000000"), "{tail}");
+    assert_eq!(loadflags(&log) & KASLR_FLAG, 0, "{tail}");
     assert_eq!(log.value_of("NPROC"), Some("2"), "{tail}");
     assert_eq!(log.value_of("CPUINFO"), Some("2"), "{tail}");
     assert!((900_000..=1_048_576).contains(&memtotal_kb(&log)), "{tail}");
@@ -160,6 +176,20 @@ fn tier4_bzimage_boots_with_two_cpus_and_powers_off() {
             .contains("nixvmm.test=tier4"),
         "{tail}"
     );
+}
+
+#[test]
+fn tier4_bzimage_decompressed_by_the_guest_boots() {
+    let log = Guest {
+        script: KERNEL_PLACEMENT,
+        args: args(&["--decompress-kernel", "guest"]),
+        ..Guest::default()
+    }
+    .boot();
+    boots_and_powers_off(&log);
+    let tail = log.tail();
+    assert_eq!(loadflags(&log) & KASLR_FLAG, KASLR_FLAG, "{tail}");
+    assert!(log.value_of("KERNEL_CODE").is_some(), "{tail}");
 }
 
 #[test]

@@ -29,6 +29,15 @@ pub enum Kernel {
     BuiltinGreeting,
 }
 
+/// Where a bzImage's compressed kernel is decompressed (`--decompress-kernel`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Decompress {
+    /// On the host, once per kernel, cached; the guest enters the vmlinux (no KASLR).
+    Host,
+    /// In the guest, by the bzImage's own decompressor, at every boot (with KASLR).
+    Guest,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
     pub kernel: Kernel,
@@ -40,6 +49,10 @@ pub struct VmConfig {
     /// A guest reboot ends nixvmm (status 0) instead of restarting the guest (QEMU's
     /// `-no-reboot`).
     pub no_reboot: bool,
+    /// Who decompresses a bzImage's payload: nixvmm, once, into its kernel cache (the guest
+    /// then starts at the vmlinux's link address, without KASLR), or the guest's own
+    /// decompressor at every boot.
+    pub decompress: Decompress,
     /// A virtio-rng device fed from the host's getrandom.
     pub rng: bool,
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, …).
@@ -67,6 +80,7 @@ impl Default for VmConfig {
             memory: 512 << 20,
             cpus: 1,
             no_reboot: false,
+            decompress: Decompress::Host,
             rng: false,
             disks: Vec::new(),
             shares: Vec::new(),

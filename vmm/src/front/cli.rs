@@ -8,7 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::console::parse_port;
 use crate::config::net::parse_net;
 use crate::config::system::{read_system, SystemError};
-use crate::config::{parse_disk, parse_share, parse_size, ConfigError, Kernel, VmConfig, MAX_CPUS};
+use crate::config::{
+    parse_disk, parse_share, parse_size, ConfigError, Decompress, Kernel, VmConfig, MAX_CPUS,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -107,6 +109,11 @@ pub struct RunArgs {
     /// End nixvmm (status 0) when the guest reboots, instead of booting it again.
     #[arg(long)]
     pub no_reboot: bool,
+    /// Who decompresses a bzImage's payload: `host` (once, cached in ~/.cache/nixvmm/kernels
+    /// or $NIXVMM_KERNEL_CACHE; the kernel then runs at its link address, without KASLR) or
+    /// `guest` (the bzImage's own decompressor, at every boot).
+    #[arg(long, value_enum, default_value = "host")]
+    pub decompress_kernel: Decompress,
     /// Give the guest a virtio-rng device (/dev/hwrng) fed from the host's getrandom.
     #[arg(long)]
     pub rng: bool,
@@ -196,6 +203,7 @@ impl RunArgs {
             memory,
             cpus: self.cpus,
             no_reboot: self.no_reboot,
+            decompress: self.decompress_kernel,
             rng: self.rng,
             disks: self
                 .disk

@@ -1,9 +1,11 @@
 //! What a VM uses on the host: the terminal (`console`), connections to backends outside
-//! nixvmm (`vhost_user_fs`), networks (`slirp`, `vde`, `tap`) and chardevs (`chardev`). [`HostResources`] holds those that outlive one VM: the runner
+//! nixvmm (`vhost_user_fs`), networks (`slirp`, `vde`, `tap`), chardevs (`chardev`) and the kernel's payload, decompressed
+//! once and cached (`kernel_unpack`). [`HostResources`] holds those that outlive one VM: the runner
 //! owns it, and every VM a run builds (a guest reboot builds a new one) uses the same ones.
 
 pub mod chardev;
 pub mod console;
+pub mod kernel_unpack;
 pub mod slirp;
 pub mod tap;
 pub mod vde;

@@ -26,9 +26,9 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{Kernel, Share, VmConfig};
+use crate::config::{Decompress, Kernel, Share, VmConfig};
 use crate::host::console::ConsoleOutput;
-use crate::host::HostResources;
+use crate::host::{kernel_unpack, HostResources};
 use crate::models::{self, Model};
 use cpu::CpuSetup;
 use pci_devices::VirtioDevices;
@@ -504,7 +504,10 @@ fn ask_for_huge_pages(host: *mut u8, len: u64) {
 
 fn load_kernel(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<LoadedKernel, VmError> {
     Ok(match &config.kernel {
-        Kernel::File(path) => boot::load_kernel(memory, path)?,
+        Kernel::File(path) => match config.decompress {
+            Decompress::Host => kernel_unpack::load_kernel(memory, path)?,
+            Decompress::Guest => boot::load_kernel(memory, path)?,
+        },
         Kernel::BuiltinGreeting => boot::load_raw(memory, &builtin_guest::code())?,
     })
 }

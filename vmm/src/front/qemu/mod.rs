@@ -12,7 +12,7 @@ mod tests;
 use std::path::PathBuf;
 
 use crate::config::options::{split_items, Options};
-use crate::config::{parse_size, Kernel, VmConfig, MAX_CPUS};
+use crate::config::{parse_size, Decompress, Kernel, VmConfig, MAX_CPUS};
 use args::{tokenize, Arg};
 use devices::Devices;
 
@@ -78,6 +78,18 @@ fn option_error(e: crate::config::options::OptionError) -> QemuError {
 /// Whether `NIXVMM_UNKNOWN=fallback` asks that what nixvmm does not serve go to QEMU.
 pub fn unknown_falls_back() -> bool {
     std::env::var_os("NIXVMM_UNKNOWN").is_some_and(|v| v == "fallback")
+}
+
+/// Who decompresses a bzImage's payload through this door: `NIXVMM_DECOMPRESS_KERNEL=host`
+/// (the default) or `guest`, as the native `--decompress-kernel`.
+fn decompress_from_env() -> Result<Decompress> {
+    match std::env::var("NIXVMM_DECOMPRESS_KERNEL").as_deref() {
+        Err(_) | Ok("") | Ok("host") => Ok(Decompress::Host),
+        Ok("guest") => Ok(Decompress::Guest),
+        Ok(other) => Err(invalid(format!(
+            "NIXVMM_DECOMPRESS_KERNEL={other}: give host or guest"
+        ))),
+    }
 }
 
 /// Reads a QEMU command line (without the program name).
@@ -279,6 +291,7 @@ impl Builder {
             memory,
             cpus: self.cpus.unwrap_or(1),
             no_reboot: self.no_reboot,
+            decompress: decompress_from_env()?,
             rng: devices.rng,
             disks: devices.disks,
             shares: devices.shares,
