@@ -1,7 +1,7 @@
 # nixvmm itself, built from this checkout. Its tests boot guests under KVM (and, on hosts
 # without VMX/SVM, nested KVM under QEMU), which a Nix build sandbox cannot give them; the
 # repository's scripts/test runs them.
-{ lib, rustPlatform, pkg-config, libslirp }:
+{ lib, rustPlatform, pkg-config, libslirp, xz, zstd }:
 
 rustPlatform.buildRustPackage {
   pname = "nixvmm";
@@ -13,7 +13,8 @@ rustPlatform.buildRustPackage {
   cargoLock.lockFile = ../Cargo.lock;
   cargoBuildFlags = [ "--package" "vmm" ];
   nativeBuildInputs = [ pkg-config ];
-  buildInputs = [ libslirp ];
+  # libslirp for user networking; xz's liblzma and zstd for unpacking bzImage payloads.
+  buildInputs = [ libslirp xz zstd ];
   doCheck = false;
   meta = {
     description = "A small, fast KVM virtual machine monitor for NixOS VMs and tests";

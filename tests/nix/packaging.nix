@@ -43,6 +43,8 @@ let
     rustPlatform.buildRustPackage = attrs: attrs;
     pkg-config = "pkg-config";
     libslirp = "libslirp";
+    xz = "xz";
+    zstd = "zstd";
   };
   cargo = builtins.fromTOML (builtins.readFile ../../Cargo.toml);
   flake = import ../../flake.nix;
@@ -66,6 +68,8 @@ let
     "package: the workspace version" = package.version == cargo.workspace.package.version;
     "package: builds the vmm crate (the nixvmm binary)" = package.cargoBuildFlags == [ "--package" "vmm" ];
     "package: links Debian's and nixpkgs' libslirp" = builtins.elem "libslirp" package.buildInputs;
+    "package: links liblzma and libzstd (bzImage payloads)" =
+      builtins.all (lib: builtins.elem lib package.buildInputs) [ "xz" "zstd" ];
     "package: main program nixvmm" = package.meta.mainProgram == "nixvmm";
     "package: the lock file is there" = builtins.pathExists package.cargoLock.lockFile;
     "flake: takes nixpkgs" = builtins.attrNames flake.inputs == [ "nixpkgs" ];

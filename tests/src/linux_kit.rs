@@ -318,13 +318,9 @@ fn prune_old_initrds(cache: &Path) {
 
 /// The compressed kernel inside a bzImage (boot protocol 2.08+).
 fn bzimage_payload(image: &[u8]) -> Option<&[u8]> {
-    let le32 = |at: usize| Some(u32::from_le_bytes(image.get(at..at + 4)?.try_into().ok()?));
-    let setup_sects = match *image.get(0x1f1)? {
-        0 => 4,
-        n => usize::from(n),
-    };
-    let start = (setup_sects + 1) * 512 + le32(0x248)? as usize;
-    image.get(start..start + le32(0x24c)? as usize)
+    let head = image.get(..firmware::boot::BZIMAGE_HEAD_LEN)?;
+    let range = firmware::boot::bzimage_payload(head)?;
+    image.get(usize::try_from(range.start).ok()?..usize::try_from(range.end).ok()?)
 }
 
 /// The `depends=` list of a kernel module's modinfo.

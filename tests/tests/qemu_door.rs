@@ -192,6 +192,32 @@ fn an_unknown_option_is_an_error_unless_nixvmm_unknown_asks_for_qemu() {
 }
 
 #[test]
+fn nixvmm_decompress_kernel_takes_host_or_guest_and_names_itself_otherwise() {
+    let door = Door::new();
+    let args = ["-kernel", "/k", "-m", "256"];
+    let out = door.run(
+        "qemu-kvm",
+        &args,
+        &[("NIXVMM_DECOMPRESS_KERNEL", "sometimes")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("NIXVMM_DECOMPRESS_KERNEL=sometimes: give host or guest"),
+        "{err}"
+    );
+    for value in ["host", "guest"] {
+        let out = door.run("qemu-kvm", &args, &[("NIXVMM_DECOMPRESS_KERNEL", value)]);
+        let err = stderr(&out);
+        assert!(
+            err.contains("/k"),
+            "{value}: gets as far as the kernel: {err}"
+        );
+        assert!(!err.contains("NIXVMM_DECOMPRESS_KERNEL"), "{value}: {err}");
+    }
+}
+
+#[test]
 fn version_and_help_answer_as_qemu_does() {
     let out = Command::new(nixvmm_bin())
         .args(["qemu", "-version"])

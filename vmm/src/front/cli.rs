@@ -286,6 +286,14 @@ mod tests {
             (config.memory, config.cpus, config.no_reboot),
             (2 << 30, 4, true)
         );
+        assert_eq!(
+            config.decompress,
+            Decompress::Host,
+            "nixvmm unpacks by default"
+        );
+        let guest = run_args(&["run", "--kernel", k, "--decompress-kernel", "guest"]);
+        assert_eq!(guest.into_config().unwrap().decompress, Decompress::Guest);
+        assert!(parse(&["run", "--kernel", k, "--decompress-kernel", "often"]).is_err());
     }
 
     #[test]

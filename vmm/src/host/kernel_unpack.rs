@@ -88,7 +88,7 @@ fn unxz(compressed: &[u8], out: &mut impl Write, limit: u64) -> io::Result<u64> 
 /// its vmlinux, from the cache (made on first use); every other kernel, and a bzImage whose
 /// unpacking fails, is loaded as it is.
 pub fn load_kernel<M: GuestMemory>(mem: &M, path: &Path) -> firmware::Result<LoadedKernel> {
-    match unpacked_vmlinux(path) {
+    match unpacked_vmlinux(path, cache_dir().as_deref()) {
         Ok(Some((head, mut vmlinux))) => {
             match boot::load_unpacked_bzimage(mem, &head, &mut vmlinux) {
                 Ok(kernel) => return Ok(kernel),
@@ -107,9 +107,10 @@ pub fn load_kernel<M: GuestMemory>(mem: &M, path: &Path) -> firmware::Result<Loa
     boot::load_kernel(mem, path)
 }
 
-/// The bzImage's first bytes and its decompressed vmlinux, or `None` when `path` is no bzImage
-/// whose payload nixvmm decompresses.
-pub fn unpacked_vmlinux(path: &Path) -> io::Result<Option<(Vec<u8>, File)>> {
+/// The bzImage's first bytes and its decompressed vmlinux, taken from or put into the `cache`
+/// folder when there is one; `None` when `path` is no bzImage whose payload nixvmm
+/// decompresses.
+pub fn unpacked_vmlinux(path: &Path, cache: Option<&Path>) -> io::Result<Option<(Vec<u8>, File)>> {
     let mut image = File::open(path)?;
     let mut head = vec![0; BZIMAGE_HEAD_LEN];
     if read_up_to(&mut image, &mut head)? < BZIMAGE_HEAD_LEN {
@@ -128,8 +129,7 @@ pub fn unpacked_vmlinux(path: &Path) -> io::Result<Option<(Vec<u8>, File)>> {
         );
         return Ok(None);
     };
-    let cache = cache_dir();
-    let cached = match &cache {
+    let cached = match cache {
         Some(dir) => Some(dir.join(format!("{}.vmlinux", content_hash(&mut image)?))),
         None => None,
     };
@@ -182,11 +182,20 @@ fn decompress_into_cache(
 /// Writes the decompressed payload to `out` and rewinds it; an output that is not an ELF
 /// file or is larger than [`MAX_VMLINUX`] is an error.
 pub fn decompress(compression: Compression, compressed: &[u8], out: &mut File) -> io::Result<()> {
-    let written = compression.decompress(compressed, out, MAX_VMLINUX)?;
-    if written > MAX_VMLINUX {
+    decompress_at_most(compression, compressed, out, MAX_VMLINUX)
+}
+
+fn decompress_at_most(
+    compression: Compression,
+    compressed: &[u8],
+    out: &mut File,
+    limit: u64,
+) -> io::Result<()> {
+    let written = compression.decompress(compressed, out, limit)?;
+    if written > limit {
         return Err(io::Error::other(format!(
             "the payload decompresses to more than {} MiB",
-            MAX_VMLINUX >> 20
+            limit >> 20
         )));
     }
     out.flush()?;
@@ -210,7 +219,7 @@ fn content_hash(file: &mut File) -> io::Result<String> {
 }
 
 /// The first usable cache folder, made if missing; `None` when there is none.
-fn cache_dir() -> Option<PathBuf> {
+pub fn cache_dir() -> Option<PathBuf> {
     let env = |name| {
         std::env::var_os(name)
             .filter(|v| !v.is_empty())
@@ -265,4 +274,171 @@ fn read_up_to(file: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+    use super::*;
+    use std::io::Write;
+
+    /// A stand-in vmlinux: what the checks look at is the ELF magic and the bytes.
+    fn vmlinux() -> Vec<u8> {
+        let mut v = b"\x7fELF".to_vec();
+        v.extend((0..200_000u32).map(|i| (i * 7 % 251) as u8));
+        v
+    }
+
+    /// The kernel build's `size_append`: the uncompressed size after the stream.
+    fn with_size(mut compressed: Vec<u8>, size: usize) -> Vec<u8> {
+        compressed.extend((size as u32).to_le_bytes());
+        compressed
+    }
+
+    fn compress(compression: Compression, data: &[u8]) -> Vec<u8> {
+        match compression {
+            Compression::Xz => {
+                let mut e = xz2::write::XzEncoder::new(Vec::new(), 6);
+                e.write_all(data).unwrap();
+                with_size(e.finish().unwrap(), data.len())
+            }
+            Compression::Zstd => with_size(zstd::encode_all(data, 3).unwrap(), data.len()),
+            Compression::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+        }
+    }
+
+    /// A bzImage (boot protocol 2.15, one setup sector, 64-bit entry) around `payload`.
+    fn bzimage(dir: &Path, payload: &[u8]) -> PathBuf {
+        let mut image = vec![0u8; 1024];
+        image[0x1f1] = 1;
+        image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        image[0x211] = 1; // LOADED_HIGH
+        image[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // XLF_KERNEL_64
+        image[0x248..0x24c].copy_from_slice(&0x40u32.to_le_bytes());
+        image[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        image.extend([0x90; 0x40]); // the decompressor's code would be here
+        image.extend(payload);
+        image.extend([0xcc; 100]);
+        let path = dir.join("bzImage");
+        std::fs::write(&path, image).unwrap();
+        path
+    }
+
+    fn unpacked(path: &Path, cache: Option<&Path>) -> io::Result<Option<Vec<u8>>> {
+        Ok(unpacked_vmlinux(path, cache)?.map(|(_, mut file)| {
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes).unwrap();
+            bytes
+        }))
+    }
+
+    fn cache(dir: &Path) -> PathBuf {
+        let cache = dir.join("cache");
+        assert!(usable(&cache));
+        cache
+    }
+
+    #[test]
+    fn xz_zstd_and_gzip_payloads_come_out_whole() {
+        for compression in [Compression::Xz, Compression::Zstd, Compression::Gzip] {
+            let dir = tempfile::tempdir().unwrap();
+            let image = bzimage(dir.path(), &compress(compression, &vmlinux()));
+            assert_eq!(
+                unpacked(&image, Some(&cache(dir.path()))).unwrap().unwrap(),
+                vmlinux(),
+                "{compression:?}"
+            );
+            assert_eq!(unpacked(&image, None).unwrap().unwrap(), vmlinux());
+        }
+    }
+
+    #[test]
+    fn a_second_boot_takes_the_vmlinux_from_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = bzimage(dir.path(), &compress(Compression::Zstd, &vmlinux()));
+        let cache = cache(dir.path());
+        unpacked(&image, Some(&cache)).unwrap().unwrap();
+        let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+        assert_eq!(entries.len(), 1, "one entry, no partial files");
+        let entry = entries[0].as_ref().unwrap().path();
+        std::fs::write(&entry, b"\x7fELF from the cache").unwrap();
+        assert_eq!(
+            unpacked(&image, Some(&cache)).unwrap().unwrap(),
+            b"\x7fELF from the cache"
+        );
+        // Another kernel has another entry.
+        let other = tempfile::tempdir().unwrap();
+        let mut changed = vmlinux();
+        changed[100] ^= 1;
+        let image = bzimage(other.path(), &compress(Compression::Zstd, &changed));
+        assert_eq!(unpacked(&image, Some(&cache)).unwrap().unwrap(), changed);
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn payloads_nixvmm_does_not_decompress_are_left_to_the_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let bzip2 = bzimage(dir.path(), b"BZh91AY&SY not really");
+        assert!(unpacked(&bzip2, None).unwrap().is_none());
+        let elf = dir.path().join("vmlinux");
+        std::fs::write(&elf, vmlinux()).unwrap();
+        assert!(unpacked(&elf, None).unwrap().is_none());
+        let short = dir.path().join("short");
+        std::fs::write(&short, b"HdrS").unwrap();
+        assert!(unpacked(&short, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn corrupt_truncated_or_foreign_payloads_are_errors_and_leave_no_cache_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path());
+        let good = compress(Compression::Xz, &vmlinux());
+        let mut corrupt = good.clone();
+        corrupt[200] ^= 0xff;
+        let truncated = good[..good.len() / 2].to_vec();
+        let not_elf = compress(Compression::Gzip, b"MZ this is no vmlinux");
+        for (what, payload) in [
+            ("corrupt", corrupt),
+            ("truncated", truncated),
+            ("not ELF", not_elf),
+        ] {
+            let image = bzimage(dir.path(), &payload);
+            let err = unpacked(&image, Some(&cache)).unwrap_err();
+            assert!(!err.to_string().is_empty(), "{what}");
+            assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_payload_that_decompresses_past_the_limit_is_refused() {
+        let mut out = tempfile::tempfile().unwrap();
+        let zeros = compress(Compression::Zstd, &vec![0; 4 << 20]);
+        let err = decompress_at_most(Compression::Zstd, &zeros, &mut out, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("more than 1 MiB"), "{err}");
+    }
+
+    #[test]
+    fn only_a_folder_closed_to_others_is_a_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(!usable(&open));
+        let link = dir.path().join("link");
+        let closed = dir.path().join("closed");
+        assert!(usable(&closed));
+        std::os::unix::fs::symlink(&closed, &link).unwrap();
+        assert!(!usable(&link));
+        assert_eq!(
+            fs::metadata(&closed).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
 }
