@@ -75,9 +75,11 @@ pub fn table(rows: &[Row]) -> String {
             cell(m[3])
         ));
     }
-    if let Some(nixvmm) = rows.first() {
+    let (ours, theirs): (Vec<&Row>, Vec<&Row>) =
+        rows.iter().partition(|r| r.name.starts_with("nixvmm"));
+    for nixvmm in &ours {
         let ours = medians(nixvmm);
-        for other in &rows[1..] {
+        for other in &theirs {
             let theirs = medians(other);
             let ratio = |i: usize| match (ours[i], theirs[i]) {
                 (Some(a), Some(b)) if b > 0.0 => format!("{:.3}", a / b),

@@ -241,11 +241,22 @@ impl KernelKit {
     /// and an /init that loads them, prints [`INIT_MARKER`], runs `script`, prints its status
     /// and powers off.
     pub fn initrd(&self, modules: &[&str], script: &str) -> Result<PathBuf, String> {
-        self.initrd_with_init(
+        self.initrd_with_files(modules, script, &[])
+    }
+
+    /// [`KernelKit::initrd`] with further `files` (path in the initrd, mode, contents).
+    pub fn initrd_with_files(
+        &self,
+        modules: &[&str],
+        script: &str,
+        files: &[(&str, u32, &[u8])],
+    ) -> Result<PathBuf, String> {
+        self.build_initrd(
             modules,
             &format!(
                 "echo '{INIT_MARKER}'\n(\n{script}\n)\necho \"{DONE_MARKER}$?\"\npoweroff -f\n"
             ),
+            files,
         )
     }
 
@@ -253,6 +264,15 @@ impl KernelKit {
     /// and an /init that mounts /proc, /sys and /dev, loads the modules and goes on with `rest`
     /// (busybox shell).
     pub fn initrd_with_init(&self, modules: &[&str], rest: &str) -> Result<PathBuf, String> {
+        self.build_initrd(modules, rest, &[])
+    }
+
+    fn build_initrd(
+        &self,
+        modules: &[&str],
+        rest: &str,
+        files: &[(&str, u32, &[u8])],
+    ) -> Result<PathBuf, String> {
         let busybox = std::fs::read("/bin/busybox")
             .map_err(|e| format!("/bin/busybox: {e}; install Debian's busybox-static"))?;
         let mut cpio = Cpio::new();
@@ -282,6 +302,9 @@ impl KernelKit {
         }
         init.push_str(rest);
         cpio.file("init", 0o755, init.as_bytes());
+        for (path, mode, data) in files {
+            cpio.file(path, *mode, data);
+        }
         let bytes = cpio.finish();
         let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
@@ -294,6 +317,27 @@ impl KernelKit {
         }
         Ok(path)
     }
+}
+
+/// A guest program from `tests/guest/NAME.c`, linked static with gcc so that it runs in the
+/// kit's busybox initrd; built once per source (cached by content).
+pub fn guest_program(name: &str) -> Result<Vec<u8>, String> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("guest/{name}.c"));
+    let text = std::fs::read(&source).map_err(|e| format!("{}: {e}", source.display()))?;
+    let hash = text.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let binary = cache_dir().join(format!("{name}-{hash:016x}"));
+    if !binary.exists() {
+        std::fs::create_dir_all(cache_dir()).map_err(|e| e.to_string())?;
+        let tmp = binary.with_extension(format!("tmp{}", std::process::id()));
+        run(Command::new("gcc")
+            .args(["-static", "-O2", "-Wall", "-Werror", "-o"])
+            .arg(&tmp)
+            .arg(&source))?;
+        std::fs::rename(&tmp, &binary).map_err(|e| format!("{}: {e}", binary.display()))?;
+    }
+    std::fs::read(&binary).map_err(|e| format!("{}: {e}", binary.display()))
 }
 
 /// Initrds are cached by content, and tests that embed ports or paths make new ones each run:

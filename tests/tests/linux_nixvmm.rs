@@ -36,6 +36,8 @@ struct Guest<'a> {
     args: Vec<String>,
     kernel: Option<PathBuf>,
     no_reboot: bool,
+    /// Further files in the initrd: path, mode, contents.
+    files: &'a [(&'a str, u32, &'a [u8])],
 }
 
 impl Default for Guest<'_> {
@@ -49,6 +51,7 @@ impl Default for Guest<'_> {
             args: Vec::new(),
             kernel: None,
             no_reboot: true,
+            files: &[],
         }
     }
 }
@@ -56,7 +59,9 @@ impl Default for Guest<'_> {
 impl Guest<'_> {
     /// The nixvmm command line, quoted for the shell.
     fn command(&self) -> String {
-        let initrd = kit().initrd(self.modules, self.script).unwrap();
+        let initrd = kit()
+            .initrd_with_files(self.modules, self.script, self.files)
+            .unwrap();
         let kernel = self
             .kernel
             .clone()
@@ -766,6 +771,99 @@ fn tier4_vhost_user_fs_share_served_by_virtiofsd() {
             "none",
         ])
     });
+}
+
+/// vhost-device-vsock as newer NixOS test drivers start it, installed by scripts/setup.
+fn vhost_device_vsock() -> PathBuf {
+    let installed =
+        PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo/bin/vhost-device-vsock");
+    assert!(
+        installed.is_file(),
+        "{} not found: scripts/setup installs it",
+        installed.display()
+    );
+    installed
+}
+
+/// The host side of vhost-device-vsock's Unix sockets, in Python: `connect UDS PORT TEXT`
+/// asks for the guest's PORT as Firecracker's protocol does (`CONNECT PORT` → `OK N`) and
+/// prints the guest's answer to TEXT; `serve UDS_PORT` answers one guest connection's line
+/// with "host: LINE".
+const HOST_VSOCK_PEER: &str = r#"
+import socket, sys
+if sys.argv[1] == "connect":
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[2])
+    s.sendall(b"CONNECT " + sys.argv[3].encode() + b"\n")
+    f = s.makefile("rb")
+    ok = f.readline().decode().strip()
+    print("HOST_HANDSHAKE=" + ok.split(" ")[0])
+    s.sendall(sys.argv[4].encode() + b"\n")
+    print("HOST_GOT=" + f.readline().decode().strip())
+else:
+    l = socket.socket(socket.AF_UNIX)
+    l.bind(sys.argv[2])
+    l.listen(1)
+    c, _ = l.accept()
+    line = c.makefile("rb").readline()
+    c.sendall(b"host: " + line)
+    c.close()
+"#;
+
+/// The guest's side of the vsock tests: its CID, a listener on port 1234 that the host calls,
+/// then a call to the host's port 5000.
+const GUEST_VSOCK: &str = "echo GUEST_CID=$(vsock-peer cid | cut -d' ' -f2)\n\
+    vsock-peer listen 1234\n\
+    answer=$(vsock-peer connect 2 5000 from-guest)\n\
+    echo \"GUEST_GOT=${answer#VSOCK-ANSWER }\"";
+
+#[test]
+fn tier4_vsock_through_vhost_device_vsock_both_ways() {
+    let peer = nixvmm_tests::linux_kit::guest_program("vsock_peer").unwrap();
+    let files = [("bin/vsock-peer", 0o755, peer.as_slice())];
+    let dir = host().tempdir().unwrap();
+    let py = dir.path().join("peer.py");
+    std::fs::write(&py, HOST_VSOCK_PEER).unwrap();
+    let guest = Guest {
+        modules: &["virtio_pci", "vmw_vsock_virtio_transport"],
+        script: GUEST_VSOCK,
+        args: args(&["--vsock", "vhost-user=/tmp/vsock.sock"]),
+        files: &files,
+        ..Guest::default()
+    };
+    let job = format!(
+        "rm -f /tmp/vsock.sock /tmp/vm.vsock*\n\
+         {backend} --vm guest-cid=7,socket=/tmp/vsock.sock,uds-path=/tmp/vm.vsock > /tmp/backend.log 2>&1 &\n\
+         for i in $(seq 100); do [ -S /tmp/vsock.sock ] && break; sleep 0.1; done\n\
+         python3 {py} serve /tmp/vm.vsock_5000 &\n\
+         {vm} > /tmp/console 2>&1 &\n\
+         vm=$!\n\
+         for i in $(seq 1200); do grep -q 'VSOCK-LISTENING 1234' /tmp/console && break; sleep 0.1; done\n\
+         python3 {py} connect /tmp/vm.vsock 1234 from-host\n\
+         wait $vm\n\
+         rc=$?\n\
+         cat /tmp/console\n\
+         echo '--- backend:'; tail -5 /tmp/backend.log\n\
+         exit $rc",
+        backend = path(&vhost_device_vsock()),
+        py = path(&py),
+        vm = guest.command(),
+    );
+    let log = host().run(&job, BOOT_LIMIT).unwrap();
+    boots_and_powers_off(&log);
+    let tail = log.tail();
+    assert_eq!(
+        log.value_of("GUEST_CID"),
+        Some("7"),
+        "the backend's CID:\n{tail}"
+    );
+    assert_eq!(log.value_of("HOST_HANDSHAKE"), Some("OK"), "{tail}");
+    assert_eq!(log.value_of("HOST_GOT"), Some("echo: from-host"), "{tail}");
+    assert_eq!(
+        log.value_of("GUEST_GOT"),
+        Some("host: from-guest"),
+        "{tail}"
+    );
 }
 
 /// Shell functions for the affinity test. `move IRQ` asks Linux to move an IRQ to the CPU it

@@ -42,6 +42,7 @@ pub mod device_type {
     pub const CONSOLE: u32 = 3;
     pub const RNG: u32 = 4;
     pub const P9: u32 = 9;
+    pub const VSOCK: u32 = 19;
     pub const FS: u32 = 26;
 }
 

@@ -69,6 +69,24 @@ pub struct VmConfig {
     pub monitor: Option<PathBuf>,
     /// QMP, on this Unix socket nixvmm listens on (`-qmp unix:PATH,server=on,wait=off`).
     pub qmp: Option<PathBuf>,
+    /// A virtio-vsock device.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-vsock device (`--vsock`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VsockConfig {
+    /// Served by a vhost-user backend listening on `socket` (vhost-device-vsock), which also
+    /// gives the guest's CID.
+    VhostUser { socket: PathBuf },
+}
+
+/// Parses `--vsock vhost-user=SOCKET`.
+pub fn parse_vsock(text: &str) -> Result<VsockConfig, ConfigError> {
+    let o = Options::parse("--vsock", text, &["vhost-user"])?;
+    Ok(VsockConfig::VhostUser {
+        socket: PathBuf::from(o.required("vhost-user")?),
+    })
 }
 
 impl Default for VmConfig {
@@ -88,6 +106,7 @@ impl Default for VmConfig {
             ports: Vec::new(),
             monitor: None,
             qmp: None,
+            vsock: None,
         }
     }
 }
@@ -312,6 +331,19 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vsock_takes_a_vhost_user_socket() {
+        assert_eq!(
+            parse_vsock("vhost-user=/run/vsock.sock"),
+            Ok(VsockConfig::VhostUser {
+                socket: "/run/vsock.sock".into()
+            })
+        );
+        let err = parse_vsock("cid=3").unwrap_err().to_string();
+        assert!(err.contains("--vsock") && err.contains("cid"), "{err}");
+        assert!(parse_vsock("").is_err());
+    }
 
     #[test]
     fn sizes_parse_like_qemu() {

@@ -9,7 +9,8 @@ use crate::config::console::parse_port;
 use crate::config::net::parse_net;
 use crate::config::system::{read_system, SystemError};
 use crate::config::{
-    parse_disk, parse_share, parse_size, ConfigError, Decompress, Kernel, VmConfig, MAX_CPUS,
+    parse_disk, parse_share, parse_size, parse_vsock, ConfigError, Decompress, Kernel, VmConfig,
+    MAX_CPUS,
 };
 
 #[derive(Debug, Parser)]
@@ -30,7 +31,7 @@ pub struct Cli {
 pub enum Command {
     /// Boot a kernel or a NixOS system. Without a kernel, a built-in tiny guest greets and
     /// powers off.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Serve one of nixvmm's device models to a vhost-user frontend (e.g. QEMU's
     /// vhost-user-rng-pci) on a Unix socket, until the frontend disconnects.
     #[command(subcommand)]
@@ -149,6 +150,11 @@ pub struct RunArgs {
     /// system_reset, quit, human-monitor-command; SHUTDOWN, RESET, STOP, RESUME events).
     #[arg(long, value_name = "SOCKET")]
     pub qmp: Option<PathBuf>,
+    /// A virtio-vsock device served by a vhost-user backend: vhost-user=SOCKET, e.g.
+    /// vhost-device-vsock --vm guest-cid=3,socket=SOCKET,uds-path=… (the backend gives the
+    /// guest's CID).
+    #[arg(long, value_name = "OPTIONS")]
+    pub vsock: Option<String>,
 }
 
 /// `nixvmm device fs` (and virtiofsd's spelling of the same options).
@@ -227,6 +233,7 @@ impl RunArgs {
                 .collect::<Result<_, _>>()?,
             monitor: self.monitor,
             qmp: self.qmp,
+            vsock: self.vsock.as_deref().map(parse_vsock).transpose()?,
         };
         config.validate()?;
         Ok(config)
@@ -245,7 +252,7 @@ mod tests {
 
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).unwrap().command {
-            Command::Run(run) => run,
+            Command::Run(run) => *run,
             other => panic!("not a run command: {other:?}"),
         }
     }

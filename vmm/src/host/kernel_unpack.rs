@@ -88,10 +88,19 @@ fn unxz(compressed: &[u8], out: &mut impl Write, limit: u64) -> io::Result<u64> 
 /// its vmlinux, from the cache (made on first use); every other kernel, and a bzImage whose
 /// unpacking fails, is loaded as it is.
 pub fn load_kernel<M: GuestMemory>(mem: &M, path: &Path) -> firmware::Result<LoadedKernel> {
+    let start = std::time::Instant::now();
     match unpacked_vmlinux(path, cache_dir().as_deref()) {
         Ok(Some((head, mut vmlinux))) => {
+            let found = start.elapsed();
             match boot::load_unpacked_bzimage(mem, &head, &mut vmlinux) {
-                Ok(kernel) => return Ok(kernel),
+                Ok(kernel) => {
+                    log::debug!(
+                        "kernel: vmlinux found in {} ms, loaded in {} ms",
+                        found.as_millis(),
+                        (start.elapsed() - found).as_millis()
+                    );
+                    return Ok(kernel);
+                }
                 Err(e) => log::warn!(
                     "{}: the guest decompresses the kernel itself: {e}",
                     path.display()
@@ -214,7 +223,13 @@ fn decompress_at_most(
 fn content_hash(file: &mut File) -> io::Result<String> {
     file.seek(SeekFrom::Start(0))?;
     let mut hasher = blake3::Hasher::new();
-    io::copy(file, &mut hasher)?;
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut chunk)? {
+            0 => break,
+            n => hasher.update(&chunk[..n]),
+        };
+    }
     Ok(hasher.finalize().to_hex().to_string())
 }
 

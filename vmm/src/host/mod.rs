@@ -1,5 +1,5 @@
 //! What a VM uses on the host: the terminal (`console`), connections to backends outside
-//! nixvmm (`vhost_user_fs`), networks (`slirp`, `vde`, `tap`), chardevs (`chardev`) and the kernel's payload, decompressed
+//! nixvmm (`vhost_user`: virtio-fs and virtio-vsock backends), networks (`slirp`, `vde`, `tap`), chardevs (`chardev`) and the kernel's payload, decompressed
 //! once and cached (`kernel_unpack`). [`HostResources`] holds those that outlive one VM: the runner
 //! owns it, and every VM a run builds (a guest reboot builds a new one) uses the same ones.
 
@@ -9,19 +9,20 @@ pub mod kernel_unpack;
 pub mod slirp;
 pub mod tap;
 pub mod vde;
-pub mod vhost_user_fs;
+pub mod vhost_user;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::config::net::{NetBackend, NicConfig, TapTarget};
-use crate::config::{Share, VmConfig};
+use crate::config::{Share, VmConfig, VsockConfig};
 use slirp::{SlirpError, UserNetwork};
-use vhost_user_fs::{ConnectError, SharedVhostUserFs, VhostUserFs};
+use vhost_user::{ConnectError, Kind, SharedVhostUser, VhostUserDevice};
 
 /// Host resources made once per run and shared by every VM of the run.
 pub struct HostResources {
-    fs: Vec<(PathBuf, SharedVhostUserFs)>,
+    /// vhost-user backends by socket: one per `fs=vhost-user` share, and the vsock's.
+    vhost_user: Vec<(PathBuf, SharedVhostUser)>,
     nics: Vec<Nic>,
     /// One per console port, in `VmConfig::ports` order.
     chardevs: Vec<chardev::Chardev>,
@@ -101,15 +102,22 @@ impl Nic {
 impl HostResources {
     /// Connects to every backend `config` names.
     pub fn connect(config: &VmConfig) -> Result<HostResources, HostError> {
-        let mut fs = Vec::new();
+        let mut backends = Vec::new();
         for share in &config.shares {
             if let Share::VhostUser { tag, socket } = share {
-                let device = VhostUserFs::connect(socket, tag)?;
-                fs.push((
-                    socket.clone(),
-                    SharedVhostUserFs(Arc::new(Mutex::new(device))),
-                ));
+                backends.push((socket, Kind::Fs { tag: tag.clone() }));
             }
+        }
+        if let Some(VsockConfig::VhostUser { socket }) = &config.vsock {
+            backends.push((socket, Kind::Vsock));
+        }
+        let mut vhost_user = Vec::new();
+        for (socket, kind) in backends {
+            let device = VhostUserDevice::connect(socket, kind)?;
+            vhost_user.push((
+                socket.clone(),
+                SharedVhostUser(Arc::new(Mutex::new(device))),
+            ));
         }
         let mut unnamed = 0;
         let nics = config
@@ -122,7 +130,11 @@ impl HostResources {
             .iter()
             .map(|port| chardev::Chardev::open(&port.chardev))
             .collect::<Result<_, _>>()?;
-        Ok(HostResources { fs, nics, chardevs })
+        Ok(HostResources {
+            vhost_user,
+            nics,
+            chardevs,
+        })
     }
 
     pub fn nics(&self) -> &[Nic] {
@@ -133,9 +145,9 @@ impl HostResources {
         &self.chardevs
     }
 
-    /// The connection to the vhost-user-fs backend at `socket`.
-    pub fn vhost_user_fs(&self, socket: &Path) -> Option<SharedVhostUserFs> {
-        self.fs
+    /// The connection to the vhost-user backend at `socket`.
+    pub fn vhost_user(&self, socket: &Path) -> Option<SharedVhostUser> {
+        self.vhost_user
             .iter()
             .find(|(path, _)| path == socket)
             .map(|(_, fs)| fs.clone())

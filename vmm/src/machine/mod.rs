@@ -26,7 +26,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{Decompress, Kernel, Share, VmConfig};
+use crate::config::{Decompress, Kernel, Share, VmConfig, VsockConfig};
 use crate::host::console::ConsoleOutput;
 use crate::host::{kernel_unpack, HostResources};
 use crate::models::{self, Model};
@@ -114,10 +114,11 @@ impl Vm {
         }
         let vm_fd = Arc::new(create_vm(kvm)?);
         // Backends outside the VMM map the guest's RAM: it must be a shared memfd then.
-        let shared = config
-            .shares
-            .iter()
-            .any(|s| matches!(s, Share::VhostUser { .. }));
+        let shared = config.vsock.is_some()
+            || config
+                .shares
+                .iter()
+                .any(|s| matches!(s, Share::VhostUser { .. }));
         let memory = guest_memory(&vm_fd, config.memory, shared)?;
         let (entry, cr3) = write_boot_state(&memory, config)?;
 
@@ -256,10 +257,17 @@ fn device_models(
             }
             Share::VhostUser { socket, .. } => Box::new(
                 backends
-                    .vhost_user_fs(socket)
+                    .vhost_user(socket)
                     .ok_or_else(|| VmError::NoBackend(socket.clone()))?,
             ),
         });
+    }
+    if let Some(VsockConfig::VhostUser { socket }) = &config.vsock {
+        devices.push(Box::new(
+            backends
+                .vhost_user(socket)
+                .ok_or_else(|| VmError::NoBackend(socket.clone()))?,
+        ));
     }
     if config.rng {
         devices.push(hosted("virtio-rng".into(), Model::Rng)?);

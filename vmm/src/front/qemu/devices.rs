@@ -12,7 +12,7 @@ use super::{invalid, option_error, unsupported, Result};
 use crate::config::console::{chardev_from, ChardevSpec, PortSpec};
 use crate::config::net::{parse_mac, parse_net_as, NicConfig};
 use crate::config::options::{split_items, Options};
-use crate::config::{parse_size, Share};
+use crate::config::{parse_size, Share, VsockConfig};
 
 /// Devices a headless VMM accepts and does without: graphics and USB input.
 const HEADLESS: &[&str] = &[
@@ -78,6 +78,9 @@ enum Pending {
         mac: Option<[u8; 6]>,
     },
     ReadyNic(NicConfig),
+    VhostUserVsock {
+        chardev: String,
+    },
     VhostUserFs {
         chardev: String,
         tag: String,
@@ -97,6 +100,7 @@ pub struct Resolved {
     pub shares: Vec<Share>,
     pub nics: Vec<NicConfig>,
     pub ports: Vec<PortSpec>,
+    pub vsock: Option<VsockConfig>,
     pub ignored: Vec<String>,
 }
 
@@ -206,7 +210,13 @@ impl Devices {
                     chardev: o.required("chardev").map_err(option_error)?.to_string(),
                 });
             }
-            "vhost-user-vsock-pci" | "tpm-tis" | "tpm-crb" => {
+            "vhost-user-vsock-pci" | "vhost-user-vsock" => {
+                let o = parse(&["chardev"])?;
+                self.pending.push(Pending::VhostUserVsock {
+                    chardev: o.required("chardev").map_err(option_error)?.to_string(),
+                });
+            }
+            "tpm-tis" | "tpm-crb" => {
                 return Err(unsupported(format!(
                     "{option}: nixvmm does not serve this device yet"
                 )))
@@ -214,7 +224,8 @@ impl Devices {
             other => {
                 return Err(unsupported(format!(
                     "-device {other}: not a device nixvmm has (it serves virtio-rng-pci, \
-                     virtio-blk-pci, virtio-net-pci, vhost-user-fs-pci, virtio-serial with \
+                     virtio-blk-pci, virtio-net-pci, vhost-user-fs-pci, vhost-user-vsock-pci, \
+                     virtio-serial with \
                      virtconsole and virtserialport; set \
                      NIXVMM_UNKNOWN=fallback to hand such command lines to QEMU)"
                 )))
@@ -487,6 +498,17 @@ impl Devices {
         Ok(())
     }
 
+    /// The socket of a vhost-user backend, from the `-chardev socket` the device names.
+    fn backend_socket(&self, device: &str, chardev: &str) -> Result<PathBuf> {
+        match self.find_chardev(device, chardev)? {
+            ChardevSpec::SocketClient { path } => Ok(path.clone()),
+            _ => Err(unsupported(format!(
+                "{device},chardev={chardev}: nixvmm connects to vhost-user backends; give \
+                 -chardev socket,id={chardev},path=… without server=on"
+            ))),
+        }
+    }
+
     fn find_chardev(&self, device: &str, id: &str) -> Result<&ChardevSpec> {
         self.chardevs
             .iter()
@@ -558,6 +580,7 @@ impl Devices {
             shares: Vec::new(),
             nics: Vec::new(),
             ports: Vec::new(),
+            vsock: None,
             ignored: std::mem::take(&mut self.ignored),
         };
         resolved.disks.extend(
@@ -608,17 +631,15 @@ impl Devices {
                 }
                 Pending::ReadyNic(nic) => resolved.nics.push(nic),
                 Pending::VhostUserFs { chardev, tag } => {
-                    let socket = match self.find_chardev("vhost-user-fs-pci", &chardev)? {
-                        ChardevSpec::SocketClient { path } => path.clone(),
-                        _ => {
-                            return Err(unsupported(format!(
-                                "vhost-user-fs-pci,chardev={chardev}: nixvmm connects to \
-                                 vhost-user backends; give -chardev socket,id={chardev},path=… \
-                                 without server=on"
-                            )))
-                        }
-                    };
+                    let socket = self.backend_socket("vhost-user-fs-pci", &chardev)?;
                     resolved.shares.push(Share::VhostUser { tag, socket });
+                }
+                Pending::VhostUserVsock { chardev } => {
+                    if resolved.vsock.is_some() {
+                        return Err(unsupported("vhost-user-vsock-pci: nixvmm has one vsock"));
+                    }
+                    let socket = self.backend_socket("vhost-user-vsock-pci", &chardev)?;
+                    resolved.vsock = Some(VsockConfig::VhostUser { socket });
                 }
                 Pending::Port {
                     console,

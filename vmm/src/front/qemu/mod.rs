@@ -299,6 +299,7 @@ impl Builder {
             ports: devices.ports,
             monitor: self.monitor,
             qmp: self.qmp,
+            vsock: devices.vsock,
         };
         config.validate().map_err(|e| invalid(e.to_string()))?;
         self.ignored.dedup();

@@ -343,6 +343,42 @@ fn the_test_drivers_shell_console_and_named_ports() {
 }
 
 #[test]
+fn the_test_drivers_vsock_over_vhost_device_vsock() {
+    use crate::config::VsockConfig;
+    let files = Files::new();
+    let run = files.run(&qemu_vm_nix(
+        "-chardev socket,id=vsock_ssh,reconnect=0,path=@/vsock.sock \
+         -device vhost-user-vsock-pci,chardev=vsock_ssh",
+    ));
+    assert_eq!(
+        run.config.vsock,
+        Some(VsockConfig::VhostUser {
+            socket: files.path("vsock.sock")
+        })
+    );
+    for (line, says) in [
+        (
+            "-device vhost-user-vsock-pci,chardev=gone",
+            "vhost-user-vsock-pci,chardev=gone: no -chardev …,id=gone",
+        ),
+        (
+            "-chardev socket,id=v,path=@/v,server=on,wait=off \
+             -device vhost-user-vsock-pci,chardev=v",
+            "nixvmm connects to vhost-user backends",
+        ),
+        (
+            "-chardev socket,id=v,path=@/v -device vhost-user-vsock-pci,chardev=v \
+             -chardev socket,id=w,path=@/w -device vhost-user-vsock-pci,chardev=w",
+            "nixvmm has one vsock",
+        ),
+        ("-device vhost-user-vsock-pci", "chardev"),
+    ] {
+        let err = files.error(&format!("{BOOT} {line}")).to_string();
+        assert!(err.contains(says), "{line}: {err}");
+    }
+}
+
+#[test]
 fn the_test_drivers_tpm_line_is_refused_until_served() {
     let files = Files::new();
     let err = files.error(&qemu_vm_nix(

@@ -1,10 +1,14 @@
-//! `--share …,fs=vhost-user,socket=S`: a virtio-fs device whose queues an external virtiofsd
-//! (or `nixvmm device fs`) serves over vhost-user, as qemu-vm.nix runs virtiofsd per share.
-//! The guest's RAM is a shared memfd so the backend can map it.
+//! Devices whose queues an external backend serves over vhost-user: virtio-fs (`--share
+//! …,fs=vhost-user,socket=S`: virtiofsd or `nixvmm device fs`, one per share as qemu-vm.nix
+//! runs them) and virtio-vsock (`--vsock vhost-user=S`: vhost-device-vsock, as the NixOS test
+//! driver starts it). nixvmm is the frontend: it keeps the PCI transport and the device's
+//! identity and hands the backend guest memory and the queues. The guest's RAM is a shared
+//! memfd so the backend can map it.
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -12,12 +16,60 @@ use virtio::{device_type, Activation, Error, VirtioDevice, COMMON_FEATURES};
 use virtio_queue::QueueT;
 use vm_memory::{GuestMemory, GuestMemoryRegion};
 
-use virtio::fs::QUEUE_SIZES;
+/// Which device the backend serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// virtio-fs with this tag (nixvmm writes the tag into the config space).
+    Fs { tag: String },
+    /// virtio-vsock; the guest's CID is the backend's (its config space, GET_CONFIG).
+    Vsock,
+}
 
-/// A vhost-user-fs backend that could not be reached or refused the handshake.
+/// virtio-vsock's queues (rx, tx, event), sized as QEMU's vhost-vsock does.
+const VSOCK_QUEUE_SIZES: &[u16] = &[128, 128, 128];
+/// virtio-vsock's config space: the guest's CID (le64).
+const VSOCK_CONFIG_SIZE: u32 = 8;
+/// VIRTIO_VSOCK_F_SEQPACKET: passed through when the backend offers it.
+const VSOCK_F_SEQPACKET: u64 = 1 << 1;
+
+impl Kind {
+    fn name(&self) -> &'static str {
+        match self {
+            Kind::Fs { .. } => "virtio-fs",
+            Kind::Vsock => "virtio-vsock",
+        }
+    }
+
+    fn queue_sizes(&self) -> &'static [u16] {
+        match self {
+            Kind::Fs { .. } => virtio::fs::QUEUE_SIZES,
+            Kind::Vsock => VSOCK_QUEUE_SIZES,
+        }
+    }
+
+    /// Queues the backend serves: vsock's event queue stays with the frontend (as in QEMU's
+    /// vhost-vsock-common), which sends no events.
+    fn backend_queues(&self) -> usize {
+        match self {
+            Kind::Fs { .. } => self.queue_sizes().len(),
+            Kind::Vsock => 2,
+        }
+    }
+
+    /// The device-specific feature bits the guest may see, besides COMMON_FEATURES.
+    fn device_features(&self) -> u64 {
+        match self {
+            Kind::Fs { .. } => 0,
+            Kind::Vsock => VSOCK_F_SEQPACKET,
+        }
+    }
+}
+
+/// A vhost-user backend that could not be reached or refused the handshake.
 #[derive(Debug, thiserror::Error)]
-#[error("virtio-fs backend at {}: {step}: {source}", socket.display())]
+#[error("{device} backend at {}: {step}: {source}", socket.display())]
 pub struct ConnectError {
+    pub device: &'static str,
     pub socket: std::path::PathBuf,
     pub step: &'static str,
     pub source: vhost::Error,
@@ -26,9 +78,11 @@ pub struct ConnectError {
 /// How long nixvmm waits for a backend's socket to accept (the error names the 10 s).
 const SOCKET_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-pub struct VhostUserFs {
+pub struct VhostUserDevice {
     frontend: Frontend,
-    tag: String,
+    kind: Kind,
+    /// The config space the guest reads.
+    config: Vec<u8>,
     backend_features: u64,
     /// Queues the backend is running, stopped before the next activation (after a guest
     /// reboot the same connection serves the new VM).
@@ -38,17 +92,19 @@ pub struct VhostUserFs {
 /// One connection to a backend, kept across guest reboots: virtiofsd serves one frontend
 /// connection and exits when it closes.
 #[derive(Clone)]
-pub struct SharedVhostUserFs(pub std::sync::Arc<std::sync::Mutex<VhostUserFs>>);
+pub struct SharedVhostUser(pub std::sync::Arc<std::sync::Mutex<VhostUserDevice>>);
 
 fn backend(e: impl std::fmt::Display) -> Error {
-    Error::Backend(format!("vhost-user-fs backend: {e}"))
+    Error::Backend(format!("vhost-user backend: {e}"))
 }
 
-impl VhostUserFs {
-    /// Connects to the backend listening on `socket`.
-    pub fn connect(socket: &Path, tag: &str) -> Result<VhostUserFs, ConnectError> {
+impl VhostUserDevice {
+    /// Connects to the backend of a `kind` device listening on `socket`.
+    pub fn connect(socket: &Path, kind: Kind) -> Result<VhostUserDevice, ConnectError> {
+        let device = kind.name();
         let failed = |step: &'static str| {
             move |source| ConnectError {
+                device,
                 socket: socket.to_path_buf(),
                 step,
                 source,
@@ -57,39 +113,71 @@ impl VhostUserFs {
         // runInLinuxVM starts virtiofsd and the VMM at once: the socket may not be there yet.
         let deadline = std::time::Instant::now() + SOCKET_WAIT;
         let mut frontend = loop {
-            match Frontend::connect(socket, QUEUE_SIZES.len() as u64) {
+            match Frontend::connect(socket, kind.queue_sizes().len() as u64) {
                 Ok(frontend) => break frontend,
                 Err(_) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(e) => {
-                    return Err(failed(
-                        "no connection within 10 s (is virtiofsd or `nixvmm device fs` \
-                         listening there?)",
-                    )(e))
+                    return Err(failed(match kind {
+                        Kind::Fs { .. } => {
+                            "no connection within 10 s (is virtiofsd or `nixvmm device fs` \
+                             listening there?)"
+                        }
+                        Kind::Vsock => {
+                            "no connection within 10 s (is vhost-device-vsock listening there?)"
+                        }
+                    })(e))
                 }
             }
         };
         frontend.set_owner().map_err(failed("SET_OWNER"))?;
         let backend_features = frontend.get_features().map_err(failed("GET_FEATURES"))?;
+        let mut protocol = VhostUserProtocolFeatures::empty();
         if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             let offered = frontend
                 .get_protocol_features()
                 .map_err(failed("GET_PROTOCOL_FEATURES"))?;
+            protocol =
+                offered & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG);
             frontend
-                .set_protocol_features(offered & VhostUserProtocolFeatures::MQ)
+                .set_protocol_features(protocol)
                 .map_err(failed("SET_PROTOCOL_FEATURES"))?;
         }
-        Ok(VhostUserFs {
+        let config = match &kind {
+            Kind::Fs { tag } => virtio::fs::config_space(tag),
+            Kind::Vsock => {
+                if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+                    return Err(failed(
+                        "the backend does not give its configuration (the guest's CID)",
+                    )(vhost::Error::VhostUserProtocol(
+                        vhost::vhost_user::Error::FeatureMismatch,
+                    )));
+                }
+                let zeros = [0u8; VSOCK_CONFIG_SIZE as usize];
+                let (_, payload) = frontend
+                    .get_config(0, VSOCK_CONFIG_SIZE, VhostUserConfigFlags::empty(), &zeros)
+                    .map_err(failed("GET_CONFIG"))?;
+                payload
+            }
+        };
+        Ok(VhostUserDevice {
             frontend,
-            tag: tag.to_string(),
+            kind,
+            config,
             backend_features,
             running: Vec::new(),
         })
     }
+
+    /// The guest's CID, for a vsock device.
+    pub fn guest_cid(&self) -> Option<u64> {
+        let bytes = self.config.get(..8)?.try_into().ok()?;
+        (self.kind == Kind::Vsock).then(|| u64::from_le_bytes(bytes))
+    }
 }
 
-impl VhostUserFs {
+impl VhostUserDevice {
     /// GET_VRING_BASE stops a ring: rings of an earlier activation stop before the next one,
     /// and when the driver resets the device.
     fn stop_rings(&mut self) -> Result<(), Error> {
@@ -100,11 +188,7 @@ impl VhostUserFs {
     }
 
     fn guest_features(&self) -> u64 {
-        self.backend_features & COMMON_FEATURES
-    }
-
-    fn config(&self) -> Vec<u8> {
-        virtio::fs::config_space(&self.tag)
+        self.backend_features & (COMMON_FEATURES | self.kind.device_features())
     }
 
     /// Hands the backend guest memory and each enabled queue: its rings, its kick eventfd and
@@ -141,7 +225,11 @@ impl VhostUserFs {
                 .map(|p| p as u64)
                 .map_err(backend)
         };
-        for q in queues {
+        let sizes = self.kind.queue_sizes();
+        for q in queues
+            .into_iter()
+            .filter(|q| q.index < self.kind.backend_queues())
+        {
             let size = q.queue.size();
             let (desc, avail, used) = virtio::pci::queue_addresses(&q.queue);
             let call = interrupt
@@ -151,7 +239,7 @@ impl VhostUserFs {
                 .set_vring_num(q.index, size)
                 .map_err(backend)?;
             let config = VringConfigData {
-                queue_max_size: QUEUE_SIZES[q.index.min(QUEUE_SIZES.len() - 1)],
+                queue_max_size: sizes[q.index.min(sizes.len() - 1)],
                 queue_size: size,
                 flags: 0,
                 desc_table_addr: host(desc)?,
@@ -180,17 +268,20 @@ impl VhostUserFs {
     }
 }
 
-fn shared(fs: &SharedVhostUserFs) -> std::sync::MutexGuard<'_, VhostUserFs> {
-    devices::bus::lock(&fs.0)
+fn shared(device: &SharedVhostUser) -> std::sync::MutexGuard<'_, VhostUserDevice> {
+    devices::bus::lock(&device.0)
 }
 
-impl VirtioDevice for SharedVhostUserFs {
+impl VirtioDevice for SharedVhostUser {
     fn device_type(&self) -> u32 {
-        device_type::FS
+        match shared(self).kind {
+            Kind::Fs { .. } => device_type::FS,
+            Kind::Vsock => device_type::VSOCK,
+        }
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        QUEUE_SIZES
+        shared(self).kind.queue_sizes()
     }
 
     fn features(&self) -> u64 {
@@ -198,7 +289,7 @@ impl VirtioDevice for SharedVhostUserFs {
     }
 
     fn config(&self) -> Vec<u8> {
-        shared(self).config()
+        shared(self).config.clone()
     }
 
     fn reset(&mut self) {
