@@ -16,6 +16,7 @@ pub mod net;
 pub mod ninep;
 pub mod pci;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 use std::os::fd::RawFd;

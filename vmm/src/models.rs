@@ -26,6 +26,11 @@ pub enum Model<'a> {
     },
     /// virtio-console, its ports by id (`None`: no port with that id).
     Console(Vec<Option<virtio::console::PortConfig>>),
+    /// nixvmm's own virtio-vsock, its host side on Unix sockets at `uds`.
+    Vsock {
+        cid: u64,
+        uds: &'a std::path::Path,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +41,8 @@ pub enum ModelError {
     VirtioFs(#[from] FsError),
     #[error("virtio-console: {0}")]
     Console(std::io::Error),
+    #[error("--vsock: cannot listen: {0}")]
+    Vsock(std::io::Error),
     #[error("--share {path}: {source}")]
     NineP {
         path: PathBuf,
@@ -58,6 +65,10 @@ pub fn build(model: Model) -> Result<Box<dyn QueueDevice>, ModelError> {
         Model::Net { mac, backend, link } => Box::new(Net::new(mac, backend, link)),
         Model::Console(ports) => {
             Box::new(virtio::console::Console::new(ports).map_err(ModelError::Console)?)
+        }
+        Model::Vsock { cid, uds } => {
+            let muxer = virtio::vsock::Muxer::new(cid, uds).map_err(ModelError::Vsock)?;
+            Box::new(virtio::vsock::Vsock::new(cid, muxer))
         }
     })
 }

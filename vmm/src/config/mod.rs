@@ -76,17 +76,38 @@ pub struct VmConfig {
 /// A virtio-vsock device (`--vsock`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VsockConfig {
+    /// nixvmm's own device with guest CID `cid`; host programs reach it through Unix sockets
+    /// at `uds` (Firecracker's `CONNECT PORT` protocol).
+    Muxer { cid: u64, uds: PathBuf },
     /// Served by a vhost-user backend listening on `socket` (vhost-device-vsock), which also
     /// gives the guest's CID.
     VhostUser { socket: PathBuf },
 }
 
-/// Parses `--vsock vhost-user=SOCKET`.
+/// Parses `--vsock cid=N,uds=PATH` or `--vsock vhost-user=SOCKET`.
 pub fn parse_vsock(text: &str) -> Result<VsockConfig, ConfigError> {
-    let o = Options::parse("--vsock", text, &["vhost-user"])?;
-    Ok(VsockConfig::VhostUser {
-        socket: PathBuf::from(o.required("vhost-user")?),
+    let o = Options::parse("--vsock", text, &["vhost-user", "cid", "uds"])?;
+    if let Some(socket) = o.get("vhost-user") {
+        return Ok(VsockConfig::VhostUser {
+            socket: PathBuf::from(socket),
+        });
+    }
+    let cid = o.required("cid")?;
+    Ok(VsockConfig::Muxer {
+        cid: parse_guest_cid("--vsock cid", cid)?,
+        uds: PathBuf::from(o.required("uds")?),
     })
+}
+
+/// A guest CID: 3 up to 2^32 - 2 (0 to 2 are reserved, 2^32 - 1 is VMADDR_CID_ANY).
+pub fn parse_guest_cid(what: &'static str, text: &str) -> Result<u64, ConfigError> {
+    match text.parse::<u64>() {
+        Ok(cid) if (virtio::vsock::MIN_GUEST_CID..u64::from(u32::MAX)).contains(&cid) => Ok(cid),
+        _ => Err(ConfigError::BadCid {
+            what,
+            given: text.to_string(),
+        }),
+    }
 }
 
 impl Default for VmConfig {
@@ -126,6 +147,8 @@ pub enum ConfigError {
     Missing { what: &'static str, path: String },
     #[error("--initrd needs a kernel: give --kernel or --system")]
     InitrdWithoutKernel,
+    #[error("{what}={given}: give a guest CID from 3 to 4294967294")]
+    BadCid { what: &'static str, given: String },
     #[error(transparent)]
     Option(#[from] OptionError),
 }

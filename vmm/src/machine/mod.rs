@@ -114,7 +114,7 @@ impl Vm {
         }
         let vm_fd = Arc::new(create_vm(kvm)?);
         // Backends outside the VMM map the guest's RAM: it must be a shared memfd then.
-        let shared = config.vsock.is_some()
+        let shared = matches!(config.vsock, Some(VsockConfig::VhostUser { .. }))
             || config
                 .shares
                 .iter()
@@ -262,12 +262,17 @@ fn device_models(
             ),
         });
     }
-    if let Some(VsockConfig::VhostUser { socket }) = &config.vsock {
-        devices.push(Box::new(
+    match &config.vsock {
+        Some(VsockConfig::VhostUser { socket }) => devices.push(Box::new(
             backends
                 .vhost_user(socket)
                 .ok_or_else(|| VmError::NoBackend(socket.clone()))?,
-        ));
+        )),
+        Some(VsockConfig::Muxer { cid, uds }) => devices.push(hosted(
+            "virtio-vsock".into(),
+            Model::Vsock { cid: *cid, uds },
+        )?),
+        None => {}
     }
     if config.rng {
         devices.push(hosted("virtio-rng".into(), Model::Rng)?);
