@@ -31,7 +31,8 @@ const L1_START_TIMEOUT: Duration = Duration::from_secs(300);
 const L1_GRACE: Duration = Duration::from_secs(60);
 /// How many L1s a job may take when L1 fails under it.
 const L1_ATTEMPTS: u32 = 4;
-/// Modules L1 loads: its 9p shares and KVM on the (emulated) SVM CPU.
+/// Modules L1 loads: its 9p shares, KVM on the (emulated) SVM CPU, taps and bridges for the
+/// network tests, the kernel's vhost-vsock for `-device vhost-vsock-pci`.
 const L1_MODULES: &[&str] = &[
     "virtio_pci",
     "9pnet_virtio",
@@ -39,6 +40,7 @@ const L1_MODULES: &[&str] = &[
     "kvm_amd",
     "tun",
     "bridge",
+    "vhost_vsock",
 ];
 
 /// Where tier-4 commands run.

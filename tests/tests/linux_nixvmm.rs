@@ -785,24 +785,34 @@ fn vhost_device_vsock() -> PathBuf {
     installed
 }
 
-/// The host side of vhost-device-vsock's Unix sockets, in Python: `connect UDS PORT TEXT`
-/// asks for the guest's PORT as Firecracker's protocol does (`CONNECT PORT` → `OK N`) and
-/// prints the guest's answer to TEXT; `serve UDS_PORT` answers one guest connection's line
-/// with "host: LINE".
+/// The host side of the vsock tests, in Python. Through Unix sockets (nixvmm's muxer and
+/// vhost-device-vsock): `connect UDS PORT TEXT` asks for the guest's PORT as Firecracker's
+/// protocol does (`CONNECT PORT` → `OK N`) and prints the guest's answer to TEXT; `serve
+/// UDS_PORT` answers one guest connection's line with "host: LINE". Through AF_VSOCK (the
+/// kernel's vhost-vsock): `vsock-connect CID PORT TEXT` and `vsock-serve PORT` do the same.
 const HOST_VSOCK_PEER: &str = r#"
 import socket, sys
-if sys.argv[1] == "connect":
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sys.argv[2])
-    s.sendall(b"CONNECT " + sys.argv[3].encode() + b"\n")
-    f = s.makefile("rb")
-    ok = f.readline().decode().strip()
-    print("HOST_HANDSHAKE=" + ok.split(" ")[0])
+mode = sys.argv[1]
+if mode in ("connect", "vsock-connect"):
+    if mode == "connect":
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sys.argv[2])
+        s.sendall(b"CONNECT " + sys.argv[3].encode() + b"\n")
+        f = s.makefile("rb")
+        print("HOST_HANDSHAKE=" + f.readline().decode().strip().split(" ")[0])
+    else:
+        s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        s.connect((int(sys.argv[2]), int(sys.argv[3])))
+        f = s.makefile("rb")
     s.sendall(sys.argv[4].encode() + b"\n")
     print("HOST_GOT=" + f.readline().decode().strip())
 else:
-    l = socket.socket(socket.AF_UNIX)
-    l.bind(sys.argv[2])
+    if mode == "serve":
+        l = socket.socket(socket.AF_UNIX)
+        l.bind(sys.argv[2])
+    else:
+        l = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        l.bind((socket.VMADDR_CID_ANY, int(sys.argv[2])))
     l.listen(1)
     c, _ = l.accept()
     line = c.makefile("rb").readline()
@@ -817,9 +827,17 @@ const GUEST_VSOCK: &str = "echo GUEST_CID=$(vsock-peer cid | cut -d' ' -f2)\n\
     answer=$(vsock-peer connect 2 5000 from-guest)\n\
     echo \"GUEST_GOT=${answer#VSOCK-ANSWER }\"";
 
+/// How the host side reaches the guest's vsock.
+enum HostSide {
+    /// Unix sockets at /tmp/vm.vsock (nixvmm's muxer, vhost-device-vsock).
+    Uds,
+    /// AF_VSOCK (the kernel's vhost-vsock).
+    AfVsock,
+}
+
 /// A guest with [`GUEST_VSOCK`] and nixvmm's `vsock` option, the job around it starting
-/// `backend` (shell lines) first; host → guest and guest → host through `/tmp/vm.vsock`.
-fn vsock_works_both_ways(vsock: &str, backend: &str) {
+/// `backend` (shell lines) first; host → guest and guest → host.
+fn vsock_works_both_ways(vsock: &str, backend: &str, host_side: HostSide) {
     let peer = nixvmm_tests::linux_kit::guest_program("vsock_peer").unwrap();
     let files = [("bin/vsock-peer", 0o755, peer.as_slice())];
     let dir = host().tempdir().unwrap();
@@ -835,11 +853,11 @@ fn vsock_works_both_ways(vsock: &str, backend: &str) {
     let job = format!(
         "rm -f /tmp/vsock.sock /tmp/vm.vsock*\n\
          {backend}\n\
-         python3 {py} serve /tmp/vm.vsock_5000 &\n\
+         python3 {py} {serve} &\n\
          {vm} > /tmp/console 2>&1 &\n\
          vm=$!\n\
          for i in $(seq 1200); do grep -q 'VSOCK-LISTENING 1234' /tmp/console && break; sleep 0.1; done\n\
-         python3 {py} connect /tmp/vm.vsock 1234 from-host\n\
+         python3 {py} {connect} 1234 from-host\n\
          wait $vm\n\
          rc=$?\n\
          cat /tmp/console\n\
@@ -847,6 +865,14 @@ fn vsock_works_both_ways(vsock: &str, backend: &str) {
          exit $rc",
         py = path(&py),
         vm = guest.command(),
+        serve = match host_side {
+            HostSide::Uds => "serve /tmp/vm.vsock_5000",
+            HostSide::AfVsock => "vsock-serve 5000",
+        },
+        connect = match host_side {
+            HostSide::Uds => "connect /tmp/vm.vsock",
+            HostSide::AfVsock => "vsock-connect 7",
+        },
     );
     let log = host().run(&job, BOOT_LIMIT).unwrap();
     boots_and_powers_off(&log);
@@ -856,7 +882,9 @@ fn vsock_works_both_ways(vsock: &str, backend: &str) {
         Some("7"),
         "the configured CID:\n{tail}"
     );
-    assert_eq!(log.value_of("HOST_HANDSHAKE"), Some("OK"), "{tail}");
+    if let HostSide::Uds = host_side {
+        assert_eq!(log.value_of("HOST_HANDSHAKE"), Some("OK"), "{tail}");
+    }
     assert_eq!(log.value_of("HOST_GOT"), Some("echo: from-host"), "{tail}");
     assert_eq!(
         log.value_of("GUEST_GOT"),
@@ -872,12 +900,17 @@ fn tier4_vsock_through_vhost_device_vsock_both_ways() {
          for i in $(seq 100); do [ -S /tmp/vsock.sock ] && break; sleep 0.1; done",
         path(&vhost_device_vsock())
     );
-    vsock_works_both_ways("vhost-user=/tmp/vsock.sock", &backend);
+    vsock_works_both_ways("vhost-user=/tmp/vsock.sock", &backend, HostSide::Uds);
 }
 
 #[test]
 fn tier4_vsock_through_nixvmms_own_device_both_ways() {
-    vsock_works_both_ways("cid=7,uds=/tmp/vm.vsock", "");
+    vsock_works_both_ways("cid=7,uds=/tmp/vm.vsock", "", HostSide::Uds);
+}
+
+#[test]
+fn tier4_vsock_through_the_kernels_vhost_vsock_both_ways() {
+    vsock_works_both_ways("cid=7,backend=kernel", "", HostSide::AfVsock);
 }
 
 /// Shell functions for the affinity test. `move IRQ` asks Linux to move an IRQ to the CPU it

@@ -79,24 +79,34 @@ pub enum VsockConfig {
     /// nixvmm's own device with guest CID `cid`; host programs reach it through Unix sockets
     /// at `uds` (Firecracker's `CONNECT PORT` protocol).
     Muxer { cid: u64, uds: PathBuf },
+    /// The host kernel's vhost-vsock serves it (QEMU's `vhost-vsock-pci`): host programs use
+    /// AF_VSOCK to `cid`.
+    Kernel { cid: u64 },
     /// Served by a vhost-user backend listening on `socket` (vhost-device-vsock), which also
     /// gives the guest's CID.
     VhostUser { socket: PathBuf },
 }
 
-/// Parses `--vsock cid=N,uds=PATH` or `--vsock vhost-user=SOCKET`.
+/// Parses `--vsock cid=N,uds=PATH`, `--vsock cid=N,backend=kernel` or `--vsock
+/// vhost-user=SOCKET`.
 pub fn parse_vsock(text: &str) -> Result<VsockConfig, ConfigError> {
-    let o = Options::parse("--vsock", text, &["vhost-user", "cid", "uds"])?;
+    let o = Options::parse("--vsock", text, &["vhost-user", "cid", "uds", "backend"])?;
     if let Some(socket) = o.get("vhost-user") {
         return Ok(VsockConfig::VhostUser {
             socket: PathBuf::from(socket),
         });
     }
-    let cid = o.required("cid")?;
-    Ok(VsockConfig::Muxer {
-        cid: parse_guest_cid("--vsock cid", cid)?,
-        uds: PathBuf::from(o.required("uds")?),
-    })
+    let cid = parse_guest_cid("--vsock cid", o.required("cid")?)?;
+    match o.get("backend") {
+        Some("kernel") => Ok(VsockConfig::Kernel { cid }),
+        None | Some("muxer") => Ok(VsockConfig::Muxer {
+            cid,
+            uds: PathBuf::from(o.required("uds")?),
+        }),
+        Some(other) => Err(o
+            .bad("backend", other, "muxer (with uds=PATH) or kernel")
+            .into()),
+    }
 }
 
 /// A guest CID: 3 up to 2^32 - 2 (0 to 2 are reserved, 2^32 - 1 is VMADDR_CID_ANY).
@@ -356,16 +366,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn vsock_takes_a_vhost_user_socket() {
+    fn vsock_takes_a_vhost_user_socket_or_a_cid_and_uds() {
         assert_eq!(
             parse_vsock("vhost-user=/run/vsock.sock"),
             Ok(VsockConfig::VhostUser {
                 socket: "/run/vsock.sock".into()
             })
         );
-        let err = parse_vsock("cid=3").unwrap_err().to_string();
-        assert!(err.contains("--vsock") && err.contains("cid"), "{err}");
-        assert!(parse_vsock("").is_err());
+        assert_eq!(
+            parse_vsock("cid=3,uds=/run/vm.vsock"),
+            Ok(VsockConfig::Muxer {
+                cid: 3,
+                uds: "/run/vm.vsock".into()
+            })
+        );
+        assert_eq!(
+            parse_vsock("cid=9,backend=kernel"),
+            Ok(VsockConfig::Kernel { cid: 9 })
+        );
+        for (text, says) in [
+            ("cid=3", "uds"),
+            ("cid=3,backend=magic", "muxer (with uds=PATH) or kernel"),
+            ("cid=2,uds=/u", "cid=2: give a guest CID from 3"),
+            ("cid=4294967295,uds=/u", "give a guest CID"),
+            ("cid=x,uds=/u", "give a guest CID"),
+            ("port=1", "port"),
+            ("", "cid"),
+        ] {
+            let err = parse_vsock(text).unwrap_err().to_string();
+            assert!(
+                err.contains("--vsock") && err.contains(says),
+                "{text}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod kernel_unpack;
 pub mod slirp;
 pub mod tap;
 pub mod vde;
+pub mod vhost_kernel;
 pub mod vhost_user;
 
 use std::path::{Path, PathBuf};

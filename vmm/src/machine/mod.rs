@@ -272,6 +272,9 @@ fn device_models(
             "virtio-vsock".into(),
             Model::Vsock { cid: *cid, uds },
         )?),
+        Some(VsockConfig::Kernel { cid }) => {
+            devices.push(Box::new(crate::host::vhost_kernel::KernelVsock::new(*cid)))
+        }
         None => {}
     }
     if config.rng {

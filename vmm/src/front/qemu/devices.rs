@@ -81,6 +81,7 @@ enum Pending {
     VhostUserVsock {
         chardev: String,
     },
+    Vsock(VsockConfig),
     VhostUserFs {
         chardev: String,
         tag: String,
@@ -215,6 +216,19 @@ impl Devices {
                 self.pending.push(Pending::VhostUserVsock {
                     chardev: o.required("chardev").map_err(option_error)?.to_string(),
                 });
+            }
+            "vhost-vsock-pci" | "vhost-vsock" => {
+                let o = parse(&["guest-cid", "vhostfd"])?;
+                if o.get("vhostfd").is_some() {
+                    return Err(unsupported(format!(
+                        "{option},vhostfd=…: nixvmm opens /dev/vhost-vsock itself; drop vhostfd"
+                    )));
+                }
+                let cid = o.required("guest-cid").map_err(option_error)?;
+                let cid = crate::config::parse_guest_cid("-device vhost-vsock-pci,guest-cid", cid)
+                    .map_err(|e| invalid(e.to_string()))?;
+                self.pending
+                    .push(Pending::Vsock(VsockConfig::Kernel { cid }));
             }
             "tpm-tis" | "tpm-crb" => {
                 return Err(unsupported(format!(
@@ -640,6 +654,12 @@ impl Devices {
                     }
                     let socket = self.backend_socket("vhost-user-vsock-pci", &chardev)?;
                     resolved.vsock = Some(VsockConfig::VhostUser { socket });
+                }
+                Pending::Vsock(vsock) => {
+                    if resolved.vsock.is_some() {
+                        return Err(unsupported("vhost-vsock-pci: nixvmm has one vsock"));
+                    }
+                    resolved.vsock = Some(vsock);
                 }
                 Pending::Port {
                     console,

@@ -343,9 +343,11 @@ fn the_test_drivers_shell_console_and_named_ports() {
 }
 
 #[test]
-fn the_test_drivers_vsock_over_vhost_device_vsock() {
+fn the_test_drivers_vsock_over_vhost_device_vsock_or_the_kernel() {
     use crate::config::VsockConfig;
     let files = Files::new();
+    let run = files.run(&qemu_vm_nix("-device vhost-vsock-pci,guest-cid=5"));
+    assert_eq!(run.config.vsock, Some(VsockConfig::Kernel { cid: 5 }));
     let run = files.run(&qemu_vm_nix(
         "-chardev socket,id=vsock_ssh,reconnect=0,path=@/vsock.sock \
          -device vhost-user-vsock-pci,chardev=vsock_ssh",
@@ -372,6 +374,15 @@ fn the_test_drivers_vsock_over_vhost_device_vsock() {
             "nixvmm has one vsock",
         ),
         ("-device vhost-user-vsock-pci", "chardev"),
+        (
+            "-device vhost-vsock-pci,guest-cid=2",
+            "give a guest CID from 3",
+        ),
+        ("-device vhost-vsock-pci", "guest-cid"),
+        (
+            "-device vhost-vsock-pci,guest-cid=3,vhostfd=5",
+            "drop vhostfd",
+        ),
     ] {
         let err = files.error(&format!("{BOOT} {line}")).to_string();
         assert!(err.contains(says), "{line}: {err}");

@@ -1,0 +1,143 @@
+//! `-device vhost-vsock-pci,guest-cid=N` as QEMU runs it (`--vsock cid=N,backend=kernel`):
+//! the host kernel's vhost-vsock (`/dev/vhost-vsock`, module vhost_vsock) serves the guest's
+//! rx and tx queues, so host programs reach the guest with AF_VSOCK sockets to CID N (`ssh
+//! vsock/N`, `socat - VSOCK-CONNECT:N:22`). nixvmm keeps the PCI transport, the config space
+//! (the CID) and the event queue, which gets no events.
+
+use std::sync::Arc;
+
+use vhost::vhost_kern::vsock::Vsock;
+use vhost::vsock::VhostVsock;
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio::{device_type, Activation, Error, Memory, VirtioDevice, COMMON_FEATURES};
+use virtio_queue::QueueT;
+use vm_memory::{GuestMemory, GuestMemoryRegion};
+
+/// rx, tx and event, sized as QEMU's vhost-vsock does.
+const QUEUE_SIZES: &[u16] = &[128, 128, 128];
+/// The queues the kernel serves: rx and tx.
+const KERNEL_QUEUES: usize = 2;
+
+pub struct KernelVsock {
+    cid: u64,
+    /// The kernel's device while the guest's driver runs it.
+    running: Option<Vsock<Arc<Memory>>>,
+}
+
+fn kernel(what: &str) -> impl Fn(vhost::Error) -> Error + '_ {
+    move |e| Error::Backend(format!("vhost-vsock (/dev/vhost-vsock): {what}: {e}"))
+}
+
+impl KernelVsock {
+    pub fn new(cid: u64) -> KernelVsock {
+        KernelVsock { cid, running: None }
+    }
+
+    fn start(&mut self, activation: Activation) -> Result<(), Error> {
+        let Activation {
+            mem,
+            features,
+            interrupt,
+            queues,
+        } = activation;
+        let mem = Arc::new(mem);
+        let device = Vsock::new(mem.clone()).map_err(kernel(
+            "cannot open it (load the vhost_vsock module; nixvmm needs read-write access)",
+        ))?;
+        device.set_owner().map_err(kernel("SET_OWNER"))?;
+        let offered = device.get_features().map_err(kernel("GET_FEATURES"))?;
+        if features & !offered != 0 {
+            return Err(kernel("features")(vhost::Error::InvalidOperation));
+        }
+        device
+            .set_features(features)
+            .map_err(kernel("SET_FEATURES"))?;
+        let mut regions = Vec::new();
+        for region in mem.iter() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| Error::Backend(format!("vhost-vsock: guest memory: {e}")))?;
+            regions.push(VhostUserMemoryRegionInfo {
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                mmap_offset: 0,
+                mmap_handle: -1,
+            });
+        }
+        device
+            .set_mem_table(&regions)
+            .map_err(kernel("SET_MEM_TABLE"))?;
+        for q in queues.iter().filter(|q| q.index < KERNEL_QUEUES) {
+            let (desc, avail, used) = virtio::pci::queue_addresses(&q.queue);
+            let call = interrupt.queue_irqfd(q.index).ok_or_else(|| {
+                Error::Backend(format!(
+                    "vhost-vsock: queue {} has no MSI-X vector",
+                    q.index
+                ))
+            })?;
+            let config = VringConfigData {
+                queue_max_size: QUEUE_SIZES[q.index],
+                queue_size: q.queue.size(),
+                flags: 0,
+                desc_table_addr: desc.0,
+                used_ring_addr: used.0,
+                avail_ring_addr: avail.0,
+                log_addr: None,
+            };
+            device
+                .set_vring_num(q.index, q.queue.size())
+                .map_err(kernel("SET_VRING_NUM"))?;
+            device
+                .set_vring_addr(q.index, &config)
+                .map_err(kernel("SET_VRING_ADDR"))?;
+            device
+                .set_vring_base(q.index, 0)
+                .map_err(kernel("SET_VRING_BASE"))?;
+            device
+                .set_vring_call(q.index, &call)
+                .map_err(kernel("SET_VRING_CALL"))?;
+            device
+                .set_vring_kick(q.index, &q.kick)
+                .map_err(kernel("SET_VRING_KICK"))?;
+        }
+        device
+            .set_guest_cid(self.cid)
+            .map_err(kernel("SET_GUEST_CID (is another VM using this CID?)"))?;
+        device.start().map_err(kernel("SET_RUNNING"))?;
+        self.running = Some(device);
+        Ok(())
+    }
+}
+
+impl VirtioDevice for KernelVsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        COMMON_FEATURES
+    }
+
+    fn config(&self) -> Vec<u8> {
+        self.cid.to_le_bytes().to_vec()
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), Error> {
+        self.reset();
+        self.start(activation)
+    }
+
+    fn reset(&mut self) {
+        if let Some(device) = self.running.take() {
+            if let Err(e) = device.stop() {
+                log::warn!("vhost-vsock: SET_RUNNING 0: {e}");
+            }
+            // Closing the fd releases the CID and the rings.
+        }
+    }
+}
