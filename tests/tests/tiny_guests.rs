@@ -51,6 +51,56 @@ fn builtin_guest_greets_and_powers_off() {
     );
 }
 
+#[test]
+fn the_serial_console_goes_to_a_file_or_nowhere_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ttyS0.log");
+    std::fs::write(&file, "old contents\n").unwrap();
+    let serial = format!("file:{}", file.display());
+    let out = Command::new(nixvmm_bin())
+        .args(["run", "--serial", &serial])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stdout.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        vmm::machine::builtin_guest::GREETING
+    );
+    let out = Command::new(nixvmm_bin())
+        .args(["run", "--serial", "null"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+    // Through the QEMU door: -serial file: and -serial chardev: naming a file chardev.
+    let again = dir.path().join("again.log");
+    let kernel = write_guest(dir.path(), {
+        let mut g = Guest::new();
+        g.text("door serial\n").unwrap();
+        g.poweroff().unwrap();
+        g
+    });
+    let chardev = format!("file,id=con,path={}", again.display());
+    let out = Command::new(nixvmm_bin())
+        .args(["qemu", "-m", "64", "-kernel", kernel.to_str().unwrap()])
+        .args(["-chardev", &chardev, "-serial", "chardev:con"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), "door serial\n");
+}
+
 fn resetting_guest(dir: &Path) -> std::path::PathBuf {
     let mut g = Guest::new();
     g.text("boot\n").unwrap();

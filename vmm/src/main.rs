@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
+use vmm::config::Serial;
 use vmm::event::hmp::HmpMonitor;
 use vmm::event::qmp::QmpServer;
 use vmm::event::signals::SignalWatch;
@@ -83,7 +84,16 @@ fn run_vm(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
     }
     let room = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("an eventfd: {e}"))?;
     let stdin_room = room.try_clone().map_err(|e| format!("an eventfd: {e}"))?;
-    plane.add(Box::new(StdinWatch::new(control.clone(), stdin_room)));
+    let console = match &config.serial {
+        Serial::Stdio => {
+            plane.add(Box::new(StdinWatch::new(control.clone(), stdin_room)));
+            ConsoleOutput::stdout()
+        }
+        Serial::Null => ConsoleOutput::sink(),
+        Serial::File(path) => {
+            ConsoleOutput::file(path).map_err(|e| format!("serial file:{}: {e}", path.display()))?
+        }
+    };
     // Listening before connecting to the monitor: the test driver connects to QMP as soon
     // as it has accepted nixvmm's monitor and shell connections, without retrying.
     if let Some(path) = &config.qmp {
@@ -101,14 +111,8 @@ fn run_vm(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
         })?;
         plane.add(Box::new(monitor));
     }
-    let terminal = RawTerminal::enter();
-    let outcome = vmm::run_with(
-        &config,
-        &ConsoleOutput::stdout(),
-        &control,
-        &mut plane,
-        &room,
-    );
+    let terminal = (config.serial == Serial::Stdio).then(RawTerminal::enter);
+    let outcome = vmm::run_with(&config, &console, &control, &mut plane, &room);
     drop(terminal);
     outcome.map_err(|e| e.to_string())
 }

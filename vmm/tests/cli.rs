@@ -43,6 +43,18 @@ fn bad_input_gets_one_clear_line_and_status_1() {
     assert_clear_error(&["run", "--memory", "12X"], "--memory 12X");
     assert_clear_error(&["run", "--memory", "1M"], "at least 16 MiB");
     assert_clear_error(&["run", "--cpus", "0"], "--cpus");
+    assert_clear_error(
+        &["run", "--serial", "tty"],
+        "--serial tty: write stdio, null or file:PATH",
+    );
+    assert_clear_error(
+        &["run", "--serial", "file:/no/such/dir/log"],
+        "serial file:/no/such/dir/log",
+    );
+    assert_clear_error(
+        &["run", "--vsock", "cid=1,uds=/tmp/v"],
+        "give a guest CID from 3",
+    );
     assert_clear_error(&["run", "--frobnicate"], "--frobnicate");
     assert_clear_error(
         &["run", "--system", dir.path().to_str().unwrap()],

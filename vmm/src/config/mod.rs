@@ -71,6 +71,32 @@ pub struct VmConfig {
     pub qmp: Option<PathBuf>,
     /// A virtio-vsock device.
     pub vsock: Option<VsockConfig>,
+    /// Where the serial port (ttyS0) goes.
+    pub serial: Serial,
+}
+
+/// The serial port's host side (`--serial`, QEMU's `-serial`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Serial {
+    /// Output on stdout, input from stdin (with Ctrl-A commands), the terminal in raw mode.
+    #[default]
+    Stdio,
+    /// Output dropped, no input.
+    Null,
+    /// Output written to this file (made or truncated at start), no input.
+    File(PathBuf),
+}
+
+/// Parses `--serial stdio|null|file:PATH`.
+pub fn parse_serial(text: &str) -> Result<Serial, ConfigError> {
+    match text {
+        "stdio" => Ok(Serial::Stdio),
+        "null" | "none" => Ok(Serial::Null),
+        _ => match text.strip_prefix("file:") {
+            Some(path) if !path.is_empty() => Ok(Serial::File(PathBuf::from(path))),
+            _ => Err(ConfigError::BadSerial(text.to_string())),
+        },
+    }
 }
 
 /// A virtio-vsock device (`--vsock`).
@@ -138,6 +164,7 @@ impl Default for VmConfig {
             monitor: None,
             qmp: None,
             vsock: None,
+            serial: Serial::Stdio,
         }
     }
 }
@@ -157,6 +184,8 @@ pub enum ConfigError {
     Missing { what: &'static str, path: String },
     #[error("--initrd needs a kernel: give --kernel or --system")]
     InitrdWithoutKernel,
+    #[error("--serial {0}: write stdio, null or file:PATH")]
+    BadSerial(String),
     #[error("{what}={given}: give a guest CID from 3 to 4294967294")]
     BadCid { what: &'static str, given: String },
     #[error(transparent)]

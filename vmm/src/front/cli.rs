@@ -9,8 +9,8 @@ use crate::config::console::parse_port;
 use crate::config::net::parse_net;
 use crate::config::system::{read_system, SystemError};
 use crate::config::{
-    parse_disk, parse_share, parse_size, parse_vsock, ConfigError, Decompress, Kernel, VmConfig,
-    MAX_CPUS,
+    parse_disk, parse_serial, parse_share, parse_size, parse_vsock, ConfigError, Decompress,
+    Kernel, VmConfig, MAX_CPUS,
 };
 
 #[derive(Debug, Parser)]
@@ -155,6 +155,10 @@ pub struct RunArgs {
     /// guest's CID).
     #[arg(long, value_name = "OPTIONS")]
     pub vsock: Option<String>,
+    /// Where the serial console (ttyS0) goes: stdio (the default: this terminal), null, or
+    /// file:PATH (output only).
+    #[arg(long, default_value = "stdio")]
+    pub serial: String,
 }
 
 /// `nixvmm device fs` (and virtiofsd's spelling of the same options).
@@ -234,6 +238,7 @@ impl RunArgs {
             monitor: self.monitor,
             qmp: self.qmp,
             vsock: self.vsock.as_deref().map(parse_vsock).transpose()?,
+            serial: parse_serial(&self.serial)?,
         };
         config.validate()?;
         Ok(config)

@@ -16,6 +16,18 @@ impl ConsoleOutput {
         ConsoleOutput(Arc::new(Mutex::new(std::io::stdout())))
     }
 
+    /// Output dropped.
+    pub fn sink() -> ConsoleOutput {
+        ConsoleOutput(Arc::new(Mutex::new(std::io::sink())))
+    }
+
+    /// Output written to `path`, made or truncated now.
+    pub fn file(path: &std::path::Path) -> std::io::Result<ConsoleOutput> {
+        Ok(ConsoleOutput(Arc::new(Mutex::new(std::fs::File::create(
+            path,
+        )?))))
+    }
+
     /// Output collected in memory; the returned buffer fills as the guest writes.
     pub fn buffer() -> (ConsoleOutput, Arc<Mutex<Vec<u8>>>) {
         let buffer = Arc::new(Mutex::new(Vec::new()));

@@ -523,6 +523,11 @@ impl Devices {
         }
     }
 
+    /// The chardev `-chardev …,id=ID` defined so far.
+    pub fn chardev_spec(&self, id: &str) -> Option<&ChardevSpec> {
+        self.chardevs.iter().find(|c| c.id == id).map(|c| &c.spec)
+    }
+
     fn find_chardev(&self, device: &str, id: &str) -> Result<&ChardevSpec> {
         self.chardevs
             .iter()

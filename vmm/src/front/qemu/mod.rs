@@ -11,8 +11,9 @@ mod tests;
 
 use std::path::PathBuf;
 
+use crate::config::console::ChardevSpec;
 use crate::config::options::{split_items, Options};
-use crate::config::{parse_size, Decompress, Kernel, VmConfig, MAX_CPUS};
+use crate::config::{parse_size, Decompress, Kernel, Serial, VmConfig, MAX_CPUS};
 use args::{tokenize, Arg};
 use devices::Devices;
 
@@ -264,6 +265,7 @@ struct Builder {
     log_file: Option<PathBuf>,
     tcg_allowed: bool,
     serial_seen: bool,
+    serial: Serial,
     memory_backend: Option<String>,
     monitor: Option<PathBuf>,
     qmp: Option<PathBuf>,
@@ -300,6 +302,7 @@ impl Builder {
             monitor: self.monitor,
             qmp: self.qmp,
             vsock: devices.vsock,
+            serial: self.serial,
         };
         config.validate().map_err(|e| invalid(e.to_string()))?;
         self.ignored.dedup();
@@ -443,20 +446,45 @@ impl Builder {
         Ok(())
     }
 
-    /// nixvmm's one serial port is on stdout (`-serial stdio`, the default of `-nographic`).
+    /// nixvmm's one serial port (ttyS0): `-serial stdio` (the default of `-nographic`),
+    /// `mon:stdio` (Ctrl-A c reaches the monitor), `none`, `null`, `file:PATH`, or
+    /// `chardev:ID` naming a file or null chardev.
     fn serial(&mut self, value: &str) -> Result<()> {
         if self.serial_seen {
             return Err(unsupported(format!(
-                "-serial {value}: nixvmm has one serial port (ttyS0), on stdout"
+                "-serial {value}: nixvmm has one serial port (ttyS0)"
             )));
         }
         self.serial_seen = true;
-        match value {
-            "stdio" | "mon:stdio" => Ok(()),
-            other => Err(unsupported(format!(
-                "-serial {other}: nixvmm's serial port is on stdout; write -serial stdio"
-            ))),
-        }
+        self.serial = match value {
+            "stdio" | "mon:stdio" => Serial::Stdio,
+            "none" | "null" => Serial::Null,
+            other => match (other.strip_prefix("file:"), other.strip_prefix("chardev:")) {
+                (Some(path), _) if !path.is_empty() => Serial::File(PathBuf::from(path)),
+                (_, Some(id)) => match self.devices.chardev_spec(id) {
+                    Some(ChardevSpec::File { path }) => Serial::File(path.clone()),
+                    Some(ChardevSpec::Null) => Serial::Null,
+                    Some(_) => {
+                        return Err(unsupported(format!(
+                            "-serial {other}: nixvmm's serial port takes a file or null \
+                             chardev (a socket is not served yet)"
+                        )))
+                    }
+                    None => {
+                        return Err(invalid(format!(
+                            "-serial {other}: no -chardev …,id={id} before it"
+                        )))
+                    }
+                },
+                _ => {
+                    return Err(unsupported(format!(
+                        "-serial {other}: nixvmm's serial port takes stdio, mon:stdio, none, \
+                         null, file:PATH or chardev:ID"
+                    )))
+                }
+            },
+        };
+        Ok(())
     }
 }
 

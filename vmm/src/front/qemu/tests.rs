@@ -390,6 +390,43 @@ fn the_test_drivers_vsock_over_vhost_device_vsock_or_the_kernel() {
 }
 
 #[test]
+fn serial_stdio_none_null_file_and_chardev() {
+    use crate::config::Serial;
+    let files = Files::new();
+    for (line, serial) in [
+        ("-serial stdio", Serial::Stdio),
+        ("-serial mon:stdio", Serial::Stdio),
+        ("", Serial::Stdio),
+        ("-serial none", Serial::Null),
+        ("-serial null", Serial::Null),
+        ("-serial file:@/s.log", Serial::File(files.path("s.log"))),
+        (
+            "-chardev file,id=c,path=@/c.log -serial chardev:c",
+            Serial::File(files.path("c.log")),
+        ),
+        ("-chardev null,id=n -serial chardev:n", Serial::Null),
+    ] {
+        let run = files.run(&format!("{BOOT} {line}"));
+        assert_eq!(run.config.serial, serial, "{line}");
+    }
+    for (line, says) in [
+        ("-serial chardev:gone", "no -chardev …,id=gone before it"),
+        (
+            "-chardev socket,id=s,path=@/s -serial chardev:s",
+            "takes a file or null chardev",
+        ),
+        (
+            "-serial pty",
+            "takes stdio, mon:stdio, none, null, file:PATH or chardev:ID",
+        ),
+        ("-serial stdio -serial null", "one serial port"),
+    ] {
+        let err = files.error(&format!("{BOOT} {line}")).to_string();
+        assert!(err.contains(says), "{line}: {err}");
+    }
+}
+
+#[test]
 fn the_test_drivers_tpm_line_is_refused_until_served() {
     let files = Files::new();
     let err = files.error(&qemu_vm_nix(
