@@ -408,3 +408,60 @@ fn ctrl_a_c_opens_the_monitor_on_the_terminal() {
     assert!(text.contains("unknown command: 'frob'"), "{text:?}");
     assert_eq!(out.status.code(), Some(0), "quit ends nixvmm: {text:?}");
 }
+
+/// `--monitor-listen` (QEMU's `-monitor unix:PATH,server=on,wait=off`): nixvmm listens, serves
+/// one client, takes the next once it leaves, and `quit` from a client ends nixvmm.
+#[test]
+fn a_listening_monitor_serves_one_client_after_another_and_quit_ends_nixvmm() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::new();
+    g.text("up\n").unwrap();
+    g.halt_forever().unwrap();
+    let kernel = write_guest(dir.path(), g);
+    let socket = dir.path().join("monitor");
+    let mut child = Command::new(nixvmm_bin())
+        .args(["run", "--memory", "64M", "--kernel"])
+        .arg(&kernel)
+        .arg("--monitor-listen")
+        .arg(&socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = [0u8; 3];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut up).unwrap();
+    assert_eq!(&up, b"up\n");
+    // Reads up to and including the next prompt.
+    let until_prompt = |reader: &mut BufReader<UnixStream>| {
+        let mut text = Vec::new();
+        while !text.ends_with(b"(qemu) ") {
+            let mut byte = [0u8; 1];
+            std::io::Read::read_exact(reader, &mut byte).unwrap();
+            text.push(byte[0]);
+        }
+        String::from_utf8(text).unwrap()
+    };
+    for client in 0..2 {
+        let stream = UnixStream::connect(&socket).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        assert!(until_prompt(&mut reader).contains("QEMU"), "banner");
+        (&stream).write_all(b"info status\n").unwrap();
+        assert_eq!(
+            until_prompt(&mut reader),
+            "VM status: running\r\n(qemu) ",
+            "client {client}"
+        );
+        if client == 1 {
+            (&stream).write_all(b"quit\n").unwrap();
+            let mut rest = String::new();
+            let _ = reader.read_line(&mut rest);
+        }
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "quit ends nixvmm with status 0");
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::config::Serial;
+use vmm::config::{Monitor, Serial};
 use vmm::event::hmp::HmpMonitor;
 use vmm::event::qmp::QmpServer;
 use vmm::event::signals::SignalWatch;
@@ -101,15 +101,23 @@ fn run_vm(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
             .map_err(|e| format!("-qmp unix:{}: cannot listen: {e}", path.display()))?;
         plane.add(Box::new(qmp));
     }
-    if let Some(path) = &config.monitor {
-        let monitor = HmpMonitor::connect(path, control.clone()).map_err(|e| {
-            format!(
-                "-monitor unix:{}: cannot connect: {e} (start the monitor client listening \
-                 first)",
-                path.display()
-            )
-        })?;
-        plane.add(Box::new(monitor));
+    match &config.monitor {
+        Some(Monitor::Connect(path)) => {
+            let monitor = HmpMonitor::connect(path, control.clone()).map_err(|e| {
+                format!(
+                    "-monitor unix:{}: cannot connect: {e} (start the monitor client \
+                     listening first)",
+                    path.display()
+                )
+            })?;
+            plane.add(Box::new(monitor));
+        }
+        Some(Monitor::Listen { path, wait }) => {
+            let monitor = HmpMonitor::listen(path, *wait, control.clone())
+                .map_err(|e| format!("-monitor unix:{},server=on: {e}", path.display()))?;
+            plane.add(Box::new(monitor));
+        }
+        None => {}
     }
     let terminal = (config.serial == Serial::Stdio).then(RawTerminal::enter);
     let outcome = vmm::run_with(&config, &console, &control, &mut plane, &room);

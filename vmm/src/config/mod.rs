@@ -66,13 +66,24 @@ pub struct VmConfig {
     pub ports: Vec<console::PortSpec>,
     /// QEMU's human monitor, on this Unix socket that a peer listens on (`-monitor
     /// unix:PATH`, as the NixOS test driver gives it).
-    pub monitor: Option<PathBuf>,
+    pub monitor: Option<Monitor>,
     /// QMP, on this Unix socket nixvmm listens on (`-qmp unix:PATH,server=on,wait=off`).
     pub qmp: Option<PathBuf>,
     /// A virtio-vsock device.
     pub vsock: Option<VsockConfig>,
     /// Where the serial port (ttyS0) goes.
     pub serial: Serial,
+}
+
+/// Where QEMU's human monitor is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Monitor {
+    /// nixvmm connects to a socket the peer listens on (`-monitor unix:PATH`, as the NixOS
+    /// test driver gives it).
+    Connect(PathBuf),
+    /// nixvmm listens and serves one client at a time (`-monitor unix:PATH,server=on`);
+    /// with `wait` the guest starts only once the first client came.
+    Listen { path: PathBuf, wait: bool },
 }
 
 /// The serial port's host side (`--serial`, QEMU's `-serial`).

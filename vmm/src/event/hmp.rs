@@ -7,7 +7,8 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
@@ -115,28 +116,62 @@ pub fn execute(line: &str, control: &Control) -> Answer {
     }
 }
 
-/// The control plane's subscriber for one monitor connection.
+/// The control plane's subscriber for the monitor: one connection nixvmm made, or a socket
+/// nixvmm listens on and the client connected now (one at a time, as QEMU's monitor; others
+/// wait in the backlog until it leaves).
 pub struct HmpMonitor {
-    stream: UnixStream,
+    listener: Option<UnixListener>,
+    stream: Option<UnixStream>,
     control: Control,
     input: Vec<u8>,
 }
 
 impl HmpMonitor {
     /// Connects to the monitor socket at `path` (the peer listens) and greets it.
-    pub fn connect(path: &std::path::Path, control: Control) -> std::io::Result<HmpMonitor> {
-        let mut stream = UnixStream::connect(path)?;
-        stream.write_all(banner().as_bytes())?;
-        stream.set_nonblocking(true)?;
+    pub fn connect(path: &Path, control: Control) -> std::io::Result<HmpMonitor> {
+        let stream = greet(UnixStream::connect(path)?)?;
         Ok(HmpMonitor {
+            listener: None,
+            stream: Some(stream),
+            control,
+            input: Vec::new(),
+        })
+    }
+
+    /// Listens on `path` (a socket left from an earlier run is replaced); with `wait`, returns
+    /// only once the first client connected.
+    pub fn listen(path: &Path, wait: bool, control: Control) -> std::io::Result<HmpMonitor> {
+        let listener = crate::host::chardev::listen_replacing(path)?;
+        let stream = if wait {
+            log::info!("monitor: waiting for a client on {}", path.display());
+            Some(greet(listener.accept()?.0)?)
+        } else {
+            None
+        };
+        listener.set_nonblocking(true)?;
+        Ok(HmpMonitor {
+            listener: Some(listener),
             stream,
             control,
             input: Vec::new(),
         })
     }
 
-    fn events(&self) -> Events {
-        Events::new(&self.stream, EventSet::IN)
+    /// What to watch now: the client, else the listener.
+    fn events(&self) -> Option<Events> {
+        match (&self.stream, &self.listener) {
+            (Some(stream), _) => Some(Events::new(stream, EventSet::IN)),
+            (None, Some(listener)) => Some(Events::new(listener, EventSet::IN)),
+            (None, None) => None,
+        }
+    }
+
+    fn watch(&self, ops: &mut EventOps) {
+        if let Some(events) = self.events() {
+            if let Err(e) = ops.add(events) {
+                log::warn!("the monitor cannot be watched: {e}");
+            }
+        }
     }
 
     /// Answers every complete line; returns false when the connection should end.
@@ -163,23 +198,58 @@ impl HmpMonitor {
 
     /// Writes a whole answer (answers are short; the peer is waiting for them).
     fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        super::send_answer(&mut self.stream, bytes)
+        match &mut self.stream {
+            Some(stream) => super::send_answer(stream, bytes),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        }
     }
+
+    /// Takes the next client of a listening monitor.
+    fn accept(&mut self, ops: &mut EventOps) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
+        let Ok(stream) = greet(stream) else {
+            return;
+        };
+        let _ = ops.remove(Events::new(listener, EventSet::IN));
+        self.stream = Some(stream);
+        self.input.clear();
+        self.watch(ops);
+    }
+}
+
+/// Greets a new monitor peer and makes its stream non-blocking.
+fn greet(mut stream: UnixStream) -> std::io::Result<UnixStream> {
+    stream.write_all(banner().as_bytes())?;
+    stream.set_nonblocking(true)?;
+    Ok(stream)
 }
 
 impl MutEventSubscriber for HmpMonitor {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(self.events()) {
-            log::warn!("the monitor connection cannot be watched: {e}");
-        }
+        self.watch(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() != self.stream.as_raw_fd() {
+        let Some(stream) = self.stream.as_mut() else {
+            if self
+                .listener
+                .as_ref()
+                .is_some_and(|l| l.as_raw_fd() == events.fd())
+            {
+                self.accept(ops);
+            }
+            return;
+        };
+        if stream.as_raw_fd() != events.fd() {
             return;
         }
         let mut buf = [0u8; 1024];
-        let keep = match self.stream.read(&mut buf) {
+        let keep = match stream.read(&mut buf) {
             Ok(0) => false,
             Ok(n) => {
                 self.input.extend_from_slice(&buf[..n]);
@@ -188,7 +258,12 @@ impl MutEventSubscriber for HmpMonitor {
             Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
         };
         if !keep {
-            let _ = ops.remove(self.events());
+            if let Some(events) = self.events() {
+                let _ = ops.remove(events);
+            }
+            self.stream = None;
+            // A listening monitor takes its next client.
+            self.watch(ops);
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::config::net::parse_net;
 use crate::config::system::{read_system, SystemError};
 use crate::config::{
     parse_disk, parse_serial, parse_share, parse_size, parse_vsock, ConfigError, Decompress,
-    Kernel, VmConfig, MAX_CPUS,
+    Kernel, Monitor, VmConfig, MAX_CPUS,
 };
 
 #[derive(Debug, Parser)]
@@ -144,8 +144,12 @@ pub struct RunArgs {
     /// QEMU's human monitor (HMP) on a Unix socket that something listens on: nixvmm
     /// connects and answers `info status`, `stop`, `cont`, `system_reset`, `quit`,
     /// `hostfwd_add`, `set_link`, …
-    #[arg(long, value_name = "SOCKET")]
+    #[arg(long, value_name = "SOCKET", conflicts_with = "monitor_listen")]
     pub monitor: Option<PathBuf>,
+    /// The human monitor on a Unix socket nixvmm listens on, one client at a time (as QEMU's
+    /// -monitor unix:SOCKET,server=on,wait=off).
+    #[arg(long, value_name = "SOCKET")]
+    pub monitor_listen: Option<PathBuf>,
     /// QMP on a Unix socket nixvmm listens on (qmp_capabilities, query-status, stop, cont,
     /// system_reset, quit, human-monitor-command; SHUTDOWN, RESET, STOP, RESUME events).
     #[arg(long, value_name = "SOCKET")]
@@ -235,7 +239,11 @@ impl RunArgs {
                 .iter()
                 .map(|p| parse_port(p).map_err(ConfigError::from))
                 .collect::<Result<_, _>>()?,
-            monitor: self.monitor,
+            monitor: match (self.monitor, self.monitor_listen) {
+                (Some(path), _) => Some(Monitor::Connect(path)),
+                (None, Some(path)) => Some(Monitor::Listen { path, wait: false }),
+                (None, None) => None,
+            },
             qmp: self.qmp,
             vsock: self.vsock.as_deref().map(parse_vsock).transpose()?,
             serial: parse_serial(&self.serial)?,

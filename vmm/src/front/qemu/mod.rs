@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use crate::config::console::ChardevSpec;
 use crate::config::options::{split_items, Options};
-use crate::config::{parse_size, Decompress, Kernel, Serial, VmConfig, MAX_CPUS};
+use crate::config::{parse_size, Decompress, Kernel, Monitor, Serial, VmConfig, MAX_CPUS};
 use args::{tokenize, Arg};
 use devices::Devices;
 
@@ -267,7 +267,7 @@ struct Builder {
     serial_seen: bool,
     serial: Serial,
     memory_backend: Option<String>,
-    monitor: Option<PathBuf>,
+    monitor: Option<Monitor>,
     qmp: Option<PathBuf>,
     ignored: Vec<String>,
     devices: Devices,
@@ -411,19 +411,23 @@ impl Builder {
         Ok(())
     }
 
-    /// `-monitor unix:PATH` (nixvmm connects, as the test driver listens) or `none`.
+    /// `-monitor unix:PATH` (nixvmm connects, as the test driver listens),
+    /// `-monitor unix:PATH,server=on[,wait=off]` (nixvmm listens) or `none`.
     fn monitor(&mut self, value: &str) -> Result<()> {
         if value == "none" {
             return Ok(());
         }
-        let (path, o) = unix_socket("-monitor", value, "-monitor unix:PATH")?;
-        if o.flag("server", false).map_err(option_error)? {
-            return Err(unsupported(format!(
-                "-monitor {value}: nixvmm does not listen for monitor clients yet; let the \
-                 client listen (server=off)"
-            )));
-        }
-        if self.monitor.replace(PathBuf::from(path)).is_some() {
+        let (path, o) = unix_socket("-monitor", value, "-monitor unix:PATH[,server=on]")?;
+        let path = PathBuf::from(path);
+        let monitor = if o.flag("server", false).map_err(option_error)? {
+            Monitor::Listen {
+                path,
+                wait: o.flag("wait", true).map_err(option_error)?,
+            }
+        } else {
+            Monitor::Connect(path)
+        };
+        if self.monitor.replace(monitor).is_some() {
             return Err(unsupported("-monitor: nixvmm has one monitor"));
         }
         Ok(())

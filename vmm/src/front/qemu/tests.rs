@@ -317,17 +317,27 @@ fn the_test_drivers_shell_console_and_named_ports() {
         let err = files.error(&format!("{BOOT} {line}")).to_string();
         assert!(err.contains(says), "{line}: {err}");
     }
+    use crate::config::Monitor;
     let run = files.run(&format!("{BOOT} -monitor unix:@/monitor -serial stdio"));
-    assert_eq!(run.config.monitor, Some(files.path("monitor")));
+    assert_eq!(
+        run.config.monitor,
+        Some(Monitor::Connect(files.path("monitor")))
+    );
     assert_eq!(
         files.run(&format!("{BOOT} -monitor none")).config.monitor,
         None
     );
-    let err = files.error(&format!("{BOOT} -monitor unix:@/m,server=on,wait=off"));
-    assert!(
-        matches!(&err, QemuError::Unsupported(m) if m.contains("server=off")),
-        "{err}"
-    );
+    for (line, wait) in [("server=on,wait=off", false), ("server=on", true)] {
+        let run = files.run(&format!("{BOOT} -monitor unix:@/m,{line}"));
+        assert_eq!(
+            run.config.monitor,
+            Some(Monitor::Listen {
+                path: files.path("m"),
+                wait
+            }),
+            "{line}"
+        );
+    }
     let run = files.run(&format!("{BOOT} -qmp unix:@/qmp,server=on,wait=off"));
     assert_eq!(run.config.qmp, Some(files.path("qmp")));
     let err = files.error(&format!("{BOOT} -qmp unix:@/qmp,server=on"));
