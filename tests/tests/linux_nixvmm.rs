@@ -1908,3 +1908,81 @@ fn tier4_system_powerdown_presses_the_acpi_power_button_the_guest_sees() {
     assert_eq!(log.value_of("KEY_CODE"), Some("116"), "KEY_POWER: {tail}");
     assert_eq!(log.value_of("KEY_VALUE"), Some("1"), "pressed: {tail}");
 }
+
+/// Console ports on QEMU's pipe and pty chardevs, with Linux's virtio_console: hvc0 on the
+/// FIFOs PATH.in/PATH.out, a named port on a pty nixvmm names on stderr.
+#[test]
+fn tier4_console_ports_on_a_pipe_and_a_pty() {
+    // No udev here: the named port is found by its name in sysfs (/dev/vportNpM).
+    let script = "for i in $(seq 100); do [ -c /dev/hvc0 ] && break; sleep 0.1; done\n\
+                  for i in $(seq 100); do\n\
+                    for d in /sys/class/virtio-ports/*; do\n\
+                      [ \"$(cat $d/name 2>/dev/null)\" = tty0 ] && port=/dev/${d##*/}\n\
+                    done\n\
+                    [ -c \"$port\" ] && break; sleep 0.1\n\
+                  done\n\
+                  stty -F /dev/hvc0 raw -echo\n\
+                  echo to-host-over-pipe > /dev/hvc0\n\
+                  echo to-host-over-pty > $port\n\
+                  exec 4< $port # open: Linux drops input to a closed port\n\
+                  echo PORTS-READY\n\
+                  read line < /dev/hvc0; echo \"GUEST_PIPE_GOT=$line\"\n\
+                  read line <&4; echo \"GUEST_PTY_GOT=$line\"";
+    let guest = Guest {
+        modules: &["virtio_pci", "virtio_console"],
+        script,
+        args: args(&[
+            "--port",
+            "console=on,chardev=pipe,path=/tmp/p",
+            "--port",
+            "name=tty0,chardev=pty",
+        ]),
+        ..Guest::default()
+    };
+    let job = format!(
+        "rm -f /tmp/p.in /tmp/p.out; mkfifo /tmp/p.in /tmp/p.out\n\
+         {vm} > /tmp/console 2> /tmp/err &\n\
+         vm=$!\n\
+         timeout 60 head -n1 /tmp/p.out > /tmp/from-pipe &\n\
+         for i in $(seq 1200); do grep -q PORTS-READY /tmp/console && break; sleep 0.1; done\n\
+         pts=$(sed -n 's/^char device redirected to \\([^ ]*\\) .*/\\1/p' /tmp/err)\n\
+         echo PTS=$pts\n\
+         exec 3<>$pts; timeout 20 head -n1 <&3 > /tmp/from-pty\n\
+         echo from-host-over-pipe > /tmp/p.in\n\
+         echo from-host-over-pty >&3\n\
+         timeout 60 tail --pid=$vm -f /dev/null; kill $vm 2>/dev/null; wait $vm; rc=$?\n\
+         cat /tmp/console; cat /tmp/err\n\
+         echo HOST_PIPE_GOT=$(cat /tmp/from-pipe)\n\
+         echo HOST_PTY_GOT=$(cat /tmp/from-pty)\n\
+         exit $rc",
+        vm = guest.command(),
+    );
+    let log = host().run(&job, BOOT_LIMIT).unwrap();
+    boots_and_powers_off(&log);
+    let tail = log.tail();
+    assert!(
+        log.value_of("PTS")
+            .is_some_and(|p| p.starts_with("/dev/pts/")),
+        "{tail}"
+    );
+    assert_eq!(
+        log.value_of("HOST_PIPE_GOT"),
+        Some("to-host-over-pipe"),
+        "{tail}"
+    );
+    assert_eq!(
+        log.value_of("HOST_PTY_GOT"),
+        Some("to-host-over-pty"),
+        "{tail}"
+    );
+    assert_eq!(
+        log.value_of("GUEST_PIPE_GOT"),
+        Some("from-host-over-pipe"),
+        "{tail}"
+    );
+    assert_eq!(
+        log.value_of("GUEST_PTY_GOT"),
+        Some("from-host-over-pty"),
+        "{tail}"
+    );
+}

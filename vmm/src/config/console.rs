@@ -8,8 +8,20 @@ use crate::config::options::{OptionError, Options};
 /// The host side of a port, as QEMU's `-chardev` names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChardevSpec {
-    /// Connects to a listening Unix socket (`socket,path=…`, QEMU's default `server=off`).
-    SocketClient { path: PathBuf },
+    /// Connects to a listening Unix socket (`socket,path=…`, QEMU's default `server=off`);
+    /// with `reconnect`, a peer that leaves (or is not there yet) is tried again at that
+    /// interval, and output meanwhile is dropped.
+    SocketClient {
+        path: PathBuf,
+        reconnect: Option<std::time::Duration>,
+    },
+    /// The FIFOs `PATH.in` (input) and `PATH.out` (output), or `PATH` both ways when those do
+    /// not exist (`pipe,path=PATH`).
+    Pipe { path: PathBuf },
+    /// A new pseudo-terminal; nixvmm says its /dev/pts name on stderr, as QEMU does (`pty`).
+    Pty,
+    /// nixvmm's own stdin and stdout (`stdio`; the serial console must then be elsewhere).
+    Stdio,
     /// Listens on a Unix socket, one peer at a time (`server=on`); with `wait`, nixvmm
     /// starts the guest only once the first peer is there (QEMU's default for servers).
     SocketServer { path: PathBuf, wait: bool },
@@ -30,38 +42,53 @@ pub struct PortSpec {
 }
 
 /// The chardev keys of `option` (`-chardev` and `--port` share them): `chardev` is the kind
-/// (`socket`, `file`, `null`), then `path`, `server`, `wait`, `reconnect`.
+/// (`socket`, `file`, `null`, `pipe`, `pty`, `stdio`), then `path`, `server`, `wait`,
+/// `reconnect` (seconds) or `reconnect-ms`.
 pub fn chardev_from(kind: &str, o: &Options, option: &str) -> Result<ChardevSpec, OptionError> {
     let path = || o.required("path").map(PathBuf::from);
     Ok(match kind {
         "socket" => {
-            if let Some(reconnect) = o.get("reconnect").filter(|r| *r != "0") {
-                return Err(o.bad(
-                    "reconnect",
-                    reconnect,
-                    "nixvmm does not reconnect chardevs yet; only reconnect=0",
-                ));
-            }
             if o.flag("server", false)? {
                 ChardevSpec::SocketServer {
                     path: path()?,
                     wait: o.flag("wait", true)?,
                 }
             } else {
-                ChardevSpec::SocketClient { path: path()? }
+                ChardevSpec::SocketClient {
+                    path: path()?,
+                    reconnect: reconnect_interval(o)?,
+                }
             }
         }
         "file" => ChardevSpec::File { path: path()? },
         "null" => ChardevSpec::Null,
+        "pipe" => ChardevSpec::Pipe { path: path()? },
+        "pty" => ChardevSpec::Pty,
+        "stdio" => ChardevSpec::Stdio,
         other => {
             return Err(OptionError::BadValue {
                 option: option.into(),
                 key: "chardev".into(),
                 value: other.into(),
-                expected: "nixvmm's chardevs are socket, file and null".into(),
+                expected: "nixvmm's chardevs are socket, file, null, pipe, pty and stdio".into(),
             })
         }
     })
+}
+
+/// `reconnect=SECONDS` or `reconnect-ms=MS`; 0 (QEMU's default) never reconnects.
+fn reconnect_interval(o: &Options) -> Result<Option<std::time::Duration>, OptionError> {
+    let number = |key: &str| -> Result<Option<u64>, OptionError> {
+        o.get(key)
+            .map(|v| v.parse().map_err(|_| o.bad(key, v, "a whole number")))
+            .transpose()
+    };
+    let interval = match (number("reconnect")?, number("reconnect-ms")?) {
+        (_, Some(ms)) => std::time::Duration::from_millis(ms),
+        (Some(s), None) => std::time::Duration::from_secs(s),
+        (None, None) => return Ok(None),
+    };
+    Ok((!interval.is_zero()).then_some(interval))
 }
 
 /// `--port [console=on,][name=NAME,]chardev=socket|file|null[,path=…][,server=on][,wait=off]`.
@@ -77,6 +104,7 @@ pub fn parse_port(text: &str) -> Result<PortSpec, OptionError> {
             "server",
             "wait",
             "reconnect",
+            "reconnect-ms",
         ],
     )?;
     let console = o.flag("console", false)?;
@@ -106,7 +134,8 @@ mod tests {
                 console: true,
                 name: None,
                 chardev: ChardevSpec::SocketClient {
-                    path: "/state/shell".into()
+                    path: "/state/shell".into(),
+                    reconnect: None,
                 },
             }
         );
@@ -123,13 +152,46 @@ mod tests {
             parse_port("console=on,chardev=null").unwrap().chardev,
             ChardevSpec::Null
         );
+        for (text, reconnect) in [
+            ("reconnect=0", None),
+            ("reconnect=2", Some(2000)),
+            ("reconnect-ms=250", Some(250)),
+        ] {
+            assert_eq!(
+                parse_port(&format!("console=on,chardev=socket,path=/s,{text}"))
+                    .unwrap()
+                    .chardev,
+                ChardevSpec::SocketClient {
+                    path: "/s".into(),
+                    reconnect: reconnect.map(std::time::Duration::from_millis),
+                },
+                "{text}"
+            );
+        }
+        for (text, spec) in [
+            (
+                "chardev=pipe,path=/p",
+                ChardevSpec::Pipe { path: "/p".into() },
+            ),
+            ("chardev=pty", ChardevSpec::Pty),
+            ("chardev=stdio", ChardevSpec::Stdio),
+        ] {
+            assert_eq!(
+                parse_port(&format!("console=on,{text}")).unwrap().chardev,
+                spec
+            );
+        }
         for (bad, says) in [
             ("chardev=null", "name (or console=on)"),
-            ("console=on,chardev=pty", "socket, file and null"),
-            ("console=on,chardev=socket", "path"),
             (
-                "console=on,chardev=socket,path=/s,reconnect=5",
-                "reconnect=0",
+                "console=on,chardev=tty",
+                "socket, file, null, pipe, pty and stdio",
+            ),
+            ("console=on,chardev=socket", "path"),
+            ("console=on,chardev=pipe", "path"),
+            (
+                "console=on,chardev=socket,path=/s,reconnect=soon",
+                "a whole number",
             ),
             ("console=maybe,chardev=null", "on or off"),
         ] {

@@ -195,6 +195,8 @@ pub enum ConfigError {
     Missing { what: &'static str, path: String },
     #[error("--initrd needs a kernel: give --kernel or --system")]
     InitrdWithoutKernel,
+    #[error("a console port's chardev is stdio, and so is the serial console: move the serial console elsewhere (--serial null or file:PATH; QEMU: -serial none)")]
+    StdioTwice,
     #[error("--serial {0}: write stdio, null or file:PATH")]
     BadSerial(String),
     #[error("{what}={given}: give a guest CID from 3 to 4294967294")]
@@ -360,6 +362,13 @@ impl VmConfig {
                 return Err(ConfigError::InitrdWithoutKernel)
             }
             _ => {}
+        }
+        let stdio_port = self
+            .ports
+            .iter()
+            .any(|p| p.chardev == console::ChardevSpec::Stdio);
+        if stdio_port && self.serial == Serial::Stdio {
+            return Err(ConfigError::StdioTwice);
         }
         if let Some(initrd) = &self.initrd {
             if !initrd.is_file() {

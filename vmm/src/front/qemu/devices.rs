@@ -468,7 +468,7 @@ impl Devices {
         Ok(())
     }
 
-    /// `-chardev socket|file|null,id=ID,…`: a console port's host side, or the frontend
+    /// `-chardev socket|file|null|pipe|pty|stdio,id=ID,…`: a console port's host side, or the frontend
     /// side of a vhost-user connection (a socket nixvmm connects to).
     pub fn chardev(&mut self, value: &str) -> Result<()> {
         let (backend, items) = driver_and_items("-chardev", value)?;
@@ -496,12 +496,13 @@ impl Devices {
             )));
         }
         let spec = match backend.as_str() {
-            "socket" | "file" | "null" => {
+            "socket" | "file" | "null" | "pipe" | "pty" | "stdio" => {
                 chardev_from(&backend, &o, &option).map_err(option_error)?
             }
             other => {
                 return Err(unsupported(format!(
-                    "-chardev {other}: nixvmm's chardevs are socket (Unix), file and null"
+                    "-chardev {other}: nixvmm's chardevs are socket (Unix), file, null, pipe, \
+                     pty and stdio"
                 )))
             }
         };
@@ -515,7 +516,7 @@ impl Devices {
     /// The socket of a vhost-user backend, from the `-chardev socket` the device names.
     fn backend_socket(&self, device: &str, chardev: &str) -> Result<PathBuf> {
         match self.find_chardev(device, chardev)? {
-            ChardevSpec::SocketClient { path } => Ok(path.clone()),
+            ChardevSpec::SocketClient { path, .. } => Ok(path.clone()),
             _ => Err(unsupported(format!(
                 "{device},chardev={chardev}: nixvmm connects to vhost-user backends; give \
                  -chardev socket,id={chardev},path=… without server=on"

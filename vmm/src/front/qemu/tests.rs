@@ -265,7 +265,8 @@ fn the_test_drivers_shell_console_and_named_ports() {
                 console: true,
                 name: None,
                 chardev: ChardevSpec::SocketClient {
-                    path: files.path("shell")
+                    path: files.path("shell"),
+                    reconnect: None,
                 },
             },
             PortSpec {
@@ -345,9 +346,9 @@ fn the_test_drivers_shell_console_and_named_ports() {
         matches!(&err, QemuError::Unsupported(m) if m.contains("wait=off")),
         "{err}"
     );
-    let err = files.error(&format!("{BOOT} -chardev pty,id=p"));
+    let err = files.error(&format!("{BOOT} -chardev spicevmc,id=p"));
     assert!(
-        matches!(&err, QemuError::Unsupported(m) if m.contains("-chardev pty")),
+        matches!(&err, QemuError::Unsupported(m) if m.contains("-chardev spicevmc")),
         "{err}"
     );
 }
