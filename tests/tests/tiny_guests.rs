@@ -465,3 +465,48 @@ fn a_listening_monitor_serves_one_client_after_another_and_quit_ends_nixvmm() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "quit ends nixvmm with status 0");
 }
+
+/// `-monitor stdio` with the serial console elsewhere: monitor commands on stdin, answers on
+/// stdout; stdio cannot hold both the serial console and the monitor.
+#[test]
+fn the_monitor_on_stdio_answers_and_quits() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::new();
+    g.halt_forever().unwrap();
+    let kernel = write_guest(dir.path(), g);
+    let kernel = kernel.to_str().unwrap();
+    let mut child = Command::new(nixvmm_bin())
+        .args(["qemu", "-m", "64", "-kernel", kernel, "-serial", "none"])
+        .args(["-monitor", "stdio"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"info status\nquit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("QEMU") && text.contains("(qemu) "),
+        "banner: {text:?}"
+    );
+    assert!(text.contains("VM status: running\r\n(qemu) "), "{text:?}");
+    assert_eq!(out.status.code(), Some(0), "quit ends nixvmm: {text:?}");
+
+    let out = Command::new(nixvmm_bin())
+        .args(["qemu", "-m", "64", "-kernel", kernel, "-serial", "stdio"])
+        .args(["-monitor", "stdio"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stdio is taken twice"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -117,6 +117,11 @@ fn run_vm(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
                 .map_err(|e| format!("-monitor unix:{},server=on: {e}", path.display()))?;
             plane.add(Box::new(monitor));
         }
+        Some(Monitor::Stdio) => {
+            let monitor =
+                HmpMonitor::stdio(control.clone()).map_err(|e| format!("-monitor stdio: {e}"))?;
+            plane.add(Box::new(monitor));
+        }
         None => {}
     }
     let terminal = (config.serial == Serial::Stdio).then(RawTerminal::enter);

@@ -84,6 +84,8 @@ pub enum Monitor {
     /// nixvmm listens and serves one client at a time (`-monitor unix:PATH,server=on`);
     /// with `wait` the guest starts only once the first client came.
     Listen { path: PathBuf, wait: bool },
+    /// On nixvmm's stdin and stdout (`-monitor stdio`), with the serial console elsewhere.
+    Stdio,
 }
 
 /// The serial port's host side (`--serial`, QEMU's `-serial`).
@@ -195,7 +197,7 @@ pub enum ConfigError {
     Missing { what: &'static str, path: String },
     #[error("--initrd needs a kernel: give --kernel or --system")]
     InitrdWithoutKernel,
-    #[error("a console port's chardev is stdio, and so is the serial console: move the serial console elsewhere (--serial null or file:PATH; QEMU: -serial none)")]
+    #[error("stdio is taken twice (the serial console, a console port's chardev, the monitor): keep one there and move the others (--serial null or file:PATH; QEMU: -serial none)")]
     StdioTwice,
     #[error("--serial {0}: write stdio, null or file:PATH")]
     BadSerial(String),
@@ -367,7 +369,11 @@ impl VmConfig {
             .ports
             .iter()
             .any(|p| p.chardev == console::ChardevSpec::Stdio);
-        if stdio_port && self.serial == Serial::Stdio {
+        let stdio_monitor = self.monitor == Some(Monitor::Stdio);
+        if (stdio_port || stdio_monitor) && self.serial == Serial::Stdio {
+            return Err(ConfigError::StdioTwice);
+        }
+        if stdio_port && stdio_monitor {
             return Err(ConfigError::StdioTwice);
         }
         if let Some(initrd) = &self.initrd {

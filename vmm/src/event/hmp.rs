@@ -121,7 +121,7 @@ pub fn execute(line: &str, control: &Control) -> Answer {
 /// wait in the backlog until it leaves).
 pub struct HmpMonitor {
     listener: Option<UnixListener>,
-    stream: Option<UnixStream>,
+    stream: Option<Peer>,
     control: Control,
     input: Vec<u8>,
 }
@@ -132,10 +132,24 @@ impl HmpMonitor {
         let stream = greet(UnixStream::connect(path)?)?;
         Ok(HmpMonitor {
             listener: None,
-            stream: Some(stream),
+            stream: Some(Peer::Socket(stream)),
             control,
             input: Vec::new(),
         })
+    }
+
+    /// The monitor on nixvmm's stdin and stdout (`-monitor stdio`; the serial console is
+    /// elsewhere then). Input that ends (stdin closed) ends the monitor, not the VM.
+    pub fn stdio(control: Control) -> std::io::Result<HmpMonitor> {
+        let input = crate::host::chardev::dup_nonblocking(libc::STDIN_FILENO)?;
+        let mut monitor = HmpMonitor {
+            listener: None,
+            stream: Some(Peer::Stdio(input)),
+            control,
+            input: Vec::new(),
+        };
+        monitor.send(banner().as_bytes())?;
+        Ok(monitor)
     }
 
     /// Listens on `path` (a socket left from an earlier run is replaced); with `wait`, returns
@@ -144,7 +158,7 @@ impl HmpMonitor {
         let listener = crate::host::chardev::listen_replacing(path)?;
         let stream = if wait {
             log::info!("monitor: waiting for a client on {}", path.display());
-            Some(greet(listener.accept()?.0)?)
+            Some(Peer::Socket(greet(listener.accept()?.0)?))
         } else {
             None
         };
@@ -160,7 +174,7 @@ impl HmpMonitor {
     /// What to watch now: the client, else the listener.
     fn events(&self) -> Option<Events> {
         match (&self.stream, &self.listener) {
-            (Some(stream), _) => Some(Events::new(stream, EventSet::IN)),
+            (Some(peer), _) => Some(Events::new_raw(peer.fd(), EventSet::IN)),
             (None, Some(listener)) => Some(Events::new(listener, EventSet::IN)),
             (None, None) => None,
         }
@@ -199,7 +213,11 @@ impl HmpMonitor {
     /// Writes a whole answer (answers are short; the peer is waiting for them).
     fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         match &mut self.stream {
-            Some(stream) => super::send_answer(stream, bytes),
+            Some(Peer::Socket(stream)) => super::send_answer(stream, bytes),
+            Some(Peer::Stdio(_)) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(bytes).and_then(|()| out.flush())
+            }
             None => Err(std::io::ErrorKind::NotConnected.into()),
         }
     }
@@ -216,9 +234,32 @@ impl HmpMonitor {
             return;
         };
         let _ = ops.remove(Events::new(listener, EventSet::IN));
-        self.stream = Some(stream);
+        self.stream = Some(Peer::Socket(stream));
         self.input.clear();
         self.watch(ops);
+    }
+}
+
+/// Where the monitor's client is.
+enum Peer {
+    Socket(UnixStream),
+    /// stdin (a non-blocking duplicate); answers go to stdout.
+    Stdio(std::fs::File),
+}
+
+impl Peer {
+    fn fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Peer::Socket(stream) => stream.as_raw_fd(),
+            Peer::Stdio(input) => input.as_raw_fd(),
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Peer::Socket(stream) => stream.read(buf),
+            Peer::Stdio(input) => input.read(buf),
+        }
     }
 }
 
@@ -245,7 +286,7 @@ impl MutEventSubscriber for HmpMonitor {
             }
             return;
         };
-        if stream.as_raw_fd() != events.fd() {
+        if stream.fd() != events.fd() {
             return;
         }
         let mut buf = [0u8; 1024];

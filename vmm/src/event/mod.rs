@@ -26,10 +26,9 @@ const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Writes a whole monitor or QMP answer to a non-blocking socket; an error once the peer
 /// has left it unread for [`ANSWER_DEADLINE`].
 pub(crate) fn send_answer(
-    stream: &mut std::os::unix::net::UnixStream,
+    stream: &mut impl std::io::Write,
     mut bytes: &[u8],
 ) -> std::io::Result<()> {
-    use std::io::Write;
     let deadline = std::time::Instant::now() + ANSWER_DEADLINE;
     while !bytes.is_empty() {
         match stream.write(bytes) {

@@ -214,7 +214,7 @@ fn sys(e: vmm_sys_util::errno::Error) -> std::io::Error {
 }
 
 /// A duplicate of `fd`, non-blocking, closed on exec.
-fn dup_nonblocking(fd: RawFd) -> std::io::Result<std::fs::File> {
+pub(crate) fn dup_nonblocking(fd: RawFd) -> std::io::Result<std::fs::File> {
     // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor for an open one and touches no memory;
     // the result is checked before it is owned.
     let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };

@@ -417,6 +417,12 @@ impl Builder {
         if value == "none" {
             return Ok(());
         }
+        if value == "stdio" {
+            if self.monitor.replace(Monitor::Stdio).is_some() {
+                return Err(unsupported("-monitor: nixvmm has one monitor"));
+            }
+            return Ok(());
+        }
         let (path, o) = unix_socket("-monitor", value, "-monitor unix:PATH[,server=on]")?;
         let path = PathBuf::from(path);
         let monitor = if o.flag("server", false).map_err(option_error)? {

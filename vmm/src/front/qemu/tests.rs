@@ -328,6 +328,15 @@ fn the_test_drivers_shell_console_and_named_ports() {
         files.run(&format!("{BOOT} -monitor none")).config.monitor,
         None
     );
+    assert_eq!(
+        files
+            .run(&format!("{BOOT} -serial none -monitor stdio"))
+            .config
+            .monitor,
+        Some(Monitor::Stdio)
+    );
+    let err = files.error(&format!("{BOOT} -serial stdio -monitor stdio"));
+    assert!(err.to_string().contains("stdio is taken twice"), "{err}");
     for (line, wait) in [("server=on,wait=off", false), ("server=on", true)] {
         let run = files.run(&format!("{BOOT} -monitor unix:@/m,{line}"));
         assert_eq!(
