@@ -1986,3 +1986,32 @@ fn tier4_console_ports_on_a_pipe_and_a_pty() {
         "{tail}"
     );
 }
+
+/// The driver's `crash()`: HMP `quit` ends nixvmm at once (status 0) while the guest runs.
+#[test]
+fn tier4_hmp_quit_ends_a_running_guest_as_the_drivers_crash_does() {
+    let script = "echo WAITING-FOR-QUIT\n\
+                  sleep 120\n\
+                  echo STILL_RUNNING";
+    let guest = Guest {
+        script,
+        args: args(&["--monitor", "MONITOR"]),
+        ..Guest::default()
+    };
+    let command = guest.command().replace("MONITOR", "$state/monitor");
+    let job = format!(
+        "state=$(mktemp -d)\npython3 -c {} $state quit {command}",
+        shell_quote(HMP_ONCE_READY)
+    );
+    let log = host().run(&job, BOOT_LIMIT).unwrap();
+    let tail = log.tail();
+    assert!(!log.timed_out, "timed out:\n{tail}");
+    assert!(log.has("WAITING-FOR-QUIT"), "{tail}");
+    assert!(!log.has("STILL_RUNNING"), "{tail}");
+    assert!(
+        !log.has("reboot: Power down"),
+        "quit is no guest shutdown:\n{tail}"
+    );
+    // The guest was still sleeping: nixvmm ended without waiting for it.
+    assert_eq!(log.value_of("VM_RC"), Some("0"), "{tail}");
+}

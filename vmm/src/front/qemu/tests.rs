@@ -580,7 +580,7 @@ fn unknown_options_and_devices_are_named() {
         ("-net user", "no QEMU hubs"),
         ("-daemonize", "stays in the foreground"),
         ("-readconfig vm.cfg", "-readconfig"),
-        ("-monitor stdio", "-monitor"),
+        ("-monitor telnet::4444,server,nowait", "-monitor telnet"),
         ("-serial pty", "-serial pty"),
         ("-cpu Skylake-Client", "-cpu Skylake-Client"),
         ("disk.img", "a bare argument"),
