@@ -55,6 +55,17 @@ fn closed(stream: &mut UnixStream) -> bool {
     }
 }
 
+/// Whether the muxer's epoll fd (what the device's worker waits on) is readable now.
+fn readable(muxer: &Muxer) -> bool {
+    let mut fd = libc::pollfd {
+        fd: muxer.fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes the one pollfd it is given, for at most 50 ms.
+    unsafe { libc::poll(&mut fd, 1, 50) > 0 }
+}
+
 fn connect(uds: &Path, line: &[u8]) -> UnixStream {
     let mut s = UnixStream::connect(uds).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -103,6 +114,8 @@ fn a_host_program_connects_to_a_guest_port_and_bytes_flow_both_ways() {
     let (shutdown, _) = next(&mut muxer);
     assert_eq!(shutdown.op, OP_SHUTDOWN);
     assert_eq!(shutdown.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+    // Until the guest answers, the closed stream does not keep the worker awake.
+    assert!(!readable(&muxer), "a closed stream is watched no more");
     muxer.from_guest(&guest_packet(OP_RST, 1234, host_port, 0), &[]);
     nothing_for_the_guest(&mut muxer);
 }
@@ -116,6 +129,17 @@ fn a_guest_refusal_closes_the_host_program_and_a_bad_handshake_is_dropped() {
     let (request, _) = next(&mut muxer);
     muxer.from_guest(&guest_packet(OP_RST, 99, request.src_port, 0), &[]);
     assert!(closed(&mut host), "closed without an OK");
+
+    // A host program that leaves before the guest answers: the guest is told (RST).
+    let early = connect(&uds, b"CONNECT 98\n");
+    let (request, _) = next(&mut muxer);
+    assert_eq!(request.dst_port, 98);
+    drop(early);
+    let (rst, _) = next(&mut muxer);
+    assert_eq!(
+        (rst.op, rst.src_port, rst.dst_port),
+        (OP_RST, request.src_port, 98)
+    );
 
     for line in [&b"HELLO 1\n"[..], b"CONNECT x\n", &[b'C'; 100]] {
         let mut bad = connect(&uds, line);

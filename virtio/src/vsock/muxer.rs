@@ -108,9 +108,12 @@ struct Connection {
     host_done: bool,
     /// The guest will send no more: shut the stream's write side once `to_host` is out.
     guest_done: bool,
-    /// The epoll interest registered now, and under which token.
+    /// The epoll interest registered now, and under which token; `watched` is false once
+    /// the stream left the epoll set for good (its host program closed it: a hang-up would
+    /// otherwise be reported at every wait until the guest resets the connection).
     interest: EventSet,
     token: u64,
+    watched: bool,
 }
 
 impl Connection {
@@ -130,6 +133,7 @@ impl Connection {
             guest_done: false,
             interest: EventSet::empty(),
             token: 0,
+            watched: true,
         }
     }
 
@@ -418,6 +422,12 @@ impl Muxer {
         let Some(conn) = self.connections.get_mut(&key) else {
             return;
         };
+        let hung_up = events.intersects(EventSet::HANG_UP | EventSet::ERROR);
+        if hung_up && conn.state == State::Requested {
+            // The host program left before the guest answered: the guest forgets it too.
+            self.reset_connection(key);
+            return;
+        }
         if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
             conn.readable = true;
             self.ready.push_back(key);
@@ -430,7 +440,7 @@ impl Muxer {
 
     /// Re-registers what the epoll set watches of a connection, when that changed.
     fn update_interest(&mut self, key: Key) {
-        let Some(conn) = self.connections.get_mut(&key) else {
+        let Some(conn) = self.connections.get_mut(&key).filter(|c| c.watched) else {
             return;
         };
         let wanted = conn.wanted_interest();
@@ -646,6 +656,12 @@ impl Muxer {
             Ok(0) => {
                 conn.host_done = true;
                 conn.readable = false;
+                conn.watched = false;
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    conn.stream.as_raw_fd(),
+                    EpollEvent::default(),
+                );
                 self.send(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
             }
             Ok(n) => {
