@@ -306,9 +306,7 @@ impl KernelKit {
             cpio.file(path, *mode, data);
         }
         let bytes = cpio.finish();
-        let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-        });
+        let hash = fnv1a(&bytes);
         let path = cache_dir().join(format!("initrd-{hash:016x}.cpio"));
         if !path.exists() {
             let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -319,14 +317,19 @@ impl KernelKit {
     }
 }
 
+/// FNV-1a of `bytes`: the content key of cached initrds and guest programs.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// A guest program from `tests/guest/NAME.c`, linked static with gcc so that it runs in the
 /// kit's busybox initrd; built once per source (cached by content).
 pub fn guest_program(name: &str) -> Result<Vec<u8>, String> {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("guest/{name}.c"));
     let text = std::fs::read(&source).map_err(|e| format!("{}: {e}", source.display()))?;
-    let hash = text.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    });
+    let hash = fnv1a(&text);
     let binary = cache_dir().join(format!("{name}-{hash:016x}"));
     if !binary.exists() {
         std::fs::create_dir_all(cache_dir()).map_err(|e| e.to_string())?;

@@ -15,7 +15,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use firmware::boot::{self, LoadedKernel, BZIMAGE_HEAD_LEN};
+use firmware::boot::{self, read_up_to, LoadedKernel, BZIMAGE_HEAD_LEN};
 use vm_memory::GuestMemory;
 
 /// The largest vmlinux nixvmm writes out; a payload that decompresses to more is refused (a
@@ -278,17 +278,6 @@ fn usable(dir: &Path) -> bool {
 fn euid() -> u32 {
     // SAFETY: geteuid has no arguments and cannot fail.
     unsafe { libc::geteuid() }
-}
-
-fn read_up_to(file: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    Ok(filled)
 }
 
 #[cfg(test)]
