@@ -8,10 +8,9 @@ use std::sync::Arc;
 
 use vhost::vhost_kern::vsock::Vsock;
 use vhost::vsock::VhostVsock;
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VringConfigData};
 use virtio::{device_type, Activation, Error, Memory, VirtioDevice, COMMON_FEATURES};
 use virtio_queue::QueueT;
-use vm_memory::{GuestMemory, GuestMemoryRegion};
 
 /// rx, tx and event, sized as QEMU's vhost-vsock does.
 const QUEUE_SIZES: &[u16] = &[128, 128, 128];
@@ -52,19 +51,8 @@ impl KernelVsock {
         device
             .set_features(features)
             .map_err(kernel("SET_FEATURES"))?;
-        let mut regions = Vec::new();
-        for region in mem.iter() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .map_err(|e| Error::Backend(format!("vhost-vsock: guest memory: {e}")))?;
-            regions.push(VhostUserMemoryRegionInfo {
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                mmap_offset: 0,
-                mmap_handle: -1,
-            });
-        }
+        let regions = super::vhost_user::memory_table(&mem)
+            .map_err(|e| Error::Backend(format!("vhost-vsock: guest memory: {e}")))?;
         device
             .set_mem_table(&regions)
             .map_err(kernel("SET_MEM_TABLE"))?;

@@ -205,19 +205,9 @@ impl VhostUserDevice {
         self.frontend
             .set_features(features | protocol)
             .map_err(backend)?;
-        let mut regions = Vec::new();
-        for region in mem.iter() {
-            let file = region
-                .file_offset()
-                .ok_or_else(|| backend("guest memory is not shareable"))?;
-            let host = mem.get_host_address(region.start_addr()).map_err(backend)?;
-            regions.push(VhostUserMemoryRegionInfo {
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                mmap_offset: file.start(),
-                mmap_handle: file.file().as_raw_fd(),
-            });
+        let regions = memory_table(&mem).map_err(backend)?;
+        if regions.iter().any(|r| r.mmap_handle < 0) {
+            return Err(backend("guest memory is not shareable"));
         }
         self.frontend.set_mem_table(&regions).map_err(backend)?;
         let host = |addr| {
@@ -266,6 +256,29 @@ impl VhostUserDevice {
         }
         Ok(())
     }
+}
+
+/// The guest's RAM as a vhost memory table: guest-physical range, nixvmm's mapping of it and,
+/// for memory a backend process can map, its file and offset (`mmap_handle` -1 otherwise;
+/// the kernel's vhost uses only the addresses).
+pub(crate) fn memory_table(
+    mem: &virtio::Memory,
+) -> Result<Vec<VhostUserMemoryRegionInfo>, vm_memory::GuestMemoryError> {
+    mem.iter()
+        .map(|region| {
+            let host = mem.get_host_address(region.start_addr())?;
+            let (mmap_offset, mmap_handle) = region
+                .file_offset()
+                .map_or((0, -1), |f| (f.start(), f.file().as_raw_fd()));
+            Ok(VhostUserMemoryRegionInfo {
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                mmap_offset,
+                mmap_handle,
+            })
+        })
+        .collect()
 }
 
 fn shared(device: &SharedVhostUser) -> std::sync::MutexGuard<'_, VhostUserDevice> {
