@@ -12,6 +12,7 @@ pub mod cmos_rtc;
 pub mod i8042;
 pub mod pci;
 pub mod serial;
+pub mod tpm;
 
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;

@@ -24,7 +24,7 @@ use crate::layout::{
     ACPI_END, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_PORT, ACPI_START,
     CMOS_CENTURY_REGISTER, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT, IOAPIC_START,
     KEYBOARD_IRQ, LAPIC_START, PCI_CONFIG_PORT, PCI_ECAM_START, PCI_MMIO_END, PCI_MMIO_START,
-    POWER_BUTTON_GSI,
+    POWER_BUTTON_GSI, TPM_TIS_SIZE, TPM_TIS_START,
 };
 use crate::{Error, Result};
 
@@ -36,6 +36,8 @@ const OEM_REVISION: u32 = 1;
 #[derive(Clone, Debug)]
 pub struct AcpiConfig {
     pub cpus: u8,
+    /// A TPM TIS at [`TPM_TIS_START`]: the TPM2 table and a DSDT device for it.
+    pub tpm: bool,
 }
 
 fn to_bytes(table: &dyn Aml) -> Vec<u8> {
@@ -177,9 +179,44 @@ fn power_button(body: &mut Vec<u8>) {
     .to_aml_bytes(body);
 }
 
+/// The TPM (MSFT0101, a TPM 2.0 with a TIS or CRB interface): Linux's built-in tpm_tis
+/// binds to it through ACPI when the TPM2 table says the start method is MMIO (TIS). No
+/// interrupt: the driver polls.
+fn tpm(body: &mut Vec<u8>) {
+    aml::Device::new(
+        "_SB_.TPM_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"MSFT0101"),
+            &aml::Name::new("_STA".into(), &0xfu8),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(
+                    true,
+                    TPM_TIS_START as u32,
+                    TPM_TIS_SIZE as u32,
+                )]),
+            ),
+        ],
+    )
+    .to_aml_bytes(body);
+}
+
+/// The TPM2 table of a TIS (FIFO) TPM: start method 6, no control area (QEMU's tpm-tis).
+pub fn tpm2() -> Vec<u8> {
+    use acpi_tables::tpm2::{PlatformClass, StartMethod, Tpm2};
+    to_bytes(&Tpm2::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        PlatformClass::Client,
+        0,
+        StartMethod::Mmio,
+    ))
+}
+
 /// The DSDT: the `_S5_` sleep state, the COM1 UART, the keyboard controller, the power
-/// button, the RTC and the PCI host bridge.
-pub fn dsdt() -> Vec<u8> {
+/// button, the RTC, the PCI host bridge and, with `with_tpm`, the TPM.
+pub fn dsdt(with_tpm: bool) -> Vec<u8> {
     let mut body = Vec::new();
     aml::Name::new(
         "_S5_".into(),
@@ -205,6 +242,9 @@ pub fn dsdt() -> Vec<u8> {
     power_button(&mut body);
     rtc(&mut body);
     pci_root(&mut body);
+    if with_tpm {
+        tpm(&mut body);
+    }
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     table.append_slice(&body);
     table.as_slice().to_vec()
@@ -321,7 +361,7 @@ pub fn write_acpi_tables<M: GuestMemory>(mem: &M, config: &AcpiConfig) -> Result
         next = align8(next + len as u64);
         at
     };
-    let dsdt = dsdt();
+    let dsdt = dsdt(config.tpm);
     let dsdt_addr = place(dsdt.len());
     let fadt = fadt(dsdt_addr);
     let fadt_addr = place(fadt.len());
@@ -329,10 +369,15 @@ pub fn write_acpi_tables<M: GuestMemory>(mem: &M, config: &AcpiConfig) -> Result
     let madt_addr = place(madt.len());
     let mcfg = mcfg();
     let mcfg_addr = place(mcfg.len());
+    let tpm2 = if config.tpm { tpm2() } else { Vec::new() };
+    let tpm2_addr = place(tpm2.len());
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
     xsdt.add_entry(mcfg_addr);
+    if config.tpm {
+        xsdt.add_entry(tpm2_addr);
+    }
     let xsdt = to_bytes(&xsdt);
     let xsdt_addr = place(xsdt.len());
     let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
@@ -349,6 +394,7 @@ pub fn write_acpi_tables<M: GuestMemory>(mem: &M, config: &AcpiConfig) -> Result
         (fadt_addr, &fadt),
         (madt_addr, &madt),
         (mcfg_addr, &mcfg),
+        (tpm2_addr, &tpm2),
         (xsdt_addr, &xsdt),
     ] {
         mem.write_slice(bytes, GuestAddress(addr))

@@ -45,6 +45,9 @@ pub const PCI_ECAM_START: u64 = 0xe000_0000;
 pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
+/// The TPM TIS registers (five localities of 4 KiB), where PC firmware and QEMU put them.
+pub const TPM_TIS_START: u64 = 0xfed4_0000;
+pub const TPM_TIS_SIZE: u64 = 0x5000;
 /// RAM resumes here when it does not fit below the hole.
 pub const HIGH_RAM_START: u64 = MMIO_HOLE_END;
 

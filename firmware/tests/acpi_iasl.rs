@@ -10,9 +10,9 @@ use firmware::acpi::{write_acpi_tables, AcpiConfig};
 use firmware::layout::ACPI_START;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-fn guest_with_tables(cpus: u8) -> (GuestMemoryMmap, GuestAddress) {
+fn guest_with_tables(cpus: u8, tpm: bool) -> (GuestMemoryMmap, GuestAddress) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-    let rsdp = write_acpi_tables(&mem, &AcpiConfig { cpus }).unwrap();
+    let rsdp = write_acpi_tables(&mem, &AcpiConfig { cpus, tpm }).unwrap();
     (mem, rsdp)
 }
 
@@ -78,7 +78,11 @@ fn iasl_decompile(dir: &Path, sig: &str, table: &[u8]) -> String {
 }
 
 fn decompiled(cpus: u8) -> Vec<(String, String)> {
-    let (mem, rsdp) = guest_with_tables(cpus);
+    decompiled_with(cpus, false)
+}
+
+fn decompiled_with(cpus: u8, tpm: bool) -> Vec<(String, String)> {
+    let (mem, rsdp) = guest_with_tables(cpus, tpm);
     assert_eq!(rsdp.0, ACPI_START, "Linux scans the BIOS area for the RSDP");
     let dir = tempfile::tempdir().unwrap();
     tables_by_signature(&mem, rsdp)
@@ -243,4 +247,30 @@ fn dsdt_has_a_power_button_signalled_by_a_generic_event_device() {
         ["1"],
         "no fixed power button: {fadt}"
     );
+}
+
+#[test]
+fn a_tpm_has_a_tpm2_table_with_the_tis_start_method_and_a_dsdt_device() {
+    let tables = decompiled_with(2, true);
+    let tpm2 = find(&tables, "TPM2");
+    assert_eq!(
+        field(tpm2, "Start Method"),
+        ["06 [Memory Mapped I/O]"],
+        "{tpm2}"
+    );
+    let dsdt = find(&tables, "DSDT");
+    let device = dsdt
+        .split("Device (_SB.TPM)")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no _SB.TPM device in {dsdt}"));
+    let device = device.split("Device (").next().unwrap();
+    assert!(device.contains("Name (_HID, \"MSFT0101\""), "{device}");
+    assert!(device.contains("Memory32Fixed (ReadWrite,"), "{device}");
+    assert!(device.contains("0xFED40000"), "{device}");
+    assert!(device.contains("0x00005000"), "{device}");
+    assert!(!device.contains("Interrupt"), "polled: {device}");
+    // Without a TPM, neither.
+    let tables = decompiled(1);
+    assert!(tables.iter().all(|(sig, _)| sig != "TPM2"));
+    assert!(!find(&tables, "DSDT").contains("MSFT0101"));
 }

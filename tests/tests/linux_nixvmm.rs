@@ -2029,3 +2029,160 @@ fn tier4_hmp_quit_ends_a_running_guest_as_the_drivers_crash_does() {
     // The guest was still sleeping: nixvmm ended without waiting for it.
     assert_eq!(log.value_of("VM_RC"), Some("0"), "{tail}");
 }
+
+/// Raw TPM 2.0 commands for the TPM test, as hex for the guest's `tpm-raw`.
+mod tpm_commands {
+    /// TPM2_GetRandom(8).
+    pub const GET_RANDOM: &str = "80010000000c0000017b0008";
+    /// TPM2_NV_ReadPublic of index 0x01500001.
+    pub const NV_READ_PUBLIC: &str = "80010000000e0000016901500001";
+    /// An empty password session (TPM_RS_PW), with its size.
+    const PASSWORD_SESSION: &str = "00000009400000090000000000";
+    /// The digest extended into PCR 16: 32 bytes of 0xaa.
+    pub const DIGEST: [u8; 32] = [0xaa; 32];
+
+    /// TPM2_PCR_Extend of PCR 16 with [`DIGEST`] in the SHA-256 bank.
+    pub fn pcr_extend() -> String {
+        let digest: String = DIGEST.iter().map(|b| format!("{b:02x}")).collect();
+        format!("8002000000410000018200000010{PASSWORD_SESSION}00000001000b{digest}")
+    }
+
+    /// TPM2_NV_DefineSpace of 8-byte owner index 0x01500001 (owner/auth read and write).
+    pub fn nv_define() -> String {
+        format!(
+            "80020000002d0000012a40000001{PASSWORD_SESSION}0000000e01500001000b0206000600000008"
+        )
+    }
+}
+
+/// A guest line that runs one raw TPM command and prints `NAME_RC=<response code>`.
+fn tpm_line(name: &str, hex: &str) -> String {
+    format!("echo {name}_RC=$(tpm-raw /dev/tpmrm0 {hex} | sed -n 's/TPM-RC=//p')\n")
+}
+
+#[test]
+fn tier4_tpm_through_swtpm_random_pcrs_persistent_state_and_a_dying_swtpm() {
+    use tpm_commands::*;
+    let tool = nixvmm_tests::linux_kit::guest_program("tpm_raw").unwrap();
+    let files = [("bin/tpm-raw", 0o755, tool.as_slice())];
+    // Boot 1: Linux's tpm_tis binds through ACPI; random bytes through the TPM's hwrng, a
+    // PCR extended and read back through sysfs; an NV index defined.
+    let first = format!(
+        "echo TPM_VERSION=$(cat /sys/class/tpm/tpm0/tpm_version_major)\n\
+         [ -c /dev/tpm0 ] && [ -c /dev/tpmrm0 ] && echo TPM_DEVICES=yes\n\
+         echo HWRNG=$(cat /sys/class/misc/hw_random/rng_current)\n\
+         echo RANDOM_BYTES=$(head -c 32 /dev/hwrng | wc -c)\n\
+         {random}{extend}\
+         echo PCR16=$(cat /sys/class/tpm/tpm0/pcr-sha256/16)\n\
+         {nv_before}{define}",
+        random = tpm_line("RANDOM", GET_RANDOM),
+        extend = tpm_line("EXTEND", &pcr_extend()),
+        nv_before = tpm_line("NV_BEFORE", NV_READ_PUBLIC),
+        define = tpm_line("DEFINE", &nv_define()),
+    );
+    // Boot 2 (a new swtpm on the same state, in the layout with its own data socket): the
+    // index is still there, PCR 16 is reset.
+    let second = format!(
+        "{nv_after}echo PCR16_AFTER=$(cat /sys/class/tpm/tpm0/pcr-sha256/16)\n",
+        nv_after = tpm_line("NV_AFTER", NV_READ_PUBLIC),
+    );
+    // Boot 3: swtpm is killed while the guest runs; its next command fails, nixvmm goes on.
+    let third = format!(
+        "echo KILL-SWTPM-NOW\n\
+         sleep 5\n\
+         {dead}echo AFTER_DEATH=alive\n",
+        dead = tpm_line("DEAD", GET_RANDOM),
+    );
+    let guest = |script: &str, socket: &str| {
+        Guest {
+            modules: &[],
+            script,
+            files: &files,
+            args: args(&["--tpm", &format!("socket={socket}")]),
+            ..Guest::default()
+        }
+        .command()
+    };
+    let d = "/tmp/nixvmm-tier4-tpm";
+    // `boot START VM…` starts swtpm (swtpm ends when nixvmm shuts the TPM down) and the VM;
+    // a VM reset by nested SVM before /init (see `boot_past_a_nested_reset`) boots once more.
+    let job = format!(
+        "set -u\n\
+         rm -rf {d}; mkdir -p {d}/state\n\
+         wait_for() {{ for i in $(seq 100); do [ -S $1 ] && break; sleep 0.1; done; }}\n\
+         control_only() {{\n\
+           rm -f {d}/socket\n\
+           swtpm socket --tpmstate dir={d}/state --ctrl type=unixio,path={d}/socket --tpm2 & swtpm=$!\n\
+           wait_for {d}/socket\n\
+         }}\n\
+         own_data_socket() {{\n\
+           rm -f {d}/data {d}/data.ctrl\n\
+           swtpm socket --tpmstate dir={d}/state --server type=unixio,path={d}/data \
+             --ctrl type=unixio,path={d}/data.ctrl --flags not-need-init --tpm2 & swtpm=$!\n\
+           wait_for {d}/data.ctrl\n\
+         }}\n\
+         boot() {{\n\
+           start=$1; shift\n\
+           for try in 1 2; do\n\
+             $start\n\
+             \"$@\" > {d}/console 2>&1 & vm=$!\n\
+             if [ -n \"${{kill_swtpm:-}}\" ]; then\n\
+               for i in $(seq 1200); do grep -q KILL-SWTPM-NOW {d}/console && break; \
+                 kill -0 $vm 2>/dev/null || break; sleep 0.1; done\n\
+               kill -9 $swtpm\n\
+             fi\n\
+             wait $vm; rc=$?\n\
+             kill $swtpm 2>/dev/null; wait $swtpm\n\
+             grep -q 'triple fault' {d}/console && ! grep -q '{INIT_MARKER}' {d}/console || break\n\
+             echo 'the guest triple-faulted before /init (nested SVM); it boots once more'\n\
+           done\n\
+           cat {d}/console\n\
+           return $rc\n\
+         }}\n\
+         boot control_only {one}; rc1=$?\n\
+         boot own_data_socket {two}; rc2=$?\n\
+         kill_swtpm=yes boot control_only {three}; rc3=$?\n\
+         echo RCS=$rc1,$rc2,$rc3\n\
+         [ $rc1 = 0 ] && [ $rc2 = 0 ] && [ $rc3 = 0 ]",
+        one = guest(&first, &format!("{d}/socket")),
+        two = guest(&second, &format!("{d}/data.ctrl")),
+        three = guest(&third, &format!("{d}/socket")),
+    );
+    let log = host().run(&job, BOOT_LIMIT * 2).unwrap();
+    let tail = log.tail();
+    assert!(!log.timed_out, "timed out:\n{tail}");
+    assert_eq!(log.value_of("TPM_VERSION"), Some("2"), "{tail}");
+    assert_eq!(log.value_of("TPM_DEVICES"), Some("yes"), "{tail}");
+    assert_eq!(log.value_of("HWRNG"), Some("tpm-rng-0"), "{tail}");
+    assert_eq!(log.value_of("RANDOM_BYTES"), Some("32"), "{tail}");
+    assert_eq!(log.value_of("RANDOM_RC"), Some("00000000"), "{tail}");
+    assert_eq!(log.value_of("EXTEND_RC"), Some("00000000"), "{tail}");
+    let mut extended = vec![0u8; 32];
+    extended.extend_from_slice(&DIGEST);
+    let expected = sha256(&extended).to_uppercase();
+    assert_eq!(log.value_of("PCR16"), Some(expected.as_str()), "{tail}");
+    assert_eq!(
+        log.value_of("NV_BEFORE_RC"),
+        Some("0000018b"),
+        "TPM_RC_HANDLE:\n{tail}"
+    );
+    assert_eq!(log.value_of("DEFINE_RC"), Some("00000000"), "{tail}");
+    assert_eq!(log.value_of("NV_AFTER_RC"), Some("00000000"), "{tail}");
+    assert_eq!(
+        log.value_of("PCR16_AFTER"),
+        Some("0".repeat(64).as_str()),
+        "{tail}"
+    );
+    assert_eq!(
+        log.value_of("DEAD_RC"),
+        Some("00000101"),
+        "TPM_RC_FAILURE:\n{tail}"
+    );
+    assert_eq!(log.value_of("AFTER_DEATH"), Some("alive"), "{tail}");
+    let said = log
+        .console
+        .matches("the guest's TPM commands fail from now on")
+        .count();
+    assert_eq!(said, 1, "said once:\n{tail}");
+    assert_eq!(log.value_of("RCS"), Some("0,0,0"), "{tail}");
+}

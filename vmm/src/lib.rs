@@ -105,7 +105,7 @@ pub fn run_with(
     // Connections to external backends outlive each VM: a reboot reuses them.
     let backends = std::sync::Arc::new(host::HostResources::connect(config)?);
     control.attach_host(&backends);
-    loop {
+    let outcome = loop {
         let (mut vm, exits) = Vm::build(&kvm, config, output, &backends, input_room)?;
         control.attach(&vm);
         vm.start()?;
@@ -114,11 +114,13 @@ pub fn run_with(
         let exit = exit?;
         control.announce_exit(&exit, config.no_reboot);
         match exit {
-            VmExit::Shutdown => return Ok(Outcome::PoweredOff),
-            VmExit::Stopped => return Ok(Outcome::Stopped),
-            VmExit::Reset if config.no_reboot => return Ok(Outcome::Rebooted),
+            VmExit::Shutdown => break Ok(Outcome::PoweredOff),
+            VmExit::Stopped => break Ok(Outcome::Stopped),
+            VmExit::Reset if config.no_reboot => break Ok(Outcome::Rebooted),
             VmExit::Reset => log::info!("guest reboot: starting again"),
-            VmExit::Failed(reason) => return Err(RunError::Failed(reason)),
+            VmExit::Failed(reason) => break Err(RunError::Failed(reason)),
         }
-    }
+    };
+    backends.shut_down_tpm();
+    outcome
 }

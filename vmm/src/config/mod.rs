@@ -73,6 +73,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Where the serial port (ttyS0) goes.
     pub serial: Serial,
+    /// A TPM 2.0 (TIS) run by the swtpm whose control socket this is.
+    pub tpm: Option<PathBuf>,
 }
 
 /// Where QEMU's human monitor is reached.
@@ -148,6 +150,12 @@ pub fn parse_vsock(text: &str) -> Result<VsockConfig, ConfigError> {
     }
 }
 
+/// `--tpm socket=PATH`: swtpm's control socket.
+pub fn parse_tpm(text: &str) -> Result<PathBuf, ConfigError> {
+    let o = Options::parse("--tpm", text, &["socket"])?;
+    Ok(PathBuf::from(o.required("socket")?))
+}
+
 /// A guest CID: 3 up to 2^32 - 2 (0 to 2 are reserved, 2^32 - 1 is VMADDR_CID_ANY).
 pub fn parse_guest_cid(what: &'static str, text: &str) -> Result<u64, ConfigError> {
     match text.parse::<u64>() {
@@ -178,6 +186,7 @@ impl Default for VmConfig {
             qmp: None,
             vsock: None,
             serial: Serial::Stdio,
+            tpm: None,
         }
     }
 }

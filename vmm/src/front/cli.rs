@@ -9,8 +9,8 @@ use crate::config::console::parse_port;
 use crate::config::net::parse_net;
 use crate::config::system::{read_system, SystemError};
 use crate::config::{
-    parse_disk, parse_serial, parse_share, parse_size, parse_vsock, ConfigError, Decompress,
-    Kernel, Monitor, VmConfig, MAX_CPUS,
+    parse_disk, parse_serial, parse_share, parse_size, parse_tpm, parse_vsock, ConfigError,
+    Decompress, Kernel, Monitor, VmConfig, MAX_CPUS,
 };
 
 #[derive(Debug, Parser)]
@@ -159,6 +159,10 @@ pub struct RunArgs {
     /// guest's CID).
     #[arg(long, value_name = "OPTIONS")]
     pub vsock: Option<String>,
+    /// A TPM 2.0 (TIS at 0xfed40000, ACPI TPM2 table) run by swtpm: socket=PATH, its control
+    /// socket (`swtpm socket --tpmstate dir=D --ctrl type=unixio,path=D/socket --tpm2`).
+    #[arg(long, value_name = "OPTIONS")]
+    pub tpm: Option<String>,
     /// Where the serial console (ttyS0) goes: stdio (the default: this terminal), null, or
     /// file:PATH (output only).
     #[arg(long, default_value = "stdio")]
@@ -247,6 +251,7 @@ impl RunArgs {
             qmp: self.qmp,
             vsock: self.vsock.as_deref().map(parse_vsock).transpose()?,
             serial: parse_serial(&self.serial)?,
+            tpm: self.tpm.as_deref().map(parse_tpm).transpose()?,
         };
         config.validate()?;
         Ok(config)

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::net::{NetBackend, NicConfig, TapTarget};
 use crate::config::{Share, VmConfig, VsockConfig};
+use devices::tpm::swtpm::{Swtpm, SwtpmError};
 use slirp::{SlirpError, UserNetwork};
 use vhost_user::{ConnectError, Kind, SharedVhostUser, VhostUserDevice};
 
@@ -27,6 +28,8 @@ pub struct HostResources {
     nics: Vec<Nic>,
     /// One per console port, in `VmConfig::ports` order.
     chardevs: Vec<chardev::Chardev>,
+    /// The `--tpm` swtpm; shut down when the run ends, so it saves the TPM's state.
+    tpm: Option<Arc<Mutex<Swtpm>>>,
 }
 
 /// A NIC's network and link, kept across guest reboots (forwarded ports stay bound).
@@ -54,6 +57,8 @@ pub enum HostError {
     Tap(#[from] tap::TapError),
     #[error(transparent)]
     Chardev(#[from] chardev::ChardevError),
+    #[error(transparent)]
+    Tpm(#[from] SwtpmError),
     #[error("--net: cannot set up the NIC: {0}")]
     Nic(std::io::Error),
 }
@@ -131,10 +136,15 @@ impl HostResources {
             .iter()
             .map(|port| chardev::Chardev::open(&port.chardev))
             .collect::<Result<_, _>>()?;
+        let tpm = match &config.tpm {
+            Some(socket) => Some(Arc::new(Mutex::new(Swtpm::connect(socket)?))),
+            None => None,
+        };
         Ok(HostResources {
             vhost_user,
             nics,
             chardevs,
+            tpm,
         })
     }
 
@@ -152,5 +162,23 @@ impl HostResources {
             .iter()
             .find(|(path, _)| path == socket)
             .map(|(_, fs)| fs.clone())
+    }
+
+    /// Ends the TPM's session when the run ends, so swtpm saves the TPM's state.
+    pub fn shut_down_tpm(&self) {
+        if let Some(tpm) = &self.tpm {
+            if let Err(e) = tpm.lock().unwrap_or_else(|p| p.into_inner()).shut_down() {
+                log::warn!("TPM: {e}");
+            }
+        }
+    }
+
+    /// The `--tpm` swtpm, powered on (TPM reset) for a new boot of the guest.
+    pub fn tpm_powered_on(&self) -> Result<Option<Arc<Mutex<Swtpm>>>, SwtpmError> {
+        let Some(tpm) = &self.tpm else {
+            return Ok(None);
+        };
+        tpm.lock().unwrap_or_else(|p| p.into_inner()).power_on()?;
+        Ok(Some(tpm.clone()))
     }
 }

@@ -14,12 +14,14 @@ use devices::cmos_rtc::CmosRtc;
 use devices::i8042::I8042;
 use devices::pci::{PciConfigIo, PciEcam, PciRoot};
 use devices::serial::SerialConsole;
+use devices::tpm::swtpm::SharedSwtpm;
+use devices::tpm::TpmTis;
 use devices::{ExitReceiver, ExitSender};
 use firmware::acpi::{write_acpi_tables, AcpiConfig};
 use firmware::boot::{self, BootSetup, LoadedKernel};
 use firmware::layout::{
     self, ACPI_SLEEP_PORT, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT, KEYBOARD_IRQ,
-    PCI_CONFIG_PORT, PCI_ECAM_SIZE, PCI_ECAM_START, POWER_BUTTON_GSI,
+    PCI_CONFIG_PORT, PCI_ECAM_SIZE, PCI_ECAM_START, POWER_BUTTON_GSI, TPM_TIS_SIZE, TPM_TIS_START,
 };
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -73,6 +75,8 @@ pub enum VmError {
     Model(#[from] models::ModelError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Tpm(#[from] devices::tpm::swtpm::SwtpmError),
     #[error("NIC {0}: cannot reach its network: {1}")]
     NicBackend(usize, std::io::Error),
 }
@@ -131,6 +135,10 @@ impl Vm {
             .map_err(kvm_err("power button interrupt"))?;
         let mut pci = PciRoot::new();
         let mmio = Arc::new(Bus::new());
+        if let Some(tpm) = backends.tpm_powered_on()? {
+            let tis = TpmTis::new(Box::new(SharedSwtpm::new(tpm)));
+            mmio.insert(TPM_TIS_START, TPM_TIS_SIZE, Arc::new(Mutex::new(tis)))?;
+        }
         let models = device_models(config, backends)?;
         let virtio = VirtioDevices::attach(models, &vm_fd, &memory, &mut pci, &mmio)?;
         let pci = Arc::new(pci);
@@ -344,7 +352,13 @@ fn write_boot_state(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<(u64,
     let kernel = load_kernel(memory, config)?;
     let cr3 = firmware::paging::write_gdt_and_page_tables(memory)?;
     firmware::reset_vector::write(memory)?;
-    let rsdp = write_acpi_tables(memory, &AcpiConfig { cpus: config.cpus })?;
+    let rsdp = write_acpi_tables(
+        memory,
+        &AcpiConfig {
+            cpus: config.cpus,
+            tpm: config.tpm.is_some(),
+        },
+    )?;
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(memory, &kernel, path, config.memory)?),
         None => None,

@@ -48,6 +48,8 @@ pub struct Devices {
     chardevs: Vec<Chardev>,
     memory_backends: Vec<(String, u64)>,
     rng_objects: Vec<String>,
+    /// `-tpmdev emulator,id=ID,chardev=CHARDEV`: (ID, CHARDEV).
+    tpmdevs: Vec<(String, String)>,
     /// Devices in command-line order, their backends not yet looked up.
     pending: Vec<Pending>,
     rng: bool,
@@ -92,6 +94,9 @@ enum Pending {
         name: Option<String>,
         chardev: String,
     },
+    Tpm {
+        tpmdev: String,
+    },
 }
 
 /// The devices, their backends resolved.
@@ -102,6 +107,8 @@ pub struct Resolved {
     pub nics: Vec<NicConfig>,
     pub ports: Vec<PortSpec>,
     pub vsock: Option<VsockConfig>,
+    /// swtpm's control socket.
+    pub tpm: Option<PathBuf>,
     pub ignored: Vec<String>,
 }
 
@@ -230,9 +237,15 @@ impl Devices {
                 self.pending
                     .push(Pending::Vsock(VsockConfig::Kernel { cid }));
             }
-            "tpm-tis" | "tpm-crb" => {
+            "tpm-tis" => {
+                let o = parse(&["tpmdev"])?;
+                self.pending.push(Pending::Tpm {
+                    tpmdev: o.required("tpmdev").map_err(option_error)?.to_string(),
+                });
+            }
+            "tpm-crb" => {
                 return Err(unsupported(format!(
-                    "{option}: nixvmm does not serve this device yet"
+                    "{option}: nixvmm's TPM is tpm-tis (give -device tpm-tis,tpmdev=…)"
                 )))
             }
             other => {
@@ -513,6 +526,23 @@ impl Devices {
         Ok(())
     }
 
+    /// `-tpmdev emulator,id=ID,chardev=CHARDEV`: swtpm, reached through a `-chardev socket`.
+    pub fn tpmdev(&mut self, value: &str) -> Result<()> {
+        let (backend, items) = driver_and_items("-tpmdev", value)?;
+        if backend != "emulator" {
+            return Err(unsupported(format!(
+                "-tpmdev {backend}: nixvmm's TPM is swtpm's (-tpmdev emulator,chardev=…)"
+            )));
+        }
+        let o = Options::parse_items("-tpmdev emulator", items, &["id", "chardev"], &[])
+            .map_err(option_error)?;
+        self.tpmdevs.push((
+            o.required("id").map_err(option_error)?.to_string(),
+            o.required("chardev").map_err(option_error)?.to_string(),
+        ));
+        Ok(())
+    }
+
     /// The socket of a vhost-user backend, from the `-chardev socket` the device names.
     fn backend_socket(&self, device: &str, chardev: &str) -> Result<PathBuf> {
         match self.find_chardev(device, chardev)? {
@@ -601,6 +631,7 @@ impl Devices {
             nics: Vec::new(),
             ports: Vec::new(),
             vsock: None,
+            tpm: None,
             ignored: std::mem::take(&mut self.ignored),
         };
         resolved.disks.extend(
@@ -689,6 +720,27 @@ impl Devices {
                     used_chardevs.push(chardev);
                 }
                 Pending::Share(share) => resolved.shares.push(share),
+                Pending::Tpm { tpmdev } => {
+                    let device = format!("-device tpm-tis,tpmdev={tpmdev}");
+                    if resolved.tpm.is_some() {
+                        return Err(unsupported("tpm-tis: nixvmm has one TPM"));
+                    }
+                    let (_, chardev) = self
+                        .tpmdevs
+                        .iter()
+                        .find(|(id, _)| *id == tpmdev)
+                        .ok_or_else(|| invalid(format!("{device}: no -tpmdev …,id={tpmdev}")))?;
+                    let socket = match self.find_chardev("-tpmdev emulator", chardev)? {
+                        ChardevSpec::SocketClient { path, .. } => path.clone(),
+                        _ => {
+                            return Err(unsupported(format!(
+                                "-tpmdev emulator,chardev={chardev}: give -chardev \
+                                 socket,id={chardev},path=SWTPM_CONTROL_SOCKET"
+                            )))
+                        }
+                    };
+                    resolved.tpm = Some(socket);
+                }
             }
         }
         for (id, _) in &self.netdevs {

@@ -303,6 +303,7 @@ impl Builder {
             qmp: self.qmp,
             vsock: devices.vsock,
             serial: self.serial,
+            tpm: devices.tpm,
         };
         config.validate().map_err(|e| invalid(e.to_string()))?;
         self.ignored.dedup();
@@ -401,6 +402,7 @@ impl Builder {
             "virtfs" => self.devices.virtfs(need()?)?,
             "chardev" => self.devices.chardev(need()?)?,
             "object" => self.devices.object(need()?)?,
+            "tpmdev" => self.devices.tpmdev(need()?)?,
             other => {
                 return Err(unsupported(format!(
                     "-{other}: nixvmm does not serve this QEMU option (set \

@@ -447,16 +447,29 @@ fn serial_stdio_none_null_file_and_chardev() {
 }
 
 #[test]
-fn the_test_drivers_tpm_line_is_refused_until_served() {
+fn qemu_vm_nixs_tpm_line_is_a_tpm_on_the_swtpm_socket() {
     let files = Files::new();
-    let err = files.error(&qemu_vm_nix(
+    let run = files.run(&qemu_vm_nix(
         "-chardev socket,id=chrtpm,path=@/swtpm-sock -tpmdev emulator,id=tpm_dev_0,chardev=chrtpm \
          -device tpm-tis,tpmdev=tpm_dev_0",
     ));
-    assert!(
-        matches!(&err, QemuError::Unsupported(m) if m.contains("-tpmdev")),
-        "{err}"
-    );
+    assert_eq!(run.config.tpm, Some(files.path("swtpm-sock")));
+    for (line, says) in [
+        (
+            "-chardev socket,id=c,path=@/s -tpmdev emulator,id=t,chardev=c -device tpm-crb,tpmdev=t",
+            "tpm-tis",
+        ),
+        ("-tpmdev passthrough,id=t,path=/dev/tpm0", "-tpmdev passthrough"),
+        ("-device tpm-tis,tpmdev=t", "no -tpmdev"),
+        ("-tpmdev emulator,id=t,chardev=c -device tpm-tis,tpmdev=t", "no -chardev"),
+        (
+            "-chardev file,id=c,path=@/f -tpmdev emulator,id=t,chardev=c -device tpm-tis,tpmdev=t",
+            "-chardev socket,id=c",
+        ),
+    ] {
+        let err = files.error(&qemu_vm_nix(line)).to_string();
+        assert!(err.contains(says), "{line}: {err}");
+    }
 }
 
 #[test]

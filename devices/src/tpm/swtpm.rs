@@ -1,0 +1,389 @@
+//! A client of swtpm's control channel (`swtpm socket --ctrl type=unixio,path=…`), written
+//! from swtpm's documentation (`man swtpm_ioctls`, swtpm-dev's `tpm_ioctl.h`): each request is
+//! a big-endian 32-bit command code and its fixed-size body, each reply a fixed-size body
+//! starting with a big-endian 32-bit TPM result (0 = success). No crate speaks it.
+//!
+//! TPM commands go over a data channel: one end of a socketpair handed to swtpm with
+//! `CMD_SET_DATAFD` (SCM_RIGHTS), as QEMU does. A swtpm started with its own `--server`
+//! socket refuses that; the data channel is then that socket, found beside the control one
+//! (`D/socket` for a control socket `D/socket.ctrl`, the layout of newer qemu-vm.nix).
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+const CMD_GET_CAPABILITY: u32 = 1;
+const CMD_INIT: u32 = 2;
+const CMD_SHUTDOWN: u32 = 3;
+const CMD_GET_TPMESTABLISHED: u32 = 4;
+const CMD_SET_LOCALITY: u32 = 5;
+const CMD_CANCEL_TPM_CMD: u32 = 9;
+const CMD_RESET_TPMESTABLISHED: u32 = 11;
+const CMD_STOP: u32 = 14;
+const CMD_SET_DATAFD: u32 = 16;
+const CMD_SET_BUFFERSIZE: u32 = 17;
+
+/// `ptm_cap` bits for the commands nixvmm sends.
+const CAP_INIT: u64 = 1 << 0;
+const CAP_SHUTDOWN: u64 = 1 << 1;
+const CAP_GET_TPMESTABLISHED: u64 = 1 << 2;
+const CAP_SET_LOCALITY: u64 = 1 << 3;
+const CAP_CANCEL_TPM_CMD: u64 = 1 << 5;
+const CAP_RESET_TPMESTABLISHED: u64 = 1 << 7;
+const CAP_STOP: u64 = 1 << 10;
+const CAP_SET_DATAFD: u64 = 1 << 12;
+const CAP_SET_BUFFERSIZE: u64 = 1 << 13;
+
+/// What nixvmm cannot do without.
+const NEEDED: [(u64, &str); 5] = [
+    (CAP_INIT, "INIT"),
+    (CAP_SHUTDOWN, "SHUTDOWN"),
+    (CAP_SET_LOCALITY, "SET_LOCALITY"),
+    (CAP_STOP, "STOP"),
+    (CAP_SET_BUFFERSIZE, "SET_BUFFERSIZE"),
+];
+
+/// The largest TPM command or response (the TIS FIFO's buffer).
+pub const BUFFER_SIZE: u32 = 4096;
+/// How long a control request may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one TPM command may take (an RSA key generation by a software TPM on a slow,
+/// emulated host takes tens of seconds; Linux's longest TPM2 duration is 300 s).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwtpmError {
+    #[error(
+        "--tpm socket={}: cannot connect ({source}); start swtpm first, e.g. `swtpm socket \
+         --tpmstate dir=D --ctrl type=unixio,path=D/socket --tpm2 --daemon`",
+        path.display()
+    )]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--tpm socket={}: swtpm lacks {what} on its control channel", path.display())]
+    Missing { path: PathBuf, what: String },
+    #[error("--tpm socket={}: {what}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("--tpm socket={}: swtpm answered {what} with TPM result {code:#x}", path.display())]
+    Refused {
+        path: PathBuf,
+        what: &'static str,
+        code: u32,
+    },
+    #[error("--tpm socket={}: swtpm's buffer is {size} bytes, nixvmm needs {BUFFER_SIZE}", path.display())]
+    BufferSize { path: PathBuf, size: u32 },
+}
+
+/// A connection to one swtpm, kept for the whole run (across guest reboots).
+pub struct Swtpm {
+    path: PathBuf,
+    control: UnixStream,
+    data: UnixStream,
+    caps: u64,
+    locality: Option<u8>,
+}
+
+impl Swtpm {
+    /// Connects to swtpm's control socket at `path`, opens the data channel, and checks what
+    /// swtpm can do. The TPM is not started yet: [`Swtpm::power_on`] does that.
+    pub fn connect(path: &Path) -> Result<Swtpm, SwtpmError> {
+        let control = UnixStream::connect(path).map_err(|source| SwtpmError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let io = |what| {
+            let path = path.to_path_buf();
+            move |source| SwtpmError::Io { path, what, source }
+        };
+        control
+            .set_read_timeout(Some(CONTROL_TIMEOUT))
+            .map_err(io("control socket"))?;
+        let caps = {
+            let mut control = &control;
+            control
+                .write_all(&CMD_GET_CAPABILITY.to_be_bytes())
+                .map_err(io("GET_CAPABILITY"))?;
+            let mut reply = [0u8; 8];
+            control
+                .read_exact(&mut reply)
+                .map_err(io("GET_CAPABILITY reply"))?;
+            u64::from_be_bytes(reply)
+        };
+        let missing: Vec<&str> = NEEDED
+            .iter()
+            .filter(|(bit, _)| caps & bit == 0)
+            .map(|(_, name)| *name)
+            .collect();
+        if !missing.is_empty() {
+            return Err(SwtpmError::Missing {
+                path: path.to_path_buf(),
+                what: missing.join(", "),
+            });
+        }
+        let data = Self::data_channel(path, &control, caps)?;
+        data.set_read_timeout(Some(COMMAND_TIMEOUT))
+            .map_err(io("data socket"))?;
+        Ok(Swtpm {
+            path: path.to_path_buf(),
+            control,
+            data,
+            caps,
+            locality: None,
+        })
+    }
+
+    /// One end of a socketpair handed over with SET_DATAFD, or swtpm's own `--server` socket.
+    fn data_channel(
+        path: &Path,
+        control: &UnixStream,
+        caps: u64,
+    ) -> Result<UnixStream, SwtpmError> {
+        let io = |what| {
+            let path = path.to_path_buf();
+            move |source| SwtpmError::Io { path, what, source }
+        };
+        let server = path
+            .to_str()
+            .and_then(|p| p.strip_suffix(".ctrl"))
+            .map(PathBuf::from);
+        if caps & CAP_SET_DATAFD != 0 {
+            let (ours, theirs) = UnixStream::pair().map_err(io("socketpair"))?;
+            control
+                .send_with_fd(&CMD_SET_DATAFD.to_be_bytes()[..], theirs.as_raw_fd())
+                .map_err(|e| io("SET_DATAFD")(std::io::Error::from(e)))?;
+            drop(theirs);
+            let mut reply = [0u8; 4];
+            (&*control)
+                .read_exact(&mut reply)
+                .map_err(io("SET_DATAFD reply"))?;
+            match u32::from_be_bytes(reply) {
+                0 => return Ok(ours),
+                // Refused because it serves its own data socket.
+                _ if server.is_some() => {}
+                code => {
+                    return Err(SwtpmError::Refused {
+                        path: path.to_path_buf(),
+                        what: "SET_DATAFD",
+                        code,
+                    })
+                }
+            }
+        }
+        match server {
+            Some(server) => UnixStream::connect(&server).map_err(|source| SwtpmError::Connect {
+                path: server,
+                source,
+            }),
+            None => Err(SwtpmError::Missing {
+                path: path.to_path_buf(),
+                what: "SET_DATAFD (and there is no data socket beside a `.ctrl` socket)".into(),
+            }),
+        }
+    }
+
+    fn io(&self, what: &'static str) -> impl Fn(std::io::Error) -> SwtpmError + '_ {
+        move |source| SwtpmError::Io {
+            path: self.path.clone(),
+            what,
+            source,
+        }
+    }
+
+    /// Sends a control request and reads a reply of `reply.len()` bytes; the first four are
+    /// the TPM result, which must be 0.
+    fn request(
+        &mut self,
+        what: &'static str,
+        command: u32,
+        body: &[u8],
+        reply: &mut [u8],
+    ) -> Result<(), SwtpmError> {
+        let mut request = command.to_be_bytes().to_vec();
+        request.extend_from_slice(body);
+        self.control.write_all(&request).map_err(self.io(what))?;
+        self.control.read_exact(reply).map_err(self.io(what))?;
+        let code = u32::from_be_bytes([reply[0], reply[1], reply[2], reply[3]]);
+        if code != 0 {
+            return Err(SwtpmError::Refused {
+                path: self.path.clone(),
+                what,
+                code,
+            });
+        }
+        Ok(())
+    }
+
+    /// Powers the TPM on as a machine (re)start does: STOP, SET_BUFFERSIZE, INIT.
+    pub fn power_on(&mut self) -> Result<(), SwtpmError> {
+        let mut reply = [0u8; 4];
+        self.request("STOP", CMD_STOP, &[], &mut reply)?;
+        let mut sizes = [0u8; 16];
+        self.request(
+            "SET_BUFFERSIZE",
+            CMD_SET_BUFFERSIZE,
+            &BUFFER_SIZE.to_be_bytes(),
+            &mut sizes,
+        )?;
+        let size = u32::from_be_bytes([sizes[4], sizes[5], sizes[6], sizes[7]]);
+        if size < BUFFER_SIZE {
+            return Err(SwtpmError::BufferSize {
+                path: self.path.clone(),
+                size,
+            });
+        }
+        self.request("INIT", CMD_INIT, &0u32.to_be_bytes(), &mut reply)?;
+        self.locality = None;
+        Ok(())
+    }
+
+    /// Ends the TPM's session cleanly (swtpm saves its volatile state).
+    pub fn shut_down(&mut self) -> Result<(), SwtpmError> {
+        let mut reply = [0u8; 4];
+        self.request("SHUTDOWN", CMD_SHUTDOWN, &[], &mut reply)
+    }
+
+    /// Runs one TPM command from `locality` and returns swtpm's response.
+    pub fn execute(&mut self, locality: u8, command: &[u8]) -> Result<Vec<u8>, SwtpmError> {
+        if self.locality != Some(locality) {
+            let mut reply = [0u8; 4];
+            self.request("SET_LOCALITY", CMD_SET_LOCALITY, &[locality], &mut reply)?;
+            self.locality = Some(locality);
+        }
+        self.data
+            .write_all(command)
+            .map_err(self.io("a TPM command"))?;
+        match self.read_response() {
+            Err(SwtpmError::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                // Cancelled, swtpm still answers (TPM_RC_CANCELED): read that, so the next
+                // command's response is its own.
+                self.cancel()?;
+                self.read_response()
+            }
+            other => other,
+        }
+    }
+
+    fn read_response(&mut self) -> Result<Vec<u8>, SwtpmError> {
+        let mut header = [0u8; 10];
+        self.data
+            .read_exact(&mut header)
+            .map_err(self.io("a TPM response"))?;
+        let size = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
+        if !(10..=BUFFER_SIZE).contains(&size) {
+            return Err(SwtpmError::Io {
+                path: self.path.clone(),
+                what: "a TPM response",
+                source: std::io::Error::other(format!("a response of {size} bytes")),
+            });
+        }
+        let mut response = header.to_vec();
+        response.resize(size as usize, 0);
+        self.data
+            .read_exact(&mut response[10..])
+            .map_err(self.io("a TPM response"))?;
+        Ok(response)
+    }
+
+    /// Whether TPM_ACCESS's tpmEstablishment bit is set (a dynamic-launch sequence ran).
+    pub fn established(&mut self) -> Result<bool, SwtpmError> {
+        if self.caps & CAP_GET_TPMESTABLISHED == 0 {
+            return Ok(false);
+        }
+        let mut reply = [0u8; 8];
+        self.request(
+            "GET_TPMESTABLISHED",
+            CMD_GET_TPMESTABLISHED,
+            &[],
+            &mut reply,
+        )?;
+        Ok(reply[4] != 0)
+    }
+
+    /// Clears the tpmEstablishment bit (allowed from localities 3 and 4).
+    pub fn reset_established(&mut self, locality: u8) -> Result<(), SwtpmError> {
+        if self.caps & CAP_RESET_TPMESTABLISHED == 0 {
+            return Ok(());
+        }
+        let mut reply = [0u8; 4];
+        self.request(
+            "RESET_TPMESTABLISHED",
+            CMD_RESET_TPMESTABLISHED,
+            &[locality],
+            &mut reply,
+        )
+    }
+
+    /// Asks swtpm to cancel the command it is running.
+    fn cancel(&mut self) -> Result<(), SwtpmError> {
+        if self.caps & CAP_CANCEL_TPM_CMD == 0 {
+            return Ok(());
+        }
+        let mut reply = [0u8; 4];
+        self.request("CANCEL_TPM_CMD", CMD_CANCEL_TPM_CMD, &[], &mut reply)
+    }
+}
+
+/// The TIS device's backend: the run's one swtpm, shared across guest reboots. A failing
+/// swtpm is said once on stderr; from then on each command it cannot run gets
+/// TPM_RC_FAILURE, as a broken TPM answers.
+pub struct SharedSwtpm {
+    tpm: std::sync::Arc<std::sync::Mutex<Swtpm>>,
+    failed: bool,
+}
+
+impl SharedSwtpm {
+    pub fn new(tpm: std::sync::Arc<std::sync::Mutex<Swtpm>>) -> SharedSwtpm {
+        SharedSwtpm { tpm, failed: false }
+    }
+
+    fn tpm(&self) -> std::sync::MutexGuard<'_, Swtpm> {
+        self.tpm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn failure(&mut self, e: SwtpmError) {
+        if !self.failed {
+            self.failed = true;
+            log::error!("TPM: {e}; the guest's TPM commands fail from now on");
+        }
+    }
+}
+
+impl super::TpmBackend for SharedSwtpm {
+    fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8> {
+        let result = self.tpm().execute(locality, command);
+        result.unwrap_or_else(|e| {
+            self.failure(e);
+            super::error_response(super::TPM_RC_FAILURE)
+        })
+    }
+
+    fn established(&mut self) -> bool {
+        let result = self.tpm().established();
+        result.unwrap_or_else(|e| {
+            self.failure(e);
+            false
+        })
+    }
+
+    fn reset_established(&mut self, locality: u8) {
+        let result = self.tpm().reset_established(locality);
+        if let Err(e) = result {
+            self.failure(e);
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The swtpm control-channel client against Debian's swtpm (scripts/setup installs it), in
+//! both socket layouts qemu-vm.nix uses.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use devices::tpm::swtpm::{Swtpm, SwtpmError};
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `swtpm socket --tpm2` on state folder `dir` and returns it with the path of the
+/// control socket nixvmm is given: `dir/socket` alone (older qemu-vm.nix), or with a data
+/// socket of its own, `dir/socket` + `dir/socket.ctrl` (newer).
+fn start_swtpm(dir: &Path, own_data_socket: bool) -> (Running, PathBuf) {
+    // A killed swtpm leaves its sockets behind.
+    for stale in ["socket", "socket.ctrl"] {
+        let _ = std::fs::remove_file(dir.join(stale));
+    }
+    let mut cmd = Command::new("swtpm");
+    cmd.arg("socket")
+        .arg("--tpmstate")
+        .arg(format!("dir={}", dir.display()))
+        .arg("--tpm2");
+    let control = if own_data_socket {
+        cmd.arg("--server")
+            .arg(format!("type=unixio,path={}/socket", dir.display()))
+            .args(["--flags", "not-need-init"]);
+        dir.join("socket.ctrl")
+    } else {
+        dir.join("socket")
+    };
+    cmd.arg("--ctrl")
+        .arg(format!("type=unixio,path={}", control.display()))
+        .stdin(Stdio::null());
+    let child = cmd
+        .spawn()
+        .expect("swtpm (Debian's swtpm package, installed by scripts/setup)");
+    let running = Running(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !control.exists() || (own_data_socket && !dir.join("socket").exists()) {
+        assert!(Instant::now() < deadline, "swtpm made no socket in {dir:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (running, control)
+}
+
+const STARTUP_CLEAR: [u8; 12] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0];
+const GET_RANDOM_8: [u8; 12] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8];
+const NV_INDEX: u32 = 0x0150_0001;
+
+fn rc(response: &[u8]) -> u32 {
+    u32::from_be_bytes(response[6..10].try_into().unwrap())
+}
+
+/// TPM2_NV_DefineSpace of an 8-byte owner index, with an empty password session.
+fn nv_define() -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&0x4000_0001u32.to_be_bytes()); // TPM_RH_OWNER
+    body.extend_from_slice(&9u32.to_be_bytes()); // authorization area
+    body.extend_from_slice(&0x4000_0009u32.to_be_bytes()); // TPM_RS_PW
+    body.extend_from_slice(&[0, 0, 0, 0, 0]); // nonce, attributes, hmac
+    body.extend_from_slice(&[0, 0]); // auth
+    body.extend_from_slice(&14u16.to_be_bytes());
+    body.extend_from_slice(&NV_INDEX.to_be_bytes());
+    body.extend_from_slice(&0x000bu16.to_be_bytes()); // SHA-256
+    body.extend_from_slice(&0x0206_0006u32.to_be_bytes()); // owner/auth read and write, no DA
+    body.extend_from_slice(&[0, 0]); // policy
+    body.extend_from_slice(&8u16.to_be_bytes());
+    command(0x8002, 0x0000_012a, &body)
+}
+
+fn nv_read_public() -> Vec<u8> {
+    command(0x8001, 0x0000_0169, &NV_INDEX.to_be_bytes())
+}
+
+fn command(tag: u16, code: u32, body: &[u8]) -> Vec<u8> {
+    let mut c = tag.to_be_bytes().to_vec();
+    c.extend_from_slice(&(10 + body.len() as u32).to_be_bytes());
+    c.extend_from_slice(&code.to_be_bytes());
+    c.extend_from_slice(body);
+    c
+}
+
+fn random_and_state_survive_a_restart(own_data_socket: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let (_swtpm, control) = start_swtpm(tmp.path(), own_data_socket);
+        let mut tpm = Swtpm::connect(&control).unwrap();
+        tpm.power_on().unwrap();
+        assert_eq!(rc(&tpm.execute(0, &STARTUP_CLEAR).unwrap()), 0);
+        let random = tpm.execute(0, &GET_RANDOM_8).unwrap();
+        assert_eq!(rc(&random), 0, "{random:x?}");
+        assert_eq!(random.len(), 10 + 2 + 8);
+        assert_eq!(rc(&tpm.execute(0, &nv_read_public()).unwrap()), 0x18b);
+        assert_eq!(rc(&tpm.execute(0, &nv_define()).unwrap()), 0);
+        assert!(!tpm.established().unwrap());
+        tpm.shut_down().unwrap();
+    }
+    // A new swtpm on the same folder: the NV index is still there.
+    let (_swtpm, control) = start_swtpm(tmp.path(), own_data_socket);
+    let mut tpm = Swtpm::connect(&control).unwrap();
+    tpm.power_on().unwrap();
+    assert_eq!(rc(&tpm.execute(0, &STARTUP_CLEAR).unwrap()), 0);
+    assert_eq!(rc(&tpm.execute(0, &nv_read_public()).unwrap()), 0);
+    // A second power-on (a guest reboot) needs a new TPM2_Startup.
+    tpm.power_on().unwrap();
+    assert_eq!(
+        rc(&tpm.execute(0, &GET_RANDOM_8).unwrap()),
+        0x100,
+        "TPM_RC_INITIALIZE"
+    );
+}
+
+#[test]
+fn a_control_socket_alone_gets_its_data_channel_by_set_datafd() {
+    random_and_state_survive_a_restart(false);
+}
+
+#[test]
+fn a_swtpm_with_its_own_data_socket_is_reached_beside_the_ctrl_socket() {
+    random_and_state_survive_a_restart(true);
+}
+
+#[test]
+fn localities_reach_swtpm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_swtpm, control) = start_swtpm(tmp.path(), false);
+    let mut tpm = Swtpm::connect(&control).unwrap();
+    tpm.power_on().unwrap();
+    assert_eq!(rc(&tpm.execute(0, &STARTUP_CLEAR).unwrap()), 0);
+    for locality in [0, 3, 4, 0] {
+        assert_eq!(rc(&tpm.execute(locality, &GET_RANDOM_8).unwrap()), 0);
+    }
+    // The establishment bit is reset from locality 3.
+    tpm.reset_established(3).unwrap();
+    assert!(!tpm.established().unwrap());
+}
+
+#[test]
+fn no_swtpm_is_an_error_naming_the_option_and_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = Swtpm::connect(&tmp.path().join("socket")).err().unwrap();
+    assert!(matches!(err, SwtpmError::Connect { .. }));
+    let text = err.to_string();
+    assert!(text.starts_with("--tpm socket="), "{text}");
+    assert!(text.contains("swtpm socket"), "{text}");
+}
+
+#[test]
+fn a_swtpm_that_dies_gives_errors_not_a_hang() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (swtpm, control) = start_swtpm(tmp.path(), false);
+    let mut tpm = Swtpm::connect(&control).unwrap();
+    tpm.power_on().unwrap();
+    drop(swtpm);
+    let started = Instant::now();
+    assert!(tpm.execute(0, &STARTUP_CLEAR).is_err());
+    assert!(tpm.execute(0, &GET_RANDOM_8).is_err());
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
