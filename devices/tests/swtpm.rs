@@ -167,3 +167,26 @@ fn a_swtpm_that_dies_gives_errors_not_a_hang() {
     assert!(tpm.execute(0, &GET_RANDOM_8).is_err());
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn a_swtpm_lacking_a_needed_command_is_refused_by_name() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("socket");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    // A control channel that can INIT and SHUTDOWN only.
+    let server = std::thread::spawn(move || {
+        let (mut peer, _) = listener.accept().unwrap();
+        let mut command = [0u8; 4];
+        peer.read_exact(&mut command).unwrap();
+        assert_eq!(command, 1u32.to_be_bytes(), "GET_CAPABILITY first");
+        peer.write_all(&3u64.to_be_bytes()).unwrap();
+    });
+    let err = Swtpm::connect(&path).err().unwrap().to_string();
+    server.join().unwrap();
+    assert!(err.starts_with("--tpm socket="), "{err}");
+    for missing in ["SET_LOCALITY", "STOP", "SET_BUFFERSIZE"] {
+        assert!(err.contains(missing), "{err}");
+    }
+    assert!(!err.contains("INIT,"), "{err}");
+}
