@@ -23,6 +23,8 @@ pub trait TpmBackend: Send {
 }
 
 pub const LOCALITIES: u8 = 5;
+/// The locality of a dynamic launch (the CPU's own).
+const DRTM_LOCALITY: u8 = 4;
 pub const LOCALITY_SIZE: u64 = 0x1000;
 /// The device's MMIO size: five localities.
 pub const TIS_SIZE: u64 = firmware::layout::TPM_TIS_SIZE;
@@ -152,9 +154,13 @@ impl TpmTis {
         let l = &self.localities[usize::from(locality)];
         if self.active == Some(locality) {
             value |= ACCESS_ACTIVE_LOCALITY;
-            if self.localities.iter().any(|l| l.requested) {
-                value |= ACCESS_PENDING_REQUEST;
-            }
+        }
+        // As QEMU: set when another locality asks for use.
+        let others_ask = (0..LOCALITIES)
+            .filter(|&n| n != locality)
+            .any(|n| self.localities[usize::from(n)].requested);
+        if others_ask {
+            value |= ACCESS_PENDING_REQUEST;
         }
         if l.requested {
             value |= ACCESS_REQUEST_USE;
@@ -196,12 +202,17 @@ impl TpmTis {
             self.activate(Some(locality));
             return;
         }
-        if value & ACCESS_ACTIVE_LOCALITY != 0 && self.active == Some(locality) {
-            // Relinquished: the highest locality asking for use gets it.
-            let next = (0..LOCALITIES)
-                .rev()
-                .find(|&n| self.localities[usize::from(n)].requested);
-            self.activate(next);
+        if value & ACCESS_ACTIVE_LOCALITY != 0 {
+            if self.active == Some(locality) {
+                // Relinquished: the highest locality asking for use gets it.
+                let next = (0..LOCALITIES)
+                    .rev()
+                    .find(|&n| self.localities[usize::from(n)].requested);
+                self.activate(next);
+            } else {
+                // A locality not in use withdraws its request.
+                self.localities[l].requested = false;
+            }
             return;
         }
         if value & ACCESS_REQUEST_USE != 0 {
@@ -214,11 +225,16 @@ impl TpmTis {
     }
 
     fn write_status(&mut self, locality: u8, value: u32) {
-        if value & STS_COMMAND_READY != 0 {
+        if value & STS_RESET_ESTABLISHMENT != 0 && locality == 3 {
+            self.backend.reset_established(locality);
+        }
+        // One command at a time; a write naming several does nothing (as QEMU).
+        let command = value & (STS_COMMAND_READY | STS_GO | STS_RESPONSE_RETRY);
+        if command == STS_COMMAND_READY {
             // Ready for a command, or abort the one received or answered.
             self.abort();
             self.state = State::Ready;
-        } else if value & STS_GO != 0 {
+        } else if command == STS_GO {
             if self.state == State::Reception && !self.expecting() {
                 self.response = match self.expected_len() {
                     Some(n) if n >= 10 && n == self.command.len() => {
@@ -232,12 +248,8 @@ impl TpmTis {
                 self.read_at = 0;
                 self.state = State::Completion;
             }
-        } else if value & STS_RESPONSE_RETRY != 0 {
-            if self.state == State::Completion {
-                self.read_at = 0;
-            }
-        } else if value & STS_RESET_ESTABLISHMENT != 0 && locality >= 3 {
-            self.backend.reset_established(locality);
+        } else if command == STS_RESPONSE_RETRY && self.state == State::Completion {
+            self.read_at = 0;
         }
     }
 
@@ -319,7 +331,10 @@ impl BusDevice for TpmTis {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let Some((locality, reg, byte)) = decode(offset) else {
+        // Locality 4 belongs to the CPU's dynamic launch (DRTM), never to software: the guest
+        // can read its registers but not use it (as QEMU).
+        let Some((locality, reg, byte)) = decode(offset).filter(|(l, _, _)| *l != DRTM_LOCALITY)
+        else {
             return;
         };
         let active = self.active == Some(locality);
@@ -329,9 +344,17 @@ impl BusDevice for TpmTis {
             }
             return;
         }
+        // The bytes that fall inside the 32-bit register; an access past its end (unaligned,
+        // or 8 bytes wide) leaves the rest out.
         let mut value = 0u32;
-        for (n, b) in data.iter().enumerate().take(4) {
-            value |= u32::from(*b) << (8 * (byte as usize + n));
+        for (n, b) in data.iter().enumerate() {
+            let Some(shift) = u32::try_from(8 * (byte as usize + n))
+                .ok()
+                .filter(|s| *s < 32)
+            else {
+                break;
+            };
+            value |= u32::from(*b) << shift;
         }
         let l = usize::from(locality);
         match reg {

@@ -21,7 +21,6 @@ const CMD_INIT: u32 = 2;
 const CMD_SHUTDOWN: u32 = 3;
 const CMD_GET_TPMESTABLISHED: u32 = 4;
 const CMD_SET_LOCALITY: u32 = 5;
-const CMD_CANCEL_TPM_CMD: u32 = 9;
 const CMD_RESET_TPMESTABLISHED: u32 = 11;
 const CMD_STOP: u32 = 14;
 const CMD_SET_DATAFD: u32 = 16;
@@ -32,7 +31,6 @@ const CAP_INIT: u64 = 1 << 0;
 const CAP_SHUTDOWN: u64 = 1 << 1;
 const CAP_GET_TPMESTABLISHED: u64 = 1 << 2;
 const CAP_SET_LOCALITY: u64 = 1 << 3;
-const CAP_CANCEL_TPM_CMD: u64 = 1 << 5;
 const CAP_RESET_TPMESTABLISHED: u64 = 1 << 7;
 const CAP_STOP: u64 = 1 << 10;
 const CAP_SET_DATAFD: u64 = 1 << 12;
@@ -52,7 +50,9 @@ pub const BUFFER_SIZE: u32 = 4096;
 /// How long a control request may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one TPM command may take (an RSA key generation by a software TPM on a slow,
-/// emulated host takes tens of seconds; Linux's longest TPM2 duration is 300 s).
+/// emulated host takes tens of seconds; Linux's longest TPM2 duration is 300 s). swtpm
+/// serves its control channel only between commands, so a command cannot be cancelled:
+/// one that runs out of time breaks the connection.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +82,8 @@ pub enum SwtpmError {
     },
     #[error("--tpm socket={}: swtpm's buffer is {size} bytes, nixvmm needs {BUFFER_SIZE}", path.display())]
     BufferSize { path: PathBuf, size: u32 },
+    #[error("--tpm socket={}: the connection to swtpm failed earlier", path.display())]
+    Broken { path: PathBuf },
 }
 
 /// A connection to one swtpm, kept for the whole run (across guest reboots).
@@ -91,6 +93,9 @@ pub struct Swtpm {
     data: UnixStream,
     caps: u64,
     locality: Option<u8>,
+    /// An exchange failed midway: what is left in the sockets no longer matches a request,
+    /// so nothing more is sent.
+    broken: bool,
 }
 
 impl Swtpm {
@@ -139,6 +144,7 @@ impl Swtpm {
             data,
             caps,
             locality: None,
+            broken: false,
         })
     }
 
@@ -199,8 +205,25 @@ impl Swtpm {
         }
     }
 
-    /// Sends a control request and reads a reply of `reply.len()` bytes; the first four are
-    /// the TPM result, which must be 0.
+    /// Runs `exchange` unless an earlier one broke the connection; an I/O failure breaks it.
+    fn guarded<T>(
+        &mut self,
+        exchange: impl FnOnce(&mut Swtpm) -> Result<T, SwtpmError>,
+    ) -> Result<T, SwtpmError> {
+        if self.broken {
+            return Err(SwtpmError::Broken {
+                path: self.path.clone(),
+            });
+        }
+        let result = exchange(self);
+        if let Err(SwtpmError::Io { .. }) = result {
+            self.broken = true;
+        }
+        result
+    }
+
+    /// Sends a control request and reads its reply into `reply`: the TPM result (4 bytes),
+    /// which must be 0, then the rest (a failing request's reply is the result alone).
     fn request(
         &mut self,
         what: &'static str,
@@ -208,19 +231,22 @@ impl Swtpm {
         body: &[u8],
         reply: &mut [u8],
     ) -> Result<(), SwtpmError> {
-        let mut request = command.to_be_bytes().to_vec();
-        request.extend_from_slice(body);
-        self.control.write_all(&request).map_err(self.io(what))?;
-        self.control.read_exact(reply).map_err(self.io(what))?;
-        let code = u32::from_be_bytes([reply[0], reply[1], reply[2], reply[3]]);
-        if code != 0 {
-            return Err(SwtpmError::Refused {
-                path: self.path.clone(),
-                what,
-                code,
-            });
-        }
-        Ok(())
+        self.guarded(|tpm| {
+            let mut request = command.to_be_bytes().to_vec();
+            request.extend_from_slice(body);
+            tpm.control.write_all(&request).map_err(tpm.io(what))?;
+            let (result, rest) = reply.split_at_mut(4);
+            tpm.control.read_exact(result).map_err(tpm.io(what))?;
+            let code = u32::from_be_bytes([result[0], result[1], result[2], result[3]]);
+            if code != 0 {
+                return Err(SwtpmError::Refused {
+                    path: tpm.path.clone(),
+                    what,
+                    code,
+                });
+            }
+            tpm.control.read_exact(rest).map_err(tpm.io(what))
+        })
     }
 
     /// Powers the TPM on as a machine (re)start does: STOP, SET_BUFFERSIZE, INIT.
@@ -246,7 +272,7 @@ impl Swtpm {
         Ok(())
     }
 
-    /// Ends the TPM's session cleanly (swtpm saves its volatile state).
+    /// Shuts the TPM down, as QEMU does when it ends; swtpm then exits.
     pub fn shut_down(&mut self) -> Result<(), SwtpmError> {
         let mut reply = [0u8; 4];
         self.request("SHUTDOWN", CMD_SHUTDOWN, &[], &mut reply)
@@ -259,25 +285,15 @@ impl Swtpm {
             self.request("SET_LOCALITY", CMD_SET_LOCALITY, &[locality], &mut reply)?;
             self.locality = Some(locality);
         }
-        self.data
-            .write_all(command)
-            .map_err(self.io("a TPM command"))?;
-        match self.read_response() {
-            Err(SwtpmError::Io { source, .. })
-                if matches!(
-                    source.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                // Cancelled, swtpm still answers (TPM_RC_CANCELED): read that, so the next
-                // command's response is its own.
-                self.cancel()?;
-                self.read_response()
-            }
-            other => other,
-        }
+        self.guarded(|tpm| {
+            tpm.data
+                .write_all(command)
+                .map_err(tpm.io("a TPM command"))?;
+            tpm.read_response()
+        })
     }
 
+    /// A response: its header, then as many bytes as the header says.
     fn read_response(&mut self) -> Result<Vec<u8>, SwtpmError> {
         let mut header = [0u8; 10];
         self.data
@@ -327,15 +343,6 @@ impl Swtpm {
             &mut reply,
         )
     }
-
-    /// Asks swtpm to cancel the command it is running.
-    fn cancel(&mut self) -> Result<(), SwtpmError> {
-        if self.caps & CAP_CANCEL_TPM_CMD == 0 {
-            return Ok(());
-        }
-        let mut reply = [0u8; 4];
-        self.request("CANCEL_TPM_CMD", CMD_CANCEL_TPM_CMD, &[], &mut reply)
-    }
 }
 
 /// The TIS device's backend: the run's one swtpm, shared across guest reboots. A failing
@@ -344,11 +351,17 @@ impl Swtpm {
 pub struct SharedSwtpm {
     tpm: std::sync::Arc<std::sync::Mutex<Swtpm>>,
     failed: bool,
+    /// The tpmEstablishment flag, asked once per boot (the guest reads TPM_ACCESS often).
+    established: Option<bool>,
 }
 
 impl SharedSwtpm {
     pub fn new(tpm: std::sync::Arc<std::sync::Mutex<Swtpm>>) -> SharedSwtpm {
-        SharedSwtpm { tpm, failed: false }
+        SharedSwtpm {
+            tpm,
+            failed: false,
+            established: None,
+        }
     }
 
     fn tpm(&self) -> std::sync::MutexGuard<'_, Swtpm> {
@@ -373,14 +386,20 @@ impl super::TpmBackend for SharedSwtpm {
     }
 
     fn established(&mut self) -> bool {
+        if let Some(flag) = self.established {
+            return flag;
+        }
         let result = self.tpm().established();
-        result.unwrap_or_else(|e| {
+        let flag = result.unwrap_or_else(|e| {
             self.failure(e);
             false
-        })
+        });
+        self.established = Some(flag);
+        flag
     }
 
     fn reset_established(&mut self, locality: u8) {
+        self.established = None;
         let result = self.tpm().reset_established(locality);
         if let Err(e) = result {
             self.failure(e);

@@ -267,3 +267,51 @@ fn accesses_outside_the_five_localities_read_ones_and_are_ignored() {
     assert_eq!(read32(&mut tis, TIS_SIZE + 8), u32::MAX);
     assert_eq!(read32(&mut tis, at(0, 0x40)), u32::MAX);
 }
+
+#[test]
+fn unaligned_and_wide_writes_past_a_register_do_not_spill() {
+    let (mut tis, _) = tis();
+    tis.write(at(0, REG_ACCESS), &[ACCESS_REQUEST_USE]);
+    // Every width at every byte of the first registers: no panic, nothing runs.
+    for offset in 0..0x40u64 {
+        for len in [1usize, 2, 3, 4, 8] {
+            if is_fifo(offset) {
+                continue;
+            }
+            tis.write(at(0, offset), &vec![0u8; len]);
+            let mut out = vec![0u8; len];
+            tis.read(at(0, offset), &mut out);
+        }
+    }
+    // A 4-byte write at STS + 1 whose last byte would be commandReady at STS + 0 if it
+    // wrapped: STS stays as it was.
+    let before = sts(&mut tis, 0);
+    tis.write(at(0, REG_STS + 1), &[0, 0, 0, STS_COMMAND_READY as u8]);
+    assert_eq!(sts(&mut tis, 0), before);
+}
+
+#[test]
+fn locality_4_is_the_cpus_and_the_guest_cannot_use_it() {
+    let (mut tis, fake) = tis();
+    tis.write(at(4, REG_ACCESS), &[ACCESS_REQUEST_USE]);
+    tis.write(at(4, REG_ACCESS), &[ACCESS_SEIZE]);
+    assert_eq!(
+        read8(&mut tis, at(4, REG_ACCESS)) & ACCESS_ACTIVE_LOCALITY,
+        0
+    );
+    tis.write(at(0, REG_ACCESS), &[ACCESS_REQUEST_USE]);
+    transmit_like_linux(&mut tis, 0, &GET_RANDOM);
+    assert!(fake.seen.lock().unwrap().iter().all(|(l, _)| *l == 0));
+}
+
+#[test]
+fn a_status_write_naming_two_commands_does_nothing() {
+    let (mut tis, fake) = tis();
+    tis.write(at(0, REG_ACCESS), &[ACCESS_REQUEST_USE]);
+    tis.write(at(0, REG_STS), &[STS_COMMAND_READY as u8]);
+    tis.write(at(0, REG_DATA_FIFO), &GET_RANDOM);
+    tis.write(at(0, REG_STS), &[(STS_GO | STS_COMMAND_READY) as u8]);
+    assert!(fake.seen.lock().unwrap().is_empty());
+    tis.write(at(0, REG_STS), &[STS_GO as u8]);
+    assert_eq!(fake.seen.lock().unwrap().len(), 1);
+}

@@ -28,7 +28,7 @@ pub struct HostResources {
     nics: Vec<Nic>,
     /// One per console port, in `VmConfig::ports` order.
     chardevs: Vec<chardev::Chardev>,
-    /// The `--tpm` swtpm; shut down when the run ends, so it saves the TPM's state.
+    /// The `--tpm` swtpm; shut down when the run ends (swtpm then exits, as under QEMU).
     tpm: Option<Arc<Mutex<Swtpm>>>,
 }
 
@@ -164,7 +164,7 @@ impl HostResources {
             .map(|(_, fs)| fs.clone())
     }
 
-    /// Ends the TPM's session when the run ends, so swtpm saves the TPM's state.
+    /// Shuts the TPM down when the run ends (swtpm then exits, as under QEMU).
     pub fn shut_down_tpm(&self) {
         if let Some(tpm) = &self.tpm {
             if let Err(e) = tpm.lock().unwrap_or_else(|p| p.into_inner()).shut_down() {
