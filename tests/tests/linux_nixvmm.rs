@@ -1469,6 +1469,7 @@ fn nixos_like_guest(fs: &str) -> String {
          for b in /sys/block/vd*; do ln -s /dev/${{b##*/}} /dev/disk/by-id/virtio-$(cat $b/serial); done\n\
          echo ROOT_LABEL=$(dd if=/dev/disk/by-id/virtio-root bs=1 skip=1144 count=16 2>/dev/null | tr -d '\\0')\n\
          echo NPROC=$(nproc)\n\
+         echo TPM_VERSION=$(cat /sys/class/tpm/tpm0/tpm_version_major)\n\
          echo PARAMS=$(grep -o 'nixvmm.door=[a-z]*' /proc/cmdline)\n\
          echo from-the-guest > /xchg/result && echo shared-from-the-guest > /shared/result\n\
          umount /xchg /shared\n\
@@ -1503,7 +1504,13 @@ fn run_nixos_vm_with_nixvmm(fs: &str) {
          state=$(mktemp -d) && cd $state\n\
          export PATH=$bin:$PATH:/usr/sbin:/sbin STORE={store} TOPLEVEL={toplevel} SHARES={fs} VIRTIOFSD={virtiofsd}\n\
          export TMPDIR=$(mktemp -d) USE_TMPDIR=1 SHARED_DIR={shared}\n\
-         export QEMU_OPTS='-nographic -smp 2' QEMU_KERNEL_PARAMS=nixvmm.door=yes\n\
+         tpm=$(mktemp -d)\n\
+         swtpm socket --tpmstate dir=$tpm --ctrl type=unixio,path=$tpm/socket --tpm2 --daemon\n\
+         for i in $(seq 100); do [ -S $tpm/socket ] && break; sleep 0.1; done\n\
+         # virtualisation.tpm.enable's options, on the socket of the swtpm it started.\n\
+         export QEMU_OPTS=\"-nographic -smp 2 -chardev socket,id=chrtpm,path=$tpm/socket \
+           -tpmdev emulator,id=tpm_dev_0,chardev=chrtpm -device tpm-tis,tpmdev=tpm_dev_0\"\n\
+         export QEMU_KERNEL_PARAMS=nixvmm.door=yes\n\
          export QEMU_NET_OPTS=hostfwd=tcp:127.0.0.1:8022-:80\n\
          log=$state/console\n\
          bash {script} -no-reboot > $log 2>&1 & vm=$!\n\
@@ -1539,6 +1546,7 @@ fn run_nixos_vm_with_nixvmm(fs: &str) {
     );
     assert_eq!(log.value_of("ROOT_LABEL"), Some("nixos"), "{tail}");
     assert_eq!(log.value_of("NPROC"), Some("2"), "QEMU_OPTS:\n{tail}");
+    assert_eq!(log.value_of("TPM_VERSION"), Some("2"), "the TPM:\n{tail}");
     assert_eq!(log.value_of("PARAMS"), Some("nixvmm.door=yes"), "{tail}");
     assert_eq!(log.value_of("DHCP_IP"), Some("10.0.2.15"), "{tail}");
     assert_eq!(log.value_of("HOSTFWD"), Some("from-the-guest"), "{tail}");
