@@ -6,7 +6,9 @@
 //! contents: `$NIXVMM_KERNEL_CACHE`, else `$XDG_CACHE_HOME/nixvmm/kernels` or
 //! `~/.cache/nixvmm/kernels`, else (a read-only home, as in the tier-4 L1 guest) a folder of
 //! the user's own under the temporary directory. A folder that is not the user's own or that
-//! others may write is never used. xz, zstd and gzip payloads are decompressed here (Debian's
+//! others may write is never used. Beside each entry, a small file named by the bzImage's
+//! device, inode, size, mtime and ctime records its hash, so an unchanged file is not hashed
+//! again (about 110 ms of a nested boot); any change to the file changes its ctime. xz, zstd and gzip payloads are decompressed here (Debian's
 //! liblzma and libzstd, flate2); anything else, and anything that goes wrong, falls back to the
 //! guest's own decompressor with a log line saying why.
 
@@ -138,11 +140,25 @@ pub fn unpacked_vmlinux(path: &Path, cache: Option<&Path>) -> io::Result<Option<
         );
         return Ok(None);
     };
-    let cached = match cache {
-        Some(dir) => Some(dir.join(format!("{}.vmlinux", content_hash(&mut image)?))),
+    let meta = image.metadata()?;
+    let hashed = match cache {
+        Some(dir) => {
+            let index = dir.join(index_name(&meta));
+            let hash = match recorded_hash(&index, dir) {
+                Some(hash) => hash,
+                None => content_hash(&mut image)?,
+            };
+            Some((index, hash))
+        }
         None => None,
     };
+    let cached = cache
+        .zip(hashed.as_ref())
+        .map(|(dir, (_, hash))| dir.join(format!("{hash}.vmlinux")));
     if let Some(file) = cached.as_ref().and_then(|p| File::open(p).ok()) {
+        if let Some((index, hash)) = &hashed {
+            record_hash(index, hash, &meta);
+        }
         return Ok(Some((head, file)));
     }
     image.seek(SeekFrom::Start(payload.start))?;
@@ -152,7 +168,12 @@ pub fn unpacked_vmlinux(path: &Path, cache: Option<&Path>) -> io::Result<Option<
         .read_to_end(&mut compressed)?;
     if let Some(target) = &cached {
         match decompress_into_cache(compression, &compressed, target) {
-            Ok(file) => return Ok(Some((head, file))),
+            Ok(file) => {
+                if let Some((index, hash)) = &hashed {
+                    record_hash(index, hash, &meta);
+                }
+                return Ok(Some((head, file)));
+            }
             Err(e) => log::info!("kernel cache {}: {e}", target.display()),
         }
     }
@@ -217,6 +238,49 @@ fn decompress_at_most(
     }
     out.seek(SeekFrom::Start(0))?;
     Ok(())
+}
+
+/// The name of the file that records the hash of the file whose metadata this is.
+fn index_name(meta: &fs::Metadata) -> String {
+    format!(
+        "{:x}-{:x}-{:x}-{}.{}-{}.{}.hash",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    )
+}
+
+/// The hash `index` records, if it is one and its entry is in `dir`.
+fn recorded_hash(index: &Path, dir: &Path) -> Option<String> {
+    let text = fs::read_to_string(index).ok()?;
+    let hash = text.trim();
+    let is_hash = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+    (is_hash && dir.join(format!("{hash}.vmlinux")).exists()).then(|| hash.to_string())
+}
+
+/// Records `hash` in `index` (written beside it and renamed, so it is whole or absent),
+/// unless the file changed in the last two seconds: timestamps have a coarse tick, and a
+/// file rewritten again within it, at the same size, would keep its name (Git's "racy" rule).
+fn record_hash(index: &Path, hash: &str, meta: &fs::Metadata) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if meta.ctime() >= now - 2 {
+        return;
+    }
+    if recorded_hash(index, index.parent().unwrap_or(Path::new("."))).as_deref() == Some(hash) {
+        return;
+    }
+    let partial = index.with_extension(format!("partial{}", std::process::id()));
+    let written = fs::write(&partial, hash).and_then(|()| fs::rename(&partial, index));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&partial);
+        log::debug!("kernel cache {}: {e}", index.display());
+    }
 }
 
 /// The BLAKE3 hash of the whole file, in hex.
@@ -369,9 +433,12 @@ mod tests {
         let image = bzimage(dir.path(), &compress(Compression::Zstd, &vmlinux()));
         let cache = cache(dir.path());
         unpacked(&image, Some(&cache)).unwrap().unwrap();
-        let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+        let entries = files_in(&cache);
         assert_eq!(entries.len(), 1, "one entry, no partial files");
-        let entry = entries[0].as_ref().unwrap().path();
+        let entry = entries
+            .iter()
+            .find(|p| p.extension().is_some_and(|e| e == "vmlinux"))
+            .unwrap();
         std::fs::write(&entry, b"\x7fELF from the cache").unwrap();
         assert_eq!(
             unpacked(&image, Some(&cache)).unwrap().unwrap(),
@@ -383,7 +450,63 @@ mod tests {
         changed[100] ^= 1;
         let image = bzimage(other.path(), &compress(Compression::Zstd, &changed));
         assert_eq!(unpacked(&image, Some(&cache)).unwrap().unwrap(), changed);
-        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
+        assert_eq!(files_in(&cache).len(), 2);
+    }
+
+    fn files_in(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn an_unchanged_bzimage_is_found_by_its_index_and_a_rewritten_one_is_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = bzimage(dir.path(), &compress(Compression::Gzip, &vmlinux()));
+        let cache = cache(dir.path());
+        unpacked(&image, Some(&cache)).unwrap().unwrap();
+        assert_eq!(
+            files_in(&cache).len(),
+            1,
+            "a file just written gets no index yet"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(3100));
+        unpacked(&image, Some(&cache)).unwrap().unwrap();
+        let index = files_in(&cache)
+            .into_iter()
+            .find(|p| p.extension().is_some_and(|e| e == "hash"))
+            .unwrap();
+        // The index is what names the entry: point it at another one.
+        let other = "ab".repeat(32);
+        std::fs::write(
+            cache.join(format!("{other}.vmlinux")),
+            b"\x7fELF by the index",
+        )
+        .unwrap();
+        std::fs::write(&index, &other).unwrap();
+        assert_eq!(
+            unpacked(&image, Some(&cache)).unwrap().unwrap(),
+            b"\x7fELF by the index"
+        );
+        // A rewritten bzImage (new ctime, same path and size) is hashed again.
+        let mut changed = vmlinux();
+        changed[7] ^= 1;
+        let again = bzimage(dir.path(), &compress(Compression::Gzip, &changed));
+        assert_eq!(again, image);
+        assert_eq!(unpacked(&image, Some(&cache)).unwrap().unwrap(), changed);
+        // An index that names no entry, or holds no hash, is ignored.
+        for text in ["not a hash", &"cd".repeat(32)] {
+            for index in files_in(&cache)
+                .into_iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "hash"))
+            {
+                std::fs::write(index, text).unwrap();
+            }
+            assert_eq!(unpacked(&image, Some(&cache)).unwrap().unwrap(), changed);
+        }
     }
 
     #[test]
