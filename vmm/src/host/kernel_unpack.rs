@@ -439,7 +439,7 @@ mod tests {
             .iter()
             .find(|p| p.extension().is_some_and(|e| e == "vmlinux"))
             .unwrap();
-        std::fs::write(&entry, b"\x7fELF from the cache").unwrap();
+        std::fs::write(entry, b"\x7fELF from the cache").unwrap();
         assert_eq!(
             unpacked(&image, Some(&cache)).unwrap().unwrap(),
             b"\x7fELF from the cache"
