@@ -147,11 +147,7 @@ fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
 fn dsdt_has_the_cmos_rtc_without_an_irq() {
     let tables = decompiled(1);
     let dsdt = find(&tables, "DSDT");
-    let rtc = dsdt
-        .split("Device (_SB.RTC)")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no _SB.RTC device in {dsdt}"));
-    let rtc = rtc.split("Device (").next().unwrap();
+    let rtc = device(dsdt, "_SB.RTC");
     assert!(rtc.contains("EisaId (\"PNP0B00\")"), "{rtc}");
     // IO (Decode16, 0x0070, 0x0070, 0x01, 0x02): the index and data ports.
     let io: Vec<&str> = rtc
@@ -259,16 +255,12 @@ fn a_tpm_has_a_tpm2_table_with_the_tis_start_method_and_a_dsdt_device() {
         "{tpm2}"
     );
     let dsdt = find(&tables, "DSDT");
-    let device = dsdt
-        .split("Device (_SB.TPM)")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no _SB.TPM device in {dsdt}"));
-    let device = device.split("Device (").next().unwrap();
-    assert!(device.contains("Name (_HID, \"MSFT0101\""), "{device}");
-    assert!(device.contains("Memory32Fixed (ReadWrite,"), "{device}");
-    assert!(device.contains("0xFED40000"), "{device}");
-    assert!(device.contains("0x00005000"), "{device}");
-    assert!(!device.contains("Interrupt"), "polled: {device}");
+    let tpm = device(dsdt, "_SB.TPM");
+    assert!(tpm.contains("Name (_HID, \"MSFT0101\""), "{tpm}");
+    assert!(tpm.contains("Memory32Fixed (ReadWrite,"), "{tpm}");
+    assert!(tpm.contains("0xFED40000"), "{tpm}");
+    assert!(tpm.contains("0x00005000"), "{tpm}");
+    assert!(!tpm.contains("Interrupt"), "polled: {tpm}");
     // Without a TPM, neither.
     let tables = decompiled(1);
     assert!(tables.iter().all(|(sig, _)| sig != "TPM2"));

@@ -343,6 +343,12 @@ fn reset_before_init(log: &BootLog) -> bool {
     log.has("triple fault") && !log.has(INIT_MARKER)
 }
 
+/// [`reset_before_init`] as a shell test of the console log `file`, for jobs that boot
+/// several guests and retry one of them themselves.
+pub fn reset_before_init_in(file: &str) -> String {
+    format!("{{ grep -q 'triple fault' {file} && ! grep -q '{INIT_MARKER}' {file}; }}")
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

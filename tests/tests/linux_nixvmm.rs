@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nixvmm_tests::linux_kit::{BootLog, KernelKit, INIT_MARKER};
 use nixvmm_tests::nixpkgs_scripts::{IN_VM_STAGE_1, RUN_NIXOS_VM, VM_RUN};
 use nixvmm_tests::nixvmm_bin;
-use nixvmm_tests::tier4::{self, shell_quote, shell_words, Tier4Host};
+use nixvmm_tests::tier4::{self, reset_before_init_in, shell_quote, shell_words, Tier4Host};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
 
@@ -1268,7 +1268,7 @@ fn tier4_two_guests_on_one_vde_switch_ping_each_other_and_a_second_nic_works() {
            n=$1; shift\n\
            for try in 1 2; do\n\
              timeout -k 5 150 \"$@\" > {sock}.$n.log 2>&1; rc=$?\n\
-             grep -q 'triple fault' {sock}.$n.log && ! grep -q '{INIT_MARKER}' {sock}.$n.log || break\n\
+             {reset} || break\n\
              echo \"machine $n triple-faulted before /init (nested SVM); it boots once more\"\n\
            done\n\
            cat {sock}.$n.log\n\
@@ -1283,6 +1283,7 @@ fn tier4_two_guests_on_one_vde_switch_ping_each_other_and_a_second_nic_works() {
          [ $rc1 = 0 ] && [ $rc2 = 0 ]",
         one = vlan_machine(1, 2, &sock),
         two = vlan_machine(2, 1, &sock),
+        reset = reset_before_init_in(&format!("{sock}.$n.log")),
     );
     let log = host().run(&job, BOOT_LIMIT).unwrap();
     let tail = log.tail();
@@ -1850,6 +1851,19 @@ for line in vm.stdout:
 print("VM_RC=%d" % vm.wait(timeout=120), flush=True)
 "#;
 
+/// Boots `guest` with a monitor socket that [`HMP_ONCE_READY`] listens on and sends
+/// `hmp_command` to once the guest prints WAITING-FOR….
+fn boot_sending_hmp_when_ready(mut guest: Guest, hmp_command: &str) -> BootLog {
+    guest.args.extend(args(&["--monitor", "MONITOR"]));
+    let command = guest.command().replace("MONITOR", "$state/monitor");
+    let job = format!(
+        "state=$(mktemp -d)\npython3 -c {} $state {} {command}",
+        shell_quote(HMP_ONCE_READY),
+        shell_quote(hmp_command)
+    );
+    host().run(&job, BOOT_LIMIT).unwrap()
+}
+
 #[test]
 fn tier4_sendkey_ctrl_alt_delete_reaches_the_guests_ps2_keyboard_and_reboots_it() {
     let script = "dmesg | grep -i -E 'i8042|serio|input|8042|keyboard'\n\
@@ -1859,15 +1873,9 @@ fn tier4_sendkey_ctrl_alt_delete_reaches_the_guests_ps2_keyboard_and_reboots_it(
                   echo NO_REBOOT_CAME";
     let guest = Guest {
         script,
-        args: args(&["--monitor", "MONITOR"]),
         ..Guest::default()
     };
-    let command = guest.command().replace("MONITOR", "$state/monitor");
-    let job = format!(
-        "state=$(mktemp -d)\npython3 -c {} $state 'sendkey ctrl-alt-delete' {command}",
-        shell_quote(HMP_ONCE_READY)
-    );
-    let log = host().run(&job, BOOT_LIMIT).unwrap();
+    let log = boot_sending_hmp_when_ready(guest, "sendkey ctrl-alt-delete");
     let tail = log.tail();
     assert!(!log.timed_out, "timed out:\n{tail}");
     assert_eq!(log.value_of("KEYBOARD"), Some("1"), "{tail}");
@@ -1895,15 +1903,9 @@ fn tier4_system_powerdown_presses_the_acpi_power_button_the_guest_sees() {
     let guest = Guest {
         modules: &["button", "evdev"],
         script,
-        args: args(&["--monitor", "MONITOR"]),
         ..Guest::default()
     };
-    let command = guest.command().replace("MONITOR", "$state/monitor");
-    let job = format!(
-        "state=$(mktemp -d)\npython3 -c {} $state system_powerdown {command}",
-        shell_quote(HMP_ONCE_READY)
-    );
-    let log = host().run(&job, BOOT_LIMIT).unwrap();
+    let log = boot_sending_hmp_when_ready(guest, "system_powerdown");
     boots_and_powers_off(&log);
     let tail = log.tail();
     assert!(
@@ -2002,15 +2004,9 @@ fn tier4_hmp_quit_ends_a_running_guest_as_the_drivers_crash_does() {
                   echo STILL_RUNNING";
     let guest = Guest {
         script,
-        args: args(&["--monitor", "MONITOR"]),
         ..Guest::default()
     };
-    let command = guest.command().replace("MONITOR", "$state/monitor");
-    let job = format!(
-        "state=$(mktemp -d)\npython3 -c {} $state quit {command}",
-        shell_quote(HMP_ONCE_READY)
-    );
-    let log = host().run(&job, BOOT_LIMIT).unwrap();
+    let log = boot_sending_hmp_when_ready(guest, "quit");
     let tail = log.tail();
     assert!(!log.timed_out, "timed out:\n{tail}");
     assert!(log.has("WAITING-FOR-QUIT"), "{tail}");
@@ -2126,7 +2122,7 @@ fn tier4_tpm_through_swtpm_random_pcrs_persistent_state_and_a_dying_swtpm() {
              fi\n\
              wait $vm; rc=$?\n\
              kill $swtpm 2>/dev/null; wait $swtpm\n\
-             grep -q 'triple fault' {d}/console && ! grep -q '{INIT_MARKER}' {d}/console || break\n\
+             {reset} || break\n\
              echo 'the guest triple-faulted before /init (nested SVM); it boots once more'\n\
            done\n\
            cat {d}/console\n\
@@ -2140,6 +2136,7 @@ fn tier4_tpm_through_swtpm_random_pcrs_persistent_state_and_a_dying_swtpm() {
         one = guest(&first, &format!("{d}/socket")),
         two = guest(&second, &format!("{d}/data.ctrl")),
         three = guest(&third, &format!("{d}/socket")),
+        reset = reset_before_init_in(&format!("{d}/console")),
     );
     let log = host().run(&job, BOOT_LIMIT * 2).unwrap();
     let tail = log.tail();

@@ -26,8 +26,6 @@ pub const LOCALITIES: u8 = 5;
 /// The locality of a dynamic launch (the CPU's own).
 const DRTM_LOCALITY: u8 = 4;
 pub const LOCALITY_SIZE: u64 = 0x1000;
-/// The device's MMIO size: five localities.
-pub const TIS_SIZE: u64 = firmware::layout::TPM_TIS_SIZE;
 /// The command and response buffer.
 pub const BUFFER_MAX: usize = swtpm::BUFFER_SIZE as usize;
 

@@ -86,6 +86,15 @@ pub enum SwtpmError {
     Broken { path: PathBuf },
 }
 
+/// Turns an I/O error while doing `what` with the swtpm at `path` into a [`SwtpmError`].
+fn io_error<'a>(path: &'a Path, what: &'static str) -> impl Fn(std::io::Error) -> SwtpmError + 'a {
+    move |source| SwtpmError::Io {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
+}
+
 /// A connection to one swtpm, kept for the whole run (across guest reboots).
 pub struct Swtpm {
     path: PathBuf,
@@ -106,10 +115,7 @@ impl Swtpm {
             path: path.to_path_buf(),
             source,
         })?;
-        let io = |what| {
-            let path = path.to_path_buf();
-            move |source| SwtpmError::Io { path, what, source }
-        };
+        let io = |what| io_error(path, what);
         control
             .set_read_timeout(Some(CONTROL_TIMEOUT))
             .map_err(io("control socket"))?;
@@ -154,10 +160,7 @@ impl Swtpm {
         control: &UnixStream,
         caps: u64,
     ) -> Result<UnixStream, SwtpmError> {
-        let io = |what| {
-            let path = path.to_path_buf();
-            move |source| SwtpmError::Io { path, what, source }
-        };
+        let io = |what| io_error(path, what);
         let server = path
             .to_str()
             .and_then(|p| p.strip_suffix(".ctrl"))
@@ -198,11 +201,7 @@ impl Swtpm {
     }
 
     fn io(&self, what: &'static str) -> impl Fn(std::io::Error) -> SwtpmError + '_ {
-        move |source| SwtpmError::Io {
-            path: self.path.clone(),
-            what,
-            source,
-        }
+        io_error(&self.path, what)
     }
 
     /// Runs `exchange` unless an earlier one broke the connection; an I/O failure breaks it.

@@ -263,8 +263,11 @@ fn the_establishment_bit_follows_the_backend_and_resets_from_locality_3() {
 #[test]
 fn accesses_outside_the_five_localities_read_ones_and_are_ignored() {
     let (mut tis, _) = tis();
-    tis.write(TIS_SIZE + 8, &[1, 2, 3, 4]);
-    assert_eq!(read32(&mut tis, TIS_SIZE + 8), u32::MAX);
+    tis.write(firmware::layout::TPM_TIS_SIZE + 8, &[1, 2, 3, 4]);
+    assert_eq!(
+        read32(&mut tis, firmware::layout::TPM_TIS_SIZE + 8),
+        u32::MAX
+    );
     assert_eq!(read32(&mut tis, at(0, 0x40)), u32::MAX);
 }
 

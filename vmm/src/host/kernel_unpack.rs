@@ -141,24 +141,28 @@ pub fn unpacked_vmlinux(path: &Path, cache: Option<&Path>) -> io::Result<Option<
         return Ok(None);
     };
     let meta = image.metadata()?;
-    let hashed = match cache {
+    // The cache entry, and the index to write when the hash was computed here.
+    let (cached, unrecorded) = match cache {
         Some(dir) => {
             let index = dir.join(index_name(&meta));
-            let hash = match recorded_hash(&index, dir) {
-                Some(hash) => hash,
-                None => content_hash(&mut image)?,
+            let (hash, unrecorded) = match recorded_hash(&index, dir) {
+                Some(hash) => (hash, None),
+                None => {
+                    let hash = content_hash(&mut image)?;
+                    (hash.clone(), Some((index, hash)))
+                }
             };
-            Some((index, hash))
+            (Some(dir.join(format!("{hash}.vmlinux"))), unrecorded)
         }
-        None => None,
+        None => (None, None),
     };
-    let cached = cache
-        .zip(hashed.as_ref())
-        .map(|(dir, (_, hash))| dir.join(format!("{hash}.vmlinux")));
-    if let Some(file) = cached.as_ref().and_then(|p| File::open(p).ok()) {
-        if let Some((index, hash)) = &hashed {
+    let record = || {
+        if let Some((index, hash)) = &unrecorded {
             record_hash(index, hash, &meta);
         }
+    };
+    if let Some(file) = cached.as_ref().and_then(|p| File::open(p).ok()) {
+        record();
         return Ok(Some((head, file)));
     }
     image.seek(SeekFrom::Start(payload.start))?;
@@ -169,9 +173,7 @@ pub fn unpacked_vmlinux(path: &Path, cache: Option<&Path>) -> io::Result<Option<
     if let Some(target) = &cached {
         match decompress_into_cache(compression, &compressed, target) {
             Ok(file) => {
-                if let Some((index, hash)) = &hashed {
-                    record_hash(index, hash, &meta);
-                }
+                record();
                 return Ok(Some((head, file)));
             }
             Err(e) => log::info!("kernel cache {}: {e}", target.display()),
@@ -270,9 +272,6 @@ fn record_hash(index: &Path, hash: &str, meta: &fs::Metadata) {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     if meta.ctime() >= now - 2 {
-        return;
-    }
-    if recorded_hash(index, index.parent().unwrap_or(Path::new("."))).as_deref() == Some(hash) {
         return;
     }
     let partial = index.with_extension(format!("partial{}", std::process::id()));
@@ -497,15 +496,21 @@ mod tests {
         let again = bzimage(dir.path(), &compress(Compression::Gzip, &changed));
         assert_eq!(again, image);
         assert_eq!(unpacked(&image, Some(&cache)).unwrap().unwrap(), changed);
-        // An index that names no entry, or holds no hash, is ignored.
-        for text in ["not a hash", &"cd".repeat(32)] {
-            for index in files_in(&cache)
+        // The rewritten bzImage's own index, holding no hash or naming no entry: ignored.
+        // The hash is computed again and the right entry used; no entry is made under the
+        // index's name.
+        let index = cache.join(index_name(&std::fs::metadata(&image).unwrap()));
+        let entries = |dir: &Path| -> Vec<PathBuf> {
+            files_in(dir)
                 .into_iter()
-                .filter(|p| p.extension().is_some_and(|e| e == "hash"))
-            {
-                std::fs::write(index, text).unwrap();
-            }
+                .filter(|p| p.extension().is_some_and(|e| e == "vmlinux"))
+                .collect()
+        };
+        let before = entries(&cache);
+        for text in ["not a hash", &"cd".repeat(32)] {
+            std::fs::write(&index, text).unwrap();
             assert_eq!(unpacked(&image, Some(&cache)).unwrap().unwrap(), changed);
+            assert_eq!(entries(&cache), before, "{text}");
         }
     }
 
