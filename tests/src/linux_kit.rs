@@ -251,13 +251,7 @@ impl KernelKit {
         script: &str,
         files: &[(&str, u32, &[u8])],
     ) -> Result<PathBuf, String> {
-        self.build_initrd(
-            modules,
-            &format!(
-                "echo '{INIT_MARKER}'\n(\n{script}\n)\necho \"{DONE_MARKER}$?\"\npoweroff -f\n"
-            ),
-            files,
-        )
+        self.build_initrd(modules, &test_script(script), files)
     }
 
     /// Builds an initrd (uncompressed newc cpio): busybox, `modules` with their dependencies,
@@ -602,9 +596,27 @@ fn without_kernel_message(line: &str) -> &str {
     line
 }
 
+/// The part of /init that runs a test's `script` between the kit's markers and powers off.
+fn test_script(script: &str) -> String {
+    // An empty subshell is a syntax error in sh: the guest would panic instead of powering off.
+    let script = if script.trim().is_empty() { ":" } else { script };
+    format!("echo '{INIT_MARKER}'\n(\n{script}\n)\necho \"{DONE_MARKER}$?\"\npoweroff -f\n")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::without_kernel_message;
+    use super::{test_script, without_kernel_message};
+
+    #[test]
+    fn an_empty_test_script_still_makes_a_valid_init() {
+        for script in ["", "  \n", "echo hi"] {
+            let checked = std::process::Command::new("sh")
+                .args(["-n", "-c", &test_script(script)])
+                .status()
+                .unwrap();
+            assert!(checked.success(), "{script:?}");
+        }
+    }
 
     #[test]
     fn a_kernel_message_inside_a_line_is_cut_off() {
