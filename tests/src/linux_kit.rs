@@ -599,7 +599,11 @@ fn without_kernel_message(line: &str) -> &str {
 /// The part of /init that runs a test's `script` between the kit's markers and powers off.
 fn test_script(script: &str) -> String {
     // An empty subshell is a syntax error in sh: the guest would panic instead of powering off.
-    let script = if script.trim().is_empty() { ":" } else { script };
+    let script = if script.trim().is_empty() {
+        ":"
+    } else {
+        script
+    };
     format!("echo '{INIT_MARKER}'\n(\n{script}\n)\necho \"{DONE_MARKER}$?\"\npoweroff -f\n")
 }
 
