@@ -47,6 +47,8 @@ pub enum VmFailure {
     UnhandledExit { vcpu: u8, exit: String },
     #[error("vCPU {vcpu}: KVM_RUN failed: {}", std::io::Error::from_raw_os_error(*errno))]
     KvmRun { vcpu: u8, errno: i32 },
+    #[error("vCPU {vcpu}: {reason}")]
+    Seccomp { vcpu: u8, reason: String },
 }
 
 /// Ends the VM with a [`VmExit`]; sending also wakes the VMM's event loop. Cloneable.

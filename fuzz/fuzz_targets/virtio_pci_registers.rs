@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     let vectors = (0..VirtioPciDevice::vector_count(1))
         .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
         .collect();
-    let rng = Box::new(Hosted::new("fuzz-rng", Box::new(Rng::new())));
+    let rng = Box::new(Hosted::new("fuzz-rng", Box::new(Rng::new())).expect("a worker thread"));
     let mut dev = VirtioPciDevice::new(rng, 0xc000_0000, mem, Arc::new(Ignore(vectors)))
         .expect("device");
     // Each access: kind, size, offset (2 bytes), value (4 bytes).

@@ -280,3 +280,64 @@ fn a_tiny_guest_boots_through_the_door_and_poweroff_ends_it_with_status_0() {
     assert!(!pidfile.exists(), "the pidfile is removed at exit");
     assert!(log.exists(), "-D names nixvmm's log file");
 }
+
+/// runInLinuxVM's `vm-run` starts virtiofsd in the background and QEMU at once: nixvmm waits
+/// for a backend socket that is not there yet, and names it when none comes within 10 s.
+#[test]
+fn a_virtiofsd_socket_that_comes_late_is_waited_for_and_one_that_never_comes_is_named() {
+    let door = Door::new();
+    let mut g = Guest::new();
+    g.text("the share's backend came\n").unwrap();
+    g.poweroff().unwrap();
+    let kernel = write_guest(door.dir.path(), g);
+    let shared = tempfile::tempdir().unwrap();
+    let args = |socket: &Path| -> Vec<String> {
+        let words = format!(
+            "-m 64 -object memory-backend-memfd,id=mem,size=64M,share=on -machine \
+             memory-backend=mem -chardev socket,id=store,path={} -device \
+             vhost-user-fs-pci,chardev=store,tag=store -nographic -kernel {}",
+            socket.display(),
+            kernel.display()
+        );
+        words.split(' ').map(String::from).collect()
+    };
+    let socket = door.dir.path().join("virtio-store.sock");
+    let backend = {
+        let (socket, shared) = (socket.clone(), shared.path().to_path_buf());
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            Command::new(nixvmm_bin())
+                .args(["device", "fs", "--socket"])
+                .arg(&socket)
+                .arg("--shared-dir")
+                .arg(&shared)
+                .output()
+                .unwrap()
+        })
+    };
+    let words = args(&socket);
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let out = door.run("qemu-kvm", &words, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "the share's backend came\n"
+    );
+    let served = backend.join().unwrap();
+    assert!(
+        served.status.success(),
+        "nixvmm device fs: {}",
+        stderr(&served)
+    );
+
+    let missing = door.dir.path().join("never.sock");
+    let words = args(&missing);
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let out = door.run("qemu-kvm", &words, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let message = stderr(&out);
+    assert!(
+        message.contains(&format!("{}: no connection within 10 s", missing.display())),
+        "{message}"
+    );
+}

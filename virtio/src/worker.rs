@@ -1,9 +1,11 @@
-//! [`Hosted`]: a [`QueueDevice`] served inside the VMM by a worker thread of its own. At
-//! activation the model, its queues and its interrupt move into the worker, which waits on
-//! the queues' kick eventfds, the model's backend fds and a control eventfd; a reset or the
-//! end of the VM stops it and takes the model back. A worker that does not stop within
-//! [`STOP_DEADLINE`] (a backend call that never returns) is left behind, so nixvmm still
-//! exits; its device cannot start again.
+//! [`Hosted`]: a [`QueueDevice`] served inside the VMM by a worker thread of its own. The
+//! thread starts with the device (so from the thread that builds the VM, never from a vCPU
+//! thread, and its seccomp filter is its own: see [`Confine`]) and waits. At activation the
+//! model, its queues and its interrupt move into the worker, which waits on the queues' kick
+//! eventfds, the model's backend fds and a control eventfd; a reset or the end of the VM stops
+//! it and takes the model back. A worker that does not stop within [`STOP_DEADLINE`] (a backend
+//! call that never returns) is left behind, so nixvmm still exits; its device cannot start
+//! again.
 
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -29,6 +31,21 @@ enum Command {
     Stop,
 }
 
+/// What the worker thread runs first, before it serves anything: its seccomp filter. An
+/// error ends the thread, and [`Hosted::confined`] returns it.
+pub type Confine = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+/// A device's activation, handed to its waiting thread.
+struct Start {
+    model: Model,
+    activation: Activation,
+    epoll: Epoll,
+    wake: EventFd,
+    commands: Receiver<Command>,
+    paused: Sender<()>,
+    stopped: Sender<Model>,
+}
+
 /// The running worker, seen from the transport.
 struct Worker {
     commands: Sender<Command>,
@@ -36,7 +53,6 @@ struct Worker {
     /// The model comes back here when the worker stops.
     stopped: Receiver<Model>,
     paused: Receiver<()>,
-    thread: Option<JoinHandle<()>>,
 }
 
 enum State {
@@ -55,12 +71,44 @@ pub struct Hosted {
     config: Vec<u8>,
     live_config: Option<LiveConfig>,
     state: State,
+    /// Activations go to the device's thread here; dropped, the thread ends.
+    starts: Option<Sender<Start>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Hosted {
     /// `name` names the worker thread and the device in messages.
-    pub fn new(name: &str, model: Model) -> Hosted {
-        Hosted {
+    pub fn new(name: &str, model: Model) -> Result<Hosted, Error> {
+        Hosted::confined(name, model, Box::new(|| Ok(())))
+    }
+
+    /// [`Hosted::new`] whose thread runs `confine` first.
+    pub fn confined(name: &str, model: Model, confine: Confine) -> Result<Hosted, Error> {
+        let (starts, start_rx) = mpsc::channel::<Start>();
+        let (ready_tx, ready) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let confined = confine();
+                let go_on = confined.is_ok();
+                let _ = ready_tx.send(confined);
+                if go_on {
+                    serve_activations(start_rx);
+                }
+            })
+            .map_err(Error::Worker)?;
+        match ready.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => {
+                let _ = thread.join();
+                return Err(Error::Backend(format!("{name}: {why}")));
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(Error::Worker(std::io::Error::other("worker thread died")));
+            }
+        }
+        Ok(Hosted {
             name: name.to_string(),
             device_type: model.device_type(),
             queue_max_sizes: model.queue_max_sizes().to_vec(),
@@ -68,19 +116,18 @@ impl Hosted {
             config: model.config(),
             live_config: model.live_config(),
             state: State::Idle(model),
-        }
+            starts: Some(starts),
+            thread: Some(thread),
+        })
     }
 
     fn stop(&mut self) {
         self.state = match std::mem::replace(&mut self.state, State::Lost) {
-            State::Running(mut worker) => {
+            State::Running(worker) => {
                 let _ = worker.commands.send(Command::Stop);
                 let _ = worker.wake.write(1);
                 match worker.stopped.recv_timeout(STOP_DEADLINE) {
                     Ok(mut model) => {
-                        if let Some(thread) = worker.thread.take() {
-                            let _ = thread.join();
-                        }
                         model.reset();
                         State::Idle(model)
                     }
@@ -128,40 +175,27 @@ impl VirtioDevice for Hosted {
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Worker)?;
         let thread_wake = wake.try_clone().map_err(Error::Worker)?;
         let epoll = watch(&activation, model.as_ref(), &wake).map_err(Error::Worker)?;
-        let State::Idle(mut model) = std::mem::replace(&mut self.state, State::Lost) else {
+        let State::Idle(model) = std::mem::replace(&mut self.state, State::Lost) else {
             return Err(Error::Lost);
         };
-        model.set_acked_features(activation.features);
         let (commands, command_rx) = mpsc::channel();
         let (stopped_tx, stopped) = mpsc::channel();
         let (paused_tx, paused) = mpsc::channel();
-        // The model goes to the thread once it runs: if it cannot start, the model stays.
-        let (start_tx, start_rx) = mpsc::channel::<Model>();
-        let name = self.name.clone();
-        let spawned = std::thread::Builder::new()
-            .name(self.name.clone())
-            .spawn(move || {
-                let Ok(model) = start_rx.recv() else { return };
-                let mut worker = WorkerLoop {
-                    name,
-                    model,
-                    activation,
-                    wake: thread_wake,
-                    commands: command_rx,
-                    paused: paused_tx,
-                };
-                worker.run(&epoll);
-                let _ = stopped_tx.send(worker.model);
-            });
-        let thread = match spawned {
-            Ok(thread) => thread,
-            Err(e) => {
-                self.state = State::Idle(model);
-                return Err(Error::Worker(e));
-            }
+        let start = Start {
+            model,
+            activation,
+            epoll,
+            wake: thread_wake,
+            commands: command_rx,
+            paused: paused_tx,
+            stopped: stopped_tx,
         };
-        if let Err(mpsc::SendError(model)) = start_tx.send(model) {
-            self.state = State::Idle(model);
+        let sent = match &self.starts {
+            Some(starts) => starts.send(start),
+            None => Err(mpsc::SendError(start)),
+        };
+        if let Err(mpsc::SendError(start)) = sent {
+            self.state = State::Idle(start.model);
             return Err(Error::Worker(std::io::Error::other("worker thread died")));
         }
         self.state = State::Running(Worker {
@@ -169,7 +203,6 @@ impl VirtioDevice for Hosted {
             wake,
             stopped,
             paused,
-            thread: Some(thread),
         });
         Ok(())
     }
@@ -206,6 +239,42 @@ impl VirtioDevice for Hosted {
 impl Drop for Hosted {
     fn drop(&mut self) {
         self.stop();
+        // Without activations to wait for, the thread ends; a lost one is left behind.
+        self.starts = None;
+        if let (Some(thread), false) = (self.thread.take(), matches!(self.state, State::Lost)) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The device's thread: serves one activation after another until the device is dropped.
+fn serve_activations(starts: Receiver<Start>) {
+    while let Ok(start) = starts.recv() {
+        let Start {
+            mut model,
+            activation,
+            epoll,
+            wake,
+            commands,
+            paused,
+            stopped,
+        } = start;
+        // Here, under this thread's filter: a NIC tells its tap the offloads.
+        model.set_acked_features(activation.features);
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("worker")
+            .to_string();
+        let mut worker = WorkerLoop {
+            name,
+            model,
+            activation,
+            wake,
+            commands,
+            paused,
+        };
+        worker.run(&epoll);
+        let _ = stopped.send(worker.model);
     }
 }
 

@@ -136,7 +136,9 @@ fn driver(device: Box<dyn VirtioDevice>) -> Driver {
 }
 
 fn rng_device() -> Driver {
-    driver(Box::new(Hosted::new("test-rng", Box::new(Rng::new()))))
+    driver(Box::new(
+        Hosted::new("test-rng", Box::new(Rng::new())).expect("a worker thread"),
+    ))
 }
 
 const MESSAGE: MsiMessage = MsiMessage {
@@ -409,7 +411,9 @@ fn a_backend_raises_config_changes_and_a_failing_device_asks_for_a_reset() {
     let device = BackendDriven {
         backend: backend.try_clone().unwrap(),
     };
-    let mut d = driver(Box::new(Hosted::new("test-backend", Box::new(device))));
+    let mut d = driver(Box::new(
+        Hosted::new("test-backend", Box::new(device)).expect("a worker thread"),
+    ));
     let mem = d.mem.clone();
     let mock = MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 16);
     activate(&mut d, &mock);

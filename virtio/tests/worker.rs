@@ -110,7 +110,7 @@ fn counting_device(
     served: Arc<Mutex<u32>>,
     block: Option<mpsc::Receiver<()>>,
 ) -> Hosted {
-    Hosted::new(name, Box::new(Counter { served, block }))
+    Hosted::new(name, Box::new(Counter { served, block })).expect("a worker thread")
 }
 
 fn eventually(what: &str, mut done: impl FnMut() -> bool) {

@@ -8,7 +8,8 @@
 //!   vhost-user backends);
 //! - [`event`]: the control plane on the main thread (VM exits, signals, console input);
 //! - [`serve`]: `nixvmm device`, nixvmm's models served to other VMMs over vhost-user;
-//! - [`models`]: the one builder of nixvmm's own device models, for `machine` and `serve`.
+//! - [`models`]: the one builder of nixvmm's own device models, for `machine` and `serve`;
+//! - [`seccomp`]: the system-call filter of each kind of thread.
 //!
 //! [`run`] builds a [`machine::Vm`], runs it, and builds a fresh one when the guest reboots.
 
@@ -19,6 +20,7 @@ pub mod front;
 pub mod host;
 pub mod machine;
 pub mod models;
+pub mod seccomp;
 pub mod serve;
 
 pub use config::{Kernel, VmConfig};

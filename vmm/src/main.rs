@@ -17,6 +17,7 @@ use vmm::front::cli::{Cli, Command, DeviceCommand};
 use vmm::front::qemu::{self, QemuCommand, QemuError};
 use vmm::host::console::{ConsoleOutput, RawTerminal};
 use vmm::models::Model;
+use vmm::seccomp::{self, DeviceKind, Needs, Seccomp, ThreadKind};
 use vmm::Control;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -125,6 +126,9 @@ fn run_vm(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
         None => {}
     }
     let terminal = (config.serial == Serial::Stdio).then(RawTerminal::enter);
+    // Every thread nixvmm starts from here on inherits this filter under its own.
+    let needs = seccomp::needs(&config);
+    seccomp::confine(ThreadKind::Vmm, needs, config.seccomp).map_err(|e| e.to_string())?;
     let outcome = vmm::run_with(&config, &console, &control, &mut plane, &room);
     drop(terminal);
     outcome.map_err(|e| e.to_string())
@@ -132,12 +136,13 @@ fn run_vm(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
 
 /// `nixvmm device …`: serve one device model until the frontend disconnects.
 fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
-    let (name, model, socket): (_, Box<dyn virtio::QueueDevice>, _) = match device {
+    let (name, model, socket, mode) = match device {
         DeviceCommand::NineP {
             listen,
             shared_dir,
             readonly,
             security_model,
+            seccomp: mode,
         } => {
             let address: virtio::ninep::listen::Address = listen.parse()?;
             let config = virtio::ninep::ShareConfig {
@@ -147,11 +152,12 @@ fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
             };
             virtio::ninep::Server::new(config.clone())
                 .map_err(|e| format!("--shared-dir {}: {e}", config.root.display()))?;
+            confine_device(DeviceKind::NineP, mode)?;
             virtio::ninep::listen::listen(&address, &config)
                 .map_err(|e| format!("--listen {listen}: {e}"))?;
             return Ok(vmm::Outcome::Stopped);
         }
-        DeviceCommand::Rng { socket } => ("rng", build(Model::Rng)?, socket),
+        DeviceCommand::Rng { socket, seccomp } => ("rng", Model::Rng, socket, seccomp),
         DeviceCommand::Fs(fs) => {
             let config = virtio::fs::FsConfig {
                 shared_dir: fs.shared_dir,
@@ -159,16 +165,39 @@ fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
                 readonly: fs.readonly,
                 xattr: fs.xattr,
             };
-            ("fs", build(Model::VirtioFs(&config))?, fs.socket)
+            return serve_model("fs", Model::VirtioFs(&config), &fs.socket, fs.seccomp);
         }
-        DeviceCommand::Blk { socket, disk } => {
+        DeviceCommand::Blk {
+            socket,
+            disk,
+            seccomp,
+        } => {
             let config = vmm::config::parse_disk(&disk).map_err(|e| e.to_string())?;
-            ("blk", build(Model::Block(&config))?, socket)
+            return serve_model("blk", Model::Block(&config), &socket, seccomp);
         }
     };
-    vmm::serve::serve(name, model, &socket)
+    serve_model(name, model, &socket, mode)
+}
+
+/// Serves `model` over vhost-user on `socket` until the frontend disconnects.
+fn serve_model(
+    name: &str,
+    model: Model,
+    socket: &Path,
+    mode: Seccomp,
+) -> Result<vmm::Outcome, String> {
+    let kind = model.kind();
+    let model = build(model)?;
+    // Before the vhost-user daemon starts its threads, which inherit the filter.
+    confine_device(kind, mode)?;
+    vmm::serve::serve(name, model, socket)
         .map(|()| vmm::Outcome::Stopped)
         .map_err(|e| e.to_string())
+}
+
+/// `nixvmm device`'s filter on the main thread, for it and every thread it starts.
+fn confine_device(kind: DeviceKind, mode: Seccomp) -> Result<(), String> {
+    seccomp::confine(ThreadKind::Serve(kind), Needs::default(), mode).map_err(|e| e.to_string())
 }
 
 /// The QEMU door: `args` as qemu-system-x86_64 takes them; `program` is what QEMU is run as

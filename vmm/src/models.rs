@@ -10,6 +10,8 @@ use virtio::ninep::{ShareConfig, Virtio9p};
 use virtio::rng::Rng;
 use virtio::QueueDevice;
 
+use crate::seccomp::DeviceKind;
+
 /// A device model and what it serves.
 pub enum Model<'a> {
     Block(&'a BlockConfig),
@@ -31,6 +33,21 @@ pub enum Model<'a> {
         cid: u64,
         uds: &'a std::path::Path,
     },
+}
+
+impl Model<'_> {
+    /// Which seccomp filter the thread serving this model gets.
+    pub fn kind(&self) -> DeviceKind {
+        match self {
+            Model::Block(_) => DeviceKind::Block,
+            Model::VirtioFs(_) => DeviceKind::Fs,
+            Model::NineP { .. } => DeviceKind::NineP,
+            Model::Rng => DeviceKind::Rng,
+            Model::Net { .. } => DeviceKind::Net,
+            Model::Console(_) => DeviceKind::Console,
+            Model::Vsock { .. } => DeviceKind::Vsock,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

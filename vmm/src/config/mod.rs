@@ -14,6 +14,7 @@ use virtio::ninep::ShareConfig;
 
 use crate::config::net::NicConfig;
 use crate::config::options::{OptionError, Options};
+use crate::seccomp::Seccomp;
 
 /// Highest vCPU count: APIC IDs are 8-bit in the MADT entries nixvmm writes.
 pub const MAX_CPUS: u8 = 254;
@@ -75,6 +76,8 @@ pub struct VmConfig {
     pub serial: Serial,
     /// A TPM 2.0 (TIS) run by the swtpm whose control socket this is.
     pub tpm: Option<PathBuf>,
+    /// nixvmm's own threads under seccomp filters (`--seccomp`, QEMU's `-sandbox`).
+    pub seccomp: Seccomp,
 }
 
 /// Where QEMU's human monitor is reached.
@@ -187,6 +190,7 @@ impl Default for VmConfig {
             vsock: None,
             serial: Serial::Stdio,
             tpm: None,
+            seccomp: Seccomp::On,
         }
     }
 }

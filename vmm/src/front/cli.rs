@@ -12,6 +12,7 @@ use crate::config::{
     parse_disk, parse_serial, parse_share, parse_size, parse_tpm, parse_vsock, ConfigError,
     Decompress, Kernel, Monitor, VmConfig, MAX_CPUS,
 };
+use crate::seccomp::Seccomp;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -52,6 +53,10 @@ pub enum DeviceCommand {
         /// The Unix socket to listen on.
         #[arg(long)]
         socket: PathBuf,
+        /// seccomp filters on nixvmm's threads: on (a forbidden call ends nixvmm, naming it), log
+        /// (the kernel logs it), off; virtiofsd's none, kill and trap are taken too.
+        #[arg(long, value_parser = parse_seccomp, default_value = "on")]
+        seccomp: Seccomp,
     },
     /// virtio-fs on a host directory (for vhost-user-fs-pci): a virtiofsd drop-in that also
     /// takes virtiofsd's options as qemu-vm.nix and runInLinuxVM pass them.
@@ -72,6 +77,10 @@ pub enum DeviceCommand {
         /// none or passthrough (qemu-vm.nix's security_model).
         #[arg(long, default_value = "none")]
         security_model: String,
+        /// seccomp filters on nixvmm's threads: on (a forbidden call ends nixvmm, naming it), log
+        /// (the kernel logs it), off; virtiofsd's none, kill and trap are taken too.
+        #[arg(long, value_parser = parse_seccomp, default_value = "on")]
+        seccomp: Seccomp,
     },
     /// virtio-blk on a raw or qcow2 image (for vhost-user-blk-pci).
     Blk {
@@ -81,6 +90,10 @@ pub enum DeviceCommand {
         /// path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]
         #[arg(long, value_name = "OPTIONS")]
         disk: String,
+        /// seccomp filters on nixvmm's threads: on (a forbidden call ends nixvmm, naming it), log
+        /// (the kernel logs it), off; virtiofsd's none, kill and trap are taken too.
+        #[arg(long, value_parser = parse_seccomp, default_value = "on")]
+        seccomp: Seccomp,
     },
 }
 
@@ -167,6 +180,10 @@ pub struct RunArgs {
     /// file:PATH (output only).
     #[arg(long, default_value = "stdio")]
     pub serial: String,
+    /// seccomp filters on nixvmm's threads: on (a forbidden call ends nixvmm, naming it), log
+    /// (the kernel logs it), off; virtiofsd's none, kill and trap are taken too.
+    #[arg(long, value_parser = parse_seccomp, default_value = "on")]
+    pub seccomp: Seccomp,
 }
 
 /// `nixvmm device fs` (and virtiofsd's spelling of the same options).
@@ -187,9 +204,20 @@ pub struct FsArgs {
     /// virtiofsd's sandbox mode; nixvmm accepts `none` (it confines by file descriptors).
     #[arg(long, value_parser = ["none"])]
     pub sandbox: Option<String>,
-    /// virtiofsd's seccomp mode; accepted for compatibility (`none`).
-    #[arg(long, value_parser = ["none"])]
-    pub seccomp: Option<String>,
+    /// seccomp filters on nixvmm's threads: on (a forbidden call ends nixvmm, naming it), log
+    /// (the kernel logs it), off; virtiofsd's none, kill and trap are taken too.
+    #[arg(long, value_parser = parse_seccomp, default_value = "on")]
+    pub seccomp: Seccomp,
+}
+
+/// `--seccomp`: nixvmm's on, log and off, and virtiofsd's none, kill and trap.
+pub fn parse_seccomp(text: &str) -> Result<Seccomp, String> {
+    match text {
+        "on" | "kill" | "trap" => Ok(Seccomp::On),
+        "log" => Ok(Seccomp::Log),
+        "off" | "none" => Ok(Seccomp::Off),
+        other => Err(format!("{other:?}: expected on, log or off")),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -252,6 +280,7 @@ impl RunArgs {
             vsock: self.vsock.as_deref().map(parse_vsock).transpose()?,
             serial: parse_serial(&self.serial)?,
             tpm: self.tpm.as_deref().map(parse_tpm).transpose()?,
+            seccomp: self.seccomp,
         };
         config.validate()?;
         Ok(config)
@@ -326,7 +355,7 @@ mod tests {
         let cli = parse(&["device", "rng", "--socket", "/run/rng.sock"]).unwrap();
         assert!(matches!(
             cli.command,
-            Command::Device(DeviceCommand::Rng { socket }) if socket == Path::new("/run/rng.sock")
+            Command::Device(DeviceCommand::Rng { socket, .. }) if socket == Path::new("/run/rng.sock")
         ));
         assert!(parse(&["device", "rng"]).is_err(), "--socket is required");
     }
@@ -344,5 +373,28 @@ mod tests {
             .into_config()
             .unwrap_err();
         assert!(err.to_string().contains("/no/such/bzImage"), "{err}");
+    }
+
+    #[test]
+    fn seccomp_takes_nixvmms_words_and_virtiofsds() {
+        assert_eq!(run_args(&["run"]).seccomp, Seccomp::On, "on by default");
+        for (word, mode) in [
+            ("on", Seccomp::On),
+            ("log", Seccomp::Log),
+            ("off", Seccomp::Off),
+            ("none", Seccomp::Off),
+            ("kill", Seccomp::On),
+            ("trap", Seccomp::On),
+        ] {
+            assert_eq!(
+                run_args(&["run", "--seccomp", word]).seccomp,
+                mode,
+                "{word}"
+            );
+        }
+        let refused = parse(&["run", "--seccomp", "maybe"])
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("expected on, log or off"), "{refused}");
     }
 }

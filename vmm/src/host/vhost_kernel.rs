@@ -2,7 +2,9 @@
 //! the host kernel's vhost-vsock (`/dev/vhost-vsock`, module vhost_vsock) serves the guest's
 //! rx and tx queues, so host programs reach the guest with AF_VSOCK sockets to CID N (`ssh
 //! vsock/N`, `socat - VSOCK-CONNECT:N:22`). nixvmm keeps the PCI transport, the config space
-//! (the CID) and the event queue, which gets no events.
+//! (the CID) and the event queue, which gets no events. The device is opened when the VM is
+//! built (on the main thread: a vCPU's seccomp filter opens no files) and kept for the VM's
+//! life, stopped and set up again when the driver resets and restarts it, as QEMU does.
 
 use std::sync::Arc;
 
@@ -19,8 +21,10 @@ const KERNEL_QUEUES: usize = 2;
 
 pub struct KernelVsock {
     cid: u64,
-    /// The kernel's device while the guest's driver runs it.
-    running: Option<Vsock<Arc<Memory>>>,
+    /// The kernel's device, owned by this process.
+    device: Vsock<Arc<Memory>>,
+    /// The guest's driver runs it.
+    running: bool,
 }
 
 fn kernel(what: &str) -> impl Fn(vhost::Error) -> Error + '_ {
@@ -28,8 +32,17 @@ fn kernel(what: &str) -> impl Fn(vhost::Error) -> Error + '_ {
 }
 
 impl KernelVsock {
-    pub fn new(cid: u64) -> KernelVsock {
-        KernelVsock { cid, running: None }
+    /// Opens /dev/vhost-vsock for a guest with `memory`.
+    pub fn open(cid: u64, memory: Memory) -> Result<KernelVsock, Error> {
+        let device = Vsock::new(Arc::new(memory)).map_err(kernel(
+            "cannot open it (load the vhost_vsock module; nixvmm needs read-write access)",
+        ))?;
+        device.set_owner().map_err(kernel("SET_OWNER"))?;
+        Ok(KernelVsock {
+            cid,
+            device,
+            running: false,
+        })
     }
 
     fn start(&mut self, activation: Activation) -> Result<(), Error> {
@@ -39,11 +52,7 @@ impl KernelVsock {
             interrupt,
             queues,
         } = activation;
-        let mem = Arc::new(mem);
-        let device = Vsock::new(mem.clone()).map_err(kernel(
-            "cannot open it (load the vhost_vsock module; nixvmm needs read-write access)",
-        ))?;
-        device.set_owner().map_err(kernel("SET_OWNER"))?;
+        let device = &self.device;
         let offered = device.get_features().map_err(kernel("GET_FEATURES"))?;
         if features & !offered != 0 {
             return Err(kernel("features")(vhost::Error::InvalidOperation));
@@ -93,7 +102,7 @@ impl KernelVsock {
             .set_guest_cid(self.cid)
             .map_err(kernel("SET_GUEST_CID (is another VM using this CID?)"))?;
         device.start().map_err(kernel("SET_RUNNING"))?;
-        self.running = Some(device);
+        self.running = true;
         Ok(())
     }
 }
@@ -121,11 +130,10 @@ impl VirtioDevice for KernelVsock {
     }
 
     fn reset(&mut self) {
-        if let Some(device) = self.running.take() {
-            if let Err(e) = device.stop() {
+        if std::mem::take(&mut self.running) {
+            if let Err(e) = self.device.stop() {
                 log::warn!("vhost-vsock: SET_RUNNING 0: {e}");
             }
-            // Closing the fd releases the CID and the rings.
         }
     }
 }

@@ -32,6 +32,7 @@ use crate::config::{Decompress, Kernel, Share, VmConfig, VsockConfig};
 use crate::host::console::ConsoleOutput;
 use crate::host::{kernel_unpack, HostResources};
 use crate::models::{self, Model};
+use crate::seccomp::{self, Seccomp, ThreadKind};
 use cpu::CpuSetup;
 use pci_devices::VirtioDevices;
 use vcpu::{Buses, Vcpus};
@@ -75,6 +76,8 @@ pub enum VmError {
     Model(#[from] models::ModelError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0}")]
+    Device(virtio::Error),
     #[error(transparent)]
     Tpm(#[from] devices::tpm::swtpm::SwtpmError),
     #[error("NIC {0}: cannot reach its network: {1}")]
@@ -96,6 +99,8 @@ pub struct Vm {
     power_button: Arc<EventFd>,
     exit_tx: ExitSender,
     runtime: Arc<Runtime>,
+    /// The vCPU threads' filters.
+    seccomp: Seccomp,
     _vm_fd: Arc<VmFd>,
     _memory: GuestMemoryMmap,
 }
@@ -139,7 +144,7 @@ impl Vm {
             let tis = TpmTis::new(Box::new(SharedSwtpm::new(tpm)));
             mmio.insert(TPM_TIS_START, TPM_TIS_SIZE, Arc::new(Mutex::new(tis)))?;
         }
-        let models = device_models(config, backends)?;
+        let models = device_models(config, backends, &memory)?;
         let virtio = VirtioDevices::attach(models, &vm_fd, &memory, &mut pci, &mmio)?;
         let pci = Arc::new(pci);
         io.insert(
@@ -164,6 +169,7 @@ impl Vm {
                 vcpus: Mutex::new(None),
                 virtio,
             }),
+            seccomp: config.seccomp,
             _vm_fd: vm_fd,
             _memory: memory,
         };
@@ -198,8 +204,13 @@ impl Vm {
     pub fn start(&mut self) -> Result<(), VmError> {
         // Held while the threads start, so a pause that comes meanwhile waits for them.
         let mut slot = lock(&self.runtime.vcpus);
-        let vcpus = Vcpus::start(std::mem::take(&mut self.vcpus), &self.buses, &self.exit_tx)
-            .map_err(VmError::Thread)?;
+        let vcpus = Vcpus::start(
+            std::mem::take(&mut self.vcpus),
+            &self.buses,
+            &self.exit_tx,
+            self.seccomp,
+        )
+        .map_err(VmError::Thread)?;
         *slot = Some(vcpus);
         Ok(())
     }
@@ -249,9 +260,16 @@ impl Runtime {
 fn device_models(
     config: &VmConfig,
     backends: &HostResources,
+    memory: &GuestMemoryMmap,
 ) -> Result<Vec<Box<dyn virtio::VirtioDevice>>, VmError> {
+    let (mode, needs) = (config.seccomp, seccomp::needs(config));
     let hosted = |name: String, model: Model| -> Result<Box<dyn virtio::VirtioDevice>, VmError> {
-        Ok(Box::new(Hosted::new(&name, models::build(model)?)))
+        let kind = ThreadKind::Device(model.kind());
+        let confine =
+            Box::new(move || seccomp::confine(kind, needs, mode).map_err(|e| e.to_string()));
+        Ok(Box::new(
+            Hosted::confined(&name, models::build(model)?, confine).map_err(VmError::Device)?,
+        ))
     };
     let mut devices = Vec::new();
     for (n, disk) in config.disks.iter().enumerate() {
@@ -280,9 +298,10 @@ fn device_models(
             "virtio-vsock".into(),
             Model::Vsock { cid: *cid, uds },
         )?),
-        Some(VsockConfig::Kernel { cid }) => {
-            devices.push(Box::new(crate::host::vhost_kernel::KernelVsock::new(*cid)))
-        }
+        Some(VsockConfig::Kernel { cid }) => devices.push(Box::new(
+            crate::host::vhost_kernel::KernelVsock::open(*cid, memory.clone())
+                .map_err(VmError::Device)?,
+        )),
         None => {}
     }
     if config.rng {

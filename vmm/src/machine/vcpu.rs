@@ -14,6 +14,8 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EV
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::seccomp::{self, Needs, Seccomp, ThreadKind};
+
 /// The buses a vCPU's exits are routed to, shared by all vCPUs.
 pub struct Buses {
     pub io: Bus,
@@ -87,6 +89,7 @@ impl Vcpus {
         vcpus: Vec<VcpuFd>,
         buses: &Arc<Buses>,
         exit: &ExitSender,
+        seccomp: Seccomp,
     ) -> std::io::Result<Vcpus> {
         install_kick_handler();
         let mut started = Vcpus {
@@ -105,7 +108,7 @@ impl Vcpus {
             let (buses, exit, theirs) = (buses.clone(), exit.clone(), shared.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || run(vcpu, id as u8, &buses, &theirs, &exit));
+                .spawn(move || run(vcpu, id as u8, &buses, &theirs, &exit, seccomp));
             match thread {
                 Ok(thread) => started.threads.push((shared, thread)),
                 // The threads started so far exit when `started` drops.
@@ -235,7 +238,22 @@ fn park_until_exit(shared: &Shared) {
 }
 
 /// The vCPU thread: runs `vcpu` until the VM asks it to exit or this vCPU ends the VM.
-fn run(mut vcpu: VcpuFd, id: u8, buses: &Buses, shared: &Shared, exit: &ExitSender) {
+fn run(
+    mut vcpu: VcpuFd,
+    id: u8,
+    buses: &Buses,
+    shared: &Shared,
+    exit: &ExitSender,
+    seccomp: Seccomp,
+) {
+    let confined = seccomp::confine(ThreadKind::Vcpu, Needs::default(), seccomp);
+    if let Err(e) = confined {
+        exit.send(VmExit::Failed(VmFailure::Seccomp {
+            vcpu: id,
+            reason: e.to_string(),
+        }));
+        park_until_exit(shared);
+    }
     loop {
         if obey(shared) {
             break;

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use crate::config::console::ChardevSpec;
 use crate::config::options::{split_items, Options};
 use crate::config::{parse_size, Decompress, Kernel, Monitor, Serial, VmConfig, MAX_CPUS};
+use crate::seccomp::Seccomp;
 use args::{tokenize, Arg};
 use devices::Devices;
 
@@ -79,6 +80,20 @@ fn option_error(e: crate::config::options::OptionError) -> QemuError {
 /// Whether `NIXVMM_UNKNOWN=fallback` asks that what nixvmm does not serve go to QEMU.
 pub fn unknown_falls_back() -> bool {
     std::env::var_os("NIXVMM_UNKNOWN").is_some_and(|v| v == "fallback")
+}
+
+/// `-sandbox on|off[,obsolete=…,elevateprivileges=…,spawn=…,resourcecontrol=…]`: nixvmm's
+/// filters are its own (an allow-list per thread, no process spawning but libslirp's guestfwd
+/// commands), so only on or off counts.
+fn sandbox(value: &str) -> Result<Seccomp> {
+    let items = split_items(value);
+    let first = items.first().map(String::as_str).unwrap_or_default();
+    let enable = first.strip_prefix("enable=").unwrap_or(first);
+    match enable {
+        "on" | "yes" | "true" => Ok(Seccomp::On),
+        "off" | "no" | "false" => Ok(Seccomp::Off),
+        other => Err(invalid(format!("-sandbox {other}: expected on or off"))),
+    }
 }
 
 /// Who decompresses a bzImage's payload through this door: `NIXVMM_DECOMPRESS_KERNEL=host`
@@ -269,6 +284,8 @@ struct Builder {
     memory_backend: Option<String>,
     monitor: Option<Monitor>,
     qmp: Option<PathBuf>,
+    /// QEMU's `-sandbox`; nixvmm's own default (on) without it.
+    seccomp: Seccomp,
     ignored: Vec<String>,
     devices: Devices,
 }
@@ -304,6 +321,7 @@ impl Builder {
             vsock: devices.vsock,
             serial: self.serial,
             tpm: devices.tpm,
+            seccomp: self.seccomp,
         };
         config.validate().map_err(|e| invalid(e.to_string()))?;
         self.ignored.dedup();
@@ -375,12 +393,7 @@ impl Builder {
             "qmp" => self.qmp(need()?)?,
             "pidfile" => self.pidfile = Some(PathBuf::from(need()?)),
             "D" => self.log_file = Some(PathBuf::from(need()?)),
-            "sandbox" => {
-                if split_items(need()?).first().map(String::as_str) == Some("on") {
-                    self.ignored
-                        .push("-sandbox on (nixvmm has no seccomp filters yet)".into());
-                }
-            }
+            "sandbox" => self.seccomp = sandbox(need()?)?,
             "rtc" => check_rtc(need()?)?,
             "daemonize" => {
                 return Err(unsupported(

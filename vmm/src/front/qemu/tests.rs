@@ -529,7 +529,7 @@ fn grammar_corner_cases() {
     assert!(c.disks[0].readonly);
     assert_eq!(run.pidfile, Some(files.path("pid")));
     assert_eq!(run.log_file, Some(files.path("log")));
-    assert!(run.ignored.iter().any(|i| i.contains("-sandbox on")));
+    assert_eq!(run.config.seccomp, Seccomp::On);
     assert_eq!(files.run(BOOT).config.memory, 128 << 20, "QEMU's default");
     assert_eq!(
         files.run(&format!("-smp 3,maxcpus=3 {BOOT}")).config.cpus,
@@ -624,5 +624,23 @@ fn version_and_help_answer_like_qemu() {
     assert!(
         text.contains("-kernel") && text.contains("NIXVMM_QEMU"),
         "{text}"
+    );
+}
+
+#[test]
+fn sandbox_turns_nixvmms_filters_on_or_off_and_they_are_on_without_it() {
+    let files = Files::new();
+    let seccomp = |args: &str| files.run(&format!("{args} {BOOT}")).config.seccomp;
+    assert_eq!(seccomp(""), Seccomp::On, "nixvmm's default");
+    assert_eq!(seccomp("-sandbox off"), Seccomp::Off);
+    assert_eq!(
+        seccomp("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny"),
+        Seccomp::On
+    );
+    assert_eq!(seccomp("-sandbox enable=off"), Seccomp::Off);
+    let refused = files.error(&format!("-sandbox maybe {BOOT}"));
+    assert!(
+        matches!(&refused, QemuError::Invalid(m) if m.contains("-sandbox maybe")),
+        "{refused:?}"
     );
 }

@@ -1,0 +1,278 @@
+//! Each filter installed on a thread of its own, with EPERM for what it forbids (so the test
+//! process lives on): the thread tries a call its kind must not make and one it must.
+//! The SIGSYS path of `--seccomp on` runs in a child process (this test binary again).
+
+use std::os::fd::AsRawFd;
+
+use super::*;
+
+/// Runs `body` on a new thread confined as `kind`, forbidden calls failing with EPERM.
+fn confined<T: Send + 'static>(
+    kind: ThreadKind,
+    needs: Needs,
+    body: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    std::thread::spawn(move || {
+        install(kind, needs, SeccompAction::Errno(libc::EPERM as u32)).expect("filter installs");
+        body()
+    })
+    .join()
+    .expect("the confined thread ends")
+}
+
+fn errno_of(rc: libc::c_long) -> i32 {
+    if rc < 0 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+fn open_tmp() -> libc::c_long {
+    // SAFETY: a NUL-terminated path; the descriptor, if any, is closed by the caller.
+    unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            c"/tmp".as_ptr(),
+            libc::O_RDONLY,
+        )
+    }
+}
+
+fn new_socket() -> libc::c_long {
+    // SAFETY: creates a socket or fails; no memory is passed.
+    unsafe { libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0) }
+}
+
+fn close(fd: libc::c_long) {
+    if fd >= 0 {
+        // SAFETY: closes a descriptor this test opened.
+        unsafe { libc::close(fd as i32) };
+    }
+}
+
+#[test]
+fn a_vcpu_may_make_kvm_ioctls_but_not_open_files_or_other_ioctls() {
+    let kvm = std::fs::File::open("/dev/kvm").ok();
+    let (pipe_r, _pipe_w) = std::io::pipe().expect("a pipe");
+    let pipe = pipe_r.as_raw_fd();
+    let kvm_fd = kvm.as_ref().map(|k| k.as_raw_fd());
+    let (open, other_ioctl, kvm_version) =
+        confined(ThreadKind::Vcpu, Needs::default(), move || {
+            let open = open_tmp();
+            let open_errno = errno_of(open);
+            close(open);
+            let mut waiting: libc::c_int = 0;
+            // SAFETY: FIONREAD writes an int through the pointer, which is valid.
+            let rc = unsafe { libc::ioctl(pipe, libc::FIONREAD, &mut waiting) };
+            let other = errno_of(rc.into());
+            // SAFETY: KVM_GET_API_VERSION (_IO(0xAE, 0)) takes no argument.
+            let version = kvm_fd.map(|fd| unsafe { libc::ioctl(fd, 0xAE00, 0) });
+            (open_errno, other, version)
+        });
+    assert_eq!(open, libc::EPERM, "openat from a vCPU thread");
+    assert_eq!(other_ioctl, libc::EPERM, "FIONREAD from a vCPU thread");
+    if let Some(version) = kvm_version {
+        assert_eq!(version, 12, "KVM_GET_API_VERSION from a vCPU thread");
+    }
+}
+
+#[test]
+fn device_workers_make_only_their_own_kind_of_calls() {
+    use DeviceKind::*;
+    // (kind, may open files, may make sockets)
+    let kinds = [
+        (Block, false, false),
+        (Rng, false, false),
+        (NineP, true, false),
+        (Fs, true, false),
+        (Net, true, true),
+        (Console, false, true),
+        (Vsock, false, true),
+    ];
+    for (kind, opens, sockets) in kinds {
+        let (peer, _other) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+        let peer = peer.as_raw_fd();
+        let (open, socket, nonblocking) =
+            confined(ThreadKind::Device(kind), Needs::default(), move || {
+                let (open, socket) = (open_tmp(), new_socket());
+                let on: libc::c_int = 1;
+                // SAFETY: FIONBIO reads an int through the pointer, which is valid.
+                let nonblocking = unsafe { libc::ioctl(peer, libc::FIONBIO, &on) };
+                let errnos = (
+                    errno_of(open),
+                    errno_of(socket),
+                    errno_of(nonblocking.into()),
+                );
+                close(open);
+                close(socket);
+                errnos
+            });
+        let expect = |allowed: bool| if allowed { 0 } else { libc::EPERM };
+        assert_eq!(open, expect(opens), "openat from a {kind:?} worker");
+        assert_eq!(socket, expect(sockets), "socket from a {kind:?} worker");
+        assert_eq!(
+            nonblocking,
+            expect(sockets),
+            "FIONBIO from a {kind:?} worker"
+        );
+    }
+}
+
+#[test]
+fn a_block_worker_reads_and_writes_its_disk() {
+    let disk = tempfile::tempfile().expect("a file");
+    let fd = disk.as_raw_fd();
+    let read_back = confined(
+        ThreadKind::Device(DeviceKind::Block),
+        Needs::default(),
+        move || {
+            let data = *b"sector";
+            let mut back = [0u8; 6];
+            // SAFETY: both buffers are valid for their lengths.
+            unsafe {
+                libc::pwrite(fd, data.as_ptr().cast(), data.len(), 512);
+                libc::fdatasync(fd);
+                libc::pread(fd, back.as_mut_ptr().cast(), back.len(), 512);
+            }
+            back
+        },
+    );
+    assert_eq!(&read_back, b"sector");
+}
+
+/// clone(SIGCHLD): a new process, as fork makes one.
+fn fork_by_clone() -> libc::c_long {
+    // SAFETY: with a filter this fails before anything happens; without one the child
+    // exits at once (it is reaped below).
+    let rc = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+    if rc == 0 {
+        // SAFETY: the child ends at once, running nothing of the parent's.
+        unsafe { libc::_exit(0) };
+    }
+    if rc > 0 {
+        // SAFETY: reaps the child just made.
+        unsafe { libc::waitpid(rc as i32, std::ptr::null_mut(), 0) };
+    }
+    rc
+}
+
+#[test]
+fn the_main_thread_starts_threads_but_no_processes_or_programs() {
+    let (thread_ran, fork, exec, clone3) = confined(ThreadKind::Vmm, Needs::default(), || {
+        // glibc tries clone3 first, gets ENOSYS and falls back to clone(CLONE_THREAD).
+        let thread_ran = std::thread::spawn(|| 7).join().ok();
+        let fork = errno_of(fork_by_clone());
+        let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+        // SAFETY: a NUL-terminated path and argv; on success this would replace the test.
+        let exec = errno_of(unsafe {
+            libc::syscall(
+                libc::SYS_execve,
+                argv[0],
+                argv.as_ptr(),
+                std::ptr::null::<u8>(),
+            )
+        });
+        // SAFETY: clone3 with no arguments fails before reading any.
+        let clone3 = errno_of(unsafe { libc::syscall(libc::SYS_clone3, 0, 0) });
+        (thread_ran, fork, exec, clone3)
+    });
+    assert_eq!(
+        thread_ran,
+        Some(7),
+        "a thread started under the main thread's filter"
+    );
+    assert_eq!(fork, libc::EPERM, "clone without CLONE_THREAD");
+    assert_eq!(exec, libc::EPERM, "execve");
+    assert_eq!(clone3, libc::ENOSYS, "clone3 (glibc falls back to clone)");
+}
+
+#[test]
+fn guestfwd_commands_let_the_net_worker_start_processes() {
+    let needs = Needs { processes: true };
+    let fork = confined(ThreadKind::Device(DeviceKind::Net), needs, || {
+        errno_of(fork_by_clone())
+    });
+    assert_eq!(
+        fork, 0,
+        "clone(SIGCHLD) in a NIC worker with guestfwd commands"
+    );
+    let fork = confined(
+        ThreadKind::Device(DeviceKind::Net),
+        Needs::default(),
+        || errno_of(fork_by_clone()),
+    );
+    assert_eq!(
+        fork,
+        libc::EPERM,
+        "clone(SIGCHLD) in a NIC worker without them"
+    );
+}
+
+#[test]
+fn a_thread_without_a_filter_runs_free_and_off_installs_nothing() {
+    confine(ThreadKind::Vcpu, Needs::default(), Seccomp::Off).expect("off installs nothing");
+    let open = open_tmp();
+    assert!(open >= 0, "openat without a filter");
+    close(open);
+}
+
+const CHILD: &str = "NIXVMM_SECCOMP_TEST_CHILD";
+
+/// In a child process (this test run again): a vCPU thread under `--seccomp on` opens a
+/// file. Stderr must name the thread and the call, and the status must be 128 + SIGSYS.
+#[test]
+fn a_forbidden_call_under_on_ends_nixvmm_naming_the_thread_and_the_call() {
+    if std::env::var_os(CHILD).is_some() {
+        confine(ThreadKind::Vcpu, Needs::default(), Seccomp::On).expect("filter installs");
+        open_tmp();
+        unreachable!("openat went through a vCPU's filter");
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "seccomp::tests::a_forbidden_call_under_on_ends_nixvmm_naming_the_thread_and_the_call",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .expect("the child runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGSYS), "{stderr}");
+    assert!(
+        stderr.contains(
+            "nixvmm: seccomp: the vcpu thread made a system call its filter forbids: openat (257)"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn with_guestfwd_the_nic_and_main_filters_log_what_they_do_not_allow() {
+    let dir = tempfile::tempdir().expect("a folder");
+    let path =
+        std::ffi::CString::new(dir.path().join("made").to_str().expect("UTF-8")).expect("no NUL");
+    let needs = Needs { processes: true };
+    let made = std::thread::spawn(move || {
+        confine(ThreadKind::Device(DeviceKind::Net), needs, Seccomp::On).expect("installs");
+        // SAFETY: a NUL-terminated path; mkdirat is not on a NIC's list.
+        errno_of(unsafe { libc::syscall(libc::SYS_mkdirat, libc::AT_FDCWD, path.as_ptr(), 0o755) })
+    })
+    .join()
+    .expect("the NIC thread lives on");
+    assert_eq!(made, 0, "logged and let through, not trapped");
+    assert!(dir.path().join("made").is_dir());
+}
+
+#[test]
+fn guestfwd_forwards_are_what_needs_processes() {
+    let mut config = crate::VmConfig::default();
+    assert_eq!(needs(&config), Needs { processes: false });
+    let nic = crate::config::net::parse_net("user,guestfwd=tcp:10.0.2.100:80-tcp:127.0.0.1:8080")
+        .expect("a NIC");
+    config.nics.push(nic);
+    assert_eq!(needs(&config), Needs { processes: true });
+}
