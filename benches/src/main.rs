@@ -349,9 +349,23 @@ fn boot(args: &BootArgs) -> Result<String, String> {
             }
         }
     };
-    let mut rows = vec![measure(args, "nixvmm".into(), "kvm", &guest.marker, || {
-        nixvmm_command(&nixvmm, &guest, args.memory_mib)
-    })];
+    let mut rows = vec![
+        measure(args, "nixvmm".into(), "kvm", &guest.marker, || {
+            nixvmm_command(&nixvmm, &guest, args.memory_mib)
+        }),
+        // What the seccomp filters (on by default) cost a boot.
+        measure(
+            args,
+            "nixvmm --seccomp off".into(),
+            "kvm",
+            &guest.marker,
+            || {
+                let mut cmd = nixvmm_command(&nixvmm, &guest, args.memory_mib);
+                cmd.args(["--seccomp", "off"]);
+                cmd
+            },
+        ),
+    ];
     if args.guest == GuestKind::Linux {
         // The default row above found the vmlinux in nixvmm's kernel cache (its first run,
         // unmeasured, put it there). These show a kernel's first boot and the bzImage's own
