@@ -238,6 +238,14 @@ pub fn rates(count: usize, size: u64, elapsed: Duration) -> (f64, f64) {
     )
 }
 
+/// Runs of each nixvmm variant per workload.
+const REPEATS: usize = 5;
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times.get(times.len() / 2).copied().unwrap_or_default()
+}
+
 /// Runs every workload on both formats and prints the table.
 pub fn run(disk_mib: u64) -> Result<String, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -247,11 +255,16 @@ pub fn run(disk_mib: u64) -> Result<String, String> {
     );
     for format in [Format::Raw, Format::Qcow2] {
         for workload in workloads(disk_mib << 20) {
-            // A fresh image for each run, so writes allocate alike in both.
-            let image = make_image(dir.path(), format, disk_mib << 20)?;
-            let ours = through_device(&image, format, &workload)?;
-            let image = make_image(dir.path(), format, disk_mib << 20)?;
-            let confined = through_confined_device(&image, format, &workload)?;
+            // A fresh image for each run, so writes allocate alike in all. With and without
+            // the filter alternate, five runs each: the median of each is compared.
+            let (mut free, mut confined) = (Vec::new(), Vec::new());
+            for _ in 0..REPEATS {
+                let image = make_image(dir.path(), format, disk_mib << 20)?;
+                free.push(through_device(&image, format, &workload)?);
+                let image = make_image(dir.path(), format, disk_mib << 20)?;
+                confined.push(through_confined_device(&image, format, &workload)?);
+            }
+            let (ours, confined) = (median(free), median(confined));
             let image = make_image(dir.path(), format, disk_mib << 20)?;
             let theirs = through_qemu_io(&image, format, &workload)?;
             let (our_iops, our_mib) = rates(workload.offsets.len(), workload.size, ours);
@@ -266,7 +279,8 @@ pub fn run(disk_mib: u64) -> Result<String, String> {
     }
     out.push_str(&format!(
         "\n{disk_mib} MiB images; 8192 random 4 KiB requests, or the whole disk in 1 MiB requests. \
-         nixvmm: the device model on a mock virtqueue, {BATCH} requests per notification; \
+         nixvmm: the device model on a mock virtqueue, {BATCH} requests per notification, \
+         median of {REPEATS} runs; \
          qemu-io: one command per request (-t writeback), process start included. \
          Write runs end with a flush. seccomp on/off: the time of the same run on a thread \
          under the virtio-blk worker's filter over the time without it (1.000: no cost)."
