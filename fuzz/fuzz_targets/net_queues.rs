@@ -7,25 +7,10 @@
 use libfuzzer_sys::fuzz_target;
 use virtio::net::{channel, Link, Net, MAX_FRAME, MIN_FRAME, RX, TX, VIRTIO_NET_F_MRG_RXBUF};
 use virtio::{Memory, QueueDevice};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use nixvmm_fuzz::{descriptors, MEMORY};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
-
-const MEMORY: usize = 1 << 20;
-
-fn descriptors(table: &[u8]) -> Vec<RawDescriptor> {
-    table
-        .chunks_exact(16)
-        .map(|d| {
-            let addr = u64::from_le_bytes(d[..8].try_into().expect("8 bytes")) % (2 * MEMORY as u64);
-            let len = u32::from_le_bytes(d[8..12].try_into().expect("4 bytes")) % 0x1_0000;
-            let flags = u16::from_le_bytes([d[12], d[13]]) & 0x7;
-            let next = u16::from_le_bytes([d[14], d[15]]) % 16;
-            RawDescriptor::from(Descriptor::new(addr, len, flags, next))
-        })
-        .collect()
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&control, rest)) = data.split_first() else { return };
