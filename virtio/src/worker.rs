@@ -131,12 +131,16 @@ impl Hosted {
                         model.reset();
                         State::Idle(model)
                     }
-                    Err(_) => {
+                    Err(RecvTimeoutError::Timeout) => {
                         log::error!(
                             "{}: the device did not stop within {STOP_DEADLINE:?} (a host call \
                              that does not return?); leaving it behind",
                             self.name
                         );
+                        State::Lost
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        log::error!("{}: the device's thread ended with its model", self.name);
                         State::Lost
                     }
                 }
@@ -274,7 +278,13 @@ fn serve_activations(starts: Receiver<Start>) {
             paused,
         };
         worker.run(&epoll);
-        let _ = stopped.send(worker.model);
+        // The activation (queues, kick fds, interrupt) ends before the model goes back, as
+        // when this thread ended with it: the transport may activate again at once.
+        let WorkerLoop {
+            model, activation, ..
+        } = worker;
+        drop((activation, epoll));
+        let _ = stopped.send(model);
     }
 }
 

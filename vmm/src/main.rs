@@ -136,13 +136,13 @@ fn run_vm(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
 
 /// `nixvmm device …`: serve one device model until the frontend disconnects.
 fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
-    let (name, model, socket, mode) = match device {
+    match device {
         DeviceCommand::NineP {
             listen,
             shared_dir,
             readonly,
             security_model,
-            seccomp: mode,
+            confinement,
         } => {
             let address: virtio::ninep::listen::Address = listen.parse()?;
             let config = virtio::ninep::ShareConfig {
@@ -152,12 +152,15 @@ fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
             };
             virtio::ninep::Server::new(config.clone())
                 .map_err(|e| format!("--shared-dir {}: {e}", config.root.display()))?;
-            confine_device(DeviceKind::NineP, mode)?;
+            confine_device(DeviceKind::NineP, confinement.seccomp)?;
             virtio::ninep::listen::listen(&address, &config)
                 .map_err(|e| format!("--listen {listen}: {e}"))?;
-            return Ok(vmm::Outcome::Stopped);
+            Ok(vmm::Outcome::Stopped)
         }
-        DeviceCommand::Rng { socket, seccomp } => ("rng", Model::Rng, socket, seccomp),
+        DeviceCommand::Rng {
+            socket,
+            confinement,
+        } => serve_model("rng", Model::Rng, &socket, confinement.seccomp),
         DeviceCommand::Fs(fs) => {
             let config = virtio::fs::FsConfig {
                 shared_dir: fs.shared_dir,
@@ -165,18 +168,18 @@ fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
                 readonly: fs.readonly,
                 xattr: fs.xattr,
             };
-            return serve_model("fs", Model::VirtioFs(&config), &fs.socket, fs.seccomp);
+            let model = Model::VirtioFs(&config);
+            serve_model("fs", model, &fs.socket, fs.confinement.seccomp)
         }
         DeviceCommand::Blk {
             socket,
             disk,
-            seccomp,
+            confinement,
         } => {
             let config = vmm::config::parse_disk(&disk).map_err(|e| e.to_string())?;
-            return serve_model("blk", Model::Block(&config), &socket, seccomp);
+            serve_model("blk", Model::Block(&config), &socket, confinement.seccomp)
         }
-    };
-    serve_model(name, model, &socket, mode)
+    }
 }
 
 /// Serves `model` over vhost-user on `socket` until the frontend disconnects.

@@ -53,10 +53,8 @@ pub enum DeviceCommand {
         /// The Unix socket to listen on.
         #[arg(long)]
         socket: PathBuf,
-        /// seccomp filters on nixvmm's threads: on (a forbidden call ends nixvmm, naming it), log
-        /// (the kernel logs it), off; virtiofsd's none, kill and trap are taken too.
-        #[arg(long, value_parser = parse_seccomp, default_value = "on")]
-        seccomp: Seccomp,
+        #[command(flatten)]
+        confinement: Confinement,
     },
     /// virtio-fs on a host directory (for vhost-user-fs-pci): a virtiofsd drop-in that also
     /// takes virtiofsd's options as qemu-vm.nix and runInLinuxVM pass them.
@@ -77,10 +75,8 @@ pub enum DeviceCommand {
         /// none or passthrough (qemu-vm.nix's security_model).
         #[arg(long, default_value = "none")]
         security_model: String,
-        /// seccomp filters on nixvmm's threads: on (a forbidden call ends nixvmm, naming it), log
-        /// (the kernel logs it), off; virtiofsd's none, kill and trap are taken too.
-        #[arg(long, value_parser = parse_seccomp, default_value = "on")]
-        seccomp: Seccomp,
+        #[command(flatten)]
+        confinement: Confinement,
     },
     /// virtio-blk on a raw or qcow2 image (for vhost-user-blk-pci).
     Blk {
@@ -90,10 +86,8 @@ pub enum DeviceCommand {
         /// path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID]
         #[arg(long, value_name = "OPTIONS")]
         disk: String,
-        /// seccomp filters on nixvmm's threads: on (a forbidden call ends nixvmm, naming it), log
-        /// (the kernel logs it), off; virtiofsd's none, kill and trap are taken too.
-        #[arg(long, value_parser = parse_seccomp, default_value = "on")]
-        seccomp: Seccomp,
+        #[command(flatten)]
+        confinement: Confinement,
     },
 }
 
@@ -180,10 +174,8 @@ pub struct RunArgs {
     /// file:PATH (output only).
     #[arg(long, default_value = "stdio")]
     pub serial: String,
-    /// seccomp filters on nixvmm's threads: on (a forbidden call ends nixvmm, naming it), log
-    /// (the kernel logs it), off; virtiofsd's none, kill and trap are taken too.
-    #[arg(long, value_parser = parse_seccomp, default_value = "on")]
-    pub seccomp: Seccomp,
+    #[command(flatten)]
+    pub confinement: Confinement,
 }
 
 /// `nixvmm device fs` (and virtiofsd's spelling of the same options).
@@ -204,6 +196,13 @@ pub struct FsArgs {
     /// virtiofsd's sandbox mode; nixvmm accepts `none` (it confines by file descriptors).
     #[arg(long, value_parser = ["none"])]
     pub sandbox: Option<String>,
+    #[command(flatten)]
+    pub confinement: Confinement,
+}
+
+/// `--seccomp`, for `run` and every `device`.
+#[derive(Debug, Args)]
+pub struct Confinement {
     /// seccomp filters on nixvmm's threads: on (a forbidden call ends nixvmm, naming it), log
     /// (the kernel logs it), off; virtiofsd's none, kill and trap are taken too.
     #[arg(long, value_parser = parse_seccomp, default_value = "on")]
@@ -216,7 +215,9 @@ pub fn parse_seccomp(text: &str) -> Result<Seccomp, String> {
         "on" | "kill" | "trap" => Ok(Seccomp::On),
         "log" => Ok(Seccomp::Log),
         "off" | "none" => Ok(Seccomp::Off),
-        other => Err(format!("{other:?}: expected on, log or off")),
+        other => Err(format!(
+            "{other:?}: expected on, log or off (or virtiofsd's kill, trap or none)"
+        )),
     }
 }
 
@@ -280,7 +281,7 @@ impl RunArgs {
             vsock: self.vsock.as_deref().map(parse_vsock).transpose()?,
             serial: parse_serial(&self.serial)?,
             tpm: self.tpm.as_deref().map(parse_tpm).transpose()?,
-            seccomp: self.seccomp,
+            seccomp: self.confinement.seccomp,
         };
         config.validate()?;
         Ok(config)
@@ -377,7 +378,11 @@ mod tests {
 
     #[test]
     fn seccomp_takes_nixvmms_words_and_virtiofsds() {
-        assert_eq!(run_args(&["run"]).seccomp, Seccomp::On, "on by default");
+        assert_eq!(
+            run_args(&["run"]).confinement.seccomp,
+            Seccomp::On,
+            "on by default"
+        );
         for (word, mode) in [
             ("on", Seccomp::On),
             ("log", Seccomp::Log),
@@ -387,7 +392,7 @@ mod tests {
             ("trap", Seccomp::On),
         ] {
             assert_eq!(
-                run_args(&["run", "--seccomp", word]).seccomp,
+                run_args(&["run", "--seccomp", word]).confinement.seccomp,
                 mode,
                 "{word}"
             );

@@ -4,7 +4,9 @@
 //! vsock/N`, `socat - VSOCK-CONNECT:N:22`). nixvmm keeps the PCI transport, the config space
 //! (the CID) and the event queue, which gets no events. The device is opened when the VM is
 //! built (on the main thread: a vCPU's seccomp filter opens no files) and kept for the VM's
-//! life, stopped and set up again when the driver resets and restarts it, as QEMU does.
+//! life, stopped and set up again when the driver resets and restarts it, as QEMU does (host
+//! AF_VSOCK connections thus outlive a driver reset; the new driver answers their packets
+//! with a reset).
 
 use std::sync::Arc;
 

@@ -246,14 +246,26 @@ fn run(
     exit: &ExitSender,
     seccomp: Seccomp,
 ) {
-    let confined = seccomp::confine(ThreadKind::Vcpu, Needs::default(), seccomp);
-    if let Err(e) = confined {
-        exit.send(VmExit::Failed(VmFailure::Seccomp {
-            vcpu: id,
-            reason: e.to_string(),
-        }));
-        park_until_exit(shared);
+    match seccomp::confine(ThreadKind::Vcpu, Needs::default(), seccomp) {
+        Ok(()) => run_until_exit(&mut vcpu, id, buses, shared, exit),
+        Err(e) => {
+            exit.send(VmExit::Failed(VmFailure::Seccomp {
+                vcpu: id,
+                reason: e.to_string(),
+            }));
+            park_until_exit(shared);
+        }
     }
+    let mut control = lock(shared);
+    control.immediate_exit = None;
+    control.state = VcpuState::Exited;
+    shared.changed.notify_all();
+    drop(control);
+    drop(vcpu);
+}
+
+/// Runs the guest on this vCPU until the VM asks the thread to exit or this vCPU ends the VM.
+fn run_until_exit(vcpu: &mut VcpuFd, id: u8, buses: &Buses, shared: &Shared, exit: &ExitSender) {
     loop {
         if obey(shared) {
             break;
@@ -313,12 +325,6 @@ fn run(
             break;
         }
     }
-    let mut control = lock(shared);
-    control.immediate_exit = None;
-    control.state = VcpuState::Exited;
-    shared.changed.notify_all();
-    drop(control);
-    drop(vcpu);
 }
 
 /// The signal that interrupts KVM_RUN so a vCPU thread sees a request.

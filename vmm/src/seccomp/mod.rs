@@ -80,11 +80,9 @@ pub fn needs(config: &VmConfig) -> Needs {
 /// filters of the thread that started them (the NIC's worker, below the main thread): with
 /// such forwards, those two filters log what they do not allow instead of stopping nixvmm.
 pub fn confine(kind: ThreadKind, needs: Needs, mode: Seccomp) -> Result<(), SeccompError> {
-    let starts_programs =
-        needs.processes && matches!(kind, ThreadKind::Vmm | ThreadKind::Device(DeviceKind::Net));
     let mismatch = match mode {
         Seccomp::Off => return Ok(()),
-        Seccomp::On if starts_programs => SeccompAction::Log,
+        Seccomp::On if rules::runs_programs(kind, needs) => SeccompAction::Log,
         Seccomp::On => SeccompAction::Trap,
         Seccomp::Log => SeccompAction::Log,
     };
@@ -135,8 +133,18 @@ thread_local! {
     static KIND: Cell<Option<ThreadKind>> = const { Cell::new(None) };
 }
 
+/// The first kind confined in this process: the filter of threads that installed none of
+/// their own but inherited it (the vhost-user daemon's threads under `nixvmm device`).
+static FIRST_KIND: std::sync::OnceLock<ThreadKind> = std::sync::OnceLock::new();
+
 fn remember_thread(kind: ThreadKind) {
     KIND.with(|k| k.set(Some(kind)));
+    let _ = FIRST_KIND.set(kind);
+}
+
+/// The kind whose filter the calling thread runs under, as far as this process knows.
+fn kind_of_this_thread() -> Option<ThreadKind> {
+    KIND.with(Cell::get).or_else(|| FIRST_KIND.get().copied())
 }
 
 fn install_sigsys_handler() {
@@ -171,7 +179,7 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     let number = unsafe { info.as_ref() }.map_or(-1, syscall_of);
     let mut line = Line::default();
     line.push("nixvmm: seccomp: the ");
-    line.push(KIND.with(Cell::get).map_or("unfiltered", ThreadKind::name));
+    line.push(kind_of_this_thread().map_or("unknown", ThreadKind::name));
     line.push(" thread made a system call its filter forbids: ");
     let name = u32::try_from(number)
         .ok()
@@ -181,11 +189,12 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     line.push(" (");
     line.push_number(number);
     line.push("). nixvmm stops. This is a bug in nixvmm; --seccomp log runs on and logs it.\n");
+    // First, so that the line is not written in raw mode.
+    crate::host::console::restore_terminal();
     // SAFETY: write and _exit are async-signal-safe; the buffer is valid for its length.
     unsafe {
         libc::write(libc::STDERR_FILENO, line.bytes.as_ptr().cast(), line.len);
     }
-    crate::host::console::restore_terminal();
     // SAFETY: ends the process at once, as the signal's default action would.
     unsafe { libc::_exit(128 + libc::SIGSYS) };
 }

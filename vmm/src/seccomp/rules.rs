@@ -93,7 +93,8 @@ const EVERY_THREAD: &[c_long] = &[
     SYS_epoll_pwait,
     SYS_epoll_ctl,
     SYS_fcntl,
-    // Answered ENOSYS by a second filter (see the module's documentation).
+    // Answered ENOSYS by a filter of its own, installed before this list (see the
+    // module's documentation).
     SYS_clone3,
 ];
 
@@ -321,7 +322,13 @@ fn device(kind: DeviceKind) -> Vec<&'static [c_long]> {
                 SYS_timerfd_gettime,
             ],
         ],
-        DeviceKind::Console | DeviceKind::Vsock => vec![SOCKETS, FILE_IO],
+        // A chardev that reconnects waits on a timerfd between tries.
+        DeviceKind::Console => vec![
+            SOCKETS,
+            FILE_IO,
+            &[SYS_timerfd_settime, SYS_timerfd_gettime],
+        ],
+        DeviceKind::Vsock => vec![SOCKETS, FILE_IO],
     }
 }
 
@@ -341,10 +348,7 @@ pub fn allowed(kind: ThreadKind, needs: Needs) -> BTreeMap<i64, Vec<SeccompRule>
     if starts_threads {
         lists.push(STARTS_THREADS);
     }
-    // libslirp runs guestfwd commands from the NIC's worker, which inherits the main
-    // thread's filter.
-    let processes =
-        needs.processes && matches!(kind, ThreadKind::Vmm | ThreadKind::Device(DeviceKind::Net));
+    let processes = runs_programs(kind, needs);
     if processes {
         lists.push(PROCESSES);
     }
@@ -359,6 +363,8 @@ pub fn allowed(kind: ThreadKind, needs: Needs) -> BTreeMap<i64, Vec<SeccompRule>
     };
     // The SIGSYS handler restores the terminal.
     only_with(SYS_ioctl, terminal_ioctl());
+    // A panic ends the process with abort(), which raises SIGABRT on its own thread.
+    only_with(SYS_tgkill, signal(SIGABRT));
     // Rust's set_nonblocking on a socket (a vsock or chardev peer, a slirp connection).
     if lists.contains(&SOCKETS) {
         only_with(SYS_ioctl, ioctl_request(FIONBIO));
@@ -375,6 +381,17 @@ pub fn allowed(kind: ThreadKind, needs: Needs) -> BTreeMap<i64, Vec<SeccompRule>
         only_with(SYS_clone, new_thread());
     }
     rules
+}
+
+/// Whether `kind`'s thread starts programs: libslirp runs guestfwd commands from the NIC's
+/// worker, which inherits the main thread's filter.
+pub fn runs_programs(kind: ThreadKind, needs: Needs) -> bool {
+    needs.processes && matches!(kind, ThreadKind::Vmm | ThreadKind::Device(DeviceKind::Net))
+}
+
+/// tgkill sending `number`.
+fn signal(number: c_int) -> SeccompRule {
+    SeccompRule::new(vec![arg(2, SeccompCmpOp::Eq, number as u64)]).expect("a valid rule")
 }
 
 fn arg(index: u8, op: SeccompCmpOp, value: u64) -> SeccompCondition {

@@ -94,16 +94,24 @@ fn device_workers_make_only_their_own_kind_of_calls() {
     for (kind, opens, sockets) in kinds {
         let (peer, _other) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
         let peer = peer.as_raw_fd();
-        let (open, socket, nonblocking) =
+        let timer = vmm_sys_util::timerfd::TimerFd::new().expect("a timerfd");
+        let timer_fd = timer.as_raw_fd();
+        let (open, socket, nonblocking, rearm) =
             confined(ThreadKind::Device(kind), Needs::default(), move || {
                 let (open, socket) = (open_tmp(), new_socket());
                 let on: libc::c_int = 1;
                 // SAFETY: FIONBIO reads an int through the pointer, which is valid.
                 let nonblocking = unsafe { libc::ioctl(peer, libc::FIONBIO, &on) };
+                // SAFETY: a zeroed itimerspec disarms the timer; the pointers are valid.
+                let rearm = unsafe {
+                    let off: libc::itimerspec = std::mem::zeroed();
+                    libc::timerfd_settime(timer_fd, 0, &off, std::ptr::null_mut())
+                };
                 let errnos = (
                     errno_of(open),
                     errno_of(socket),
                     errno_of(nonblocking.into()),
+                    errno_of(rearm.into()),
                 );
                 close(open);
                 close(socket);
@@ -116,6 +124,13 @@ fn device_workers_make_only_their_own_kind_of_calls() {
             nonblocking,
             expect(sockets),
             "FIONBIO from a {kind:?} worker"
+        );
+        // Slirp's timers, and a reconnecting chardev's wait between tries.
+        let timers = matches!(kind, Net | Console);
+        assert_eq!(
+            rearm,
+            expect(timers),
+            "timerfd_settime from a {kind:?} worker"
         );
     }
 }
@@ -275,4 +290,33 @@ fn guestfwd_forwards_are_what_needs_processes() {
         .expect("a NIC");
     config.nics.push(nic);
     assert_eq!(needs(&config), Needs { processes: true });
+}
+
+/// A panic ends nixvmm with abort(), which raises SIGABRT on the panicking thread: every
+/// filter lets that tgkill through (and no other signal). Both signals are blocked here, so
+/// the one sent waits on the thread and goes with it.
+#[test]
+fn every_thread_may_abort_and_signal_nothing_else() {
+    let (abort, usr1) = confined(
+        ThreadKind::Device(DeviceKind::Rng),
+        Needs::default(),
+        || {
+            // SAFETY: sigset_t is plain data, initialised by sigemptyset before use; only this
+            // thread's mask changes.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGABRT);
+                libc::sigaddset(&mut set, libc::SIGUSR1);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            // SAFETY: signals to this very thread, blocked above.
+            let send = |signal: libc::c_int| unsafe {
+                libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), signal)
+            };
+            (errno_of(send(libc::SIGABRT)), errno_of(send(libc::SIGUSR1)))
+        },
+    );
+    assert_eq!(abort, 0, "tgkill SIGABRT");
+    assert_eq!(usr1, libc::EPERM, "tgkill SIGUSR1");
 }
