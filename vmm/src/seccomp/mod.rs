@@ -14,8 +14,10 @@
 //! A system call outside a thread's filter: with [`Seccomp::On`] the thread gets SIGSYS, whose
 //! handler names the thread and the call on stderr, restores the terminal and ends nixvmm with
 //! status 159 (128 + SIGSYS); with [`Seccomp::Log`] the kernel logs it (audit, `dmesg`) and
-//! lets it through. glibc starts threads with clone3, whose flags a filter cannot read: every
-//! filter answers it ENOSYS, so glibc falls back to clone, whose flags the filters check.
+//! lets it through. glibc starts threads with clone3, whose flags a filter cannot read: the
+//! filter of a thread that starts threads or programs comes with a second one answering it
+//! ENOSYS, so glibc falls back to clone, whose flags the filters check. Other threads start
+//! nothing: clone3 is simply not on their lists.
 
 mod rules;
 
@@ -30,7 +32,7 @@ use crate::config::net::NetBackend;
 use crate::VmConfig;
 
 /// Whether nixvmm confines its threads (`--seccomp`, QEMU's `-sandbox`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Seccomp {
     /// A system call outside the thread's filter ends nixvmm with a message naming both.
     #[default]
@@ -94,22 +96,17 @@ pub fn confine(kind: ThreadKind, needs: Needs, mode: Seccomp) -> Result<(), Secc
 
 /// `kind`'s filter with `mismatch` for the calls it does not allow.
 fn install(kind: ThreadKind, needs: Needs, mismatch: SeccompAction) -> Result<(), SeccompError> {
-    let allowed = compile(
-        rules::allowed(kind, needs),
-        mismatch,
-        SeccompAction::Allow,
-        kind,
-    )?;
-    let clone3 = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
-    let no_clone3 = compile(
-        clone3,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        kind,
-    )?;
-    remember_thread(kind);
+    let mut programs = Vec::new();
+    if rules::starts_tasks(kind, needs) {
+        let clone3 = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+        let no_clone3 = SeccompAction::Errno(libc::ENOSYS as u32);
+        programs.push(compile(clone3, SeccompAction::Allow, no_clone3, kind)?);
+    }
     // The allow-list last: installing a filter is a prctl it need not allow.
-    for program in [&no_clone3, &allowed] {
+    let allowed = rules::allowed(kind, needs);
+    programs.push(compile(allowed, mismatch, SeccompAction::Allow, kind)?);
+    remember_thread(kind);
+    for program in &programs {
         seccompiler::apply_filter(program)
             .map_err(|source| SeccompError::Install { kind, source })?;
     }
@@ -216,15 +213,21 @@ impl Default for Line {
 
 impl Line {
     fn push(&mut self, text: &str) {
-        for &b in text.as_bytes() {
-            if let Some(slot) = self.bytes.get_mut(self.len) {
-                *slot = b;
-                self.len += 1;
-            }
-        }
+        self.push_bytes(text.as_bytes());
+    }
+
+    /// As much of `bytes` as fits.
+    fn push_bytes(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.bytes.len() - self.len);
+        self.bytes[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
     }
 
     fn push_number(&mut self, n: i64) {
+        if n < 0 {
+            self.push("-");
+        }
+        // u64::MAX has 20 digits.
         let mut digits = [0u8; 20];
         let mut at = digits.len();
         let mut rest = n.unsigned_abs();
@@ -232,16 +235,11 @@ impl Line {
             at -= 1;
             digits[at] = b'0' + (rest % 10) as u8;
             rest /= 10;
-            if rest == 0 || at == 0 {
+            if rest == 0 {
                 break;
             }
         }
-        if n < 0 {
-            self.push("-");
-        }
-        for &d in &digits[at..] {
-            self.push(char::from(d).encode_utf8(&mut [0; 4]));
-        }
+        self.push_bytes(&digits[at..]);
     }
 }
 

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use libc::*;
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 
 use super::Needs;
@@ -62,8 +63,6 @@ impl std::fmt::Display for ThreadKind {
     }
 }
 
-use libc::*;
-
 /// Every thread: memory, locks, signals, time, logging on stderr, its own exit.
 const EVERY_THREAD: &[c_long] = &[
     SYS_read,
@@ -93,14 +92,13 @@ const EVERY_THREAD: &[c_long] = &[
     SYS_epoll_pwait,
     SYS_epoll_ctl,
     SYS_fcntl,
-    // Answered ENOSYS by a filter of its own, installed before this list (see the
-    // module's documentation).
-    SYS_clone3,
 ];
 
 /// Threads that start threads (clone with CLONE_THREAD) and what a new thread does before
-/// its own filter is on, installing it included (prctl, seccomp).
+/// its own filter is on, installing it included (prctl, seccomp). clone3 is answered ENOSYS
+/// by a filter installed before this list (see the module's documentation).
 const STARTS_THREADS: &[c_long] = &[
+    SYS_clone3,
     SYS_set_robust_list,
     SYS_rseq,
     SYS_prctl,
@@ -280,6 +278,7 @@ const SERVE: &[c_long] = &[
 /// Starting a process (libslirp's guestfwd commands): what glib does between fork and exec,
 /// and what the program does until it runs (the dynamic loader).
 const PROCESSES: &[c_long] = &[
+    SYS_clone3,
     SYS_vfork,
     SYS_execve,
     SYS_dup2,
@@ -335,7 +334,7 @@ fn device(kind: DeviceKind) -> Vec<&'static [c_long]> {
 /// `kind`'s filter: each allowed call with the conditions under which it is (none: always).
 pub fn allowed(kind: ThreadKind, needs: Needs) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut lists: Vec<&[c_long]> = vec![EVERY_THREAD];
-    let starts_threads = matches!(kind, ThreadKind::Vmm | ThreadKind::Serve(_));
+    let starts_threads = starts_threads(kind);
     match kind {
         ThreadKind::Vmm => lists.extend([VMM, FILE_IO, FILESYSTEM, SOCKETS]),
         ThreadKind::Vcpu => lists.push(VCPU),
@@ -387,6 +386,15 @@ pub fn allowed(kind: ThreadKind, needs: Needs) -> BTreeMap<i64, Vec<SeccompRule>
 /// worker, which inherits the main thread's filter.
 pub fn runs_programs(kind: ThreadKind, needs: Needs) -> bool {
     needs.processes && matches!(kind, ThreadKind::Vmm | ThreadKind::Device(DeviceKind::Net))
+}
+
+fn starts_threads(kind: ThreadKind) -> bool {
+    matches!(kind, ThreadKind::Vmm | ThreadKind::Serve(_))
+}
+
+/// Whether `kind`'s thread starts threads or programs: glibc tries clone3 first there.
+pub fn starts_tasks(kind: ThreadKind, needs: Needs) -> bool {
+    starts_threads(kind) || runs_programs(kind, needs)
 }
 
 /// tgkill sending `number`.
