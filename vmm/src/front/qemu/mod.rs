@@ -82,18 +82,31 @@ pub fn unknown_falls_back() -> bool {
     std::env::var_os("NIXVMM_UNKNOWN").is_some_and(|v| v == "fallback")
 }
 
+/// `value`'s items, the first one given as `key=` when it was written without a key, as
+/// QEMU's implied first keys (`-smp 4`, `-machine pc`, `-sandbox on`).
+fn with_implied_key(value: &str, key: &str) -> Vec<String> {
+    let mut items = split_items(value);
+    if let Some(first) = items.first_mut().filter(|i| !i.contains('=')) {
+        *first = format!("{key}={first}");
+    }
+    items
+}
+
 /// `-sandbox on|off[,obsolete=…,elevateprivileges=…,spawn=…,resourcecontrol=…]`: nixvmm's
 /// filters are its own (an allow-list per thread, no process spawning but libslirp's guestfwd
 /// commands), so only on or off counts.
 fn sandbox(value: &str) -> Result<Seccomp> {
-    let items = split_items(value);
-    let first = items.first().map(String::as_str).unwrap_or_default();
-    let enable = first.strip_prefix("enable=").unwrap_or(first);
-    match enable {
-        "on" | "yes" | "true" => Ok(Seccomp::On),
-        "off" | "no" | "false" => Ok(Seccomp::Off),
-        other => Err(invalid(format!("-sandbox {other}: expected on or off"))),
-    }
+    let known = [
+        "enable",
+        "obsolete",
+        "elevateprivileges",
+        "spawn",
+        "resourcecontrol",
+    ];
+    let items = with_implied_key(value, "enable");
+    let o = Options::parse_items("-sandbox", items, &known, &[]).map_err(option_error)?;
+    let enabled = o.flag("enable", false).map_err(option_error)?;
+    Ok(if enabled { Seccomp::On } else { Seccomp::Off })
 }
 
 /// Who decompresses a bzImage's payload through this door: `NIXVMM_DECOMPRESS_KERNEL=host`
@@ -251,11 +264,7 @@ const MACHINE_NEUTRAL: &[&str] = &[
 
 impl Machine {
     fn parse(value: &str) -> Result<Machine> {
-        let mut items = split_items(value);
-        if items.first().is_some_and(|i| !i.contains('=')) {
-            let kind = items.remove(0);
-            items.insert(0, format!("type={kind}"));
-        }
+        let items = with_implied_key(value, "type");
         let mut known = vec!["type", "accel", "memory-backend"];
         known.extend_from_slice(MACHINE_NEUTRAL);
         let o = Options::parse_items("-machine", items, &known, &[]).map_err(option_error)?;
@@ -559,11 +568,7 @@ fn parse_memory(value: &str) -> Result<u64> {
 
 /// `-smp N[,cpus=N][,sockets=S][,dies=D][,cores=C][,threads=T][,maxcpus=M]`.
 fn parse_smp(value: &str) -> Result<u8> {
-    let mut items = split_items(value);
-    if items.first().is_some_and(|i| !i.contains('=')) {
-        let n = items.remove(0);
-        items.insert(0, format!("cpus={n}"));
-    }
+    let items = with_implied_key(value, "cpus");
     let o = Options::parse_items(
         "-smp",
         items,

@@ -640,7 +640,12 @@ fn sandbox_turns_nixvmms_filters_on_or_off_and_they_are_on_without_it() {
     assert_eq!(seccomp("-sandbox enable=off"), Seccomp::Off);
     let refused = files.error(&format!("-sandbox maybe {BOOT}"));
     assert!(
-        matches!(&refused, QemuError::Invalid(m) if m.contains("-sandbox maybe")),
+        matches!(&refused, QemuError::Invalid(m) if m.contains("-sandbox: enable=maybe")),
         "{refused:?}"
+    );
+    let unknown = files.error(&format!("-sandbox on,frobnicate=1 {BOOT}"));
+    assert!(
+        matches!(&unknown, QemuError::Unsupported(m) if m.contains("frobnicate")),
+        "{unknown:?}"
     );
 }
