@@ -86,6 +86,7 @@ impl Hosted {
     pub fn confined(name: &str, model: Model, confine: Confine) -> Result<Hosted, Error> {
         let (starts, start_rx) = mpsc::channel::<Start>();
         let (ready_tx, ready) = mpsc::channel();
+        let thread_name = name.to_string();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
@@ -93,7 +94,7 @@ impl Hosted {
                 let go_on = confined.is_ok();
                 let _ = ready_tx.send(confined);
                 if go_on {
-                    serve_activations(start_rx);
+                    serve_activations(&thread_name, start_rx);
                 }
             })
             .map_err(Error::Worker)?;
@@ -252,7 +253,7 @@ impl Drop for Hosted {
 }
 
 /// The device's thread: serves one activation after another until the device is dropped.
-fn serve_activations(starts: Receiver<Start>) {
+fn serve_activations(name: &str, starts: Receiver<Start>) {
     while let Ok(start) = starts.recv() {
         let Start {
             mut model,
@@ -265,12 +266,8 @@ fn serve_activations(starts: Receiver<Start>) {
         } = start;
         // Here, under this thread's filter: a NIC tells its tap the offloads.
         model.set_acked_features(activation.features);
-        let name = std::thread::current()
-            .name()
-            .unwrap_or("worker")
-            .to_string();
         let mut worker = WorkerLoop {
-            name,
+            name: name.to_string(),
             model,
             activation,
             wake,

@@ -10,42 +10,20 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use common::{desc, memory, request, DATA};
 use virtio::block::{Block, BlockConfig};
-use virtio::{Memory, QueueDevice};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
+
+mod common;
 
 const CHILD: &str = "NIXVMM_BLOCK_CRASH_IMAGE";
 const SLOT: usize = 64 << 10;
 const SLOTS: usize = 1024;
-const HEADER: u64 = 0x10_0000;
-const DATA: u64 = 0x20_0000;
-const STATUS: u64 = 0x30_0000;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 
 fn pattern(i: usize) -> u8 {
     (i % 251) as u8 + 1
-}
-
-fn request(block: &mut Block, mem: &Memory, kind: u32, sector: u64, data: Option<u32>) -> u8 {
-    let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&kind.to_le_bytes());
-    header[8..].copy_from_slice(&sector.to_le_bytes());
-    mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
-    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    let mut chain = vec![RawDescriptor::from(Descriptor::new(HEADER, 16, 0, 0))];
-    if let Some(len) = data {
-        chain.push(RawDescriptor::from(Descriptor::new(DATA, len, 0, 0)));
-    }
-    chain.push(RawDescriptor::from(Descriptor::new(STATUS, 1, 2, 0)));
-    let mock = MockSplitQueue::new(mem, 16);
-    mock.build_desc_chain(&chain).unwrap();
-    let mut queue: Queue = mock.create_queue().unwrap();
-    block.process_queue(0, &mut queue, mem).unwrap();
-    mem.read_obj(GuestAddress(STATUS)).unwrap()
 }
 
 /// The child: writes slot after slot, each followed by a flush, and says which it flushed.
@@ -57,28 +35,19 @@ fn write_until_killed(image: &Path) -> ! {
         serial: None,
     })
     .unwrap();
-    let mem = Memory::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+    let mem = memory();
     let mut out = std::io::stdout().lock();
     for i in 0..SLOTS {
         mem.write_slice(&[pattern(i); SLOT], GuestAddress(DATA))
             .unwrap();
         let sector = (i * SLOT / 512) as u64;
-        assert_eq!(
-            request(&mut block, &mem, T_OUT, sector, Some(SLOT as u32)),
-            0
-        );
-        assert_eq!(request(&mut block, &mem, T_FLUSH, 0, None), 0);
+        let data = [desc(DATA, SLOT as u32, 0)];
+        assert_eq!(request(&mut block, &mem, T_OUT, sector, &data).0, 0);
+        assert_eq!(request(&mut block, &mem, T_FLUSH, 0, &[]).0, 0);
         writeln!(out, "FLUSHED {i}").unwrap();
         out.flush().unwrap();
     }
     std::process::exit(0)
-}
-
-#[test]
-fn the_writer_child() {
-    if let Some(image) = std::env::var_os(CHILD) {
-        write_until_killed(Path::new(&image));
-    }
 }
 
 fn qemu(tool: &str, args: &[&str]) -> std::process::Output {
@@ -94,9 +63,8 @@ fn write_and_kill(image: &Path, flushes: usize) -> usize {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "the_writer_child",
+            "a_killed_writer_leaves_every_flushed_write_and_a_clean_image",
             "--nocapture",
-            "--test-threads=1",
         ])
         .env(CHILD, image)
         .stdout(Stdio::piped())
@@ -157,6 +125,9 @@ fn check(image: &Path, format: &str, last: usize, base: Option<u8>) {
 
 #[test]
 fn a_killed_writer_leaves_every_flushed_write_and_a_clean_image() {
+    if let Some(image) = std::env::var_os(CHILD) {
+        write_until_killed(Path::new(&image));
+    }
     let dir = tempfile::tempdir().unwrap();
     let size = format!("{}", SLOTS * SLOT);
     for (n, (format, backing, flushes)) in [
