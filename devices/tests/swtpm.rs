@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use devices::bus::BusDevice;
 use devices::tpm::swtpm::{Swtpm, SwtpmError};
+use devices::tpm::worker::SwtpmWorker;
+use devices::tpm::TpmTis;
 
 struct Running(Child);
 
@@ -189,4 +192,169 @@ fn a_swtpm_lacking_a_needed_command_is_refused_by_name() {
         assert!(err.contains(missing), "{err}");
     }
     assert!(!err.contains("INIT,"), "{err}");
+}
+
+/// A TIS device on a worker serving `tpm`, and the worker.
+fn tis_on_worker(tpm: Swtpm) -> (TpmTis, SwtpmWorker) {
+    let worker = SwtpmWorker::start(tpm, Box::new(|| Ok(()))).unwrap();
+    worker.power_on().unwrap();
+    (TpmTis::new(Box::new(worker.backend())), worker)
+}
+
+const STS: u64 = 0x18;
+const FIFO: u64 = 0x24;
+const STS_VALID: u32 = 1 << 7;
+const STS_DATA_AVAIL: u32 = 1 << 4;
+const COMMAND_READY: u8 = 1 << 6;
+const GO: u8 = 1 << 5;
+const COMMAND_CANCEL: u8 = 1; // bit 24: byte 3
+
+fn sts(tis: &mut TpmTis) -> u32 {
+    let mut b = [0u8; 4];
+    tis.read(STS, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// Locality 0 sends `command` up to tpmGo; returns how long the tpmGo write took.
+fn send(tis: &mut TpmTis, command: &[u8]) -> Duration {
+    tis.write(0, &[1 << 1]); // TPM_ACCESS.requestUse
+    tis.write(STS, &[COMMAND_READY]);
+    tis.write(FIFO, command);
+    let go = Instant::now();
+    tis.write(STS, &[GO]);
+    go.elapsed()
+}
+
+/// Polls TPM_STS as Linux's tpm_tis does until dataAvail (or `limit`), then reads the
+/// response.
+fn poll_response(tis: &mut TpmTis, limit: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + limit;
+    while sts(tis) & (STS_VALID | STS_DATA_AVAIL) != STS_VALID | STS_DATA_AVAIL {
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut response = Vec::new();
+    while sts(tis) & STS_DATA_AVAIL != 0 {
+        let mut b = [0u8];
+        tis.read(FIFO, &mut b);
+        response.push(b[0]);
+    }
+    Some(response)
+}
+
+#[test]
+fn commands_run_off_the_vcpu_and_a_cancel_keeps_the_control_channel_in_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_swtpm, control) = start_swtpm(tmp.path(), false);
+    let (mut tis, worker) = tis_on_worker(Swtpm::connect(&control).unwrap());
+    send(&mut tis, &STARTUP_CLEAR);
+    let startup = poll_response(&mut tis, Duration::from_secs(30)).unwrap();
+    assert_eq!(rc(&startup), 0);
+    // commandCancel while GetRandom runs (or just after: swtpm reads its control channel
+    // between commands): GetRandom still answers, the cancel's reply is read before the
+    // next control request's, and later commands are not cancelled.
+    for _ in 0..3 {
+        send(&mut tis, &GET_RANDOM_8);
+        tis.write(STS + 3, &[COMMAND_CANCEL]);
+        let random = poll_response(&mut tis, Duration::from_secs(30)).unwrap();
+        assert!([0, 0x909].contains(&rc(&random)), "{random:x?}");
+        tis.write(STS, &[COMMAND_READY]);
+    }
+    // Control requests after the cancels: a locality change and a power-on (a reboot).
+    tis.write(0, &[1 << 5]); // relinquish locality 0
+    tis.write(0x3000, &[1 << 1]); // locality 3
+    tis.write(0x3000 + STS, &[COMMAND_READY]);
+    tis.write(0x3000 + FIFO, &GET_RANDOM_8);
+    tis.write(0x3000 + STS, &[GO]);
+    let mut b = [0u8; 4];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while {
+        tis.read(0x3000 + STS, &mut b);
+        u32::from_le_bytes(b) & STS_DATA_AVAIL == 0
+    } {
+        assert!(Instant::now() < deadline, "no response at locality 3");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    worker.power_on().unwrap();
+    let mut tis = TpmTis::new(Box::new(worker.backend()));
+    send(&mut tis, &STARTUP_CLEAR);
+    assert_eq!(
+        rc(&poll_response(&mut tis, Duration::from_secs(30)).unwrap()),
+        0
+    );
+    send(&mut tis, &GET_RANDOM_8);
+    let random = poll_response(&mut tis, Duration::from_secs(30)).unwrap();
+    assert_eq!(rc(&random), 0, "{random:x?}");
+    worker.shut_down().unwrap();
+}
+
+/// A swtpm that answers its control channel but never a TPM command: a control socket
+/// `dir/socket.ctrl` without SET_DATAFD, and a data socket `dir/socket` beside it.
+fn start_mute_swtpm(dir: &Path) -> PathBuf {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+    let control = dir.join("socket.ctrl");
+    let control_listener = UnixListener::bind(&control).unwrap();
+    let data_listener = UnixListener::bind(dir.join("socket")).unwrap();
+    std::thread::spawn(move || {
+        let Ok((mut peer, _)) = control_listener.accept() else {
+            return;
+        };
+        // INIT, SHUTDOWN, SET_LOCALITY, STOP, SET_BUFFERSIZE.
+        let caps: u64 = 1 | 2 | 8 | (1 << 10) | (1 << 13);
+        let mut code = [0u8; 4];
+        while peer.read_exact(&mut code).is_ok() {
+            let (body, reply): (usize, Vec<u8>) = match u32::from_be_bytes(code) {
+                1 => (0, caps.to_be_bytes().to_vec()),
+                2 => (4, vec![0; 4]), // INIT
+                5 => (1, vec![0; 4]), // SET_LOCALITY
+                17 => (
+                    4,
+                    [0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 16, 0, 0, 0, 16, 0].to_vec(),
+                ),
+                _ => (0, vec![0; 4]), // STOP, SHUTDOWN
+            };
+            let mut skip = vec![0u8; body];
+            if peer.read_exact(&mut skip).is_err() || peer.write_all(&reply).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        // Takes the command and never answers.
+        if let Ok((mut peer, _)) = data_listener.accept() {
+            let mut sink = [0u8; 4096];
+            while matches!(peer.read(&mut sink), Ok(n) if n > 0) {}
+        }
+    });
+    control
+}
+
+#[test]
+fn a_swtpm_that_never_answers_holds_no_vcpu_and_its_command_fails_after_the_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let control = start_mute_swtpm(tmp.path());
+    let mut tpm = Swtpm::connect(&control).unwrap();
+    tpm.set_command_timeout(Duration::from_secs(2)).unwrap();
+    let (mut tis, worker) = tis_on_worker(tpm);
+    // tpmGo returns at once; the guest polls and gives up as Linux does (commandReady).
+    assert!(send(&mut tis, &STARTUP_CLEAR) < Duration::from_millis(500));
+    assert_eq!(poll_response(&mut tis, Duration::from_millis(500)), None);
+    tis.write(STS, &[COMMAND_READY]);
+    assert_eq!(sts(&mut tis) & STS_DATA_AVAIL, 0);
+    // The next command waits behind the first, which breaks the connection at its
+    // timeout: it gets TPM_RC_FAILURE, as every later one.
+    assert!(send(&mut tis, &GET_RANDOM_8) < Duration::from_millis(500));
+    let failed = poll_response(&mut tis, Duration::from_secs(30)).unwrap();
+    assert_eq!(rc(&failed), 0x101, "TPM_RC_FAILURE: {failed:x?}");
+    tis.write(STS, &[COMMAND_READY]);
+    send(&mut tis, &GET_RANDOM_8);
+    let started = Instant::now();
+    let failed = poll_response(&mut tis, Duration::from_secs(30)).unwrap();
+    assert_eq!(rc(&failed), 0x101);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // A reboot's power-on is refused now (the caller decides what that means).
+    assert!(matches!(worker.power_on(), Err(SwtpmError::Broken { .. })));
 }

@@ -9,15 +9,30 @@ use devices::bus::BusDevice;
 use devices::tpm::{TpmBackend, TpmTis};
 use libfuzzer_sys::fuzz_target;
 
-/// Answers each command with bytes taken from the fuzzer's input.
+/// Answers each command with bytes taken from the fuzzer's input, on the second poll.
 struct Echo {
     response: Vec<u8>,
+    polls: Option<u8>,
 }
 
 impl TpmBackend for Echo {
-    fn execute(&mut self, _locality: u8, command: &[u8]) -> Vec<u8> {
+    fn start(&mut self, _locality: u8, command: Vec<u8>) {
         assert!(command.len() <= 4096, "a {}-byte command", command.len());
-        self.response.clone()
+        assert!(self.polls.is_none(), "a command started while one runs");
+        self.polls = Some(0);
+    }
+    fn response(&mut self) -> Option<Vec<u8>> {
+        let polls = self.polls.as_mut().expect("polled while no command runs");
+        *polls += 1;
+        if *polls < 2 {
+            return None;
+        }
+        self.polls = None;
+        Some(self.response.clone())
+    }
+    fn cancel(&mut self) {}
+    fn abandon(&mut self) {
+        self.polls = None;
     }
     fn established(&mut self) -> bool {
         true
@@ -29,6 +44,7 @@ fuzz_target!(|data: &[u8]| {
     let (response, ops) = data.split_at(data.len().min(64));
     let mut tis = TpmTis::new(Box::new(Echo {
         response: response.to_vec(),
+        polls: None,
     }));
     // Each access: kind and size (1 byte), offset (2 bytes), value (4 bytes).
     for op in ops.chunks_exact(7) {

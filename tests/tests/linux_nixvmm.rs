@@ -2082,12 +2082,23 @@ fn tier4_tpm_through_swtpm_random_pcrs_persistent_state_and_a_dying_swtpm() {
         "{nv_after}echo PCR16_AFTER=$(cat /sys/class/tpm/tpm0/pcr-sha256/16)\n",
         nv_after = tpm_line("NV_AFTER", NV_READ_PUBLIC),
     );
-    // Boot 3: swtpm is killed while the guest runs; its next command fails, nixvmm goes on.
+    // Boot 3: swtpm is killed while the guest runs; its next command fails, nixvmm goes on,
+    // and the guest reboots (a 9p share tells the boots apart): the TPM cannot power on,
+    // the guest boots without a working TPM, and nixvmm still says it only once.
     let third = format!(
-        "echo KILL-SWTPM-NOW\n\
+        "mount -t 9p -o trans=virtio,version=9p2000.L state /mnt || exit 1\n\
+         if [ -e /mnt/booted ]; then\n\
+           echo REBOOTED_TPM=$([ -c /dev/tpmrm0 ] && echo bound || echo unbound)\n\
+           [ -c /dev/tpmrm0 ] && {again}\
+           echo REBOOTED=alive; umount /mnt; exit 0\n\
+         fi\n\
+         touch /mnt/booted; sync\n\
+         echo KILL-SWTPM-NOW\n\
          sleep 5\n\
-         {dead}echo AFTER_DEATH=alive\n",
+         {dead}echo AFTER_DEATH=alive\n\
+         umount /mnt; reboot -f\n",
         dead = tpm_line("DEAD", GET_RANDOM),
+        again = tpm_line("AGAIN", GET_RANDOM),
     );
     let guest = |script: &str, socket: &str| {
         Guest {
@@ -2100,11 +2111,25 @@ fn tier4_tpm_through_swtpm_random_pcrs_persistent_state_and_a_dying_swtpm() {
         .command()
     };
     let d = "/tmp/nixvmm-tier4-tpm";
+    let rebooting = Guest {
+        modules: &["virtio_pci", "9pnet_virtio", "9p"],
+        script: &third,
+        files: &files,
+        args: args(&[
+            "--tpm",
+            &format!("socket={d}/socket"),
+            "--share",
+            &format!("tag=state,path={d}/share"),
+        ]),
+        no_reboot: false,
+        ..Guest::default()
+    }
+    .command();
     // `boot START VM…` starts swtpm (swtpm ends when nixvmm shuts the TPM down) and the VM;
     // a VM reset by nested SVM before /init (see `tier4::reset_before_init`) boots once more.
     let job = format!(
         "set -u\n\
-         rm -rf {d}; mkdir -p {d}/state\n\
+         rm -rf {d}; mkdir -p {d}/state {d}/share\n\
          wait_for() {{ for i in $(seq 100); do [ -S $1 ] && break; sleep 0.1; done; }}\n\
          control_only() {{\n\
            rm -f {d}/socket\n\
@@ -2142,7 +2167,7 @@ fn tier4_tpm_through_swtpm_random_pcrs_persistent_state_and_a_dying_swtpm() {
          [ $rc1 = 0 ] && [ $rc2 = 0 ] && [ $rc3 = 0 ]",
         one = guest(&first, &format!("{d}/socket")),
         two = guest(&second, &format!("{d}/data.ctrl")),
-        three = guest(&third, &format!("{d}/socket")),
+        three = rebooting,
         reset = reset_before_init_in(&format!("{d}/console")),
     );
     let log = host().run(&job, BOOT_LIMIT * 2).unwrap();
@@ -2176,11 +2201,20 @@ fn tier4_tpm_through_swtpm_random_pcrs_persistent_state_and_a_dying_swtpm() {
         "TPM_RC_FAILURE:\n{tail}"
     );
     assert_eq!(log.value_of("AFTER_DEATH"), Some("alive"), "{tail}");
+    assert_eq!(log.value_of("REBOOTED"), Some("alive"), "{tail}");
+    if log.value_of("REBOOTED_TPM") == Some("bound") {
+        assert_eq!(log.value_of("AGAIN_RC"), Some("00000101"), "{tail}");
+    }
     let said = log
         .console
         .matches("the guest's TPM commands fail from now on")
         .count();
     assert_eq!(said, 1, "said once:\n{tail}");
+    let tpm_lines = log.console.matches("TPM: --tpm socket=").count();
+    assert_eq!(
+        tpm_lines, 1,
+        "nothing more said, at reboot or exit:\n{tail}"
+    );
     assert_eq!(log.value_of("RCS"), Some("0,0,0"), "{tail}");
 }
 

@@ -64,6 +64,9 @@ fn bad_input_gets_one_clear_line_and_status_1() {
         &["run", "--kernel", not_a_kernel, "--initrd", "/no/initrd"],
         "initrd /no/initrd",
     );
+    let no_swtpm = &["run", "--tpm", "socket=/no/such/socket"];
+    assert_clear_error(no_swtpm, "--tpm socket=/no/such/socket: cannot connect");
+    assert_clear_error(no_swtpm, "start swtpm first");
 }
 
 #[test]

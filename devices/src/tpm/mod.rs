@@ -5,18 +5,28 @@
 //! The register state machine follows the TCG PC Client Platform TPM Profile: a locality
 //! requests use through TPM_ACCESS; the active one writes commandReady, the command into the
 //! data FIFO (TPM_STS.Expect tells whether more is due), then tpmGo; the response is read
-//! back from the FIFO while TPM_STS.dataAvail is set. The command runs during the tpmGo
-//! write, on the vCPU that wrote it (a software TPM answers in milliseconds).
+//! back from the FIFO while TPM_STS.dataAvail is set. The backend runs the command
+//! elsewhere (swtpm, through [`worker::SwtpmWorker`]'s thread): the tpmGo write returns at
+//! once, the guest polls TPM_STS until dataAvail, and may cancel (commandCancel) or abort
+//! (commandReady) meanwhile, so a slow or hung swtpm never holds a vCPU.
 
 pub mod swtpm;
+pub mod worker;
 
 use crate::bus::BusDevice;
 
-/// Runs TPM commands.
+/// Runs TPM commands, one at a time, without blocking the caller.
 pub trait TpmBackend: Send {
-    /// The response to `command` sent from `locality`; a backend that cannot run it answers
-    /// with a TPM error response.
-    fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8>;
+    /// Starts running `command` sent from `locality`; its response comes from
+    /// [`TpmBackend::response`].
+    fn start(&mut self, locality: u8, command: Vec<u8>);
+    /// The started command's response once it is there (a backend that cannot run it
+    /// answers with a TPM error response); `None` while it runs.
+    fn response(&mut self) -> Option<Vec<u8>>;
+    /// Asks the TPM to cancel the running command (it may finish anyway).
+    fn cancel(&mut self);
+    /// Forgets the running command: its response, whenever it comes, is dropped.
+    fn abandon(&mut self);
     /// The tpmEstablishment flag.
     fn established(&mut self) -> bool;
     fn reset_established(&mut self, locality: u8);
@@ -56,6 +66,7 @@ const STS_DATA_AVAIL: u32 = 1 << 4;
 const STS_GO: u32 = 1 << 5;
 const STS_COMMAND_READY: u32 = 1 << 6;
 const STS_VALID: u32 = 1 << 7;
+const STS_COMMAND_CANCEL: u32 = 1 << 24;
 const STS_RESET_ESTABLISHMENT: u32 = 1 << 25;
 const STS_FAMILY_TPM2: u32 = 1 << 26;
 
@@ -84,6 +95,8 @@ enum State {
     Idle,
     Ready,
     Reception,
+    /// The backend runs the command.
+    Execution,
     Completion,
 }
 
@@ -130,9 +143,21 @@ impl TpmTis {
             && self.command.len() < BUFFER_MAX
     }
 
-    fn status(&self) -> u32 {
+    /// Takes the running command's response if it is there.
+    fn poll_execution(&mut self) {
+        if self.state == State::Execution {
+            if let Some(response) = self.backend.response() {
+                self.response = response;
+                self.read_at = 0;
+                self.state = State::Completion;
+            }
+        }
+    }
+
+    fn status(&mut self) -> u32 {
+        self.poll_execution();
         let (bits, burst) = match self.state {
-            State::Idle => (STS_VALID, 0),
+            State::Idle | State::Execution => (STS_VALID, 0),
             State::Ready => (STS_COMMAND_READY | STS_VALID, BUFFER_MAX),
             State::Reception => {
                 let expect = if self.expecting() { STS_EXPECT } else { 0 };
@@ -182,7 +207,11 @@ impl TpmTis {
         self.state = State::Idle;
     }
 
+    /// Drops the command or response in the FIFO, and a running command's coming response.
     fn abort(&mut self) {
+        if self.state == State::Execution {
+            self.backend.abandon();
+        }
         self.command.clear();
         self.response.clear();
         self.read_at = 0;
@@ -226,25 +255,29 @@ impl TpmTis {
         if value & STS_RESET_ESTABLISHMENT != 0 && locality == 3 {
             self.backend.reset_established(locality);
         }
+        if value & STS_COMMAND_CANCEL != 0 && self.state == State::Execution {
+            self.backend.cancel();
+        }
         // One command at a time; a write naming several does nothing (as QEMU).
         let command = value & (STS_COMMAND_READY | STS_GO | STS_RESPONSE_RETRY);
         if command == STS_COMMAND_READY {
-            // Ready for a command, or abort the one received or answered.
+            // Ready for a command, or abort the one received, running or answered.
             self.abort();
             self.state = State::Ready;
         } else if command == STS_GO {
             if self.state == State::Reception && !self.expecting() {
-                self.response = match self.expected_len() {
-                    Some(n) if n >= 10 && n == self.command.len() => {
-                        self.backend.execute(locality, &self.command)
-                    }
+                let whole = self.expected_len() == Some(self.command.len());
+                let command = std::mem::take(&mut self.command);
+                if whole && command.len() >= 10 {
+                    self.backend.start(locality, command);
+                    self.state = State::Execution;
+                } else {
                     // A header whose size is not what came (too short, or beyond the
                     // buffer): answered here, as a TPM would.
-                    _ => error_response(TPM_RC_COMMAND_SIZE),
-                };
-                self.command.clear();
-                self.read_at = 0;
-                self.state = State::Completion;
+                    self.response = error_response(TPM_RC_COMMAND_SIZE);
+                    self.read_at = 0;
+                    self.state = State::Completion;
+                }
             }
         } else if command == STS_RESPONSE_RETRY && self.state == State::Completion {
             self.read_at = 0;
@@ -265,6 +298,7 @@ impl TpmTis {
     }
 
     fn read_fifo(&mut self, data: &mut [u8]) {
+        self.poll_execution();
         for byte in data.iter_mut() {
             *byte = match self.response.get(self.read_at) {
                 Some(b) if self.state == State::Completion => {

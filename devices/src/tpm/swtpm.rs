@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -21,6 +22,7 @@ const CMD_INIT: u32 = 2;
 const CMD_SHUTDOWN: u32 = 3;
 const CMD_GET_TPMESTABLISHED: u32 = 4;
 const CMD_SET_LOCALITY: u32 = 5;
+const CMD_CANCEL_TPM_CMD: u32 = 9;
 const CMD_RESET_TPMESTABLISHED: u32 = 11;
 const CMD_STOP: u32 = 14;
 const CMD_SET_DATAFD: u32 = 16;
@@ -31,6 +33,7 @@ const CAP_INIT: u64 = 1 << 0;
 const CAP_SHUTDOWN: u64 = 1 << 1;
 const CAP_GET_TPMESTABLISHED: u64 = 1 << 2;
 const CAP_SET_LOCALITY: u64 = 1 << 3;
+const CAP_CANCEL_TPM_CMD: u64 = 1 << 5;
 const CAP_RESET_TPMESTABLISHED: u64 = 1 << 7;
 const CAP_STOP: u64 = 1 << 10;
 const CAP_SET_DATAFD: u64 = 1 << 12;
@@ -51,8 +54,8 @@ pub const BUFFER_SIZE: u32 = 4096;
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one TPM command may take (an RSA key generation by a software TPM on a slow,
 /// emulated host takes tens of seconds; Linux's longest TPM2 duration is 300 s). swtpm
-/// serves its control channel only between commands, so a command cannot be cancelled:
-/// one that runs out of time breaks the connection.
+/// reads its control channel only between commands, so a cancel cannot end a command that
+/// never ends: one that runs out of time breaks the connection.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +87,10 @@ pub enum SwtpmError {
     BufferSize { path: PathBuf, size: u32 },
     #[error("--tpm socket={}: the connection to swtpm failed earlier", path.display())]
     Broken { path: PathBuf },
+    #[error("--tpm socket={}: swtpm did not answer within {seconds} s", path.display())]
+    Unanswered { path: PathBuf, seconds: u64 },
+    #[error("--tpm socket={}: the TPM thread: {reason}", path.display())]
+    Thread { path: PathBuf, reason: String },
 }
 
 /// Turns an I/O error while doing `what` with the swtpm at `path` into a [`SwtpmError`].
@@ -95,10 +102,43 @@ fn io_error<'a>(path: &'a Path, what: &'static str) -> impl Fn(std::io::Error) -
     }
 }
 
+/// The sending side of the control channel, shared with a [`Canceller`] so that a cancel can
+/// go out while a command runs. swtpm answers control requests in the order they came, so a
+/// request's reply follows one reply per cancel sent before it.
+struct ControlWriter {
+    stream: UnixStream,
+    unanswered_cancels: u32,
+}
+
+/// Sends CANCEL_TPM_CMD to a [`Swtpm`] from another thread than the one running its command.
+#[derive(Clone)]
+pub struct Canceller {
+    writer: Option<Arc<Mutex<ControlWriter>>>,
+}
+
+impl Canceller {
+    /// Asks swtpm to cancel the running command. Never waits: if a request is being sent
+    /// just then, or swtpm cannot cancel, nothing is sent (a cancel is only a request; swtpm
+    /// reads it once the command is done, and libtpms clears it when the next one starts).
+    pub fn cancel(&self) {
+        let Some(Ok(mut writer)) = self.writer.as_ref().map(|w| w.try_lock()) else {
+            return;
+        };
+        if writer
+            .stream
+            .write_all(&CMD_CANCEL_TPM_CMD.to_be_bytes())
+            .is_ok()
+        {
+            writer.unanswered_cancels += 1;
+        }
+    }
+}
+
 /// A connection to one swtpm, kept for the whole run (across guest reboots).
 pub struct Swtpm {
     path: PathBuf,
     control: UnixStream,
+    writer: Arc<Mutex<ControlWriter>>,
     data: UnixStream,
     caps: u64,
     locality: Option<u8>,
@@ -144,9 +184,14 @@ impl Swtpm {
         let data = Self::data_channel(path, &control, caps)?;
         data.set_read_timeout(Some(COMMAND_TIMEOUT))
             .map_err(io("data socket"))?;
+        let writer = ControlWriter {
+            stream: control.try_clone().map_err(io("control socket"))?,
+            unanswered_cancels: 0,
+        };
         Ok(Swtpm {
             path: path.to_path_buf(),
             control,
+            writer: Arc::new(Mutex::new(writer)),
             data,
             caps,
             locality: None,
@@ -200,6 +245,25 @@ impl Swtpm {
         }
     }
 
+    /// The control socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How to cancel this swtpm's running command from another thread.
+    pub fn canceller(&self) -> Canceller {
+        let can = self.caps & CAP_CANCEL_TPM_CMD != 0;
+        Canceller {
+            writer: can.then(|| self.writer.clone()),
+        }
+    }
+
+    /// Sets how long one TPM command may take (300 s unless set).
+    pub fn set_command_timeout(&mut self, timeout: Duration) -> Result<(), SwtpmError> {
+        let result = self.data.set_read_timeout(Some(timeout));
+        result.map_err(self.io("data socket"))
+    }
+
     fn io(&self, what: &'static str) -> impl Fn(std::io::Error) -> SwtpmError + '_ {
         io_error(&self.path, what)
     }
@@ -233,7 +297,16 @@ impl Swtpm {
         self.guarded(|tpm| {
             let mut request = command.to_be_bytes().to_vec();
             request.extend_from_slice(body);
-            tpm.control.write_all(&request).map_err(tpm.io(what))?;
+            let unanswered = {
+                let mut writer = tpm.writer.lock().unwrap_or_else(|p| p.into_inner());
+                writer.stream.write_all(&request).map_err(tpm.io(what))?;
+                std::mem::take(&mut writer.unanswered_cancels)
+            };
+            for _ in 0..unanswered {
+                let mut cancel_reply = [0u8; 4];
+                let read = tpm.control.read_exact(&mut cancel_reply);
+                read.map_err(tpm.io("CANCEL_TPM_CMD reply"))?;
+            }
             let (result, rest) = reply.split_at_mut(4);
             tpm.control.read_exact(result).map_err(tpm.io(what))?;
             let code = u32::from_be_bytes([result[0], result[1], result[2], result[3]]);
@@ -341,67 +414,5 @@ impl Swtpm {
             &[locality],
             &mut reply,
         )
-    }
-}
-
-/// The TIS device's backend: the run's one swtpm, shared across guest reboots. A failing
-/// swtpm is said once on stderr; from then on each command it cannot run gets
-/// TPM_RC_FAILURE, as a broken TPM answers.
-pub struct SharedSwtpm {
-    tpm: std::sync::Arc<std::sync::Mutex<Swtpm>>,
-    failed: bool,
-    /// The tpmEstablishment flag, asked once per boot (the guest reads TPM_ACCESS often).
-    established: Option<bool>,
-}
-
-impl SharedSwtpm {
-    pub fn new(tpm: std::sync::Arc<std::sync::Mutex<Swtpm>>) -> SharedSwtpm {
-        SharedSwtpm {
-            tpm,
-            failed: false,
-            established: None,
-        }
-    }
-
-    fn tpm(&self) -> std::sync::MutexGuard<'_, Swtpm> {
-        self.tpm.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn failure(&mut self, e: SwtpmError) {
-        if !self.failed {
-            self.failed = true;
-            log::error!("TPM: {e}; the guest's TPM commands fail from now on");
-        }
-    }
-}
-
-impl super::TpmBackend for SharedSwtpm {
-    fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8> {
-        let result = self.tpm().execute(locality, command);
-        result.unwrap_or_else(|e| {
-            self.failure(e);
-            super::error_response(super::TPM_RC_FAILURE)
-        })
-    }
-
-    fn established(&mut self) -> bool {
-        if let Some(flag) = self.established {
-            return flag;
-        }
-        let result = self.tpm().established();
-        let flag = result.unwrap_or_else(|e| {
-            self.failure(e);
-            false
-        });
-        self.established = Some(flag);
-        flag
-    }
-
-    fn reset_established(&mut self, locality: u8) {
-        self.established = None;
-        let result = self.tpm().reset_established(locality);
-        if let Err(e) = result {
-            self.failure(e);
-        }
     }
 }

@@ -5,19 +5,38 @@ use std::sync::{Arc, Mutex};
 /// A command as the backend got it: its locality and bytes.
 type Sent = (u8, Vec<u8>);
 
-/// Records each command with its locality and answers with a fixed response.
+/// Records each command with its locality and answers with a fixed response, at once or,
+/// while `held`, only once released.
 #[derive(Clone, Default)]
 struct Fake {
     seen: Arc<Mutex<Vec<Sent>>>,
     established: Arc<Mutex<bool>>,
+    held: Arc<Mutex<bool>>,
+    cancels: Arc<Mutex<usize>>,
+    running: bool,
 }
 
 const RESPONSE: [u8; 14] = [0x80, 0x01, 0, 0, 0, 14, 0, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef];
 
 impl TpmBackend for Fake {
-    fn execute(&mut self, locality: u8, command: &[u8]) -> Vec<u8> {
-        self.seen.lock().unwrap().push((locality, command.to_vec()));
-        RESPONSE.to_vec()
+    fn start(&mut self, locality: u8, command: Vec<u8>) {
+        assert!(!self.running, "a command started while one runs");
+        self.seen.lock().unwrap().push((locality, command));
+        self.running = true;
+    }
+    fn response(&mut self) -> Option<Vec<u8>> {
+        assert!(self.running, "a response asked for while none runs");
+        if *self.held.lock().unwrap() {
+            return None;
+        }
+        self.running = false;
+        Some(RESPONSE.to_vec())
+    }
+    fn cancel(&mut self) {
+        *self.cancels.lock().unwrap() += 1;
+    }
+    fn abandon(&mut self) {
+        self.running = false;
     }
     fn established(&mut self) -> bool {
         *self.established.lock().unwrap()
@@ -317,4 +336,78 @@ fn a_status_write_naming_two_commands_does_nothing() {
     assert!(fake.seen.lock().unwrap().is_empty());
     tis.write(at(0, REG_STS), &[STS_GO as u8]);
     assert_eq!(fake.seen.lock().unwrap().len(), 1);
+}
+
+/// Sends GET_RANDOM from locality 0 up to tpmGo.
+fn send_up_to_go(tis: &mut TpmTis) {
+    tis.write(at(0, REG_ACCESS), &[ACCESS_REQUEST_USE]);
+    tis.write(at(0, REG_STS), &[STS_COMMAND_READY as u8]);
+    tis.write(at(0, REG_DATA_FIFO), &GET_RANDOM);
+    tis.write(at(0, REG_STS), &[STS_GO as u8]);
+}
+
+#[test]
+fn while_the_backend_runs_the_command_the_guest_polls_without_data() {
+    let (mut tis, fake) = tis();
+    *fake.held.lock().unwrap() = true;
+    send_up_to_go(&mut tis);
+    for _ in 0..3 {
+        let status = sts(&mut tis, 0);
+        assert_eq!(
+            status & (STS_VALID | STS_DATA_AVAIL | STS_EXPECT),
+            STS_VALID
+        );
+        assert_eq!(burst(status), 0);
+        assert_eq!(read8(&mut tis, at(0, REG_DATA_FIFO)), 0xff);
+    }
+    // FIFO writes meanwhile are not a new command.
+    tis.write(at(0, REG_DATA_FIFO), &GET_RANDOM);
+    *fake.held.lock().unwrap() = false;
+    let status = sts(&mut tis, 0);
+    assert_ne!(status & STS_DATA_AVAIL, 0);
+    assert_eq!(burst(status), RESPONSE.len());
+    let response: Vec<u8> = (0..RESPONSE.len())
+        .map(|_| read8(&mut tis, at(0, REG_DATA_FIFO)))
+        .collect();
+    assert_eq!(response, RESPONSE);
+    assert_eq!(fake.seen.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn command_cancel_reaches_the_backend_only_while_a_command_runs() {
+    let (mut tis, fake) = tis();
+    let cancel = [(STS_COMMAND_CANCEL >> 24) as u8];
+    tis.write(at(0, REG_ACCESS), &[ACCESS_REQUEST_USE]);
+    tis.write(at(0, REG_STS + 3), &cancel);
+    assert_eq!(*fake.cancels.lock().unwrap(), 0, "nothing runs yet");
+    *fake.held.lock().unwrap() = true;
+    send_up_to_go(&mut tis);
+    tis.write(at(0, REG_STS + 3), &cancel);
+    assert_eq!(*fake.cancels.lock().unwrap(), 1);
+    // The TPM answers anyway (a cancelled command's response is TPM_RC_CANCELED).
+    *fake.held.lock().unwrap() = false;
+    assert_ne!(sts(&mut tis, 0) & STS_DATA_AVAIL, 0);
+}
+
+#[test]
+fn command_ready_or_a_seize_during_execution_abandons_the_command() {
+    let (mut tis, fake) = tis();
+    *fake.held.lock().unwrap() = true;
+    send_up_to_go(&mut tis);
+    // Linux gives up on a command that ran out of time with commandReady.
+    tis.write(at(0, REG_STS), &[STS_COMMAND_READY as u8]);
+    assert_ne!(sts(&mut tis, 0) & STS_COMMAND_READY, 0);
+    assert_eq!(read8(&mut tis, at(0, REG_DATA_FIFO)), 0xff);
+    // The next command runs (the fake asserts the first was given up).
+    tis.write(at(0, REG_DATA_FIFO), &GET_RANDOM);
+    tis.write(at(0, REG_STS), &[STS_GO as u8]);
+    assert_eq!(fake.seen.lock().unwrap().len(), 2);
+    tis.write(at(3, REG_ACCESS), &[ACCESS_SEIZE]);
+    *fake.held.lock().unwrap() = false;
+    assert_eq!(
+        sts(&mut tis, 0),
+        u32::MAX,
+        "locality 0 is not active any more"
+    );
+    assert_eq!(sts(&mut tis, 3) & STS_DATA_AVAIL, 0);
 }

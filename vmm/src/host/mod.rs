@@ -13,11 +13,14 @@ pub mod vhost_kernel;
 pub mod vhost_user;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::config::net::{NetBackend, NicConfig, TapTarget};
 use crate::config::{Share, VmConfig, VsockConfig};
+use crate::seccomp::{self, DeviceKind, ThreadKind};
 use devices::tpm::swtpm::{Swtpm, SwtpmError};
+use devices::tpm::worker::{SwtpmBackend, SwtpmWorker};
 use slirp::{SlirpError, UserNetwork};
 use vhost_user::{ConnectError, Kind, SharedVhostUser, VhostUserDevice};
 
@@ -28,8 +31,11 @@ pub struct HostResources {
     nics: Vec<Nic>,
     /// One per console port, in `VmConfig::ports` order.
     chardevs: Vec<chardev::Chardev>,
-    /// The `--tpm` swtpm; shut down when the run ends (swtpm then exits, as under QEMU).
-    tpm: Option<Arc<Mutex<Swtpm>>>,
+    /// The `--tpm` swtpm, served by its thread; shut down when the run ends (swtpm then
+    /// exits, as under QEMU).
+    tpm: Option<SwtpmWorker>,
+    /// The guest was booted once: a TPM that cannot power on no longer stops the run.
+    tpm_booted: AtomicBool,
 }
 
 /// A NIC's network and link, kept across guest reboots (forwarded ports stay bound).
@@ -137,7 +143,14 @@ impl HostResources {
             .map(|port| chardev::Chardev::open(&port.chardev))
             .collect::<Result<_, _>>()?;
         let tpm = match &config.tpm {
-            Some(socket) => Some(Arc::new(Mutex::new(Swtpm::connect(socket)?))),
+            Some(socket) => {
+                let (mode, needs) = (config.seccomp, seccomp::needs(config));
+                let confine = Box::new(move || {
+                    let kind = ThreadKind::Device(DeviceKind::Tpm);
+                    seccomp::confine(kind, needs, mode).map_err(|e| e.to_string())
+                });
+                Some(SwtpmWorker::start(Swtpm::connect(socket)?, confine)?)
+            }
             None => None,
         };
         Ok(HostResources {
@@ -145,6 +158,7 @@ impl HostResources {
             nics,
             chardevs,
             tpm,
+            tpm_booted: AtomicBool::new(false),
         })
     }
 
@@ -167,18 +181,29 @@ impl HostResources {
     /// Shuts the TPM down when the run ends (swtpm then exits, as under QEMU).
     pub fn shut_down_tpm(&self) {
         if let Some(tpm) = &self.tpm {
-            if let Err(e) = tpm.lock().unwrap_or_else(|p| p.into_inner()).shut_down() {
-                log::warn!("TPM: {e}");
+            // A swtpm whose failure was said cannot shut down either.
+            if let Err(e) = tpm.shut_down() {
+                if !tpm.failed() {
+                    log::warn!("TPM: {e}");
+                }
             }
         }
     }
 
-    /// The `--tpm` swtpm, powered on (TPM reset) for a new boot of the guest.
-    pub fn tpm_powered_on(&self) -> Result<Option<Arc<Mutex<Swtpm>>>, SwtpmError> {
+    /// A backend on the `--tpm` swtpm, powered on (TPM reset) for a new boot of the guest.
+    /// A swtpm that cannot power on stops the first boot; on later ones (a guest reboot
+    /// after swtpm died) the failure is said once and the guest's TPM commands fail, as
+    /// on hardware whose TPM broke.
+    pub fn tpm_powered_on(&self) -> Result<Option<SwtpmBackend>, SwtpmError> {
         let Some(tpm) = &self.tpm else {
             return Ok(None);
         };
-        tpm.lock().unwrap_or_else(|p| p.into_inner()).power_on()?;
-        Ok(Some(tpm.clone()))
+        let first = !self.tpm_booted.swap(true, Ordering::Relaxed);
+        match tpm.power_on() {
+            Ok(()) => {}
+            Err(e) if first => return Err(e),
+            Err(e) => tpm.say_failure(&e),
+        }
+        Ok(Some(tpm.backend()))
     }
 }

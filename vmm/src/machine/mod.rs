@@ -14,7 +14,6 @@ use devices::cmos_rtc::CmosRtc;
 use devices::i8042::I8042;
 use devices::pci::{PciConfigIo, PciEcam, PciRoot};
 use devices::serial::SerialConsole;
-use devices::tpm::swtpm::SharedSwtpm;
 use devices::tpm::TpmTis;
 use devices::{ExitReceiver, ExitSender};
 use firmware::acpi::{write_acpi_tables, AcpiConfig};
@@ -141,7 +140,7 @@ impl Vm {
         let mut pci = PciRoot::new();
         let mmio = Arc::new(Bus::new());
         if let Some(tpm) = backends.tpm_powered_on()? {
-            let tis = TpmTis::new(Box::new(SharedSwtpm::new(tpm)));
+            let tis = TpmTis::new(Box::new(tpm));
             mmio.insert(TPM_TIS_START, TPM_TIS_SIZE, Arc::new(Mutex::new(tis)))?;
         }
         let models = device_models(config, backends, &memory)?;

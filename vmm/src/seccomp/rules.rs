@@ -21,6 +21,8 @@ pub enum DeviceKind {
     Net,
     Console,
     Vsock,
+    /// The TPM's swtpm connection.
+    Tpm,
 }
 
 /// A kind of thread, with a filter of its own.
@@ -48,6 +50,7 @@ impl ThreadKind {
             ThreadKind::Device(Net) => "virtio-net",
             ThreadKind::Device(Console) => "virtio-console",
             ThreadKind::Device(Vsock) => "virtio-vsock",
+            ThreadKind::Device(Tpm) => "tpm",
             ThreadKind::Serve(Block) => "device blk",
             ThreadKind::Serve(Rng) => "device rng",
             ThreadKind::Serve(NineP) => "device 9p",
@@ -200,7 +203,7 @@ const SOCKETS: &[c_long] = &[
 ];
 
 /// What a vCPU does besides KVM_RUN: MSI routing and BAR moves (KVM ioctls on the VM),
-/// activating a device (its eventfds and epoll set), vhost-user and swtpm messages.
+/// activating a device (its eventfds and epoll set), vhost-user messages.
 const VCPU: &[c_long] = &[
     SYS_eventfd2,
     SYS_epoll_create1,
@@ -328,6 +331,8 @@ fn device(kind: DeviceKind) -> Vec<&'static [c_long]> {
             &[SYS_timerfd_settime, SYS_timerfd_gettime],
         ],
         DeviceKind::Vsock => vec![SOCKETS, FILE_IO],
+        // Requests and replies on swtpm's two sockets, already connected.
+        DeviceKind::Tpm => vec![&[SYS_sendto, SYS_recvfrom]],
     }
 }
 

@@ -94,6 +94,7 @@ fn device_workers_make_only_their_own_kind_of_calls() {
         (Net, true, true),
         (Console, false, true),
         (Vsock, false, true),
+        (Tpm, false, false),
     ];
     for (kind, opens, sockets) in kinds {
         let (peer, _other) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
