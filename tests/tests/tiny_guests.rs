@@ -409,6 +409,85 @@ fn ctrl_a_c_opens_the_monitor_on_the_terminal() {
     assert_eq!(out.status.code(), Some(0), "quit ends nixvmm: {text:?}");
 }
 
+/// Ctrl-A x leaves the console and ends nixvmm with status 0, as QEMU's `mon:stdio` (and
+/// nixvmm's own `--serial stdio`); what was typed before it reached the guest, the Ctrl-A
+/// did not.
+#[test]
+fn ctrl_a_x_ends_nixvmm_with_status_0() {
+    for args in [
+        &["run", "--memory", "64M"][..],
+        &["qemu", "-m", "64", "-serial", "mon:stdio"],
+    ] {
+        let (echoed, out, status) = type_at_echo_guest(args, b"ab", b"\x01x");
+        assert_eq!(echoed, "AB", "{args:?}");
+        assert_eq!(out, "", "{args:?}");
+        assert_eq!(status.code(), Some(0), "{args:?}");
+    }
+}
+
+/// QEMU's plain `-serial stdio` (the NixOS test driver's) has no Ctrl-A commands: every byte
+/// typed reaches the guest, Ctrl-A x too.
+#[test]
+fn plain_serial_stdio_hands_ctrl_a_to_the_guest() {
+    let args = ["qemu", "-m", "64", "-serial", "stdio", "-monitor", "none"];
+    let (echoed, out, status) = type_at_echo_guest(&args, b"a\x01x\x01cb", b"\n");
+    // The echo guest swaps case (bit 5): Ctrl-A comes back as `!`; \n powers it off.
+    assert_eq!(echoed, "A!X!CB");
+    assert_eq!(out, "\n");
+    assert_eq!(status.code(), Some(0));
+}
+
+/// Starts nixvmm with `args` (native or QEMU door; the kernel is added) on the echo guest,
+/// types `first` once it is ready and `then` once the guest echoed as many bytes; returns
+/// the echo, the output after it, and the status.
+fn type_at_echo_guest(
+    args: &[&str],
+    first: &[u8],
+    then: &[u8],
+) -> (String, String, std::process::ExitStatus) {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_guest(dir.path(), echo_guest().expect("guest assembles"));
+    let kernel_option = if args[0] == "qemu" {
+        "-kernel"
+    } else {
+        "--kernel"
+    };
+    let mut child = Command::new(nixvmm_bin())
+        .args(args)
+        .arg(kernel_option)
+        .arg(&kernel)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut ready = [0u8; 6];
+    stdout.read_exact(&mut ready).unwrap();
+    assert_eq!(&ready, b"ready\n", "the guest runs");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(first).unwrap();
+    let mut echoed = vec![0u8; first.len()];
+    stdout.read_exact(&mut echoed).unwrap();
+    stdin.write_all(then).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{args:?}: nixvmm still runs 30 s after {then:?} was typed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(stdin);
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    (String::from_utf8_lossy(&echoed).into_owned(), rest, status)
+}
+
 /// `--monitor-listen` (QEMU's `-monitor unix:PATH,server=on,wait=off`): nixvmm listens, serves
 /// one client, takes the next once it leaves, and `quit` from a client ends nixvmm.
 #[test]

@@ -86,8 +86,9 @@ fn run_vm(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
     let room = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("an eventfd: {e}"))?;
     let stdin_room = room.try_clone().map_err(|e| format!("an eventfd: {e}"))?;
     let console = match &config.serial {
-        Serial::Stdio => {
-            plane.add(Box::new(StdinWatch::new(control.clone(), stdin_room)));
+        Serial::Stdio { escapes } => {
+            let watch = StdinWatch::new(control.clone(), stdin_room, *escapes);
+            plane.add(Box::new(watch));
             ConsoleOutput::stdout()
         }
         Serial::Null => ConsoleOutput::sink(),
@@ -125,7 +126,7 @@ fn run_vm(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
         }
         None => {}
     }
-    let terminal = (config.serial == Serial::Stdio).then(RawTerminal::enter);
+    let terminal = matches!(config.serial, Serial::Stdio { .. }).then(RawTerminal::enter);
     // Every thread nixvmm starts from here on inherits this filter under its own.
     let needs = seccomp::needs(&config);
     seccomp::confine(ThreadKind::Vmm, needs, config.seccomp).map_err(|e| e.to_string())?;

@@ -94,21 +94,29 @@ pub enum Monitor {
 }
 
 /// The serial port's host side (`--serial`, QEMU's `-serial`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Serial {
-    /// Output on stdout, input from stdin (with Ctrl-A commands), the terminal in raw mode.
-    #[default]
-    Stdio,
+    /// Output on stdout, input from stdin, the terminal in raw mode. With `escapes`, Ctrl-A
+    /// starts a command (x quits, c switches to the monitor), as QEMU's `mon:stdio` and
+    /// `-nographic`; without, every byte typed goes to the guest, as QEMU's `-serial stdio`.
+    Stdio { escapes: bool },
     /// Output dropped, no input.
     Null,
     /// Output written to this file (made or truncated at start), no input.
     File(PathBuf),
 }
 
+/// This terminal, with Ctrl-A commands.
+impl Default for Serial {
+    fn default() -> Serial {
+        Serial::Stdio { escapes: true }
+    }
+}
+
 /// Parses `--serial stdio|null|file:PATH`.
 pub fn parse_serial(text: &str) -> Result<Serial, ConfigError> {
     match text {
-        "stdio" => Ok(Serial::Stdio),
+        "stdio" => Ok(Serial::Stdio { escapes: true }),
         "null" | "none" => Ok(Serial::Null),
         _ => match text.strip_prefix("file:") {
             Some(path) if !path.is_empty() => Ok(Serial::File(PathBuf::from(path))),
@@ -188,7 +196,7 @@ impl Default for VmConfig {
             monitor: None,
             qmp: None,
             vsock: None,
-            serial: Serial::Stdio,
+            serial: Serial::default(),
             tpm: None,
             seccomp: Seccomp::On,
         }
@@ -383,7 +391,7 @@ impl VmConfig {
             .iter()
             .any(|p| p.chardev == console::ChardevSpec::Stdio);
         let stdio_monitor = self.monitor == Some(Monitor::Stdio);
-        if (stdio_port || stdio_monitor) && self.serial == Serial::Stdio {
+        if (stdio_port || stdio_monitor) && matches!(self.serial, Serial::Stdio { .. }) {
             return Err(ConfigError::StdioTwice);
         }
         if stdio_port && stdio_monitor {

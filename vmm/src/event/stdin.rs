@@ -24,6 +24,8 @@ const MONITOR_LINE: usize = 1024;
 pub struct StdinWatch {
     control: Control,
     room: EventFd,
+    /// Ctrl-A starts a command; without, every byte goes to the guest.
+    escapes: bool,
     after_escape: bool,
     /// Typed bytes the guest has no room for yet.
     pending: Vec<u8>,
@@ -32,10 +34,11 @@ pub struct StdinWatch {
 }
 
 impl StdinWatch {
-    pub fn new(control: Control, room: EventFd) -> StdinWatch {
+    pub fn new(control: Control, room: EventFd, escapes: bool) -> StdinWatch {
         StdinWatch {
             control,
             room,
+            escapes,
             after_escape: false,
             pending: Vec::new(),
             monitor: None,
@@ -44,6 +47,10 @@ impl StdinWatch {
 
     /// Ctrl-A handling; returns false once the user asked to quit.
     fn translate(&mut self, bytes: &[u8]) -> bool {
+        if !self.escapes {
+            self.pending.extend_from_slice(bytes);
+            return true;
+        }
         for &byte in bytes {
             match (self.after_escape, byte) {
                 (true, QUIT) => {

@@ -480,9 +480,10 @@ impl Builder {
         Ok(())
     }
 
-    /// nixvmm's one serial port (ttyS0): `-serial stdio` (the default of `-nographic`),
-    /// `mon:stdio` (Ctrl-A c reaches the monitor), `none`, `null`, `file:PATH`, or
-    /// `chardev:ID` naming a file or null chardev.
+    /// nixvmm's one serial port (ttyS0): `-serial stdio` (every byte typed goes to the
+    /// guest), `mon:stdio` (Ctrl-A x quits, Ctrl-A c reaches the monitor; the default, as
+    /// `-nographic`'s), `none`, `null`, `file:PATH`, or `chardev:ID` naming a file or null
+    /// chardev.
     fn serial(&mut self, value: &str) -> Result<()> {
         if self.serial_seen {
             return Err(unsupported(format!(
@@ -491,7 +492,8 @@ impl Builder {
         }
         self.serial_seen = true;
         self.serial = match value {
-            "stdio" | "mon:stdio" => Serial::Stdio,
+            "stdio" => Serial::Stdio { escapes: false },
+            "mon:stdio" => Serial::Stdio { escapes: true },
             "none" | "null" => Serial::Null,
             other => match (other.strip_prefix("file:"), other.strip_prefix("chardev:")) {
                 (Some(path), _) if !path.is_empty() => Serial::File(PathBuf::from(path)),

@@ -414,9 +414,9 @@ fn serial_stdio_none_null_file_and_chardev() {
     use crate::config::Serial;
     let files = Files::new();
     for (line, serial) in [
-        ("-serial stdio", Serial::Stdio),
-        ("-serial mon:stdio", Serial::Stdio),
-        ("", Serial::Stdio),
+        ("-serial stdio", Serial::Stdio { escapes: false }),
+        ("-serial mon:stdio", Serial::Stdio { escapes: true }),
+        ("", Serial::Stdio { escapes: true }),
         ("-serial none", Serial::Null),
         ("-serial null", Serial::Null),
         ("-serial file:@/s.log", Serial::File(files.path("s.log"))),
