@@ -60,12 +60,16 @@ fn start(dir: &Path) -> Pair {
         .stdout(Stdio::null())
         .spawn()
         .expect("qemu-system-x86_64 (Debian's qemu-system-x86; scripts/setup installs it)");
+    // nixvmm's guest says each boot on its serial port.
     let mut g = Guest::new();
+    g.text("boot\n").unwrap();
     g.halt_forever().unwrap();
     let kernel = write_guest(dir, g);
     let nixvmm = Command::new(nixvmm_bin())
-        .args(["qemu", "-m", "64", "-serial", "none", "-kernel"])
+        .args(["qemu", "-m", "64", "-kernel"])
         .arg(&kernel)
+        .arg("-serial")
+        .arg(format!("file:{}", dir.join("nixvmm.serial").display()))
         .arg("-qmp")
         .arg(format!(
             "unix:{},server=on,wait=off",
@@ -216,4 +220,101 @@ fn qmp_greeting_negotiation_errors_and_replies_frame_as_qemus() {
         "{} vs {}",
         qemu[6], ours[6]
     );
+}
+
+/// What a QMP session said: each command's reply, and the events in the order they came
+/// (their timestamps left out).
+struct Said {
+    replies: Vec<Value>,
+    events: Vec<Value>,
+}
+
+/// Sends each of `commands` after negotiation (`before` is told each one first), reads its
+/// reply (and events meanwhile), and after the last reads on until the peer closes.
+fn qmp_session(socket: &Path, commands: &[&str], mut before: impl FnMut(&str)) -> Said {
+    let stream = connect(socket);
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut said = Said {
+        replies: Vec::new(),
+        events: Vec::new(),
+    };
+    let mut read_message = |said: &mut Said| -> Option<bool> {
+        let mut line = String::new();
+        // A VMM that quit may reset the connection instead of closing it.
+        if matches!(reader.read_line(&mut line), Ok(0) | Err(_)) {
+            return None;
+        }
+        let mut message: Value = serde_json::from_str(&line).unwrap();
+        if message.get("event").is_some() {
+            message.as_object_mut().unwrap().remove("timestamp");
+            said.events.push(message);
+            Some(false)
+        } else {
+            said.replies.push(message);
+            Some(true)
+        }
+    };
+    read_message(&mut said); // the greeting
+    for command in ["qmp_capabilities"].iter().chain(commands) {
+        before(command);
+        let request = format!("{{\"execute\": \"{command}\"}}\r\n");
+        (&stream).write_all(request.as_bytes()).unwrap();
+        while read_message(&mut said) == Some(false) {}
+    }
+    while read_message(&mut said).is_some() {}
+    said.replies.drain(..2); // greeting and negotiation
+    said
+}
+
+#[test]
+fn qmp_commands_and_events_of_the_test_driver_and_of_clients_match_qemus() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pair = start(dir.path());
+    let commands = [
+        "query-version",
+        "stop",
+        "query-status",
+        "cont",
+        "query-status",
+        "system_reset",
+        "system_powerdown",
+        "quit",
+    ];
+    let qemu = qmp_session(&dir.path().join("qemu.qmp"), &commands, |_| {});
+    // The guest boots again before the commands after system_reset.
+    let serial = dir.path().join("nixvmm.serial");
+    let booted_twice = || std::fs::read_to_string(&serial).is_ok_and(|s| s == "boot\nboot\n");
+    let ours = qmp_session(&dir.path().join("nixvmm.qmp"), &commands, |command| {
+        if command == "system_powerdown" {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !booted_twice() {
+                assert!(Instant::now() < deadline, "system_reset: no second boot");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    });
+    assert_eq!(
+        shape(&qemu.replies[0]),
+        shape(&ours.replies[0]),
+        "query-version: {} vs {}",
+        qemu.replies[0],
+        ours.replies[0]
+    );
+    for (n, command) in commands.iter().enumerate().skip(1) {
+        let (theirs, mine) = (&qemu.replies[n]["return"], &ours.replies[n]["return"]);
+        if command.starts_with("query-status") {
+            assert_eq!(theirs["status"], mine["status"], "{command} #{n}");
+            assert_eq!(theirs["running"], mine["running"], "{command} #{n}");
+        } else {
+            assert_eq!(theirs, mine, "{command} #{n}");
+        }
+    }
+    // STOP, RESUME, RESET (host-qmp-system-reset), POWERDOWN, SHUTDOWN (host-qmp-quit), in
+    // that order and with the same data.
+    assert_eq!(qemu.events, ours.events);
+    assert_eq!(qemu.events.len(), 5, "{:?}", qemu.events);
+    // quit ends nixvmm with status 0.
+    let status = pair.nixvmm.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(booted_twice());
 }

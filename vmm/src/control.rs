@@ -44,9 +44,11 @@ pub struct Control {
     host: Arc<Mutex<Option<Arc<HostResources>>>>,
     observers: Arc<Mutex<Vec<EventObserver>>>,
     /// Why the VM was stopped (QMP's SHUTDOWN reason), and whether the last reset was asked
-    /// from the host.
+    /// from the host (and so announced already).
     stop_reason: Arc<Mutex<&'static str>>,
     host_reset: Arc<AtomicBool>,
+    /// The run ends at a reset (`--no-reboot`).
+    no_reboot: Arc<AtomicBool>,
 }
 
 /// A control request that cannot be carried out, worded for the monitor user.
@@ -80,12 +82,23 @@ impl Control {
     }
 
     /// Resets the machine as a reset button would (QMP `system_reset`); with `--no-reboot`
-    /// that ends the run, as QEMU's `-no-reboot` does.
+    /// that ends the run, as QEMU's `-no-reboot` does. The event (RESET, or SHUTDOWN) is
+    /// announced now, as QEMU announces it before it takes the next command: a command that
+    /// follows must not be reported first.
     pub fn reset(&self) {
-        self.host_reset.store(true, Ordering::Release);
-        if let Some(vm) = &*lock(&self.current) {
-            vm.exit.send(VmExit::Reset);
+        match &*lock(&self.current) {
+            Some(vm) => {
+                self.host_reset.store(true, Ordering::Release);
+                vm.exit.send(VmExit::Reset);
+            }
+            None => return,
         }
+        let (guest, reason) = (false, "host-qmp-system-reset");
+        self.announce(if self.no_reboot.load(Ordering::Acquire) {
+            VmEvent::Shutdown { guest, reason }
+        } else {
+            VmEvent::Reset { guest, reason }
+        });
     }
 
     /// Pauses the running VM: its vCPUs and its devices' queue processing (QMP `stop`).
@@ -130,12 +143,10 @@ impl Control {
                 reason: *lock(&self.stop_reason),
             },
             VmExit::Reset => {
-                let host = self.host_reset.swap(false, Ordering::AcqRel);
-                let (guest, reason) = if host {
-                    (false, "host-qmp-system-reset")
-                } else {
-                    (true, "guest-reset")
-                };
+                if self.host_reset.swap(false, Ordering::AcqRel) {
+                    return; // announced by `reset`
+                }
+                let (guest, reason) = (true, "guest-reset");
                 if no_reboot {
                     VmEvent::Shutdown { guest, reason }
                 } else {
@@ -259,8 +270,9 @@ impl Control {
         })
     }
 
-    pub(crate) fn attach_host(&self, host: &Arc<HostResources>) {
+    pub(crate) fn attach_host(&self, host: &Arc<HostResources>, no_reboot: bool) {
         *lock(&self.host) = Some(host.clone());
+        self.no_reboot.store(no_reboot, Ordering::Release);
     }
 
     pub(crate) fn attach(&self, vm: &Vm) {
@@ -293,7 +305,7 @@ mod tests {
         let host = Arc::new(HostResources::connect(&config).unwrap());
         let control = Control::default();
         assert_eq!(control.set_link(0, false), Err(ControlError::NoNic(0, 0)));
-        control.attach_host(&host);
+        control.attach_host(&host, config.no_reboot);
         control.set_link(0, false).unwrap();
         assert!(!host.nics()[0].link.is_up());
         control.set_link(0, true).unwrap();

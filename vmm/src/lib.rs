@@ -106,7 +106,7 @@ pub fn run_with(
     let kvm = open_kvm()?;
     // Connections to external backends outlive each VM: a reboot reuses them.
     let backends = std::sync::Arc::new(host::HostResources::connect(config)?);
-    control.attach_host(&backends);
+    control.attach_host(&backends, config.no_reboot);
     let outcome = loop {
         let (mut vm, exits) = Vm::build(&kvm, config, output, &backends, input_room)?;
         control.attach(&vm);

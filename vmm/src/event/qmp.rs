@@ -9,7 +9,7 @@
 //! [`super::hmp`]), `system_powerdown` (the ACPI power button). Errors are QEMU's `{"error": {"class": …, "desc": …}}`.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -266,9 +266,12 @@ impl QmpServer {
             let mut text = event_json(event).to_string();
             text.push_str("\r\n");
             for (stream, negotiated) in lock(&watched).values_mut() {
-                if *negotiated {
-                    // A client that does not read loses events, never stalls the VMM.
-                    let _ = stream.write(text.as_bytes());
+                // Whole lines only. A client that leaves them unread for long is dropped
+                // as one that leaves its answers unread: its socket is shut down here, and
+                // the control plane, seeing it end, forgets it.
+                if *negotiated && super::send_answer(stream, text.as_bytes()).is_err() {
+                    *negotiated = false;
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
                 }
             }
         }));
@@ -415,5 +418,83 @@ mod tests {
         let stop = event_json(VmEvent::Stop);
         assert_eq!(stop["event"], "STOP");
         assert!(stop.get("data").is_none());
+    }
+
+    /// A negotiated client of a QMP server that `manager` runs.
+    fn negotiated_client(
+        path: &Path,
+        manager: &mut event_manager::EventManager<crate::event::Subscriber>,
+    ) -> std::io::BufReader<UnixStream> {
+        use std::io::{BufRead, Write};
+        let stream = UnixStream::connect(path).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let mut line = String::new();
+        while line.is_empty() {
+            manager.run_with_timeout(100).unwrap();
+            let _ = reader.read_line(&mut line);
+        }
+        assert!(line.contains("QMP"), "{line}");
+        reader
+            .get_mut()
+            .write_all(b"{\"execute\": \"qmp_capabilities\"}\r\n")
+            .unwrap();
+        manager.run_with_timeout(1000).unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, "{\"return\":{}}\r\n");
+        reader
+    }
+
+    #[test]
+    fn events_reach_a_slow_client_whole_and_a_client_that_never_reads_is_dropped() {
+        use event_manager::SubscriberOps;
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp");
+        let control = Control::default();
+        let mut manager = event_manager::EventManager::<crate::event::Subscriber>::new().unwrap();
+        manager.add_subscriber(Box::new(QmpServer::listen(&path, control.clone()).unwrap()));
+        // More events than a socket buffer holds, to a client that starts reading late.
+        const EVENTS: usize = 20_000;
+        let slow = negotiated_client(&path, &mut manager);
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let mut events = 0;
+            for line in slow.lines().take(EVENTS) {
+                let line = line.unwrap();
+                let event: Value = serde_json::from_str(&line).unwrap();
+                assert_eq!(event["event"], "STOP", "{line}");
+                events += 1;
+            }
+            events
+        });
+        for _ in 0..EVENTS {
+            control.pause().unwrap();
+        }
+        assert_eq!(
+            reader.join().unwrap(),
+            EVENTS,
+            "every event, each a whole line"
+        );
+        manager.run_with_timeout(100).unwrap();
+        // A client that never reads: whole lines until its socket is full, then, after the
+        // answer deadline, nothing more: it was dropped.
+        let mute = negotiated_client(&path, &mut manager);
+        let started = std::time::Instant::now();
+        for _ in 0..EVENTS {
+            control.pause().unwrap();
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        let mut lines = 0;
+        for line in mute.lines() {
+            let line = line.unwrap();
+            serde_json::from_str::<Value>(&line).unwrap();
+            lines += 1;
+        }
+        assert!(0 < lines && lines < EVENTS, "{lines} events, then the end");
+        manager.run_with_timeout(100).unwrap();
     }
 }
