@@ -270,6 +270,7 @@ impl KernelKit {
         let busybox = std::fs::read("/bin/busybox")
             .map_err(|e| format!("/bin/busybox: {e}; install Debian's busybox-static"))?;
         let mut cpio = Cpio::new();
+        let mut dirs = std::collections::BTreeSet::new();
         for dir in [
             "bin",
             "dev",
@@ -281,6 +282,7 @@ impl KernelKit {
             "lib/modules",
         ] {
             cpio.dir(dir);
+            dirs.insert(dir.to_string());
         }
         cpio.file("bin/busybox", 0o755, &busybox);
         let mut init = String::from(
@@ -297,6 +299,14 @@ impl KernelKit {
         init.push_str(rest);
         cpio.file("init", 0o755, init.as_bytes());
         for (path, mode, data) in files {
+            // The kernel's unpacker makes no missing folders.
+            let ancestors: Vec<&Path> = Path::new(path).ancestors().skip(1).collect();
+            for dir in ancestors.into_iter().rev() {
+                let dir = dir.to_string_lossy().into_owned();
+                if !dir.is_empty() && dirs.insert(dir.clone()) {
+                    cpio.dir(&dir);
+                }
+            }
             cpio.file(path, *mode, data);
         }
         let bytes = cpio.finish();
@@ -316,6 +326,38 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
     })
+}
+
+/// Files that put the host's `programs` (absolute paths) into a kit initrd at the same
+/// paths, with the shared libraries `ldd` names for them, for
+/// [`KernelKit::initrd_with_files`].
+pub fn host_programs(programs: &[&str]) -> Result<Vec<(String, u32, Vec<u8>)>, String> {
+    let mut paths = std::collections::BTreeSet::new();
+    for program in programs {
+        paths.insert(program.to_string());
+        let out = Command::new("ldd")
+            .arg(program)
+            .output()
+            .map_err(|e| format!("ldd {program}: {e}"))?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // "libc.so.6 => /lib/…/libc.so.6 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)"
+            let target = line.split("=>").nth(1).unwrap_or(line).trim();
+            if let Some(library) = target
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/'))
+            {
+                paths.insert(library.to_string());
+            }
+        }
+    }
+    paths
+        .into_iter()
+        .map(|path| {
+            let data = std::fs::read(&path).map_err(|e| format!("{path}: {e}"))?;
+            Ok((path.trim_start_matches('/').to_string(), 0o755, data))
+        })
+        .collect()
 }
 
 /// A guest program from `tests/guest/NAME.c`, linked static with gcc so that it runs in the

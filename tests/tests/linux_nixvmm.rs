@@ -1627,7 +1627,7 @@ fn tier4_run_in_linux_vm_line_with_nixvmm_as_qemu_and_virtiofsd() {
 /// answers up to the `(qemu) ` prompt, waits for the backdoor's greeting on the shell, runs commands the way the driver frames them (output in base64 on one line,
 /// then the status), and reads the console log on the VMM's stdout. Prints KEY=value lines.
 const TEST_DRIVER: &str = r#"
-import base64, json, os, socket, subprocess, sys, time
+import base64, json, os, shlex, socket, subprocess, sys, time
 state, command = sys.argv[1], sys.argv[2:]
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(os.path.join(state, "shell"))
@@ -1685,14 +1685,17 @@ def drive():
         return text.decode()
     while "Spawning backdoor root shell..." not in line():
         pass
-    def succeed(cmd):
-        shell.sendall(("sh -c '%s' > /tmp/out; echo $? > /tmp/rc; base64 /tmp/out | tr -d '\\n'; echo\n" % cmd).encode())
+    # As the driver's Machine.execute(): bash under timeout, output as one base64 line,
+    # then the status from bash's PIPESTATUS.
+    def succeed(cmd, timeout=900):
+        command = "set -euo pipefail; %s" % cmd
+        shell.sendall(("timeout %d bash -c %s | (base64 -w 0; echo)\n" % (timeout, shlex.quote(command))).encode())
         reply = line()
         try:
             out = base64.b64decode(reply).decode()
         except ValueError:
             fail("not base64 from the shell: %r" % reply)
-        shell.sendall(b"cat /tmp/rc\n")
+        shell.sendall(b"echo ${PIPESTATUS[0]}\n")
         return out, int(line())
     out, rc = succeed("echo $((6 * 7))")
     print("ANSWER=%s RC=%d" % (out.strip(), rc), flush=True)
@@ -1738,7 +1741,9 @@ def drive():
     hmp("set_link virtio-net-pci.0 on")
     print("CARRIER_AFTER_UNBLOCK=%s" % carrier_becomes("1"), flush=True)
     print("HMP_UNKNOWN=%s" % hmp("frobnicate").replace(" ", "_"), flush=True)
-    shell.sendall(b"exit\n")
+    # shutdown(): NixOS's poweroff goes through systemd, which ends with what the kit's
+    # init-less guest does at once.
+    shell.sendall(b"poweroff -f\n")
     shutdown = qmp_read()
     print("QMP_SHUTDOWN=%s/%s/%s" % (shutdown["event"], shutdown["data"]["guest"], shutdown["data"]["reason"]), flush=True)
     print("VM_RC=%d" % vm.wait(timeout=120), flush=True)
@@ -1749,20 +1754,28 @@ except Exception as e:
     fail("the driver failed: %r" % e)
 "#;
 
-/// The backdoor as NixOS starts it on /dev/hvc0 (`stty raw -echo`, the greeting, a shell
-/// reading commands from the port), with busybox's sh for bash. hvc resets its settings at
-/// the last close, so the port stays open throughout, as systemd's StandardInput=tty keeps it.
+/// The backdoor as NixOS starts it on /dev/hvc0 (`stty raw -echo`, the greeting, bash
+/// reading commands from the port, its errors on ttyS0), with the host's bash in the initrd.
+/// hvc resets its settings at the last close, so the port stays open throughout, as
+/// systemd's StandardInput=tty keeps it.
 const BACKDOOR: &str = "for i in $(seq 100); do [ -e /dev/hvc0 ] && break; sleep 0.1; done\n\
-    (stty raw -echo; echo 'Spawning backdoor root shell...'; PS1= sh /dev/hvc0) \
-    < /dev/hvc0 > /dev/hvc0 2>&1\n\
-    echo BACKDOOR=done";
+    echo BASH=$(bash -c 'echo ${BASH_VERSINFO[0]}')\n\
+    (stty raw -echo; echo 'Spawning backdoor root shell...'; PS1= bash --norc /dev/hvc0) \
+    < /dev/hvc0 > /dev/hvc0 2> /dev/ttyS0\n\
+    echo BACKDOOR_ENDED";
 
 #[test]
 fn tier4_a_test_driver_uses_the_backdoor_shell_over_virtconsole_and_the_monitor() {
+    let bash = nixvmm_tests::linux_kit::host_programs(&["/bin/bash"]).unwrap();
+    let files: Vec<(&str, u32, &[u8])> = bash
+        .iter()
+        .map(|(path, mode, data)| (path.as_str(), *mode, data.as_slice()))
+        .collect();
     let initrd = kit()
-        .initrd(
+        .initrd_with_files(
             &["virtio_pci", "virtio_console", "virtio_net"],
             &user_net_guest_script(BACKDOOR),
+            &files,
         )
         .unwrap();
     let job = format!(
@@ -1834,7 +1847,15 @@ fn tier4_a_test_driver_uses_the_backdoor_shell_over_virtconsole_and_the_monitor(
         Some("unknown_command:_'frobnicate'"),
         "{tail}"
     );
-    assert_eq!(log.value_of("BACKDOOR"), Some("done"), "{tail}");
+    assert!(
+        !log.has("BACKDOOR_ENDED"),
+        "poweroff ended the guest: {tail}"
+    );
+    assert_eq!(
+        log.value_of("BASH"),
+        Some("5"),
+        "the backdoor is bash: {tail}"
+    );
     assert_eq!(log.value_of("VM_RC"), Some("0"), "{tail}");
 }
 
