@@ -819,20 +819,44 @@ enum HostSide {
     AfVsock,
 }
 
-/// A guest with [`GUEST_VSOCK`] and nixvmm's `vsock` option, the job around it starting
-/// `backend` (shell lines) first; host → guest and guest → host.
-fn vsock_works_both_ways(vsock: &str, backend: &str, host_side: HostSide) {
+/// How the VM gets its vsock.
+enum VsockOption<'a> {
+    /// `nixvmm run --vsock …`.
+    Native(&'a str),
+    /// The QEMU door's options (`nixvmm qemu …`), as NixOS test drivers write them.
+    Door(&'a str),
+}
+
+/// A guest with [`GUEST_VSOCK`] and its vsock, the job around it starting `backend` (shell
+/// lines) first; host → guest and guest → host.
+fn vsock_works_both_ways(vsock: VsockOption, backend: &str, host_side: HostSide) {
     let peer = nixvmm_tests::linux_kit::guest_program("vsock_peer").unwrap();
     let files = [("bin/vsock-peer", 0o755, peer.as_slice())];
     let dir = host().tempdir().unwrap();
     let py = dir.path().join("peer.py");
     std::fs::write(&py, HOST_VSOCK_PEER).unwrap();
-    let guest = Guest {
-        modules: &["virtio_pci", "vmw_vsock_virtio_transport"],
-        script: GUEST_VSOCK,
-        args: args(&["--vsock", vsock]),
-        files: &files,
-        ..Guest::default()
+    let modules = ["virtio_pci", "vmw_vsock_virtio_transport"];
+    let vm = match vsock {
+        VsockOption::Native(option) => Guest {
+            modules: &modules,
+            script: GUEST_VSOCK,
+            args: args(&["--vsock", option]),
+            files: &files,
+            ..Guest::default()
+        }
+        .command(),
+        VsockOption::Door(options) => {
+            let initrd = kit()
+                .initrd_with_files(&modules, GUEST_VSOCK, &files)
+                .unwrap();
+            format!(
+                "{nixvmm} qemu -m 512 -nographic -no-reboot -kernel {kernel} -initrd {initrd} \
+                 -append 'console=ttyS0 panic=-1' {options}",
+                nixvmm = path(&nixvmm_bin()),
+                kernel = path(host().kernel()),
+                initrd = path(&initrd),
+            )
+        }
     };
     let job = format!(
         "rm -f /tmp/vsock.sock /tmp/vm.vsock*\n\
@@ -848,7 +872,6 @@ fn vsock_works_both_ways(vsock: &str, backend: &str, host_side: HostSide) {
          echo '--- backend:'; tail -5 /tmp/backend.log 2>/dev/null\n\
          exit $rc",
         py = path(&py),
-        vm = guest.command(),
         serve = match host_side {
             HostSide::Uds => "serve /tmp/vm.vsock_5000",
             HostSide::AfVsock => "vsock-serve 5000",
@@ -877,6 +900,8 @@ fn vsock_works_both_ways(vsock: &str, backend: &str, host_side: HostSide) {
     );
 }
 
+/// Through vhost-device-vsock, given as `--vsock vhost-user=` and as the 2025+ test driver
+/// writes it for QEMU.
 #[test]
 fn tier4_vsock_through_vhost_device_vsock_both_ways() {
     let backend = format!(
@@ -884,17 +909,33 @@ fn tier4_vsock_through_vhost_device_vsock_both_ways() {
          for i in $(seq 100); do [ -S /tmp/vsock.sock ] && break; sleep 0.1; done",
         path(&vhost_device_vsock())
     );
-    vsock_works_both_ways("vhost-user=/tmp/vsock.sock", &backend, HostSide::Uds);
+    for vsock in [
+        VsockOption::Native("vhost-user=/tmp/vsock.sock"),
+        VsockOption::Door(
+            "-chardev socket,id=vsock_ssh,reconnect=0,path=/tmp/vsock.sock \
+             -device vhost-user-vsock-pci,chardev=vsock_ssh",
+        ),
+    ] {
+        vsock_works_both_ways(vsock, &backend, HostSide::Uds);
+    }
 }
 
 #[test]
 fn tier4_vsock_through_nixvmms_own_device_both_ways() {
-    vsock_works_both_ways("cid=7,uds=/tmp/vm.vsock", "", HostSide::Uds);
+    let vsock = VsockOption::Native("cid=7,uds=/tmp/vm.vsock");
+    vsock_works_both_ways(vsock, "", HostSide::Uds);
 }
 
+/// Through the kernel's vhost-vsock, given as `--vsock …,backend=kernel` and as older test
+/// drivers write it for QEMU.
 #[test]
 fn tier4_vsock_through_the_kernels_vhost_vsock_both_ways() {
-    vsock_works_both_ways("cid=7,backend=kernel", "", HostSide::AfVsock);
+    for vsock in [
+        VsockOption::Native("cid=7,backend=kernel"),
+        VsockOption::Door("-device vhost-vsock-pci,guest-cid=7"),
+    ] {
+        vsock_works_both_ways(vsock, "", HostSide::AfVsock);
+    }
 }
 
 /// Shell functions for the affinity test. `move IRQ` asks Linux to move an IRQ to the CPU it
