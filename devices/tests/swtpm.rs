@@ -358,3 +358,22 @@ fn a_swtpm_that_never_answers_holds_no_vcpu_and_its_command_fails_after_the_time
     // A reboot's power-on is refused now (the caller decides what that means).
     assert!(matches!(worker.power_on(), Err(SwtpmError::Broken { .. })));
 }
+
+#[test]
+fn a_guest_cannot_queue_commands_without_end_while_swtpm_hangs() {
+    use devices::tpm::worker::MAX_QUEUED_JOBS;
+    let tmp = tempfile::tempdir().unwrap();
+    let control = start_mute_swtpm(tmp.path());
+    let mut tpm = Swtpm::connect(&control).unwrap();
+    tpm.set_command_timeout(Duration::from_secs(60)).unwrap();
+    let (mut tis, _worker) = tis_on_worker(tpm);
+    // Commands sent and given up, one after the other: the first holds the worker, the
+    // next ones wait for it, until the queue is full.
+    for _ in 0..MAX_QUEUED_JOBS + 2 {
+        send(&mut tis, &GET_RANDOM_8);
+        tis.write(STS, &[COMMAND_READY]);
+    }
+    send(&mut tis, &GET_RANDOM_8);
+    let busy = poll_response(&mut tis, Duration::from_secs(1)).unwrap();
+    assert_eq!(rc(&busy), 0x922, "TPM_RC_RETRY: {busy:x?}");
+}

@@ -80,6 +80,8 @@ const DID_VID: u32 = 0x0001_1014;
 const RID: u32 = 0x01;
 
 pub const TPM_RC_FAILURE: u32 = 0x101;
+/// The TPM is busy: send the command again (a warning, TPM_RC_RETRY).
+pub const TPM_RC_RETRY: u32 = 0x922;
 pub const TPM_RC_COMMAND_SIZE: u32 = 0x142;
 
 /// A TPM response with no body and result `code` (tag TPM_ST_NO_SESSIONS).

@@ -7,12 +7,14 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{
+    self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError, TrySendError,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::swtpm::{Canceller, Swtpm, SwtpmError};
-use super::{error_response, TpmBackend, TPM_RC_FAILURE};
+use super::{error_response, TpmBackend, TPM_RC_FAILURE, TPM_RC_RETRY};
 
 /// What the worker thread runs first, before it serves anything: its seccomp filter.
 pub type Confine = Box<dyn FnOnce() -> Result<(), String> + Send>;
@@ -22,6 +24,10 @@ pub type Confine = Box<dyn FnOnce() -> Result<(), String> + Send>;
 const POWER_ON_WAIT: Duration = Duration::from_secs(40);
 /// How long the shutdown at the end of a run is waited for.
 const SHUT_DOWN_WAIT: Duration = Duration::from_secs(5);
+/// Jobs waiting for the worker at most. A guest that gives up on commands (commandReady) and
+/// sends new ones while swtpm does not answer would queue them without end; past this, a
+/// command is answered TPM_RC_RETRY at once, as a busy TPM answers.
+pub const MAX_QUEUED_JOBS: usize = 8;
 
 enum Job {
     PowerOn(Sender<Result<(), SwtpmError>>),
@@ -42,6 +48,8 @@ struct Shared {
     established: AtomicBool,
     /// A failure was said.
     failed: AtomicBool,
+    /// The queue was said to be full.
+    said_full: AtomicBool,
 }
 
 impl Shared {
@@ -54,7 +62,7 @@ impl Shared {
 
 /// The thread serving the run's one swtpm, across guest reboots.
 pub struct SwtpmWorker {
-    jobs: Sender<Job>,
+    jobs: SyncSender<Job>,
     canceller: Canceller,
     shared: Arc<Shared>,
 }
@@ -67,9 +75,10 @@ impl SwtpmWorker {
             path: path.clone(),
             established: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            said_full: AtomicBool::new(false),
         });
         let canceller = tpm.canceller();
-        let (jobs, queue) = mpsc::channel();
+        let (jobs, queue) = mpsc::sync_channel(MAX_QUEUED_JOBS);
         let (ready_tx, ready) = mpsc::channel();
         let thread_shared = shared.clone();
         let spawned = std::thread::Builder::new()
@@ -114,17 +123,20 @@ impl SwtpmWorker {
         wait: Duration,
     ) -> Result<(), SwtpmError> {
         let (done, result) = mpsc::channel();
-        let broken = || SwtpmError::Broken {
-            path: self.shared.path.clone(),
+        let path = || self.shared.path.clone();
+        let unanswered = || SwtpmError::Unanswered {
+            path: path(),
+            seconds: wait.as_secs(),
         };
-        self.jobs.send(job(done)).map_err(|_| broken())?;
+        match self.jobs.try_send(job(done)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(unanswered()),
+            Err(TrySendError::Disconnected(_)) => return Err(SwtpmError::Broken { path: path() }),
+        }
         match result.recv_timeout(wait) {
             Ok(result) => result,
-            Err(RecvTimeoutError::Timeout) => Err(SwtpmError::Unanswered {
-                path: self.shared.path.clone(),
-                seconds: wait.as_secs(),
-            }),
-            Err(RecvTimeoutError::Disconnected) => Err(broken()),
+            Err(RecvTimeoutError::Timeout) => Err(unanswered()),
+            Err(RecvTimeoutError::Disconnected) => Err(SwtpmError::Broken { path: path() }),
         }
     }
 
@@ -195,7 +207,7 @@ fn serve(mut tpm: Swtpm, jobs: Receiver<Job>, shared: &Shared) {
 /// One VM's TIS backend: commands go to the worker, responses come back on a channel of
 /// their own, which an abort simply drops.
 pub struct SwtpmBackend {
-    jobs: Sender<Job>,
+    jobs: SyncSender<Job>,
     canceller: Canceller,
     shared: Arc<Shared>,
     running: Option<Receiver<Vec<u8>>>,
@@ -206,11 +218,20 @@ impl TpmBackend for SwtpmBackend {
         let (response, running) = mpsc::channel();
         self.running = Some(running);
         // A worker that is gone drops `response`, and the command fails below.
-        let _ = self.jobs.send(Job::Execute {
+        let sent = self.jobs.try_send(Job::Execute {
             locality,
             command,
             response,
         });
+        if let Err(TrySendError::Full(Job::Execute { response, .. })) = sent {
+            if !self.shared.said_full.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "TPM: the guest has {MAX_QUEUED_JOBS} commands waiting for swtpm; \
+                     further ones get TPM_RC_RETRY"
+                );
+            }
+            let _ = response.send(error_response(TPM_RC_RETRY));
+        }
     }
 
     fn response(&mut self) -> Option<Vec<u8>> {
@@ -238,6 +259,7 @@ impl TpmBackend for SwtpmBackend {
     }
 
     fn reset_established(&mut self, locality: u8) {
-        let _ = self.jobs.send(Job::ResetEstablished(locality));
+        // Dropped when the queue is full: the flag then stays as it was.
+        let _ = self.jobs.try_send(Job::ResetEstablished(locality));
     }
 }
