@@ -378,6 +378,33 @@ fn guest_ram_is_advised_for_huge_pages() {
     assert!(flags.contains(&"hg"), "VmFlags: {flags:?}");
 }
 
+/// nixvmm raises its soft limit of open files to the hard one (a CI host's soft 1024 would
+/// be below what its shares, NICs and vsock connections may hold).
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=256:4096")
+        .arg(nixvmm_bin())
+        .args(["run", "--memory", "64M", "--kernel"])
+        .arg(ticking_guest(dir.path()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("util-linux's prlimit runs");
+    let mut first = [0u8; 5];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words[3..5], ["4096", "4096"], "{line}");
+}
+
 /// Ctrl-A c switches the terminal from the guest's console to QEMU's monitor, as in QEMU's
 /// `-nographic`: typed lines are monitor commands, echoed, and `quit` ends nixvmm.
 #[test]

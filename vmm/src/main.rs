@@ -73,6 +73,7 @@ fn build(model: Model) -> Result<Box<dyn virtio::QueueDevice>, String> {
 
 /// The VM on this terminal, stopped by SIGTERM, SIGINT and SIGHUP.
 fn run_vm(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
+    vmm::host::raise_open_files_limit();
     // Before any thread starts, so that every thread inherits the mask.
     let signals = vmm::event::signals::block_termination_signals();
     let control = Control::default();
@@ -137,6 +138,7 @@ fn run_vm(config: vmm::VmConfig) -> Result<vmm::Outcome, String> {
 
 /// `nixvmm device …`: serve one device model until the frontend disconnects.
 fn serve_device(device: DeviceCommand) -> Result<vmm::Outcome, String> {
+    vmm::host::raise_open_files_limit();
     match device {
         DeviceCommand::NineP {
             listen,

@@ -24,6 +24,22 @@ use devices::tpm::worker::{SwtpmBackend, SwtpmWorker};
 use slirp::{SlirpError, UserNetwork};
 use vhost_user::{ConnectError, Kind, SharedVhostUser, VhostUserDevice};
 
+/// Raises this process's soft limit of open files to its hard limit, as virtiofsd does: a
+/// share, a NIC or a vsock with many connections holds a descriptor each, and the usual
+/// soft limit (1024) is below what the devices' own caps allow. Called by `nixvmm run` and
+/// `nixvmm device`, not before handing a command line to QEMU (which gets it unchanged).
+pub fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let raised = getrlimit(Resource::RLIMIT_NOFILE).and_then(|(soft, hard)| match soft < hard {
+        true => setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map(|()| hard),
+        false => Ok(soft),
+    });
+    match raised {
+        Ok(limit) => log::debug!("open files: up to {limit}"),
+        Err(e) => log::warn!("cannot raise the limit of open files: {e}"),
+    }
+}
+
 /// Host resources made once per run and shared by every VM of the run.
 pub struct HostResources {
     /// vhost-user backends by socket: one per `fs=vhost-user` share, and the vsock's.
