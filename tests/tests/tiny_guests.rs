@@ -616,3 +616,145 @@ fn the_monitor_on_stdio_answers_and_quits() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// nixvmm's open descriptors and resident memory, from /proc.
+fn fds_and_rss_kib(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap();
+    (fds, rss)
+}
+
+/// Peers that try to make the monitors hold without end: more QMP clients than the cap, a
+/// QMP client that never ends its JSON, an HMP line that never ends. Each is refused or
+/// answered with an error, said once on stderr, and nixvmm's descriptors and memory stay
+/// bounded; the monitors still answer afterwards.
+#[test]
+fn qmp_and_hmp_caps_hold_against_peers_that_push_without_end() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::new();
+    g.text("up\n").unwrap();
+    g.halt_forever().unwrap();
+    let kernel = write_guest(dir.path(), g);
+    let (qmp, monitor) = (dir.path().join("qmp"), dir.path().join("monitor"));
+    let stderr = std::fs::File::create(dir.path().join("stderr")).unwrap();
+    let mut child = Command::new(nixvmm_bin())
+        .args(["qemu", "-m", "64", "-kernel"])
+        .arg(&kernel)
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut up = [0u8; 3];
+    child.stdout.as_mut().unwrap().read_exact(&mut up).unwrap();
+    let (fds_before, rss_before) = fds_and_rss_kib(child.id());
+    let connect = |path: &Path| {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    // 64 QMP clients, all kept: 16 are greeted, the others closed at once.
+    let clients: Vec<UnixStream> = (0..64).map(|_| connect(&qmp)).collect();
+    let mut greeted = Vec::new();
+    for client in clients {
+        let mut line = String::new();
+        let _ = BufReader::new(client.try_clone().unwrap()).read_line(&mut line);
+        if line.contains("QMP") {
+            greeted.push(client);
+        }
+    }
+    assert_eq!(greeted.len(), 16, "QMP's MAX_CLIENTS");
+    // One of them sends 8 MiB of a string that never ends.
+    let mut pusher = BufReader::new(greeted[0].try_clone().unwrap());
+    greeted[0]
+        .write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .unwrap();
+    let mut line = String::new();
+    pusher.read_line(&mut line).unwrap();
+    // Its answers are read meanwhile (a client that leaves them unread is dropped).
+    let answers = std::thread::spawn(move || {
+        let mut too_long = 0usize;
+        let mut line = String::new();
+        while !line.contains("\"return\"") {
+            line.clear();
+            if pusher.read_line(&mut line).unwrap_or(0) == 0 {
+                panic!("the QMP client was dropped");
+            }
+            too_long += usize::from(line.contains("QMP input too long"));
+        }
+        too_long
+    });
+    let endless = vec![b'a'; 1 << 20];
+    greeted[0].write_all(b"{\"execute\": \"").unwrap();
+    for _ in 0..8 {
+        greeted[0].write_all(&endless).unwrap();
+    }
+    // The rest of the string is bad JSON; then a command that is answered.
+    greeted[0].write_all(b"\"}\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    greeted[0]
+        .write_all(b"{\"execute\": \"query-status\"}\n")
+        .unwrap();
+    let too_long = answers.join().unwrap();
+    assert!(too_long >= 1, "no error for 8 MiB");
+    // The monitor: a line of 8 MiB, then a command that is answered.
+    let mut hmp = connect(&monitor);
+    let mut hmp_reader = BufReader::new(hmp.try_clone().unwrap());
+    let until_prompt = |reader: &mut BufReader<UnixStream>| {
+        let mut text = Vec::new();
+        while !text.ends_with(b"(qemu) ") {
+            let mut byte = [0u8; 1];
+            reader.read_exact(&mut byte).unwrap();
+            text.push(byte[0]);
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    };
+    until_prompt(&mut hmp_reader);
+    for _ in 0..8 {
+        hmp.write_all(&endless).unwrap();
+    }
+    hmp.write_all(b"\ninfo status\n").unwrap();
+    let mut answers = String::new();
+    while !answers.contains("VM status: running") {
+        answers.push_str(&until_prompt(&mut hmp_reader));
+    }
+    assert!(
+        answers.contains("Error: a line longer than 4096 bytes"),
+        "{answers}"
+    );
+    let (fds_after, rss_after) = fds_and_rss_kib(child.id());
+    // A greeted QMP client holds two descriptors (its stream and its event sink), the
+    // monitor's client one.
+    assert!(
+        fds_after <= fds_before + 2 * 16 + 1,
+        "{fds_before} descriptors before, {fds_after} after"
+    );
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "{rss_before} KiB before, {rss_after} KiB after 16 MiB pushed"
+    );
+    hmp.write_all(b"quit\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    let said = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+    for cap in [
+        "QMP: 16 clients at once",
+        "QMP: a client sent 1048576 bytes",
+        "monitor: a line longer than 4096",
+    ] {
+        assert_eq!(said.matches(cap).count(), 1, "{cap} said once:\n{said}");
+    }
+}

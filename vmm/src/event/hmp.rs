@@ -18,6 +18,8 @@ pub const PROMPT: &str = "(qemu) ";
 /// A line longer than this is answered as an error and dropped, so a peer cannot make the
 /// monitor buffer without end.
 const MAX_LINE: usize = 4096;
+/// Whether a line too long was said (once per run).
+static SAID_TOO_LONG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 pub fn banner() -> String {
     format!(
@@ -124,6 +126,9 @@ pub struct HmpMonitor {
     stream: Option<Peer>,
     control: Control,
     input: Vec<u8>,
+    /// The line being received is longer than [`MAX_LINE`]: dropped up to its end, which is
+    /// answered with an error.
+    overlong: bool,
 }
 
 impl HmpMonitor {
@@ -135,6 +140,7 @@ impl HmpMonitor {
             stream: Some(Peer::Socket(stream)),
             control,
             input: Vec::new(),
+            overlong: false,
         })
     }
 
@@ -147,6 +153,7 @@ impl HmpMonitor {
             stream: Some(Peer::Stdio(input)),
             control,
             input: Vec::new(),
+            overlong: false,
         };
         monitor.send(banner().as_bytes())?;
         Ok(monitor)
@@ -168,6 +175,7 @@ impl HmpMonitor {
             stream,
             control,
             input: Vec::new(),
+            overlong: false,
         })
     }
 
@@ -192,6 +200,13 @@ impl HmpMonitor {
     fn serve_lines(&mut self) -> bool {
         while let Some(end) = self.input.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.input.drain(..=end).collect();
+            if std::mem::take(&mut self.overlong) {
+                let text = format!("Error: a line longer than {MAX_LINE} bytes\r\n{PROMPT}");
+                if self.send(text.as_bytes()).is_err() {
+                    return false;
+                }
+                continue;
+            }
             let line = String::from_utf8_lossy(&line);
             let reply = execute(line.trim_end_matches(['\r', '\n']), &self.control);
             let mut text = reply.text;
@@ -204,8 +219,9 @@ impl HmpMonitor {
         }
         if self.input.len() > MAX_LINE {
             self.input.clear();
-            let text = format!("Error: a line longer than {MAX_LINE} bytes\r\n{PROMPT}");
-            return self.send(text.as_bytes()).is_ok();
+            self.overlong = true;
+            let message = format_args!("monitor: a line longer than {MAX_LINE} bytes");
+            super::warn_once(&SAID_TOO_LONG, message);
         }
         true
     }
@@ -236,6 +252,7 @@ impl HmpMonitor {
         let _ = ops.remove(Events::new(listener, EventSet::IN));
         self.stream = Some(Peer::Socket(stream));
         self.input.clear();
+        self.overlong = false;
         self.watch(ops);
     }
 }

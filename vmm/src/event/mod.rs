@@ -46,6 +46,14 @@ pub(crate) fn send_answer(
     Ok(())
 }
 
+/// Logs `message` as a warning the first time `said` is found unset: a cap that a peer hits
+/// again and again is said once.
+pub(crate) fn warn_once(said: &std::sync::atomic::AtomicBool, message: std::fmt::Arguments) {
+    if !said.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        log::warn!("{message}");
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("the control plane's event loop: {0}")]
 pub struct ControlPlaneError(event_manager::Error);

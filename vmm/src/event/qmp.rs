@@ -13,6 +13,7 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use devices::bus::lock;
@@ -27,6 +28,9 @@ use crate::Control;
 const MAX_INPUT: usize = 1 << 20;
 /// Clients at once.
 const MAX_CLIENTS: usize = 16;
+/// Whether each cap was said (once per run).
+static SAID_TOO_MANY: AtomicBool = AtomicBool::new(false);
+static SAID_TOO_LONG: AtomicBool = AtomicBool::new(false);
 
 const COMMANDS: &[&str] = &[
     "qmp_capabilities",
@@ -234,6 +238,8 @@ impl Client {
         self.input = text.get(used..).unwrap_or_default().to_vec();
         if self.input.len() > MAX_INPUT {
             self.input.clear();
+            let message = format_args!("QMP: a client sent {MAX_INPUT} bytes without a command");
+            super::warn_once(&SAID_TOO_LONG, message);
             keep &= self
                 .send(&error("GenericError", "QMP input too long"))
                 .is_ok();
@@ -289,7 +295,8 @@ impl QmpServer {
             return;
         };
         if self.clients.len() >= MAX_CLIENTS {
-            log::warn!("QMP: more than {MAX_CLIENTS} clients; refusing one");
+            let message = format_args!("QMP: {MAX_CLIENTS} clients at once; refusing more");
+            super::warn_once(&SAID_TOO_MANY, message);
             return;
         }
         let Ok(sink) = stream.try_clone() else {
