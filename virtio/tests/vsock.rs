@@ -242,3 +242,24 @@ fn a_guest_past_its_credit_foreign_packets_and_unknown_connections() {
     assert_eq!((rst.op, rst.dst_port), (OP_RST, 43000));
     nothing_for_the_guest(&mut muxer);
 }
+
+/// A guest that asks for connections to ports nobody serves, again and again, and never
+/// takes the answers: the RSTs waiting for it stop at MAX_CONTROL_BACKLOG, and once it takes
+/// them it is answered again.
+#[test]
+fn answers_a_guest_leaves_untaken_stop_at_the_control_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut muxer = Muxer::new(GUEST, &dir.path().join("vm.vsock")).unwrap();
+    for n in 0..3 * MAX_CONTROL_BACKLOG as u32 {
+        muxer.from_guest(&guest_packet(OP_REQUEST, 50_000 + n, 9, 0), &[]);
+    }
+    let mut resets = 0;
+    while let Some((h, _)) = muxer.next_for_guest(4096) {
+        assert_eq!(h.op, OP_RST);
+        resets += 1;
+    }
+    assert_eq!(resets, MAX_CONTROL_BACKLOG);
+    muxer.from_guest(&guest_packet(OP_REQUEST, 40_000, 9, 0), &[]);
+    let (rst, _) = next(&mut muxer);
+    assert_eq!((rst.op, rst.dst_port), (OP_RST, 40_000));
+}

@@ -41,6 +41,9 @@ pub const SHUTDOWN_SEND: u32 = 2;
 pub const BUF_ALLOC: u32 = 256 * 1024;
 /// Connections at once; more are refused (RST) and said once in the log.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Control packets (RST, RESPONSE, credit updates, …) waiting for the guest's receive
+/// buffers; a guest that sends without taking them gets no more past this.
+pub const MAX_CONTROL_BACKLOG: usize = 4 * MAX_CONNECTIONS;
 /// Host programs that connected but have not yet written their `CONNECT PORT` line.
 pub const MAX_HANDSHAKES: usize = 64;
 /// The longest `CONNECT PORT\n` line.
@@ -201,6 +204,7 @@ pub struct Muxer {
     /// Keys of connections that may have data for the guest, round-robin.
     ready: VecDeque<Key>,
     said_full: bool,
+    said_backlog: bool,
 }
 
 impl Muxer {
@@ -238,6 +242,7 @@ impl Muxer {
             next_host_port: FIRST_HOST_PORT,
             ready: VecDeque::new(),
             said_full: false,
+            said_backlog: false,
         })
     }
 
@@ -430,7 +435,9 @@ impl Muxer {
         }
         if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
             conn.readable = true;
-            self.ready.push_back(key);
+            if !self.ready.contains(&key) {
+                self.ready.push_back(key);
+            }
         }
         if events.contains(EventSet::OUT) {
             self.forward_to_host(key);
@@ -472,7 +479,7 @@ impl Muxer {
     /// Closes a connection and tells the guest (RST).
     fn reset_connection(&mut self, key: Key) {
         self.remove_connection(key);
-        self.control.push_back(self.header(key, OP_RST, 0, None));
+        self.queue_control(self.header(key, OP_RST, 0, None));
     }
 
     fn header(&self, key: Key, op: u16, flags: u32, conn: Option<&Connection>) -> Header {
@@ -490,13 +497,28 @@ impl Muxer {
         }
     }
 
+    /// Queues a control packet for the guest; past [`MAX_CONTROL_BACKLOG`] (a guest that
+    /// sends without taking what it is answered) it is dropped, said once.
+    fn queue_control(&mut self, header: Header) {
+        if self.control.len() < MAX_CONTROL_BACKLOG {
+            self.control.push_back(header);
+        } else if !self.said_backlog {
+            log::warn!(
+                "vsock {}: {MAX_CONTROL_BACKLOG} control packets wait for the guest \
+                 (MAX_CONTROL_BACKLOG); dropping more",
+                self.uds.display()
+            );
+            self.said_backlog = true;
+        }
+    }
+
     /// Queues a control packet of connection `key` for the guest.
     fn send(&mut self, key: Key, op: u16, flags: u32) {
         let header = self.header(key, op, flags, self.connections.get(&key));
         if let Some(conn) = self.connections.get_mut(&key) {
             conn.told_fwd_cnt = conn.fwd_cnt;
         }
-        self.control.push_back(header);
+        self.queue_control(header);
     }
 
     /// A packet from the guest's transmit queue, with its data.
@@ -507,7 +529,7 @@ impl Muxer {
         let key = (h.dst_port, h.src_port);
         if h.type_ != TYPE_STREAM {
             if h.op != OP_RST {
-                self.control.push_back(self.header(key, OP_RST, 0, None));
+                self.queue_control(self.header(key, OP_RST, 0, None));
             }
             return;
         }
@@ -518,7 +540,7 @@ impl Muxer {
             conn.peer_fwd_cnt = h.fwd_cnt;
             self.established_packet(key, h, data);
         } else if h.op != OP_RST {
-            self.control.push_back(self.header(key, OP_RST, 0, None));
+            self.queue_control(self.header(key, OP_RST, 0, None));
         }
         self.update_interest(key);
         if !self.ready.contains(&key) && self.connections.get(&key).is_some_and(|c| c.readable) {
@@ -528,7 +550,7 @@ impl Muxer {
 
     fn guest_connects(&mut self, key: Key, h: &Header) {
         if self.connections.contains_key(&key) || !self.room_for_one_more() {
-            self.control.push_back(self.header(key, OP_RST, 0, None));
+            self.queue_control(self.header(key, OP_RST, 0, None));
             return;
         }
         let path = format!("{}_{}", self.uds.display(), key.0);
@@ -543,7 +565,7 @@ impl Muxer {
             }
             Err(e) => {
                 log::debug!("vsock: guest port {} → {path}: {e}", key.1);
-                self.control.push_back(self.header(key, OP_RST, 0, None));
+                self.queue_control(self.header(key, OP_RST, 0, None));
             }
         }
     }
