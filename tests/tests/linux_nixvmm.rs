@@ -2375,3 +2375,103 @@ fn tier4_sigkill_during_flushed_writes_leaves_a_clean_qcow2_with_every_flushed_w
         println!("{key}={result}");
     }
 }
+
+/// A full host disk under the guest's writes (a 4 MiB tmpfs in L1 holding a 256 MiB qcow2
+/// or sparse raw image): the guest's writes fail with I/O errors, as QEMU's `werror=report`
+/// gives them, nixvmm goes on and ends with status 0 at the guest's poweroff, and the image
+/// is undamaged: `qemu-img check` accepts the qcow2, and every write the guest flushed reads
+/// back.
+#[test]
+fn tier4_a_full_host_disk_gives_the_guest_io_errors_and_no_damage() {
+    let script = "i=1\n\
+                  while [ $i -lt 1000 ]; do\n\
+                  if printf 'slot-%06d' $i | dd of=/dev/vda bs=64k seek=$i conv=sync,fsync 2>/dev/null; \
+                  then echo FLUSHED=$i; else echo FAILED_AT=$i; break; fi\n\
+                  i=$((i + 1))\n\
+                  done\n\
+                  echo READ_BACK=$(dd if=/dev/vda bs=64k skip=1 count=1 2>/dev/null | head -c 11)";
+    let command = |disk: &str| {
+        Guest {
+            modules: &["virtio_pci", "virtio_blk"],
+            script,
+            args: args(&["--disk", disk]),
+            ..Guest::default()
+        }
+        .command()
+    };
+    let variant = format!(
+        "vm_qcow2() {{ {qcow2}; }}\n\
+         vm_raw() {{ {raw}; }}\n\
+         variant() {{\n\
+         rm -f full/disk.* out\n\
+         if [ $1 = qcow2 ]; then qemu-img create -q -f qcow2 full/disk.qcow2 256M; \
+           else truncate -s 256M full/disk.raw; fi\n\
+         vm_$1 > out 2>&1; rc=$?\n\
+         last=$(grep -ao 'FLUSHED=[0-9]*' out | tail -n 1 | cut -d= -f2)\n\
+         failed=$(grep -ao 'FAILED_AT=[0-9]*' out | cut -d= -f2)\n\
+         ioerrors=$(grep -c 'I/O error' out)\n\
+         check=none\n\
+         if [ $1 = qcow2 ]; then qemu-img check -q full/disk.qcow2; check=$?; \
+           qemu-img convert -O raw full/disk.qcow2 copy.raw; else cp --sparse=always full/disk.raw copy.raw; fi\n\
+         bad=0\n\
+         for i in $(seq 1 ${{last:-0}}); do\n\
+         got=$(dd if=copy.raw bs=64k skip=$i count=1 2>/dev/null | head -c 11)\n\
+         [ \"$got\" = \"$(printf 'slot-%06d' $i)\" ] || bad=$((bad + 1))\n\
+         done\n\
+         rm -f copy.raw\n\
+         echo \"RESULT_$1=last:${{last:-none}},failed:${{failed:-none}},ioerrors:$ioerrors,rc:$rc,check:$check,bad:$bad,read:$(grep -ao 'READ_BACK=[a-z0-9-]*' out | cut -d= -f2)\"\n\
+         [ $rc = 0 ] || tail -n 30 out\n\
+         }}\n",
+        qcow2 = command("path=full/disk.qcow2"),
+        raw = command("path=full/disk.raw,format=raw"),
+    );
+    let job = format!(
+        "cd \"$(mktemp -d)\" && mkdir full && mount -t tmpfs -o size=4M none full || exit 1\n\
+         {variant}\
+         variant qcow2\n\
+         variant raw\n\
+         umount full"
+    );
+    let log = host().run(&job, BOOT_LIMIT * 3).unwrap();
+    let tail = log.tail();
+    for image in ["qcow2", "raw"] {
+        let key = format!("RESULT_{image}");
+        let result = log
+            .value_of(&key)
+            .unwrap_or_else(|| panic!("no {key}:\n{tail}"));
+        let fields: std::collections::HashMap<&str, &str> = result
+            .split(',')
+            .filter_map(|f| f.split_once(':'))
+            .collect();
+        println!("{key}={result}");
+        let last: u32 = fields["last"]
+            .parse()
+            .unwrap_or_else(|_| panic!("{key}: nothing flushed: {result}\n{tail}"));
+        let failed: u32 = fields["failed"]
+            .parse()
+            .unwrap_or_else(|_| panic!("{key}: no write failed: {result}\n{tail}"));
+        // 4 MiB hold about 60 slots of 64 KiB, less the image's metadata.
+        assert!((25..75).contains(&last), "{key}: {result}");
+        assert_eq!(failed, last + 1, "{key}: {result}");
+        assert_ne!(
+            fields["ioerrors"], "0",
+            "the guest saw I/O errors: {result}\n{tail}"
+        );
+        assert_eq!(
+            fields["rc"], "0",
+            "{key}: nixvmm's status: {result}\n{tail}"
+        );
+        assert_eq!(fields["read"], "slot-000001", "{key}: {result}");
+        if image == "qcow2" {
+            // 0: clean; 3: leaked clusters only.
+            assert!(
+                ["0", "3"].contains(&fields["check"]),
+                "{key}: {result}\n{tail}"
+            );
+        }
+        assert_eq!(
+            fields["bad"], "0",
+            "{key}: flushed records lost: {result}\n{tail}"
+        );
+    }
+}
