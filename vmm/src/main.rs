@@ -350,9 +350,13 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string())
             .and_then(run_vm),
         Command::Device(device) => serve_device(device),
-        Command::Relay { address } => vmm::host::slirp::relay(&address)
+        Command::Relay {
+            slots,
+            exec,
+            target,
+        } => vmm::host::slirp::relay(slots.as_deref(), exec, &target)
             .map(|()| vmm::Outcome::Stopped)
-            .map_err(|e| format!("relay to {address}: {e}")),
+            .map_err(|e| format!("relay to {}: {e}", target.join(" "))),
     };
     exit_status(result)
 }

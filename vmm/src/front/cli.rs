@@ -37,12 +37,20 @@ pub enum Command {
     /// vhost-user-rng-pci) on a Unix socket, until the frontend disconnects.
     #[command(subcommand)]
     Device(DeviceCommand),
-    /// Copies stdin and stdout to and from a TCP connection to HOST:PORT: what a user
-    /// network's `guestfwd=…-tcp:HOST:PORT` runs per guest connection.
+    /// What a user network's guestfwd runs per guest connection: takes a connection slot,
+    /// then copies stdin and stdout to and from a TCP connection to HOST:PORT, or runs a
+    /// program (--exec).
     #[command(hide = true)]
     Relay {
-        /// HOST:PORT
-        address: String,
+        /// The network's folder of connection slots.
+        #[arg(long)]
+        slots: Option<std::path::PathBuf>,
+        /// Run the program named by the rest of the command line.
+        #[arg(long)]
+        exec: bool,
+        /// HOST:PORT, or with --exec the program and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        target: Vec<String>,
     },
 }
 

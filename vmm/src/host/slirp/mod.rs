@@ -15,7 +15,7 @@ mod engine;
 mod ffi;
 mod relay;
 
-pub use relay::relay;
+pub use relay::{relay, MAX_GUESTFWD_CONNECTIONS};
 
 use std::ffi::{CStr, CString};
 use std::net::Ipv4Addr;
@@ -118,6 +118,8 @@ struct Network {
     /// Kept alive for slirp, which keeps pointers to them.
     _strings: Vec<CString>,
     _dnssearch: Vec<*const c_char>,
+    /// The guestfwd programs' connection slots (see `relay`), removed with the network.
+    _slots: Option<tempfile::TempDir>,
 }
 
 fn in_addr(addr: Ipv4Addr) -> libc::in_addr {
@@ -191,6 +193,16 @@ impl Network {
             disable_dns: false,
             disable_dhcp: false,
         };
+        // Made before slirp, whose error paths would otherwise have to free it.
+        let slots = match config.guestfwd.is_empty() {
+            true => None,
+            false => Some(
+                tempfile::Builder::new()
+                    .prefix("nixvmm-guestfwd-")
+                    .tempdir()
+                    .map_err(SlirpError::Setup)?,
+            ),
+        };
         let mut callbacks = Box::new(Callbacks {
             guest: std::collections::VecDeque::new(),
             started: Instant::now(),
@@ -204,17 +216,20 @@ impl Network {
         if slirp.is_null() {
             return Err(SlirpError::Refused);
         }
+        let slots_dir = slots.as_ref().map(|d| d.path().to_path_buf());
         let network = Network {
             slirp,
             callbacks,
             _strings: strings,
             _dnssearch: dnssearch,
+            _slots: slots,
         };
         for forward in &config.hostfwd {
             network.add_hostfwd(forward)?;
         }
         for forward in &config.guestfwd {
-            let command = cstring(&guestfwd_command(&forward.target)?)?;
+            let Some(slots) = &slots_dir else { break };
+            let command = cstring(&guestfwd_command(&forward.target, slots)?)?;
             let mut addr = in_addr(forward.addr.unwrap_or(Ipv4Addr::UNSPECIFIED));
             // SAFETY: a live Slirp owned by this Network, a NUL-terminated command and an
             // in_addr slirp may fill in; slirp copies the command.
@@ -365,17 +380,25 @@ impl Drop for Network {
     }
 }
 
-/// The command libslirp runs per guest connection: the user's, or `nixvmm relay` for a TCP
-/// target (through the running binary, quoted for slirp's shell-style argument parsing).
-fn guestfwd_command(target: &GuestFwdTarget) -> Result<String, SlirpError> {
-    match target {
-        GuestFwdTarget::Command(command) => Ok(command.clone()),
-        GuestFwdTarget::Tcp { host, port } => {
-            let exe = std::env::current_exe().map_err(SlirpError::Setup)?;
-            let exe = exe.to_string_lossy().replace('\'', "'\\''");
-            Ok(format!("'{exe}' relay {host}:{port}"))
-        }
-    }
+/// The command libslirp runs per guest connection: `nixvmm relay` (through the running
+/// binary, quoted for slirp's shell-style argument parsing), which takes one of the
+/// network's connection slots in `slots` and then copies to a TCP target or runs the user's
+/// command (whose words slirp splits as it would have).
+fn guestfwd_command(
+    target: &GuestFwdTarget,
+    slots: &std::path::Path,
+) -> Result<String, SlirpError> {
+    let quote = |text: &str| format!("'{}'", text.replace('\'', "'\\''"));
+    let exe = std::env::current_exe().map_err(SlirpError::Setup)?;
+    let relay = format!(
+        "{} relay --slots {}",
+        quote(&exe.to_string_lossy()),
+        quote(&slots.to_string_lossy())
+    );
+    Ok(match target {
+        GuestFwdTarget::Command(command) => format!("{relay} --exec {command}"),
+        GuestFwdTarget::Tcp { host, port } => format!("{relay} {host}:{port}"),
+    })
 }
 
 fn hostfwd_text(f: &HostFwd) -> String {

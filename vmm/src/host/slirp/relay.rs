@@ -1,12 +1,76 @@
-//! `nixvmm relay HOST:PORT` (hidden): what a `guestfwd=…-tcp:HOST:PORT` runs per guest
-//! connection. libslirp starts it with the guest's connection as stdin and stdout; it
-//! connects to HOST:PORT and copies both ways until both sides are done.
+//! `nixvmm relay --slots DIR HOST:PORT | --exec PROGRAM…` (hidden): what a guestfwd runs per
+//! guest connection. libslirp starts it with the guest's connection as stdin and stdout.
+//! It first takes one of the network's [`MAX_GUESTFWD_CONNECTIONS`] slots (a lock on a file
+//! in DIR, held until it exits): a guest cannot make the host run a process per connection
+//! without end. Without a free slot it ends at once, which closes the guest's connection,
+//! and the first such refusal is said on stderr. With a slot it connects to HOST:PORT
+//! (`guestfwd=…-tcp:`) and copies both ways until both sides are done, or runs the user's
+//! program (`guestfwd=…-cmd:`), which keeps the slot.
 
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+
+/// Guest connections through one network's guestfwds at once.
+pub const MAX_GUESTFWD_CONNECTIONS: usize = 64;
+
+/// Runs one guest connection's relay: `target` is HOST:PORT, or with `exec` a program and
+/// its arguments.
+pub fn relay(slots: Option<&Path>, exec: bool, target: &[String]) -> std::io::Result<()> {
+    let slot = match slots {
+        Some(dir) => match take_slot(dir)? {
+            Some(slot) => Some(slot),
+            None => return Ok(()),
+        },
+        None => None,
+    };
+    let Some((first, rest)) = target.split_first() else {
+        return Err(std::io::Error::other("nothing to relay to"));
+    };
+    if !exec {
+        return copy_both_ways(first);
+    }
+    // The program keeps the slot: its lock goes with the descriptor across exec.
+    if let Some(slot) = &slot {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+        fcntl(slot, FcntlArg::F_SETFD(FdFlag::empty())).map_err(std::io::Error::from)?;
+    }
+    Err(std::process::Command::new(first).args(rest).exec())
+}
+
+/// Locks a free slot file in `dir`; `None` when all are taken.
+fn take_slot(dir: &Path) -> std::io::Result<Option<File>> {
+    for n in 0..MAX_GUESTFWD_CONNECTIONS {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("slot-{n}")))?;
+        match file.try_lock() {
+            Ok(()) => return Ok(Some(file)),
+            Err(TryLockError::WouldBlock) => {}
+            Err(TryLockError::Error(e)) => return Err(e),
+        }
+    }
+    // Said by the first relay that finds no room: it makes the marker.
+    let marker = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(dir.join("said-full"));
+    if marker.is_ok() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "nixvmm: warn: guestfwd: {MAX_GUESTFWD_CONNECTIONS} guest connections at once \
+             (MAX_GUESTFWD_CONNECTIONS); closing further ones"
+        );
+    }
+    Ok(None)
+}
 
 /// Copies stdin to a new connection to `address` and the connection to stdout.
-pub fn relay(address: &str) -> std::io::Result<()> {
+fn copy_both_ways(address: &str) -> std::io::Result<()> {
     let stream = TcpStream::connect(address)?;
     let mut to_target = stream.try_clone()?;
     let upstream = std::thread::spawn(move || {
