@@ -2151,7 +2151,6 @@ fn tier4_tpm_through_swtpm_random_pcrs_persistent_state_and_a_dying_swtpm() {
         "mount -t 9p -o trans=virtio,version=9p2000.L state /mnt || exit 1\n\
          if [ -e /mnt/booted ]; then\n\
            echo REBOOTED_TPM=$([ -c /dev/tpmrm0 ] && echo bound || echo unbound)\n\
-           [ -c /dev/tpmrm0 ] && {again}\
            echo REBOOTED=alive; umount /mnt; exit 0\n\
          fi\n\
          touch /mnt/booted; sync\n\
@@ -2160,7 +2159,6 @@ fn tier4_tpm_through_swtpm_random_pcrs_persistent_state_and_a_dying_swtpm() {
          {dead}echo AFTER_DEATH=alive\n\
          umount /mnt; reboot -f\n",
         dead = tpm_line("DEAD", GET_RANDOM),
-        again = tpm_line("AGAIN", GET_RANDOM),
     );
     let guest = |script: &str, socket: &str| {
         Guest {
@@ -2264,9 +2262,8 @@ fn tier4_tpm_through_swtpm_random_pcrs_persistent_state_and_a_dying_swtpm() {
     );
     assert_eq!(log.value_of("AFTER_DEATH"), Some("alive"), "{tail}");
     assert_eq!(log.value_of("REBOOTED"), Some("alive"), "{tail}");
-    if log.value_of("REBOOTED_TPM") == Some("bound") {
-        assert_eq!(log.value_of("AGAIN_RC"), Some("00000101"), "{tail}");
-    }
+    // Linux's tpm_tis gives up on a TPM whose self test fails (TPM_RC_FAILURE).
+    assert_eq!(log.value_of("REBOOTED_TPM"), Some("unbound"), "{tail}");
     let said = log
         .console
         .matches("the guest's TPM commands fail from now on")

@@ -222,11 +222,12 @@ fn qmp_greeting_negotiation_errors_and_replies_frame_as_qemus() {
     );
 }
 
-/// What a QMP session said: each command's reply, and the events in the order they came
-/// (their timestamps left out).
+/// What a QMP session said: each command's reply, the events in the order they came (their
+/// timestamps left out), and replies and events in one sequence ("return", "STOP", …).
 struct Said {
     replies: Vec<Value>,
     events: Vec<Value>,
+    order: Vec<String>,
 }
 
 /// Sends each of `commands` after negotiation (`before` is told each one first), reads its
@@ -237,6 +238,7 @@ fn qmp_session(socket: &Path, commands: &[&str], mut before: impl FnMut(&str)) -
     let mut said = Said {
         replies: Vec::new(),
         events: Vec::new(),
+        order: Vec::new(),
     };
     let mut read_message = |said: &mut Said| -> Option<bool> {
         let mut line = String::new();
@@ -245,11 +247,16 @@ fn qmp_session(socket: &Path, commands: &[&str], mut before: impl FnMut(&str)) -
             return None;
         }
         let mut message: Value = serde_json::from_str(&line).unwrap();
-        if message.get("event").is_some() {
+        if let Some(event) = message.get("event") {
+            said.order.push(event.as_str().unwrap().to_string());
             message.as_object_mut().unwrap().remove("timestamp");
             said.events.push(message);
             Some(false)
         } else {
+            let kind = ["QMP", "return", "error"]
+                .iter()
+                .find(|k| message.get(**k).is_some());
+            said.order.push(kind.unwrap().to_string());
             said.replies.push(message);
             Some(true)
         }
@@ -310,9 +317,11 @@ fn qmp_commands_and_events_of_the_test_driver_and_of_clients_match_qemus() {
         }
     }
     // STOP, RESUME, RESET (host-qmp-system-reset), POWERDOWN, SHUTDOWN (host-qmp-quit), in
-    // that order and with the same data.
+    // that order and with the same data, each before or after its command's reply as QEMU
+    // sends it.
     assert_eq!(qemu.events, ours.events);
     assert_eq!(qemu.events.len(), 5, "{:?}", qemu.events);
+    assert_eq!(qemu.order, ours.order);
     // quit ends nixvmm with status 0.
     let status = pair.nixvmm.wait().unwrap();
     assert_eq!(status.code(), Some(0));

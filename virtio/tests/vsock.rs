@@ -263,3 +263,22 @@ fn answers_a_guest_leaves_untaken_stop_at_the_control_backlog() {
     let (rst, _) = next(&mut muxer);
     assert_eq!((rst.op, rst.dst_port), (OP_RST, 40_000));
 }
+
+/// A guest that asks for credit again and again without taking the answers: one credit
+/// update waits for it, the latest.
+#[test]
+fn one_credit_update_waits_however_often_the_guest_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vm.vsock");
+    let mut muxer = Muxer::new(GUEST, &uds).unwrap();
+    let _listener = UnixListener::bind(dir.path().join("vm.vsock_7000")).unwrap();
+    muxer.from_guest(&guest_packet(OP_REQUEST, 42000, 7000, 0), &[]);
+    for _ in 0..10_000 {
+        muxer.from_guest(&guest_packet(OP_CREDIT_REQUEST, 42000, 7000, 0), &[]);
+    }
+    let mut ops = Vec::new();
+    while let Some((h, _)) = muxer.next_for_guest(4096) {
+        ops.push(h.op);
+    }
+    assert_eq!(ops, [OP_RESPONSE, OP_CREDIT_UPDATE]);
+}

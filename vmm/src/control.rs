@@ -43,9 +43,7 @@ pub struct Control {
     stopped: Arc<AtomicBool>,
     host: Arc<Mutex<Option<Arc<HostResources>>>>,
     observers: Arc<Mutex<Vec<EventObserver>>>,
-    /// Why the VM was stopped (QMP's SHUTDOWN reason), and whether the last reset was asked
-    /// from the host (and so announced already).
-    stop_reason: Arc<Mutex<&'static str>>,
+    /// Whether the last reset was asked from the host (and so announced already).
     host_reset: Arc<AtomicBool>,
     /// The run ends at a reset (`--no-reboot`).
     no_reboot: Arc<AtomicBool>,
@@ -73,18 +71,23 @@ impl Control {
     }
 
     /// [`Control::stop`], saying why (QMP's SHUTDOWN reason: `host-qmp-quit`, `host-ui`, …).
+    /// SHUTDOWN is announced now, once, as QEMU sends it before it answers `quit`.
     pub fn stop_for(&self, reason: &'static str) {
-        *lock(&self.stop_reason) = reason;
-        self.stopped.store(true, Ordering::Release);
+        let first = !self.stopped.swap(true, Ordering::AcqRel);
         if let Some(vm) = &*lock(&self.current) {
             vm.exit.send(VmExit::Stopped);
+        }
+        if first {
+            self.announce(VmEvent::Shutdown {
+                guest: false,
+                reason,
+            });
         }
     }
 
     /// Resets the machine as a reset button would (QMP `system_reset`); with `--no-reboot`
     /// that ends the run, as QEMU's `-no-reboot` does. The event (RESET, or SHUTDOWN) is
-    /// announced now, as QEMU announces it before it takes the next command: a command that
-    /// follows must not be reported first.
+    /// announced now: QEMU sends it before it answers the command.
     pub fn reset(&self) {
         match &*lock(&self.current) {
             Some(vm) => {
@@ -138,10 +141,7 @@ impl Control {
                 guest: true,
                 reason: "guest-shutdown",
             },
-            VmExit::Stopped => VmEvent::Shutdown {
-                guest: false,
-                reason: *lock(&self.stop_reason),
-            },
+            VmExit::Stopped => return, // announced by `stop_for`
             VmExit::Reset => {
                 if self.host_reset.swap(false, Ordering::AcqRel) {
                     return; // announced by `reset`
@@ -163,8 +163,7 @@ impl Control {
 
     /// Whether the running VM is paused (QMP `query-status`, HMP `info status`).
     pub fn paused(&self) -> bool {
-        self.vcpu_states()
-            .contains(&machine::vcpu::VcpuState::Paused)
+        self.runtime().is_some_and(|r| r.paused())
     }
 
     /// Where each vCPU of the running VM is.

@@ -89,6 +89,8 @@ pub enum SwtpmError {
     Broken { path: PathBuf },
     #[error("--tpm socket={}: swtpm did not answer within {seconds} s", path.display())]
     Unanswered { path: PathBuf, seconds: u64 },
+    #[error("--tpm socket={}: swtpm is still busy with the guest's earlier commands", path.display())]
+    Busy { path: PathBuf },
     #[error("--tpm socket={}: the TPM thread: {reason}", path.display())]
     Thread { path: PathBuf, reason: String },
 }
@@ -103,11 +105,13 @@ fn io_error<'a>(path: &'a Path, what: &'static str) -> impl Fn(std::io::Error) -
 }
 
 /// The sending side of the control channel, shared with a [`Canceller`] so that a cancel can
-/// go out while a command runs. swtpm answers control requests in the order they came, so a
-/// request's reply follows one reply per cancel sent before it.
+/// go out while a command runs. swtpm reads one control message per receive, so two that
+/// wait in its socket together would be read as one bad message: a request holds the writer
+/// from its write to its reply (a cancel meanwhile is not sent), at most one cancel is
+/// unanswered, and its reply is read before the next request is written.
 struct ControlWriter {
     stream: UnixStream,
-    unanswered_cancels: u32,
+    cancel_unanswered: bool,
 }
 
 /// Sends CANCEL_TPM_CMD to a [`Swtpm`] from another thread than the one running its command.
@@ -124,12 +128,14 @@ impl Canceller {
         let Some(Ok(mut writer)) = self.writer.as_ref().map(|w| w.try_lock()) else {
             return;
         };
-        if writer
-            .stream
-            .write_all(&CMD_CANCEL_TPM_CMD.to_be_bytes())
-            .is_ok()
+        // Four bytes into a socket holding nothing else of ours: the write never waits.
+        if !writer.cancel_unanswered
+            && writer
+                .stream
+                .write_all(&CMD_CANCEL_TPM_CMD.to_be_bytes())
+                .is_ok()
         {
-            writer.unanswered_cancels += 1;
+            writer.cancel_unanswered = true;
         }
     }
 }
@@ -186,7 +192,7 @@ impl Swtpm {
             .map_err(io("data socket"))?;
         let writer = ControlWriter {
             stream: control.try_clone().map_err(io("control socket"))?,
-            unanswered_cancels: 0,
+            cancel_unanswered: false,
         };
         Ok(Swtpm {
             path: path.to_path_buf(),
@@ -297,16 +303,14 @@ impl Swtpm {
         self.guarded(|tpm| {
             let mut request = command.to_be_bytes().to_vec();
             request.extend_from_slice(body);
-            let unanswered = {
-                let mut writer = tpm.writer.lock().unwrap_or_else(|p| p.into_inner());
-                writer.stream.write_all(&request).map_err(tpm.io(what))?;
-                std::mem::take(&mut writer.unanswered_cancels)
-            };
-            for _ in 0..unanswered {
+            let writer = tpm.writer.clone();
+            let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+            if std::mem::take(&mut writer.cancel_unanswered) {
                 let mut cancel_reply = [0u8; 4];
                 let read = tpm.control.read_exact(&mut cancel_reply);
                 read.map_err(tpm.io("CANCEL_TPM_CMD reply"))?;
             }
+            writer.stream.write_all(&request).map_err(tpm.io(what))?;
             let (result, rest) = reply.split_at_mut(4);
             tpm.control.read_exact(result).map_err(tpm.io(what))?;
             let code = u32::from_be_bytes([result[0], result[1], result[2], result[3]]);

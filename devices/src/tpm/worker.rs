@@ -130,7 +130,7 @@ impl SwtpmWorker {
         };
         match self.jobs.try_send(job(done)) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(unanswered()),
+            Err(TrySendError::Full(_)) => return Err(SwtpmError::Busy { path: path() }),
             Err(TrySendError::Disconnected(_)) => return Err(SwtpmError::Broken { path: path() }),
         }
         match result.recv_timeout(wait) {

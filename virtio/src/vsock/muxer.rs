@@ -497,18 +497,35 @@ impl Muxer {
         }
     }
 
-    /// Queues a control packet for the guest; past [`MAX_CONTROL_BACKLOG`] (a guest that
-    /// sends without taking what it is answered) it is dropped, said once.
+    /// Queues a control packet for the guest. A connection's packet replaces one of the same
+    /// kind still waiting (the guest needs only the latest credit update). Past
+    /// [`MAX_CONTROL_BACKLOG`] (a guest that sends without taking what it is answered) a
+    /// packet is dropped, said once, and a connection whose packet it was is closed on the
+    /// host's side (the guest gets RST for it later, or times it out).
     fn queue_control(&mut self, header: Header) {
+        let key = (header.src_port, header.dst_port);
+        if header.op != OP_RST {
+            let same =
+                |h: &&mut Header| (h.src_port, h.dst_port, h.op) == (key.0, key.1, header.op);
+            if let Some(waiting) = self.control.iter_mut().find(same) {
+                *waiting = header;
+                return;
+            }
+        }
         if self.control.len() < MAX_CONTROL_BACKLOG {
             self.control.push_back(header);
-        } else if !self.said_backlog {
+            return;
+        }
+        if !self.said_backlog {
             log::warn!(
                 "vsock {}: {MAX_CONTROL_BACKLOG} control packets wait for the guest \
                  (MAX_CONTROL_BACKLOG); dropping more",
                 self.uds.display()
             );
             self.said_backlog = true;
+        }
+        if header.op != OP_RST {
+            self.remove_connection(key);
         }
     }
 

@@ -25,11 +25,16 @@ const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Writes a whole monitor or QMP answer to a non-blocking socket; an error once the peer
 /// has left it unread for [`ANSWER_DEADLINE`].
-pub(crate) fn send_answer(
+pub(crate) fn send_answer(stream: &mut impl std::io::Write, bytes: &[u8]) -> std::io::Result<()> {
+    send_answer_until(stream, bytes, std::time::Instant::now() + ANSWER_DEADLINE)
+}
+
+/// [`send_answer`] with a deadline of the caller's (one for several peers).
+pub(crate) fn send_answer_until(
     stream: &mut impl std::io::Write,
     mut bytes: &[u8],
+    deadline: std::time::Instant,
 ) -> std::io::Result<()> {
-    let deadline = std::time::Instant::now() + ANSWER_DEADLINE;
     while !bytes.is_empty() {
         match stream.write(bytes) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),

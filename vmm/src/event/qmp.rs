@@ -271,11 +271,16 @@ impl QmpServer {
         control.watch_events(Arc::new(move |event| {
             let mut text = event_json(event).to_string();
             text.push_str("\r\n");
+            // One deadline for every client: clients that do not read hold the control
+            // plane no longer than one would.
+            let deadline = std::time::Instant::now() + super::ANSWER_DEADLINE;
             for (stream, negotiated) in lock(&watched).values_mut() {
                 // Whole lines only. A client that leaves them unread for long is dropped
                 // as one that leaves its answers unread: its socket is shut down here, and
                 // the control plane, seeing it end, forgets it.
-                if *negotiated && super::send_answer(stream, text.as_bytes()).is_err() {
+                if *negotiated
+                    && super::send_answer_until(stream, text.as_bytes(), deadline).is_err()
+                {
                     *negotiated = false;
                     let _ = stream.shutdown(std::net::Shutdown::Both);
                 }

@@ -167,6 +167,7 @@ impl Vm {
             runtime: Arc::new(Runtime {
                 vcpus: Mutex::new(None),
                 virtio,
+                paused: std::sync::atomic::AtomicBool::new(false),
             }),
             seccomp: config.seccomp,
             _vm_fd: vm_fd,
@@ -226,6 +227,9 @@ impl Vm {
 pub struct Runtime {
     vcpus: Mutex<Option<Vcpus>>,
     virtio: VirtioDevices,
+    /// Paused by the host (QMP `stop`) and not resumed since: what `query-status` reports at
+    /// once, while resumed vCPU threads may not have started running yet.
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl Runtime {
@@ -234,6 +238,8 @@ impl Runtime {
         if let Some(vcpus) = &*lock(&self.vcpus) {
             vcpus.pause();
         }
+        self.paused
+            .store(true, std::sync::atomic::Ordering::Release);
         self.virtio.pause_all()
     }
 
@@ -243,7 +249,14 @@ impl Runtime {
         if let Some(vcpus) = &*lock(&self.vcpus) {
             vcpus.resume();
         }
+        self.paused
+            .store(false, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// Whether the host paused the VM and has not resumed it.
+    pub fn paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Where each vCPU is now (empty before the VM runs).

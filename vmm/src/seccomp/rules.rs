@@ -281,6 +281,8 @@ const SERVE: &[c_long] = &[
 /// Starting a process (libslirp's guestfwd commands): what glib does between fork and exec,
 /// and what the program does until it runs (the dynamic loader).
 const PROCESSES: &[c_long] = &[
+    // `nixvmm relay` takes its connection slot.
+    SYS_flock,
     SYS_clone3,
     SYS_vfork,
     SYS_execve,

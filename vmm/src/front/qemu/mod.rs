@@ -289,6 +289,9 @@ struct Builder {
     log_file: Option<PathBuf>,
     tcg_allowed: bool,
     serial_seen: bool,
+    /// A `-monitor` (`none` too) or `-qmp` was given: then, as in QEMU, the default serial
+    /// port is plain stdio, not `mon:stdio`.
+    monitor_seen: bool,
     serial: Serial,
     memory_backend: Option<String>,
     monitor: Option<Monitor>,
@@ -328,7 +331,12 @@ impl Builder {
             monitor: self.monitor,
             qmp: self.qmp,
             vsock: devices.vsock,
-            serial: self.serial,
+            serial: match self.serial_seen {
+                true => self.serial,
+                false => Serial::Stdio {
+                    escapes: !self.monitor_seen,
+                },
+            },
             tpm: devices.tpm,
             seccomp: self.seccomp,
         };
@@ -438,6 +446,7 @@ impl Builder {
     /// `-monitor unix:PATH` (nixvmm connects, as the test driver listens),
     /// `-monitor unix:PATH,server=on[,wait=off]` (nixvmm listens) or `none`.
     fn monitor(&mut self, value: &str) -> Result<()> {
+        self.monitor_seen = true;
         if value == "none" {
             return Ok(());
         }
@@ -465,6 +474,7 @@ impl Builder {
 
     /// `-qmp unix:PATH,server=on,wait=off`: nixvmm listens, clients come when they like.
     fn qmp(&mut self, value: &str) -> Result<()> {
+        self.monitor_seen = true;
         let (path, o) = unix_socket("-qmp", value, "-qmp unix:PATH,server=on,wait=off")?;
         if !o.flag("server", false).map_err(option_error)?
             || o.flag("wait", true).map_err(option_error)?
@@ -482,8 +492,8 @@ impl Builder {
 
     /// nixvmm's one serial port (ttyS0): `-serial stdio` (every byte typed goes to the
     /// guest), `mon:stdio` (Ctrl-A x quits, Ctrl-A c reaches the monitor; the default, as
-    /// `-nographic`'s), `none`, `null`, `file:PATH`, or `chardev:ID` naming a file or null
-    /// chardev.
+    /// `-nographic`'s, unless a `-monitor` or `-qmp` is given), `none`, `null`, `file:PATH`,
+    /// or `chardev:ID` naming a file or null chardev.
     fn serial(&mut self, value: &str) -> Result<()> {
         if self.serial_seen {
             return Err(unsupported(format!(

@@ -417,6 +417,12 @@ fn serial_stdio_none_null_file_and_chardev() {
         ("-serial stdio", Serial::Stdio { escapes: false }),
         ("-serial mon:stdio", Serial::Stdio { escapes: true }),
         ("", Serial::Stdio { escapes: true }),
+        // As QEMU's -nographic: mon:stdio only when no monitor is elsewhere.
+        ("-monitor none", Serial::Stdio { escapes: false }),
+        (
+            "-qmp unix:@/q,server=on,wait=off",
+            Serial::Stdio { escapes: false },
+        ),
         ("-serial none", Serial::Null),
         ("-serial null", Serial::Null),
         ("-serial file:@/s.log", Serial::File(files.path("s.log"))),

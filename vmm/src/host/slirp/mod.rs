@@ -216,7 +216,6 @@ impl Network {
         if slirp.is_null() {
             return Err(SlirpError::Refused);
         }
-        let slots_dir = slots.as_ref().map(|d| d.path().to_path_buf());
         let network = Network {
             slirp,
             callbacks,
@@ -227,9 +226,11 @@ impl Network {
         for forward in &config.hostfwd {
             network.add_hostfwd(forward)?;
         }
+        // Made above whenever there is a guestfwd.
+        let slots =
+            (network._slots.as_ref()).map_or_else(Default::default, |d| d.path().to_owned());
         for forward in &config.guestfwd {
-            let Some(slots) = &slots_dir else { break };
-            let command = cstring(&guestfwd_command(&forward.target, slots)?)?;
+            let command = cstring(&guestfwd_command(&forward.target, &slots)?)?;
             let mut addr = in_addr(forward.addr.unwrap_or(Ipv4Addr::UNSPECIFIED));
             // SAFETY: a live Slirp owned by this Network, a NUL-terminated command and an
             // in_addr slirp may fill in; slirp copies the command.
