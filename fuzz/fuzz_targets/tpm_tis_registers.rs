@@ -21,7 +21,7 @@ impl TpmBackend for Echo {
         assert!(self.polls.is_none(), "a command started while one runs");
         self.polls = Some(0);
     }
-    fn response(&mut self) -> Option<Vec<u8>> {
+    fn response(&mut self, _wait: std::time::Duration) -> Option<Vec<u8>> {
         let polls = self.polls.as_mut().expect("polled while no command runs");
         *polls += 1;
         if *polls < 2 {

@@ -62,7 +62,15 @@ const MUTATING_OPCODES: &[u32] = &[
     51, // TMPFILE
 ];
 const FUSE_OPEN: u32 = 14;
+const FUSE_GETXATTR: u32 = 22;
+const FUSE_LISTXATTR: u32 = 23;
+const FUSE_READDIR: u32 = 28;
+const FUSE_READDIRPLUS: u32 = 44;
 const IN_HEADER_LEN: usize = 40;
+/// Linux's largest extended attribute value or list (its VFS asks for no more).
+const XATTR_SIZE_MAX: u32 = 65536;
+/// The largest directory listing one READDIR may ask for (Linux asks for a page).
+const READDIR_SIZE_MAX: u32 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -111,6 +119,9 @@ impl VirtioFs {
     fn handle(&self, chain: Chain, mem: &Memory) -> u32 {
         if self.readonly && is_mutating(&chain, mem) {
             return reply_error(&chain, mem, libc::EROFS).unwrap_or(0);
+        }
+        if let Some(errno) = oversized(&chain, mem) {
+            return reply_error(&chain, mem, errno).unwrap_or(0);
         }
         let chain_copy = chain.clone();
         let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
@@ -209,6 +220,29 @@ fn is_mutating(chain: &Chain, mem: &Memory) -> bool {
         flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
     };
     MUTATING_OPCODES.contains(&opcode) || open_for_write
+}
+
+/// The error for a request whose size field asks for more than a kernel ever does: the
+/// passthrough filesystem allocates what GETXATTR, LISTXATTR and READDIR ask for before it
+/// looks (a guest could make nixvmm allocate gigabytes; found by the `virtiofs_requests`
+/// fuzz target).
+fn oversized(chain: &Chain, mem: &Memory) -> Option<i32> {
+    let (readable, _) = buffers(chain);
+    // GETXATTR/LISTXATTR: size, padding; READDIR(PLUS): fh, offset, size, …
+    let head = peek(mem, &readable, IN_HEADER_LEN + 20);
+    let opcode = u32::from_le_bytes(head.get(4..8)?.try_into().ok()?);
+    let size_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(head.get(at..at + 4)?.try_into().ok()?))
+    };
+    match opcode {
+        FUSE_GETXATTR | FUSE_LISTXATTR if size_at(IN_HEADER_LEN)? > XATTR_SIZE_MAX => {
+            Some(libc::E2BIG)
+        }
+        FUSE_READDIR | FUSE_READDIRPLUS if size_at(IN_HEADER_LEN + 16)? > READDIR_SIZE_MAX => {
+            Some(libc::ENOMEM)
+        }
+        _ => None,
+    }
 }
 
 /// Answers the request with just an error header (`-errno`); returns the reply's length, or

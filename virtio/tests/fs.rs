@@ -208,3 +208,53 @@ fn malformed_requests_do_not_panic() {
     );
     assert_eq!(g.lookup(ROOT, "greeting").error, 0, "still serving");
 }
+
+/// Sizes no kernel asks for are answered with an error before the passthrough filesystem
+/// allocates them (the `virtiofs_requests` fuzz target found a GETXATTR of 4 GiB that made
+/// it allocate 4 GiB); sizes a kernel asks for still reach it.
+#[test]
+fn sizes_past_what_a_kernel_asks_are_refused_before_any_allocation() {
+    const GETXATTR: u32 = 22;
+    const LISTXATTR: u32 = 23;
+    const OPENDIR: u32 = 27;
+    const READDIR: u32 = 28;
+    let dir = share();
+    let mut g = Guest::new(dir.path(), false);
+    let file = nodeid(&g.lookup(ROOT, "greeting"));
+    let xattr = |size: u32| {
+        let mut body = size.to_le_bytes().to_vec();
+        body.extend_from_slice(&[0u8; 4]);
+        body.extend_from_slice(b"user.x\0");
+        body
+    };
+    assert_eq!(
+        g.call(GETXATTR, file, &xattr(0xffff_ff00)).error,
+        -libc::E2BIG
+    );
+    assert_eq!(
+        g.call(LISTXATTR, file, &xattr(u32::MAX)).error,
+        -libc::E2BIG
+    );
+    // Within the limit: the filesystem answers (xattrs are off in this share).
+    assert_ne!(g.call(GETXATTR, file, &xattr(64)).error, -libc::E2BIG);
+    let opened = g.call(OPENDIR, ROOT, &[0u8; 8]);
+    assert_eq!(opened.error, 0);
+    let fh = &opened.body[..8];
+    let readdir = |size: u32| {
+        let mut body = fh.to_vec();
+        body.extend_from_slice(&0u64.to_le_bytes()); // offset
+        body.extend_from_slice(&size.to_le_bytes());
+        body.extend_from_slice(&[0u8; 20]); // read flags, lock owner, flags, padding
+        body
+    };
+    assert_eq!(
+        g.call(READDIR, ROOT, &readdir(u32::MAX)).error,
+        -libc::ENOMEM
+    );
+    let listing = g.call(READDIR, ROOT, &readdir(4096));
+    assert_eq!(listing.error, 0);
+    assert!(
+        listing.body.windows(8).any(|w| w == b"greeting"),
+        "a listing within the limit"
+    );
+}

@@ -20,9 +20,9 @@ pub trait TpmBackend: Send {
     /// Starts running `command` sent from `locality`; its response comes from
     /// [`TpmBackend::response`].
     fn start(&mut self, locality: u8, command: Vec<u8>);
-    /// The started command's response once it is there (a backend that cannot run it
-    /// answers with a TPM error response); `None` while it runs.
-    fn response(&mut self) -> Option<Vec<u8>>;
+    /// The started command's response once it is there, waiting for it at most `wait` (a
+    /// backend that cannot run it answers with a TPM error response); `None` while it runs.
+    fn response(&mut self, wait: std::time::Duration) -> Option<Vec<u8>>;
     /// Asks the TPM to cancel the running command (it may finish anyway).
     fn cancel(&mut self);
     /// Forgets the running command: its response, whenever it comes, is dropped.
@@ -31,6 +31,13 @@ pub trait TpmBackend: Send {
     fn established(&mut self) -> bool;
     fn reset_established(&mut self, locality: u8);
 }
+
+/// How long the vCPU that writes tpmGo waits for the response before it lets the guest poll:
+/// a software TPM answers most commands within this, so the guest finds them done at its
+/// first poll, as if the command ran on the vCPU (Linux gives some commands only 20 ms,
+/// which a busy or emulated host can miss between polls); a slow command costs the vCPU no
+/// more than this.
+const GO_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub const LOCALITIES: u8 = 5;
 /// The locality of a dynamic launch (the CPU's own).
@@ -145,10 +152,10 @@ impl TpmTis {
             && self.command.len() < BUFFER_MAX
     }
 
-    /// Takes the running command's response if it is there.
-    fn poll_execution(&mut self) {
+    /// Takes the running command's response if it is there (waiting for it at most `wait`).
+    fn poll_execution(&mut self, wait: std::time::Duration) {
         if self.state == State::Execution {
-            if let Some(response) = self.backend.response() {
+            if let Some(response) = self.backend.response(wait) {
                 self.response = response;
                 self.read_at = 0;
                 self.state = State::Completion;
@@ -157,7 +164,7 @@ impl TpmTis {
     }
 
     fn status(&mut self) -> u32 {
-        self.poll_execution();
+        self.poll_execution(std::time::Duration::ZERO);
         let (bits, burst) = match self.state {
             State::Idle | State::Execution => (STS_VALID, 0),
             State::Ready => (STS_COMMAND_READY | STS_VALID, BUFFER_MAX),
@@ -273,6 +280,7 @@ impl TpmTis {
                 if whole && command.len() >= 10 {
                     self.backend.start(locality, command);
                     self.state = State::Execution;
+                    self.poll_execution(GO_WAIT);
                 } else {
                     // A header whose size is not what came (too short, or beyond the
                     // buffer): answered here, as a TPM would.
@@ -300,7 +308,7 @@ impl TpmTis {
     }
 
     fn read_fifo(&mut self, data: &mut [u8]) {
-        self.poll_execution();
+        self.poll_execution(std::time::Duration::ZERO);
         for byte in data.iter_mut() {
             *byte = match self.response.get(self.read_at) {
                 Some(b) if self.state == State::Completion => {

@@ -24,7 +24,7 @@ impl TpmBackend for Fake {
         self.seen.lock().unwrap().push((locality, command));
         self.running = true;
     }
-    fn response(&mut self) -> Option<Vec<u8>> {
+    fn response(&mut self, _wait: std::time::Duration) -> Option<Vec<u8>> {
         assert!(self.running, "a response asked for while none runs");
         if *self.held.lock().unwrap() {
             return None;

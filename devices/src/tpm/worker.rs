@@ -7,9 +7,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{
-    self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError, TrySendError,
-};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -234,11 +232,11 @@ impl TpmBackend for SwtpmBackend {
         }
     }
 
-    fn response(&mut self) -> Option<Vec<u8>> {
-        let answer = match self.running.as_ref().map(Receiver::try_recv) {
-            Some(Err(TryRecvError::Empty)) => return None,
+    fn response(&mut self, wait: Duration) -> Option<Vec<u8>> {
+        let answer = match self.running.as_ref().map(|r| r.recv_timeout(wait)) {
+            Some(Err(RecvTimeoutError::Timeout)) => return None,
             Some(Ok(answer)) => answer,
-            Some(Err(TryRecvError::Disconnected)) | None => error_response(TPM_RC_FAILURE),
+            Some(Err(RecvTimeoutError::Disconnected)) | None => error_response(TPM_RC_FAILURE),
         };
         self.running = None;
         Some(answer)
