@@ -764,3 +764,87 @@ fn qmp_and_hmp_caps_hold_against_peers_that_push_without_end() {
         assert_eq!(said.matches(cap).count(), 1, "{cap} said once:\n{said}");
     }
 }
+
+/// nixvmm's CPU time so far, in clock ticks (user + system, /proc/PID/stat).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which ends with the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Out of file descriptors, the QMP listener refuses (closes) new clients instead of waking
+/// the control plane without end, says so once, and the clients it has go on being served.
+#[test]
+fn a_qmp_listener_out_of_descriptors_refuses_clients_without_spinning() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::new();
+    g.text("up\n").unwrap();
+    g.halt_forever().unwrap();
+    let kernel = write_guest(dir.path(), g);
+    let qmp = dir.path().join("qmp");
+    let stderr = std::fs::File::create(dir.path().join("stderr")).unwrap();
+    let mut child = Command::new(nixvmm_bin())
+        .args(["qemu", "-m", "64", "-kernel"])
+        .arg(&kernel)
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut up = [0u8; 3];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut up).unwrap();
+    let first = UnixStream::connect(&qmp).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(first.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    // Room for one more descriptor, no more.
+    let (fds, _) = fds_and_rss_kib(child.id());
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={}", child.id()))
+        .arg(format!("--nofile={}:{}", fds + 1, fds + 1))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let waiting: Vec<UnixStream> = (0..5).map(|_| UnixStream::connect(&qmp).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(child.id());
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(child.id()) - before;
+    assert!(
+        spent < 30,
+        "{spent} ticks of CPU in a second while out of descriptors"
+    );
+    // Closed at once (the one descriptor of room may have let one of them in).
+    let mut refused = 0;
+    for mut client in waiting {
+        client
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let closed = std::io::Read::read_to_end(&mut client, &mut rest).is_ok();
+        refused += usize::from(closed && rest.is_empty());
+    }
+    assert!(refused >= 4, "{refused} of 5 refused");
+    (&first)
+        .write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "{\"return\":{}}",
+        "the first client is still served"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let said = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+    assert_eq!(said.matches("out of file descriptors").count(), 1, "{said}");
+}

@@ -31,6 +31,7 @@ const MAX_CLIENTS: usize = 16;
 /// Whether each cap was said (once per run).
 static SAID_TOO_MANY: AtomicBool = AtomicBool::new(false);
 static SAID_TOO_LONG: AtomicBool = AtomicBool::new(false);
+static SAID_NO_FDS: AtomicBool = AtomicBool::new(false);
 
 const COMMANDS: &[&str] = &[
     "qmp_capabilities",
@@ -254,6 +255,7 @@ type EventSinks = Arc<Mutex<BTreeMap<RawFd, (UnixStream, bool)>>>;
 /// The control plane's subscriber for the QMP socket and its clients.
 pub struct QmpServer {
     listener: UnixListener,
+    spare: super::SpareFd,
     path: PathBuf,
     clients: BTreeMap<RawFd, Client>,
     sinks: EventSinks,
@@ -288,6 +290,7 @@ impl QmpServer {
         }));
         Ok(QmpServer {
             listener,
+            spare: super::SpareFd::new(),
             path: path.to_path_buf(),
             clients: BTreeMap::new(),
             sinks,
@@ -296,7 +299,7 @@ impl QmpServer {
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
-        let Ok((stream, _)) = self.listener.accept() else {
+        let Some(stream) = self.spare.accept(&self.listener, &SAID_NO_FDS, "QMP") else {
             return;
         };
         if self.clients.len() >= MAX_CLIENTS {
