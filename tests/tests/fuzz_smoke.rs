@@ -26,9 +26,12 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The target's binary beside nixvmm's (target/<profile>/).
+/// The target's binary in target/<profile>/, where this test's own executable's folder
+/// (deps/) is.
 fn binary(target: &str) -> PathBuf {
-    let bin = nixvmm_tests::nixvmm_bin().with_file_name(target);
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(Path::parent).unwrap();
+    let bin = profile.join(target);
     assert!(
         bin.exists(),
         "{} is missing: build the fuzz targets with `cargo build --manifest-path \
