@@ -201,13 +201,16 @@ fn tis_on_worker(tpm: Swtpm) -> (TpmTis, SwtpmWorker) {
     (TpmTis::new(Box::new(worker.backend())), worker)
 }
 
-const STS: u64 = 0x18;
-const FIFO: u64 = 0x24;
-const STS_VALID: u32 = 1 << 7;
-const STS_DATA_AVAIL: u32 = 1 << 4;
-const COMMAND_READY: u8 = 1 << 6;
-const GO: u8 = 1 << 5;
-const COMMAND_CANCEL: u8 = 1; // bit 24: byte 3
+use devices::tpm::{
+    ACCESS_ACTIVE_LOCALITY, ACCESS_REQUEST_USE, LOCALITY_SIZE, REG_ACCESS, REG_DATA_FIFO as FIFO,
+    REG_STS as STS, STS_DATA_AVAIL, STS_VALID,
+};
+/// TPM_STS command bits as one-byte writes (commandCancel is in the register's top byte).
+const COMMAND_READY: u8 = devices::tpm::STS_COMMAND_READY as u8;
+const GO: u8 = devices::tpm::STS_GO as u8;
+const COMMAND_CANCEL: u8 = (devices::tpm::STS_COMMAND_CANCEL >> 24) as u8;
+/// Locality 3's registers.
+const LOCALITY_3: u64 = 3 * LOCALITY_SIZE;
 
 fn sts(tis: &mut TpmTis) -> u32 {
     let mut b = [0u8; 4];
@@ -217,7 +220,7 @@ fn sts(tis: &mut TpmTis) -> u32 {
 
 /// Locality 0 sends `command` up to tpmGo; returns how long the tpmGo write took.
 fn send(tis: &mut TpmTis, command: &[u8]) -> Duration {
-    tis.write(0, &[1 << 1]); // TPM_ACCESS.requestUse
+    tis.write(REG_ACCESS, &[ACCESS_REQUEST_USE]);
     tis.write(STS, &[COMMAND_READY]);
     tis.write(FIFO, command);
     let go = Instant::now();
@@ -266,15 +269,15 @@ fn commands_run_off_the_vcpu_and_a_cancel_keeps_the_control_channel_in_step() {
         tis.write(STS, &[COMMAND_READY]);
     }
     // Control requests after the cancels: a locality change and a power-on (a reboot).
-    tis.write(0, &[1 << 5]); // relinquish locality 0
-    tis.write(0x3000, &[1 << 1]); // locality 3
-    tis.write(0x3000 + STS, &[COMMAND_READY]);
-    tis.write(0x3000 + FIFO, &GET_RANDOM_8);
-    tis.write(0x3000 + STS, &[GO]);
+    tis.write(REG_ACCESS, &[ACCESS_ACTIVE_LOCALITY]); // relinquished
+    tis.write(LOCALITY_3 + REG_ACCESS, &[ACCESS_REQUEST_USE]);
+    tis.write(LOCALITY_3 + STS, &[COMMAND_READY]);
+    tis.write(LOCALITY_3 + FIFO, &GET_RANDOM_8);
+    tis.write(LOCALITY_3 + STS, &[GO]);
     let mut b = [0u8; 4];
     let deadline = Instant::now() + Duration::from_secs(30);
     while {
-        tis.read(0x3000 + STS, &mut b);
+        tis.read(LOCALITY_3 + STS, &mut b);
         u32::from_le_bytes(b) & STS_DATA_AVAIL == 0
     } {
         assert!(Instant::now() < deadline, "no response at locality 3");
@@ -335,13 +338,18 @@ fn start_mute_swtpm(dir: &Path) -> PathBuf {
     control
 }
 
+/// A TIS device on a worker serving [`start_mute_swtpm`]'s swtpm in `dir`, whose commands
+/// time out after `timeout`.
+fn tis_on_mute_swtpm(dir: &Path, timeout: Duration) -> (TpmTis, SwtpmWorker) {
+    let mut tpm = Swtpm::connect(&start_mute_swtpm(dir)).unwrap();
+    tpm.set_command_timeout(timeout).unwrap();
+    tis_on_worker(tpm)
+}
+
 #[test]
 fn a_swtpm_that_never_answers_holds_no_vcpu_and_its_command_fails_after_the_timeout() {
     let tmp = tempfile::tempdir().unwrap();
-    let control = start_mute_swtpm(tmp.path());
-    let mut tpm = Swtpm::connect(&control).unwrap();
-    tpm.set_command_timeout(Duration::from_secs(2)).unwrap();
-    let (mut tis, worker) = tis_on_worker(tpm);
+    let (mut tis, worker) = tis_on_mute_swtpm(tmp.path(), Duration::from_secs(2));
     // tpmGo returns at once; the guest polls and gives up as Linux does (commandReady).
     assert!(send(&mut tis, &STARTUP_CLEAR) < Duration::from_millis(500));
     assert_eq!(poll_response(&mut tis, Duration::from_millis(500)), None);
@@ -366,10 +374,7 @@ fn a_swtpm_that_never_answers_holds_no_vcpu_and_its_command_fails_after_the_time
 fn a_guest_cannot_queue_commands_without_end_while_swtpm_hangs() {
     use devices::tpm::worker::MAX_QUEUED_JOBS;
     let tmp = tempfile::tempdir().unwrap();
-    let control = start_mute_swtpm(tmp.path());
-    let mut tpm = Swtpm::connect(&control).unwrap();
-    tpm.set_command_timeout(Duration::from_secs(60)).unwrap();
-    let (mut tis, _worker) = tis_on_worker(tpm);
+    let (mut tis, _worker) = tis_on_mute_swtpm(tmp.path(), Duration::from_secs(60));
     // Commands sent and given up, one after the other: the first holds the worker, the
     // next ones wait for it, until the queue is full.
     for _ in 0..MAX_QUEUED_JOBS + 2 {

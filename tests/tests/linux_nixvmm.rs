@@ -2277,6 +2277,21 @@ fn tier4_tpm_through_swtpm_random_pcrs_persistent_state_and_a_dying_swtpm() {
     assert_eq!(log.value_of("RCS"), Some("0,0,0"), "{tail}");
 }
 
+/// A `KEY=name:value,name:value,…` line of a disk test's job: the text and its fields.
+fn result_fields<'a>(
+    log: &'a BootLog,
+    key: &str,
+) -> (&'a str, std::collections::HashMap<&'a str, &'a str>) {
+    let result = log
+        .value_of(key)
+        .unwrap_or_else(|| panic!("no {key}:\n{}", log.tail()));
+    let fields = result
+        .split(',')
+        .filter_map(|f| f.split_once(':'))
+        .collect();
+    (result, fields)
+}
+
 /// Crash safety with Linux's own virtio-blk driver: the guest writes a numbered 512-byte
 /// record into each 64 KiB slot of /dev/vda, each followed by an fsync (a FLUSH request), and
 /// says which it flushed; nixvmm is killed with SIGKILL after a few, several dozen or many
@@ -2344,13 +2359,7 @@ fn tier4_sigkill_during_flushed_writes_leaves_a_clean_qcow2_with_every_flushed_w
     let tail = log.tail();
     for (flushes, image) in [(3, "alone"), (40, "alone"), (100, "alone"), (40, "backed")] {
         let key = format!("RESULT_{flushes}_{image}");
-        let result = log
-            .value_of(&key)
-            .unwrap_or_else(|| panic!("no {key}:\n{tail}"));
-        let fields: std::collections::HashMap<&str, &str> = result
-            .split(',')
-            .filter_map(|f| f.split_once(':'))
-            .collect();
+        let (result, fields) = result_fields(&log, &key);
         let last: u32 = fields["last"]
             .parse()
             .unwrap_or_else(|_| panic!("{key}: the guest flushed nothing: {result}\n{tail}"));
@@ -2433,13 +2442,7 @@ fn tier4_a_full_host_disk_gives_the_guest_io_errors_and_no_damage() {
     let tail = log.tail();
     for image in ["qcow2", "raw"] {
         let key = format!("RESULT_{image}");
-        let result = log
-            .value_of(&key)
-            .unwrap_or_else(|| panic!("no {key}:\n{tail}"));
-        let fields: std::collections::HashMap<&str, &str> = result
-            .split(',')
-            .filter_map(|f| f.split_once(':'))
-            .collect();
+        let (result, fields) = result_fields(&log, &key);
         println!("{key}={result}");
         let last: u32 = fields["last"]
             .parse()

@@ -632,6 +632,35 @@ fn fds_and_rss_kib(pid: u32) -> (usize, u64) {
     (fds, rss)
 }
 
+/// `nixvmm qemu` on a guest that prints "up" and halts, with a listening QMP socket at
+/// `dir/qmp` (and with `hmp`, a listening monitor at `dir/monitor`), its stderr in
+/// `dir/stderr`; returns once the guest runs.
+fn halted_guest_with_monitors(dir: &Path, hmp: bool) -> std::process::Child {
+    let mut g = Guest::new();
+    g.text("up\n").unwrap();
+    g.halt_forever().unwrap();
+    let kernel = write_guest(dir, g);
+    let listening = |name: &str| format!("unix:{},server=on,wait=off", dir.join(name).display());
+    let mut command = Command::new(nixvmm_bin());
+    command
+        .args(["qemu", "-m", "64", "-kernel"])
+        .arg(&kernel)
+        .args(["-qmp", &listening("qmp")]);
+    if hmp {
+        command.args(["-monitor", &listening("monitor")]);
+    }
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut up = [0u8; 3];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut up).unwrap();
+    assert_eq!(&up, b"up\n");
+    child
+}
+
 /// Peers that try to make the monitors hold without end: more QMP clients than the cap, a
 /// QMP client that never ends its JSON, an HMP line that never ends. Each is refused or
 /// answered with an error, said once on stderr, and nixvmm's descriptors and memory stay
@@ -641,26 +670,8 @@ fn qmp_and_hmp_caps_hold_against_peers_that_push_without_end() {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::os::unix::net::UnixStream;
     let dir = tempfile::tempdir().unwrap();
-    let mut g = Guest::new();
-    g.text("up\n").unwrap();
-    g.halt_forever().unwrap();
-    let kernel = write_guest(dir.path(), g);
     let (qmp, monitor) = (dir.path().join("qmp"), dir.path().join("monitor"));
-    let stderr = std::fs::File::create(dir.path().join("stderr")).unwrap();
-    let mut child = Command::new(nixvmm_bin())
-        .args(["qemu", "-m", "64", "-kernel"])
-        .arg(&kernel)
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-monitor")
-        .arg(format!("unix:{},server=on,wait=off", monitor.display()))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let mut up = [0u8; 3];
-    child.stdout.as_mut().unwrap().read_exact(&mut up).unwrap();
+    let mut child = halted_guest_with_monitors(dir.path(), true);
     let (fds_before, rss_before) = fds_and_rss_kib(child.id());
     let connect = |path: &Path| {
         let s = UnixStream::connect(path).unwrap();
@@ -780,24 +791,8 @@ fn a_qmp_listener_out_of_descriptors_refuses_clients_without_spinning() {
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixStream;
     let dir = tempfile::tempdir().unwrap();
-    let mut g = Guest::new();
-    g.text("up\n").unwrap();
-    g.halt_forever().unwrap();
-    let kernel = write_guest(dir.path(), g);
     let qmp = dir.path().join("qmp");
-    let stderr = std::fs::File::create(dir.path().join("stderr")).unwrap();
-    let mut child = Command::new(nixvmm_bin())
-        .args(["qemu", "-m", "64", "-kernel"])
-        .arg(&kernel)
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let mut up = [0u8; 3];
-    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut up).unwrap();
+    let mut child = halted_guest_with_monitors(dir.path(), false);
     let first = UnixStream::connect(&qmp).unwrap();
     first
         .set_read_timeout(Some(Duration::from_secs(10)))

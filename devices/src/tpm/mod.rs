@@ -46,13 +46,13 @@ pub const LOCALITY_SIZE: u64 = 0x1000;
 /// The command and response buffer.
 pub const BUFFER_MAX: usize = swtpm::BUFFER_SIZE as usize;
 
-const REG_ACCESS: u64 = 0x00;
+pub const REG_ACCESS: u64 = 0x00;
 const REG_INT_ENABLE: u64 = 0x08;
 const REG_INT_VECTOR: u64 = 0x0c;
 const REG_INT_STATUS: u64 = 0x10;
 const REG_INTF_CAPABILITY: u64 = 0x14;
-const REG_STS: u64 = 0x18;
-const REG_DATA_FIFO: u64 = 0x24;
+pub const REG_STS: u64 = 0x18;
+pub const REG_DATA_FIFO: u64 = 0x24;
 const REG_INTERFACE_ID: u64 = 0x30;
 const REG_XDATA_FIFO: u64 = 0x80;
 const REG_XDATA_FIFO_END: u64 = 0xc0;
@@ -60,20 +60,20 @@ const REG_DID_VID: u64 = 0xf00;
 const REG_RID: u64 = 0xf04;
 
 const ACCESS_ESTABLISHMENT: u8 = 1 << 0;
-const ACCESS_REQUEST_USE: u8 = 1 << 1;
+pub const ACCESS_REQUEST_USE: u8 = 1 << 1;
 const ACCESS_PENDING_REQUEST: u8 = 1 << 2;
 const ACCESS_SEIZE: u8 = 1 << 3;
 const ACCESS_BEEN_SEIZED: u8 = 1 << 4;
-const ACCESS_ACTIVE_LOCALITY: u8 = 1 << 5;
+pub const ACCESS_ACTIVE_LOCALITY: u8 = 1 << 5;
 const ACCESS_REG_VALID: u8 = 1 << 7;
 
 const STS_RESPONSE_RETRY: u32 = 1 << 1;
 const STS_EXPECT: u32 = 1 << 3;
-const STS_DATA_AVAIL: u32 = 1 << 4;
-const STS_GO: u32 = 1 << 5;
-const STS_COMMAND_READY: u32 = 1 << 6;
-const STS_VALID: u32 = 1 << 7;
-const STS_COMMAND_CANCEL: u32 = 1 << 24;
+pub const STS_DATA_AVAIL: u32 = 1 << 4;
+pub const STS_GO: u32 = 1 << 5;
+pub const STS_COMMAND_READY: u32 = 1 << 6;
+pub const STS_VALID: u32 = 1 << 7;
+pub const STS_COMMAND_CANCEL: u32 = 1 << 24;
 const STS_RESET_ESTABLISHMENT: u32 = 1 << 25;
 const STS_FAMILY_TPM2: u32 = 1 << 26;
 
