@@ -354,7 +354,7 @@ fn main() -> ExitCode {
             slots,
             exec,
             target,
-        } => vmm::host::slirp::relay(slots.as_deref(), exec, &target)
+        } => vmm::host::slirp::relay(&slots, exec, &target)
             .map(|()| vmm::Outcome::Stopped)
             .map_err(|e| format!("relay to {}: {e}", target.join(" "))),
     };

@@ -44,7 +44,7 @@ pub enum Command {
     Relay {
         /// The network's folder of connection slots.
         #[arg(long)]
-        slots: Option<std::path::PathBuf>,
+        slots: std::path::PathBuf,
         /// Run the program named by the rest of the command line.
         #[arg(long)]
         exec: bool,

@@ -28,7 +28,7 @@ use callbacks::{Callbacks, CALLBACKS};
 use devices::bus::lock;
 use engine::Engine;
 
-use crate::config::net::{netmask, GuestFwdTarget, HostFwd, UserNet};
+use crate::config::net::{netmask, GuestFwd, GuestFwdTarget, HostFwd, UserNet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SlirpError {
@@ -119,7 +119,7 @@ struct Network {
     _strings: Vec<CString>,
     _dnssearch: Vec<*const c_char>,
     /// The guestfwd programs' connection slots (see `relay`), removed with the network.
-    _slots: Option<tempfile::TempDir>,
+    slots: Option<tempfile::TempDir>,
 }
 
 fn in_addr(addr: Ipv4Addr) -> libc::in_addr {
@@ -221,36 +221,43 @@ impl Network {
             callbacks,
             _strings: strings,
             _dnssearch: dnssearch,
-            _slots: slots,
+            slots,
         };
         for forward in &config.hostfwd {
             network.add_hostfwd(forward)?;
         }
-        // Made above whenever there is a guestfwd.
-        let slots =
-            (network._slots.as_ref()).map_or_else(Default::default, |d| d.path().to_owned());
-        for forward in &config.guestfwd {
-            let command = cstring(&guestfwd_command(&forward.target, &slots)?)?;
-            let mut addr = in_addr(forward.addr.unwrap_or(Ipv4Addr::UNSPECIFIED));
-            // SAFETY: a live Slirp owned by this Network, a NUL-terminated command and an
-            // in_addr slirp may fill in; slirp copies the command.
-            let rc = unsafe {
-                ffi::slirp_add_exec(
-                    network.slirp,
-                    command.as_ptr(),
-                    &mut addr,
-                    c_int::from(forward.port),
-                )
-            };
-            if rc < 0 {
-                return Err(SlirpError::GuestFwd(format!(
-                    "{}:{}",
-                    forward.addr.map_or("(default)".into(), |a| a.to_string()),
-                    forward.port
-                )));
+        // The slots are made above whenever there is a guestfwd.
+        if let Some(slots) = &network.slots {
+            for forward in &config.guestfwd {
+                network.add_guestfwd(forward, slots.path())?;
             }
         }
         Ok(network)
+    }
+
+    /// Has slirp run `nixvmm relay` (see [`guestfwd_command`]) per guest connection to the
+    /// forward's address and port.
+    fn add_guestfwd(&self, forward: &GuestFwd, slots: &std::path::Path) -> Result<(), SlirpError> {
+        let command = cstring(&guestfwd_command(&forward.target, slots)?)?;
+        let mut addr = in_addr(forward.addr.unwrap_or(Ipv4Addr::UNSPECIFIED));
+        // SAFETY: a live Slirp owned by this Network, a NUL-terminated command and an
+        // in_addr slirp may fill in; slirp copies the command.
+        let rc = unsafe {
+            ffi::slirp_add_exec(
+                self.slirp,
+                command.as_ptr(),
+                &mut addr,
+                c_int::from(forward.port),
+            )
+        };
+        if rc < 0 {
+            return Err(SlirpError::GuestFwd(format!(
+                "{}:{}",
+                forward.addr.map_or("(default)".into(), |a| a.to_string()),
+                forward.port
+            )));
+        }
+        Ok(())
     }
 
     fn add_hostfwd(&self, f: &HostFwd) -> Result<(), SlirpError> {

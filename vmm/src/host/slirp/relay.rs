@@ -18,13 +18,9 @@ pub const MAX_GUESTFWD_CONNECTIONS: usize = 64;
 
 /// Runs one guest connection's relay: `target` is HOST:PORT, or with `exec` a program and
 /// its arguments.
-pub fn relay(slots: Option<&Path>, exec: bool, target: &[String]) -> std::io::Result<()> {
-    let slot = match slots {
-        Some(dir) => match take_slot(dir)? {
-            Some(slot) => Some(slot),
-            None => return Ok(()),
-        },
-        None => None,
+pub fn relay(slots: &Path, exec: bool, target: &[String]) -> std::io::Result<()> {
+    let Some(slot) = take_slot(slots)? else {
+        return Ok(());
     };
     let Some((first, rest)) = target.split_first() else {
         return Err(std::io::Error::other("nothing to relay to"));
@@ -33,10 +29,8 @@ pub fn relay(slots: Option<&Path>, exec: bool, target: &[String]) -> std::io::Re
         return copy_both_ways(first);
     }
     // The program keeps the slot: its lock goes with the descriptor across exec.
-    if let Some(slot) = &slot {
-        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-        fcntl(slot, FcntlArg::F_SETFD(FdFlag::empty())).map_err(std::io::Error::from)?;
-    }
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(&slot, FcntlArg::F_SETFD(FdFlag::empty())).map_err(std::io::Error::from)?;
     Err(std::process::Command::new(first).args(rest).exec())
 }
 
