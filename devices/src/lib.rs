@@ -9,6 +9,7 @@
 pub mod acpi_power;
 pub mod bus;
 pub mod cmos_rtc;
+pub mod host_listener;
 pub mod i8042;
 pub mod pci;
 pub mod serial;

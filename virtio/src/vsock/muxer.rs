@@ -20,7 +20,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
+use devices::host_listener::{out_of_descriptors, SpareFd};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -192,6 +194,8 @@ pub struct Muxer {
     guest_cid: u64,
     uds: PathBuf,
     listener: UnixListener,
+    spare: SpareFd,
+    said_no_fds: AtomicBool,
     epoll: Epoll,
     wake: EventFd,
     handshakes: HashMap<u64, Handshake>,
@@ -232,6 +236,8 @@ impl Muxer {
             guest_cid,
             uds: uds.to_path_buf(),
             listener,
+            spare: SpareFd::default(),
+            said_no_fds: AtomicBool::new(false),
             epoll,
             wake,
             handshakes: HashMap::new(),
@@ -307,9 +313,11 @@ impl Muxer {
 
     fn accept(&mut self) {
         loop {
-            let stream = match self.listener.accept() {
-                Ok((stream, _)) => stream,
+            let what = format!("vsock {}", self.uds.display());
+            let stream = match self.spare.accept(&self.listener, &self.said_no_fds, &what) {
+                Ok(stream) => stream,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if out_of_descriptors(&e) => continue, // refused
                 Err(e) => {
                     log::warn!("vsock {}: accept: {e}", self.uds.display());
                     return;

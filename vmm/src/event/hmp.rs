@@ -20,6 +20,7 @@ pub const PROMPT: &str = "(qemu) ";
 const MAX_LINE: usize = 4096;
 /// Whether a line too long was said (once per run).
 static SAID_TOO_LONG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static SAID_NO_FDS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 pub fn banner() -> String {
     format!(
@@ -123,6 +124,7 @@ pub fn execute(line: &str, control: &Control) -> Answer {
 /// wait in the backlog until it leaves).
 pub struct HmpMonitor {
     listener: Option<UnixListener>,
+    spare: devices::host_listener::SpareFd,
     stream: Option<Peer>,
     control: Control,
     input: Vec<u8>,
@@ -137,6 +139,7 @@ impl HmpMonitor {
         let stream = greet(UnixStream::connect(path)?)?;
         Ok(HmpMonitor {
             listener: None,
+            spare: Default::default(),
             stream: Some(Peer::Socket(stream)),
             control,
             input: Vec::new(),
@@ -150,6 +153,7 @@ impl HmpMonitor {
         let input = crate::host::chardev::dup_nonblocking(libc::STDIN_FILENO)?;
         let mut monitor = HmpMonitor {
             listener: None,
+            spare: Default::default(),
             stream: Some(Peer::Stdio(input)),
             control,
             input: Vec::new(),
@@ -172,6 +176,7 @@ impl HmpMonitor {
         listener.set_nonblocking(true)?;
         Ok(HmpMonitor {
             listener: Some(listener),
+            spare: Default::default(),
             stream,
             control,
             input: Vec::new(),
@@ -243,7 +248,7 @@ impl HmpMonitor {
         let Some(listener) = &self.listener else {
             return;
         };
-        let Ok((stream, _)) = listener.accept() else {
+        let Ok(stream) = self.spare.accept(listener, &SAID_NO_FDS, "monitor") else {
             return;
         };
         let Ok(stream) = greet(stream) else {

@@ -59,39 +59,6 @@ pub(crate) fn warn_once(said: &std::sync::atomic::AtomicBool, message: std::fmt:
     }
 }
 
-/// A descriptor held in reserve by a listener. A level-triggered listener whose `accept`
-/// fails for want of descriptors (EMFILE) would wake the control plane without end; with the
-/// spare given up for a moment, the waiting client is taken and closed at once instead.
-pub(crate) struct SpareFd(Option<std::fs::File>);
-
-impl SpareFd {
-    pub fn new() -> SpareFd {
-        SpareFd(std::fs::File::open("/dev/null").ok())
-    }
-
-    /// The next client of `listener`; out of descriptors, that client is refused (closed)
-    /// and `what` says so once (`said`).
-    pub fn accept(
-        &mut self,
-        listener: &std::os::unix::net::UnixListener,
-        said: &std::sync::atomic::AtomicBool,
-        what: &str,
-    ) -> Option<std::os::unix::net::UnixStream> {
-        match listener.accept() {
-            Ok((stream, _)) => Some(stream),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                let message = format_args!("{what}: out of file descriptors; refusing clients");
-                warn_once(said, message);
-                self.0 = None;
-                drop(listener.accept());
-                self.0 = std::fs::File::open("/dev/null").ok();
-                None
-            }
-            Err(_) => None,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 #[error("the control plane's event loop: {0}")]
 pub struct ControlPlaneError(event_manager::Error);

@@ -255,7 +255,7 @@ type EventSinks = Arc<Mutex<BTreeMap<RawFd, (UnixStream, bool)>>>;
 /// The control plane's subscriber for the QMP socket and its clients.
 pub struct QmpServer {
     listener: UnixListener,
-    spare: super::SpareFd,
+    spare: devices::host_listener::SpareFd,
     path: PathBuf,
     clients: BTreeMap<RawFd, Client>,
     sinks: EventSinks,
@@ -290,7 +290,7 @@ impl QmpServer {
         }));
         Ok(QmpServer {
             listener,
-            spare: super::SpareFd::new(),
+            spare: devices::host_listener::SpareFd::default(),
             path: path.to_path_buf(),
             clients: BTreeMap::new(),
             sinks,
@@ -299,7 +299,7 @@ impl QmpServer {
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
-        let Some(stream) = self.spare.accept(&self.listener, &SAID_NO_FDS, "QMP") else {
+        let Ok(stream) = self.spare.accept(&self.listener, &SAID_NO_FDS, "QMP") else {
             return;
         };
         if self.clients.len() >= MAX_CLIENTS {
@@ -307,8 +307,14 @@ impl QmpServer {
             super::warn_once(&SAID_TOO_MANY, message);
             return;
         }
-        let Ok(sink) = stream.try_clone() else {
-            return;
+        let sink = match stream.try_clone() {
+            Ok(sink) => sink,
+            Err(e) => {
+                if devices::host_listener::out_of_descriptors(&e) {
+                    devices::host_listener::say_out_of_descriptors(&SAID_NO_FDS, "QMP");
+                }
+                return;
+            }
         };
         let mut client = Client {
             stream,

@@ -169,9 +169,10 @@ pub struct RunArgs {
     /// system_reset, quit, human-monitor-command; SHUTDOWN, RESET, STOP, RESUME events).
     #[arg(long, value_name = "SOCKET")]
     pub qmp: Option<PathBuf>,
-    /// A virtio-vsock device served by a vhost-user backend: vhost-user=SOCKET, e.g.
-    /// vhost-device-vsock --vm guest-cid=3,socket=SOCKET,uds-path=… (the backend gives the
-    /// guest's CID).
+    /// A virtio-vsock device: cid=N,uds=PATH (nixvmm's own; host programs connect to the Unix
+    /// socket PATH and send `CONNECT PORT`), cid=N,backend=kernel (the host's vhost-vsock) or
+    /// vhost-user=SOCKET (e.g. vhost-device-vsock --vm guest-cid=3,socket=SOCKET,uds-path=…,
+    /// which gives the guest's CID).
     #[arg(long, value_name = "OPTIONS")]
     pub vsock: Option<String>,
     /// A TPM 2.0 (TIS at 0xfed40000, ACPI TPM2 table) run by swtpm: socket=PATH, its control

@@ -17,11 +17,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use devices::bus::lock;
+use devices::host_listener::SpareFd;
 use virtio::console::PortBackend;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::config::console::ChardevSpec;
+
+/// Whether a listening chardev ran out of file descriptors (said once per run).
+static SAID_NO_FDS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 const LISTENER: u64 = 0;
 const PEER: u64 = 1;
@@ -61,7 +65,7 @@ pub enum ChardevError {
 enum Kind {
     /// A socket: the peer we connected to, or a listener and its current peer.
     Socket {
-        listener: Option<UnixListener>,
+        listener: Option<(UnixListener, SpareFd)>,
         peer: Option<UnixStream>,
         /// The socket path nixvmm created (removed again at the end).
         bound: Option<PathBuf>,
@@ -151,7 +155,7 @@ impl Chardev {
                     None
                 };
                 Kind::Socket {
-                    listener: Some(listener),
+                    listener: Some((listener, SpareFd::default())),
                     peer,
                     bound: Some(path.clone()),
                     reconnect: None,
@@ -179,7 +183,7 @@ impl Chardev {
             ..
         } = &state.kind
         {
-            if let Some(listener) = listener {
+            if let Some((listener, _)) = listener {
                 listener.set_nonblocking(true)?;
             }
             if let Some(peer) = peer {
@@ -410,7 +414,7 @@ impl State {
         if let Err(e) = result {
             log::error!("a chardev cannot watch its peer: {e}");
         }
-        if let Some(listener) = listener {
+        if let Some((listener, _)) = listener {
             let want = peer.is_none();
             if want != self.listener_watched {
                 let op = if want {
@@ -532,14 +536,14 @@ impl PortBackend for Chardev {
                     }
                 }
                 LISTENER => {
-                    let accepted = match &state.kind {
+                    let accepted = match &mut state.kind {
                         Kind::Socket {
-                            listener: Some(listener),
+                            listener: Some((listener, spare)),
                             ..
-                        } => listener.accept(),
+                        } => spare.accept(listener, &SAID_NO_FDS, "a chardev"),
                         _ => continue,
                     };
-                    match accepted.and_then(|(peer, _)| peer.set_nonblocking(true).map(|()| peer)) {
+                    match accepted.and_then(|peer| peer.set_nonblocking(true).map(|()| peer)) {
                         Ok(new) => {
                             if let Kind::Socket { peer, .. } = &mut state.kind {
                                 *peer = Some(new);
