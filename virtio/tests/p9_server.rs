@@ -199,6 +199,61 @@ fn walk_open_read_getattr_readdir() {
     assert_eq!(c.call(120, T::default().u32(2)).errno(), Some(libc::EBADF));
 }
 
+/// The entries of one Rreaddir body: (offset, name).
+fn dir_entries(body: &[u8]) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    let mut at = 4; // count
+    while at < body.len() {
+        let offset = u64::from_le_bytes(body[at + 13..at + 21].try_into().unwrap());
+        let len = usize::from(u16::from_le_bytes([body[at + 22], body[at + 23]]));
+        let name = String::from_utf8(body[at + 24..at + 24 + len].to_vec()).unwrap();
+        out.push((offset, name));
+        at += 24 + len;
+    }
+    out
+}
+
+/// A large directory read in small replies, each from the offset of the last entry the
+/// previous one gave (as Linux's client reads): every entry once, and again from offset 0.
+#[test]
+fn readdir_in_small_replies_lists_a_large_directory_once() {
+    let dir = share();
+    let root = dir.path().join("share");
+    let big = root.join("big");
+    std::fs::create_dir(&big).unwrap();
+    let mut want: Vec<String> = (0..3000)
+        .map(|i| format!("{i:04}-{}", "x".repeat(i % 200)))
+        .collect();
+    for name in &want {
+        std::fs::write(big.join(name), "").unwrap();
+    }
+    want.extend([".".to_string(), "..".to_string()]);
+    want.sort();
+    let mut c = Client::new(&root, false);
+    c.walk(0, 1, &["big"]).ok();
+    c.open(1, libc::O_RDONLY as u32 | libc::O_DIRECTORY as u32)
+        .ok();
+    for _pass in 0..2 {
+        let mut got = Vec::new();
+        let mut offset = 0;
+        loop {
+            let reply = c.call(40, T::default().u32(1).u64(offset).u32(512)).ok();
+            let entries = dir_entries(&reply.body);
+            let Some(&(last, _)) = entries.last() else {
+                break;
+            };
+            assert!(
+                reply.body.len() <= 4 + 512,
+                "the reply fits the count asked"
+            );
+            got.extend(entries.into_iter().map(|(_, name)| name));
+            offset = last;
+        }
+        got.sort();
+        assert_eq!(got, want);
+    }
+}
+
 #[test]
 fn the_guest_cannot_leave_the_share() {
     let dir = share();

@@ -226,3 +226,55 @@ pub fn removexattr(fd: &OwnedFd, attr: &str) -> io::Result<()> {
     // SAFETY: valid C strings.
     check(unsafe { libc::removexattr(path.as_ptr(), attr.as_ptr()) }).map(drop)
 }
+
+/// One directory entry, as getdents64 gives it.
+pub struct DirEntry {
+    pub ino: u64,
+    /// The position of the entry after this one (to `read_entries` from).
+    pub next: u64,
+    pub kind: u8,
+    pub name: Vec<u8>,
+}
+
+/// The entries of the open directory `dir` from `position` (0, or an entry's `next`), as
+/// many as one getdents64 call gives; none at the end. Nothing is kept between calls but the
+/// directory's own position.
+pub fn read_entries(dir: &std::fs::File, position: u64) -> io::Result<Vec<DirEntry>> {
+    let position =
+        libc::off_t::try_from(position).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek only moves the position of the descriptor `dir` owns.
+    if unsafe { libc::lseek(dir.as_raw_fd(), position, libc::SEEK_SET) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 32 * 1024];
+    // SAFETY: getdents64 writes at most `buf.len()` bytes into `buf`, which we own.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_getdents64,
+            dir.as_raw_fd(),
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
+    };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    // struct linux_dirent64 { u64 d_ino; s64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+    let mut entries = Vec::new();
+    let mut at = 0;
+    while at + 19 < n {
+        let field = |from: usize, len: usize| &buf[at + from..at + from + len];
+        let reclen = usize::from(u16::from_ne_bytes([buf[at + 16], buf[at + 17]]));
+        if reclen < 20 || at + reclen > n {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let name = &buf[at + 19..at + reclen];
+        let name_len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        entries.push(DirEntry {
+            ino: u64::from_ne_bytes(field(0, 8).try_into().unwrap_or_default()),
+            next: u64::from_ne_bytes(field(8, 8).try_into().unwrap_or_default()),
+            kind: buf[at + 18],
+            name: name[..name_len].to_vec(),
+        });
+        at += reclen;
+    }
+    Ok(entries)
+}

@@ -36,8 +36,6 @@ struct Fid {
     uid: u32,
     /// Set by lopen/lcreate: the file opened for I/O.
     open: Option<File>,
-    /// A directory listing taken at readdir offset 0.
-    listing: Option<Vec<(Qid, u8, String)>>,
     /// An extended attribute being read (Txattrwalk) or written (Txattrcreate).
     xattr: Option<Xattr>,
     /// Where the file is, for the mapped-file model's metadata.
@@ -92,7 +90,6 @@ impl Fid {
             path,
             uid,
             open: None,
-            listing: None,
             xattr: None,
             loc,
         }
@@ -571,7 +568,6 @@ impl Server {
         let fid = self.fids.get_mut(&id).ok_or(libc::EBADF)?;
         let file = sys::reopen(&fid.path, open_flags(flags)).map_err(errno)?;
         fid.open = Some(File::from(file));
-        fid.listing = None;
         r.qid(qid_of(&st)).u32(iounit);
         Ok(())
     }
@@ -646,23 +642,39 @@ impl Server {
         Ok(())
     }
 
-    fn readdir(&mut self, d: &mut Decoder, r: &mut Encoder) -> Result<(), Errno> {
-        let (id, offset, count) = (d.u32()?, d.u64()?, d.u32()?);
+    /// Treaddir: entries from the directory's own position `offset` (0, or the offset of the
+    /// last entry the guest got), read as they are sent: nothing is held between calls.
+    fn readdir(&self, d: &mut Decoder, r: &mut Encoder) -> Result<(), Errno> {
+        let (id, mut offset, count) = (d.u32()?, d.u64()?, d.u32()?);
         let limit = count.min(self.msize - IO_HEADER) as usize;
-        let fid = self.fids.get_mut(&id).ok_or(libc::EBADF)?;
-        let file = fid.open.as_ref().ok_or(libc::EBADF)?;
-        if offset == 0 || fid.listing.is_none() {
-            fid.listing = Some(list_dir(file)?);
-        }
-        let listing = fid.listing.as_deref().unwrap_or_default();
+        let file = self.fid(id)?.open.as_ref().ok_or(libc::EBADF)?;
         let mut entries = Encoder::new(0, 0);
         let start = entries.len();
-        for (i, (qid, kind, name)) in listing.iter().enumerate().skip(offset as usize) {
-            let size = 13 + 8 + 1 + 2 + name.len();
-            if entries.len() - start + size > limit {
+        'reply: loop {
+            let batch = sys::read_entries(file, offset).map_err(errno)?;
+            if batch.is_empty() {
                 break;
             }
-            entries.qid(*qid).u64(i as u64 + 1).u8(*kind).string(name);
+            for entry in batch {
+                let Ok(name) = String::from_utf8(entry.name) else {
+                    offset = entry.next;
+                    continue;
+                };
+                if is_metadata(&name) {
+                    offset = entry.next;
+                    continue;
+                }
+                let size = 13 + 8 + 1 + 2 + name.len();
+                if entries.len() - start + size > limit {
+                    break 'reply;
+                }
+                entries
+                    .qid(dir_entry_qid(&name, entry.ino, entry.kind))
+                    .u64(entry.next)
+                    .u8(entry.kind)
+                    .string(&name);
+                offset = entry.next;
+            }
         }
         let data = entries.finish();
         let body = &data[start..];
@@ -671,51 +683,20 @@ impl Server {
     }
 }
 
-/// The entries of an opened directory, `.` and `..` included, with their qids.
-fn list_dir(dir: &File) -> Result<Vec<(Qid, u8, String)>, Errno> {
-    let path = format!("/proc/self/fd/{}", dir.as_raw_fd());
-    let mut out = Vec::new();
-    for name in [".", ".."] {
-        out.push((
-            Qid {
-                kind: QID_DIR,
-                version: 0,
-                path: 0,
-            },
-            libc::DT_DIR,
-            name.to_string(),
-        ));
+/// The qid of a directory entry: its inode number and kind (`.` and `..` as path 0, which
+/// shows nothing of the host above the share).
+fn dir_entry_qid(name: &str, ino: u64, dtype: u8) -> Qid {
+    let kind = match dtype {
+        libc::DT_DIR => QID_DIR,
+        libc::DT_LNK => QID_SYMLINK,
+        _ => QID_FILE,
+    };
+    let path = if name == "." || name == ".." { 0 } else { ino };
+    Qid {
+        kind,
+        version: 0,
+        path,
     }
-    for entry in std::fs::read_dir(&path).map_err(errno)? {
-        let entry = entry.map_err(errno)?;
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
-        };
-        if is_metadata(&name) {
-            continue;
-        }
-        let file_type = entry.file_type().map_err(errno)?;
-        let (kind, dtype) = if file_type.is_dir() {
-            (QID_DIR, libc::DT_DIR)
-        } else if file_type.is_symlink() {
-            (QID_SYMLINK, libc::DT_LNK)
-        } else if file_type.is_file() {
-            (QID_FILE, libc::DT_REG)
-        } else {
-            (QID_FILE, libc::DT_UNKNOWN)
-        };
-        let ino = std::os::unix::fs::DirEntryExt::ino(&entry);
-        out.push((
-            Qid {
-                kind,
-                version: 0,
-                path: ino,
-            },
-            dtype,
-            name,
-        ));
-    }
-    Ok(out)
 }
 
 /// An Rlerror reply.
