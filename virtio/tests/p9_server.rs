@@ -254,6 +254,46 @@ fn readdir_in_small_replies_lists_a_large_directory_once() {
     }
 }
 
+fn open_descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// A guest that keeps fids without end meets the share's cap (ENFILE); until then each fid
+/// walked to a new file holds one descriptor, and a cloned fid none of its own.
+#[test]
+fn fids_are_capped_and_clones_share_descriptors() {
+    let dir = share();
+    let root = dir.path().join("share");
+    let many = root.join("many");
+    std::fs::create_dir(&many).unwrap();
+    std::fs::write(many.join("0"), "").unwrap();
+    let cap = virtio::ninep::fid_cap();
+    let mut c = Client::new(&root, false);
+    c.walk(0, 1, &["many"]).ok();
+    let before = open_descriptors();
+    for i in 0..1000 {
+        c.walk(1, 2 + i, &[]).ok();
+    }
+    assert!(
+        open_descriptors() < before + 64,
+        "1000 clones took {} descriptors",
+        open_descriptors() - before
+    );
+    for i in 1002..cap as u32 {
+        c.walk(1, i, &["0"]).ok();
+    }
+    assert!(
+        open_descriptors() < before + cap,
+        "{} descriptors for {cap} fids",
+        open_descriptors() - before
+    );
+    // Fids 0..cap are taken: one more is refused, one clunked makes room.
+    let refused = c.walk(1, cap as u32, &["0"]);
+    assert_eq!(refused.errno(), Some(libc::ENFILE));
+    c.call(120, T::default().u32(5)).ok();
+    c.walk(1, cap as u32, &["0"]).ok();
+}
+
 #[test]
 fn the_guest_cannot_leave_the_share() {
     let dir = share();
@@ -429,7 +469,7 @@ fn malformed_messages_get_errors() {
 #[test]
 fn unix_socket_listener_serves_9p() {
     use std::io::{Read, Write};
-    use virtio::ninep::listen::{listen, Address};
+    use virtio::ninep::listen::{listen, Address, MAX_CONNECTIONS};
     let dir = share();
     let socket = dir.path().join("9p.sock");
     let config = ShareConfig {
@@ -455,11 +495,37 @@ fn unix_socket_listener_serves_9p() {
     msg.extend_from_slice(b"9P2000.L");
     let len = msg.len() as u32;
     msg[..4].copy_from_slice(&len.to_le_bytes());
-    stream.write_all(&msg).unwrap();
-    let mut reply = vec![0u8; msg.len()];
-    stream.read_exact(&mut reply).unwrap();
+    let version = |stream: &mut std::os::unix::net::UnixStream| {
+        stream.write_all(&msg)?;
+        let mut reply = vec![0u8; msg.len()];
+        stream.read_exact(&mut reply).map(|()| reply)
+    };
+    let reply = version(&mut stream).unwrap();
     assert_eq!(reply[4], 101, "Rversion");
     assert_eq!(&reply[13..], b"9P2000.L");
+    // MAX_CONNECTIONS at once are served; one more is closed; one that ends makes room.
+    let mut others: Vec<_> = (1..MAX_CONNECTIONS)
+        .map(|_| {
+            let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+            version(&mut s).unwrap();
+            s
+        })
+        .collect();
+    let mut refused = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    assert!(version(&mut refused).is_err(), "one connection too many");
+    drop(others.pop());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        if version(&mut s).is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "room again once one ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     // A frame size beyond the limit ends the connection instead of allocating it.
     stream.write_all(&u32::MAX.to_le_bytes()).unwrap();
     let mut rest = Vec::new();

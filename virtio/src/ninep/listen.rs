@@ -4,6 +4,8 @@
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use super::server::{Server, ShareConfig, MAX_MSIZE};
 
@@ -50,30 +52,65 @@ impl std::str::FromStr for Address {
     }
 }
 
-/// Accepts connections forever, each served on its own thread.
+/// Connections served at once; more are closed as they come (said once).
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Accepts connections forever, each served on its own thread, at most [`MAX_CONNECTIONS`]
+/// at once. A failing accept (out of descriptors) is said once and tried again shortly.
 pub fn listen(address: &Address, config: &ShareConfig) -> std::io::Result<()> {
-    let spawn = |stream: Box<dyn ReadWrite>, config: ShareConfig| {
+    let serving = Arc::new(AtomicUsize::new(0));
+    let mut said_full = false;
+    let mut said_accept = false;
+    let mut serve = |accepted: std::io::Result<Box<dyn ReadWrite>>| {
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(e) => {
+                if !std::mem::replace(&mut said_accept, true) {
+                    log::warn!("9p: cannot accept a connection: {e}; trying again");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                return;
+            }
+        };
+        if serving.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+            if !std::mem::replace(&mut said_full, true) {
+                log::warn!(
+                    "9p: {MAX_CONNECTIONS} connections at once (MAX_CONNECTIONS); closing more"
+                );
+            }
+            return;
+        }
+        serving.fetch_add(1, Ordering::AcqRel);
+        let (serving, config) = (Arc::clone(&serving), config.clone());
         std::thread::spawn(move || {
             if let Err(e) = serve_connection(stream, config) {
                 log::warn!("9p connection ended: {e}");
             }
+            serving.fetch_sub(1, Ordering::AcqRel);
         });
     };
     match address {
         Address::Unix(path) => {
             let listener = UnixListener::bind(path)?;
-            for stream in listener.incoming() {
-                spawn(Box::new(stream?), config.clone());
+            loop {
+                serve(
+                    listener
+                        .accept()
+                        .map(|(s, _)| Box::new(s) as Box<dyn ReadWrite>),
+                );
             }
         }
         Address::Tcp(addr) => {
             let listener = TcpListener::bind(addr)?;
-            for stream in listener.incoming() {
-                spawn(Box::new(stream?), config.clone());
+            loop {
+                serve(
+                    listener
+                        .accept()
+                        .map(|(s, _)| Box::new(s) as Box<dyn ReadWrite>),
+                );
             }
         }
     }
-    Ok(())
 }
 
 /// A connected stream of either kind.

@@ -122,7 +122,7 @@ impl Server {
                 if self.mapped_file() {
                     mapped::file::rename(old_dir, old, new_dir, name);
                 }
-                let loc = Loc::of(new_dir, name)?;
+                let loc = Loc::of(new_dir, name);
                 if let Some(fid) = self.fids.get_mut(&fid_id) {
                     fid.loc = loc;
                 }

@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::wire::{message, Decoder, Encoder, Errno, Qid, QID_DIR, QID_FILE, QID_SYMLINK};
 use super::SecurityModel;
@@ -18,7 +19,11 @@ use super::{mapped, sys};
 pub const MAX_MSIZE: u32 = (1 << 20) + 4096;
 /// Bytes of a read or write reply that are not data (size, type, tag, count).
 const IO_HEADER: u32 = 24;
+/// Fids at most per share, whatever the open-files limit.
 const MAX_FIDS: usize = 65536;
+/// Fids a share always allows (below an open-files limit of 12 × this, the process limit
+/// bounds them instead).
+const MIN_FIDS: usize = 4096;
 const MAX_WALK: u16 = 16;
 const O_PATH_NOFOLLOW: libc::c_int = libc::O_PATH | libc::O_NOFOLLOW;
 
@@ -30,8 +35,9 @@ pub struct ShareConfig {
 }
 
 struct Fid {
-    /// O_PATH | O_NOFOLLOW descriptor of the file.
-    path: OwnedFd,
+    /// O_PATH | O_NOFOLLOW descriptor of the file, shared by the fids cloned from this one
+    /// and by the locations of the files walked to from it.
+    path: Arc<OwnedFd>,
     /// The guest user this fid acts for (from Tattach), owner of what it creates.
     uid: u32,
     /// Set by lopen/lcreate: the file opened for I/O.
@@ -43,25 +49,18 @@ struct Fid {
 }
 
 /// Where a file is in the share.
+#[derive(Clone)]
 enum Loc {
     Root,
     /// The entry `name` of a directory.
-    In(OwnedFd, String),
+    In(Arc<OwnedFd>, String),
     /// Reached through `..`: no metadata location known.
     Unknown,
 }
 
 impl Loc {
-    fn of(dir: &OwnedFd, name: &str) -> Result<Loc, Errno> {
-        Ok(Loc::In(dir.try_clone().map_err(errno)?, name.to_string()))
-    }
-
-    fn duplicate(&self) -> Result<Loc, Errno> {
-        Ok(match self {
-            Loc::Root => Loc::Root,
-            Loc::In(dir, name) => Loc::of(dir, name)?,
-            Loc::Unknown => Loc::Unknown,
-        })
+    fn of(dir: &Arc<OwnedFd>, name: &str) -> Loc {
+        Loc::In(Arc::clone(dir), name.to_string())
     }
 
     /// The entry for mapped::file: `Some(None)` is the root, `None` unknown.
@@ -85,7 +84,7 @@ enum Xattr {
 }
 
 impl Fid {
-    fn new(path: OwnedFd, uid: u32, loc: Loc) -> Fid {
+    fn new(path: Arc<OwnedFd>, uid: u32, loc: Loc) -> Fid {
         Fid {
             path,
             uid,
@@ -105,6 +104,16 @@ pub struct Server {
     config: ShareConfig,
     msize: u32,
     fids: HashMap<u32, Fid>,
+    /// The cap on `fids` ([`fid_cap`]); reaching it was said.
+    max_fids: usize,
+    said_full: bool,
+}
+
+/// How many fids a share may have: each holds at most three descriptors (its file, the
+/// folder it is in, an open file), and a share's at most a quarter of the process's
+/// open-files limit, so that several shares leave descriptors for the rest of nixvmm.
+pub fn fid_cap() -> usize {
+    (sys::open_files_limit() / 4 / 3).clamp(MIN_FIDS, MAX_FIDS)
 }
 
 fn errno(e: io::Error) -> Errno {
@@ -175,6 +184,8 @@ impl Server {
             config,
             msize: 8192,
             fids: HashMap::new(),
+            max_fids: fid_cap(),
+            said_full: false,
         })
     }
 
@@ -196,7 +207,15 @@ impl Server {
     }
 
     fn insert_fid(&mut self, id: u32, fid: Fid) -> Result<(), Errno> {
-        if !self.fids.contains_key(&id) && self.fids.len() >= MAX_FIDS {
+        if !self.fids.contains_key(&id) && self.fids.len() >= self.max_fids {
+            if !std::mem::replace(&mut self.said_full, true) {
+                log::warn!(
+                    "9p share {}: {} fids open (a quarter of the open-files limit); refusing \
+                     more (raise `ulimit -n`)",
+                    self.config.root.display(),
+                    self.max_fids
+                );
+            }
             return Err(libc::ENFILE);
         }
         self.fids.insert(id, fid);
@@ -249,7 +268,7 @@ impl Server {
                 let path =
                     sys::openat(self.root.as_raw_fd(), ".", O_PATH_NOFOLLOW, 0).map_err(errno)?;
                 let qid = qid_of(&self.stat_at(&path, &Loc::Root)?);
-                self.insert_fid(fid, Fid::new(path, uid, Loc::Root))?;
+                self.insert_fid(fid, Fid::new(Arc::new(path), uid, Loc::Root))?;
                 r.qid(qid);
             }
             message::TAUTH => return Err(libc::EOPNOTSUPP), // Tauth: no authentication
@@ -298,9 +317,9 @@ impl Server {
         Ok(r)
     }
 
-    fn qid_at(&self, dir: &OwnedFd, name: &str) -> Result<Qid, Errno> {
+    fn qid_at(&self, dir: &Arc<OwnedFd>, name: &str) -> Result<Qid, Errno> {
         let fd = self.lookup(dir, name)?;
-        Ok(qid_of(&self.stat_at(&fd, &Loc::of(dir, name)?)?))
+        Ok(qid_of(&self.stat_at(&fd, &Loc::of(dir, name))?))
     }
 
     /// Whether the guest's ownership and modes are mapped (kept apart from the host's).
@@ -355,7 +374,7 @@ impl Server {
     /// into xattrs; otherwise the host file is chowned (failures ignored under `none`).
     fn take_ownership(
         &self,
-        dir: &OwnedFd,
+        dir: &Arc<OwnedFd>,
         name: &str,
         uid: u32,
         gid: u32,
@@ -370,7 +389,7 @@ impl Server {
                 mode: Some(mode),
                 rdev: Some(rdev),
             };
-            self.record(&fd, &Loc::of(dir, name)?, meta)
+            self.record(&fd, &Loc::of(dir, name), meta)
         } else {
             sys::chown(&fd, uid, gid)
         };
@@ -390,8 +409,8 @@ impl Server {
             .collect::<Result<Vec<_>, _>>()?;
         let start = self.fid(fid)?;
         let uid = start.uid;
-        let mut current = start.path.try_clone().map_err(errno)?;
-        let mut loc = start.loc.duplicate()?;
+        let mut current = Arc::clone(&start.path);
+        let mut loc = start.loc.clone();
         let mut qids = Vec::new();
         for (i, name) in names.iter().enumerate() {
             match self.lookup(&current, name) {
@@ -400,10 +419,10 @@ impl Server {
                         "." => loc,
                         ".." if self.is_root(&next) => Loc::Root,
                         ".." => Loc::Unknown,
-                        _ => Loc::of(&current, name)?,
+                        _ => Loc::of(&current, name),
                     };
                     qids.push(qid_of(&self.stat_at(&next, &loc)?));
-                    current = next;
+                    current = Arc::new(next);
                 }
                 Err(e) if i == 0 => return Err(e),
                 Err(_) => break,
@@ -592,10 +611,10 @@ impl Server {
         .map_err(errno)?;
         self.take_ownership(dir, name, uid, gid, libc::S_IFREG | (mode & 0o7777), 0)?;
         let path = self.lookup(dir, name)?;
-        let loc = Loc::of(dir, name)?;
+        let loc = Loc::of(dir, name);
         let qid = qid_of(&self.stat_at(&path, &loc)?);
         // The fid now stands for the new file, opened.
-        let mut fid = Fid::new(path, uid, loc);
+        let mut fid = Fid::new(Arc::new(path), uid, loc);
         fid.open = Some(File::from(file));
         self.insert_fid(id, fid)?;
         r.qid(qid).u32(iounit);

@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use super::{errno, Fid, Server, Xattr, XATTR_SIZE_MAX};
 use crate::ninep::mapped;
@@ -51,11 +52,7 @@ impl Server {
                 .map_err(errno)?
                 .ok_or(libc::ENODATA)?
         };
-        let mut fid = Fid::new(
-            source.path.try_clone().map_err(errno)?,
-            source.uid,
-            source.loc.duplicate()?,
-        );
+        let mut fid = Fid::new(Arc::clone(&source.path), source.uid, source.loc.clone());
         r.u64(value.len() as u64);
         fid.xattr = Some(Xattr::Read(value));
         self.insert_fid(new_fid, fid)
