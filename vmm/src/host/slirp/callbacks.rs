@@ -2,7 +2,7 @@
 //! the state they reach through slirp's opaque pointer. They run only inside the slirp calls
 //! the engine makes, under the engine's lock.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
 use std::time::Instant;
@@ -27,6 +27,9 @@ pub(super) struct Callbacks {
     pub guest: VecDeque<Vec<u8>>,
     pub started: Instant,
     pub timers: Vec<*mut Timer>,
+    /// The host sockets slirp has open (it registers each as it makes it and unregisters
+    /// it as it closes it).
+    pub sockets: HashSet<c_int>,
 }
 
 impl Callbacks {
@@ -42,8 +45,8 @@ pub(super) static CALLBACKS: ffi::SlirpCb = ffi::SlirpCb {
     timer_new: Some(timer_new),
     timer_free: Some(timer_free),
     timer_mod: Some(timer_mod),
-    register_poll_fd: Some(ignore_fd),
-    unregister_poll_fd: Some(ignore_fd),
+    register_poll_fd: Some(register_fd),
+    unregister_poll_fd: Some(unregister_fd),
     notify: Some(notify),
     init_completed: None,
     timer_new_opaque: Some(timer_new_opaque),
@@ -146,7 +149,15 @@ unsafe extern "C" fn timer_mod(timer: *mut c_void, expire_ms: i64, opaque: *mut 
     }
 }
 
-unsafe extern "C" fn ignore_fd(_fd: c_int, _opaque: *mut c_void) {}
+unsafe extern "C" fn register_fd(fd: c_int, opaque: *mut c_void) {
+    // SAFETY: slirp passes the opaque pointer given to slirp_new.
+    unsafe { callbacks(opaque) }.sockets.insert(fd);
+}
+
+unsafe extern "C" fn unregister_fd(fd: c_int, opaque: *mut c_void) {
+    // SAFETY: slirp passes the opaque pointer given to slirp_new.
+    unsafe { callbacks(opaque) }.sockets.remove(&fd);
+}
 
 /// Nothing to do: slirp calls this for guest forwards with write callbacks
 /// (`slirp_add_guestfwd`), which nixvmm does not make; every engine step asks slirp for its

@@ -12,6 +12,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Network, SlirpError};
 
+/// Host sockets slirp may hold for one network (the guest's connections and datagram flows,
+/// forwards); at the cap, frames that would open another are dropped (said once), as a
+/// network that is full drops them: TCP connection requests, UDP datagrams but DHCP's, ICMP
+/// echo requests. Flows already open go on; the guest's retries succeed once some end.
+pub const MAX_FLOWS: usize = 4096;
+
 /// Tokens of the engine's own fds in its epoll set (slirp's sockets use their fd + 2).
 const WAKE: u64 = 0;
 const TIMER: u64 = 1;
@@ -27,6 +33,7 @@ pub(super) struct Engine {
     /// slirp's sockets in the epoll set, with the events asked for.
     watched: HashMap<RawFd, EventSet>,
     fds: Vec<libc::pollfd>,
+    said_full: bool,
 }
 
 // SAFETY: the raw pointers inside (the Slirp, its timers and strings) are owned by the
@@ -84,6 +91,7 @@ impl Engine {
             timer,
             watched: HashMap::new(),
             fds: Vec::new(),
+            said_full: false,
         };
         engine.update_wake();
         Ok(engine)
@@ -94,8 +102,17 @@ impl Engine {
         self.epoll.as_raw_fd()
     }
 
-    /// A frame from the guest.
+    /// A frame from the guest; one that would open a flow past [`MAX_FLOWS`] is dropped.
     pub fn input(&mut self, frame: &[u8]) {
+        if self.network.callbacks.sockets.len() >= MAX_FLOWS && opens_a_flow(frame) {
+            if !std::mem::replace(&mut self.said_full, true) {
+                log::warn!(
+                    "user network: {MAX_FLOWS} connections and flows open (MAX_FLOWS); \
+                     dropping the guest's new ones until some end"
+                );
+            }
+            return;
+        }
         self.network.input(frame);
         self.step_due = true;
         self.update_wake();
@@ -223,5 +240,39 @@ impl Engine {
             let _ = self.wake.read();
         }
         self.wake_signalled = wanted;
+    }
+}
+
+/// Whether a guest's Ethernet frame may make slirp open a host socket: a TCP connection
+/// request (SYN without ACK), a UDP datagram other than DHCP's, an ICMP echo request; over
+/// IPv4 or IPv6 (without extension headers).
+pub fn opens_a_flow(frame: &[u8]) -> bool {
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+    let Some(ethertype) = frame.get(12..14) else {
+        return false;
+    };
+    let (protocol, l4, echo_request, dhcp_port) = match ethertype {
+        [0x08, 0x00] => {
+            let Some(&version_ihl) = frame.get(14) else {
+                return false;
+            };
+            let header = usize::from(version_ihl & 0x0f) * 4;
+            (frame.get(23).copied(), 14 + header, (1, 8), 67)
+        }
+        [0x86, 0xdd] => (frame.get(20).copied(), 14 + 40, (58, 128), 547),
+        _ => return false,
+    };
+    let at = |offset: usize| frame.get(l4 + offset).copied();
+    match protocol {
+        Some(TCP) => at(13).is_some_and(|flags| flags & 0x02 != 0 && flags & 0x10 == 0),
+        Some(UDP) => {
+            let port = at(2)
+                .zip(at(3))
+                .map(|(hi, lo)| u16::from_be_bytes([hi, lo]));
+            port.is_some_and(|port| port != dhcp_port)
+        }
+        Some(icmp) if icmp == echo_request.0 => at(0) == Some(echo_request.1),
+        _ => false,
     }
 }

@@ -207,6 +207,7 @@ impl Network {
             guest: std::collections::VecDeque::new(),
             started: Instant::now(),
             timers: Vec::new(),
+            sockets: Default::default(),
         });
         let opaque: *mut Callbacks = &mut *callbacks;
         // SAFETY: `cfg` and the strings it points to live across the call (slirp copies what

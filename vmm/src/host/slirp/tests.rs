@@ -116,3 +116,101 @@ fn a_taken_port_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// The one's-complement sum of `data` as 16-bit words, folded.
+fn checksum(data: &[u8], initial: u32) -> u16 {
+    let mut sum = initial;
+    for pair in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A guest's IPv4 frame from 10.0.2.15 to 10.0.2.2 carrying `l4` as `protocol`, with its
+/// checksums (TCP's and UDP's at `l4_checksum_at`).
+fn ipv4_frame(protocol: u8, mut l4: Vec<u8>, l4_checksum_at: Option<usize>) -> Vec<u8> {
+    let (src, dst) = ([10, 0, 2, 15], [10, 0, 2, 2]);
+    if let Some(at) = l4_checksum_at {
+        let mut pseudo = [src, dst].concat();
+        pseudo.extend_from_slice(&[0, protocol]);
+        pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        let initial = u32::from(!checksum(&pseudo, 0));
+        let sum = checksum(&l4, initial);
+        l4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    }
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(20 + l4.len() as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, protocol, 0, 0]);
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let sum = checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = vec![0x52, 0x55, 10, 0, 2, 2];
+    frame.extend_from_slice(&GUEST_MAC);
+    frame.extend_from_slice(&[0x08, 0x00]);
+    frame.extend(ip);
+    frame.extend(l4);
+    frame
+}
+
+fn tcp(source_port: u16, port: u16, flags: u8) -> Vec<u8> {
+    let mut tcp = source_port.to_be_bytes().to_vec();
+    tcp.extend_from_slice(&port.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    ipv4_frame(6, tcp, Some(16))
+}
+
+fn udp(port: u16) -> Vec<u8> {
+    let mut udp = 68u16.to_be_bytes().to_vec();
+    udp.extend_from_slice(&port.to_be_bytes());
+    udp.extend_from_slice(&[0, 9, 0, 0, b'x']);
+    ipv4_frame(17, udp, Some(6))
+}
+
+#[test]
+fn frames_that_open_flows_are_told_apart() {
+    use super::engine::opens_a_flow;
+    assert!(opens_a_flow(&tcp(1000, 80, 0x02)), "SYN");
+    assert!(!opens_a_flow(&tcp(1000, 80, 0x12)), "SYN-ACK");
+    assert!(!opens_a_flow(&tcp(1000, 80, 0x10)), "ACK");
+    assert!(opens_a_flow(&udp(53)), "DNS");
+    assert!(!opens_a_flow(&udp(67)), "DHCP");
+    let echo = ipv4_frame(1, vec![8, 0, 0, 0, 0, 0, 0, 0], None);
+    assert!(opens_a_flow(&echo), "ping");
+    assert!(!opens_a_flow(&arp_request(
+        Ipv4Addr::new(10, 0, 2, 15),
+        Ipv4Addr::new(10, 0, 2, 2)
+    )));
+    let syn = tcp(1000, 80, 0x02);
+    for len in 0..syn.len() {
+        let _ = opens_a_flow(&syn[..len]); // no panic on a cut frame
+    }
+}
+
+/// A guest that opens connections without end: slirp's host sockets stop at MAX_FLOWS.
+#[test]
+fn the_guests_new_connections_stop_at_the_cap() {
+    use super::engine::MAX_FLOWS;
+    let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let network = UserNetwork::start(&user("user")).unwrap();
+    let mut nic = network.backend();
+    let before = open_fds();
+    for i in 0..MAX_FLOWS + 300 {
+        nic.send(&tcp(10000 + i as u16, port, 0x02)).unwrap();
+        if i % 64 == 0 {
+            while nic.recv().unwrap().is_some() {}
+        }
+    }
+    while nic.recv().unwrap().is_some() {}
+    let grown = open_fds().saturating_sub(before);
+    assert!(
+        (MAX_FLOWS - 64..=MAX_FLOWS + 64).contains(&grown),
+        "{grown} descriptors for {} connection requests",
+        MAX_FLOWS + 300
+    );
+}
