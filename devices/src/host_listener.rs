@@ -1,5 +1,6 @@
 //! Listening Unix sockets that stay quiet when the process runs out of file descriptors.
 
+use std::fmt::Display;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -10,38 +11,38 @@ pub struct SpareFd(Option<std::fs::File>);
 
 impl Default for SpareFd {
     fn default() -> SpareFd {
-        SpareFd(std::fs::File::open("/dev/null").ok())
+        SpareFd(open_spare())
     }
 }
 
+fn open_spare() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
 impl SpareFd {
-    /// The next client of `listener`. Out of descriptors, that client is refused (closed),
-    /// `what` says so once (`said`), and the error is EMFILE: the caller may go on taking
-    /// clients until `WouldBlock` (which `accept` returns once none is waiting, even out of
-    /// descriptors, where the kernel's accept would say EMFILE again).
+    /// The next client of `listener`: `Ok(Some(client))`, or `Ok(None)` when one was refused
+    /// (closed) for want of descriptors, said once (`said`) as `what`'s; the caller may go on
+    /// taking clients. An error ends the round: `WouldBlock` when none waits, EMFILE when
+    /// not even the spare could be had (another thread took its number).
     pub fn accept(
         &mut self,
         listener: &UnixListener,
         said: &AtomicBool,
-        what: &str,
-    ) -> std::io::Result<UnixStream> {
+        what: &dyn Display,
+    ) -> std::io::Result<Option<UnixStream>> {
         let error = match listener.accept() {
-            Ok((stream, _)) => return Ok(stream),
+            Ok((stream, _)) => return Ok(Some(stream)),
             Err(e) if out_of_descriptors(&e) => e,
             Err(e) => return Err(e),
         };
-        self.0 = None;
+        say_out_of_descriptors(said, what);
+        if self.0.take().or_else(open_spare).is_none() {
+            return Err(error);
+        }
         // The refused client is closed before the spare is taken back with its number.
         let refused = listener.accept().map(drop);
-        self.0 = std::fs::File::open("/dev/null").ok();
-        match refused {
-            Ok(()) => {
-                say_out_of_descriptors(said, what);
-                Err(error)
-            }
-            // None waiting (WouldBlock), or no spare to give up.
-            Err(e) => Err(e),
-        }
+        self.0 = open_spare();
+        refused.map(|()| None)
     }
 }
 
@@ -51,7 +52,7 @@ pub fn out_of_descriptors(error: &std::io::Error) -> bool {
 }
 
 /// Says once (`said`) that `what` refuses clients for want of descriptors.
-pub fn say_out_of_descriptors(said: &AtomicBool, what: &str) {
+pub fn say_out_of_descriptors(said: &AtomicBool, what: &dyn Display) {
     if !said.swap(true, Ordering::Relaxed) {
         log::warn!("{what}: out of file descriptors; refusing clients");
     }

@@ -787,7 +787,8 @@ fn cpu_ticks(pid: u32) -> u64 {
 /// Out of file descriptors, the sockets the control plane listens on (QMP, the monitor)
 /// refuse (close) new clients instead of waking it without end, say so once, and the
 /// clients they have go on being served. (Listening chardevs and the vsock muxer share the
-/// code, SpareFd, and are polled only once the guest's driver is up: tier 4 tries the muxer.)
+/// code, SpareFd, and are polled only once the guest's driver is up: tier 1 tries them, in
+/// tests/out_of_descriptors.rs.)
 #[test]
 fn listeners_out_of_descriptors_refuse_clients_without_spinning() {
     use std::io::{BufRead, BufReader, Write};

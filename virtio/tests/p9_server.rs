@@ -258,10 +258,33 @@ fn open_descriptors() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// Held by the tests that count this process's descriptors or open many at once, so that
+/// one's count is not another's doing.
+fn counting_descriptors() -> std::sync::MutexGuard<'static, ()> {
+    static COUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    COUNTING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Raises this process's soft limit of open files to the hard one, as nixvmm does.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the one struct they are given.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+}
+
 /// A guest that keeps fids without end meets the share's cap (ENFILE); until then each fid
 /// walked to a new file holds one descriptor, and a cloned fid none of its own.
 #[test]
 fn fids_are_capped_and_clones_share_descriptors() {
+    let _counting = counting_descriptors();
+    raise_open_files_limit();
     let dir = share();
     let root = dir.path().join("share");
     let many = root.join("many");
@@ -470,6 +493,7 @@ fn malformed_messages_get_errors() {
 fn unix_socket_listener_serves_9p() {
     use std::io::{Read, Write};
     use virtio::ninep::listen::{listen, Address, MAX_CONNECTIONS};
+    let _counting = counting_descriptors();
     let dir = share();
     let socket = dir.path().join("9p.sock");
     let config = ShareConfig {

@@ -80,14 +80,17 @@ pub fn listen(address: &Address, config: &ShareConfig) -> std::io::Result<()> {
             }
             return;
         }
-        serving.fetch_add(1, Ordering::AcqRel);
-        let (serving, config) = (Arc::clone(&serving), config.clone());
-        std::thread::spawn(move || {
+        let slot = Slot::take(&serving);
+        let config = config.clone();
+        let spawned = std::thread::Builder::new().spawn(move || {
+            let _slot = slot;
             if let Err(e) = serve_connection(stream, config) {
                 log::warn!("9p connection ended: {e}");
             }
-            serving.fetch_sub(1, Ordering::AcqRel);
         });
+        if let Err(e) = spawned {
+            log::warn!("9p: cannot start a thread for a connection: {e}");
+        }
     };
     match address {
         Address::Unix(path) => {
@@ -110,6 +113,23 @@ pub fn listen(address: &Address, config: &ShareConfig) -> std::io::Result<()> {
                 );
             }
         }
+    }
+}
+
+/// One of the connections being served, counted in `serving` until it is dropped (also when
+/// its thread panics or cannot be started).
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(serving: &Arc<AtomicUsize>) -> Slot {
+        serving.fetch_add(1, Ordering::AcqRel);
+        Slot(Arc::clone(serving))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

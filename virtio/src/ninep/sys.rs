@@ -240,8 +240,8 @@ pub struct DirEntry {
 /// many as one getdents64 call gives; none at the end. Nothing is kept between calls but the
 /// directory's own position.
 pub fn read_entries(dir: &std::fs::File, position: u64) -> io::Result<Vec<DirEntry>> {
-    let position =
-        libc::off_t::try_from(position).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // The position's bits as they came from d_off (a FUSE filesystem may use the top one).
+    let position = position as libc::off_t;
     // SAFETY: lseek only moves the position of the descriptor `dir` owns.
     if unsafe { libc::lseek(dir.as_raw_fd(), position, libc::SEEK_SET) } < 0 {
         return Err(io::Error::last_os_error());

@@ -313,11 +313,17 @@ impl Muxer {
 
     fn accept(&mut self) {
         loop {
-            let what = format!("vsock {}", self.uds.display());
-            let stream = match self.spare.accept(&self.listener, &self.said_no_fds, &what) {
-                Ok(stream) => stream,
+            let accepted = self.spare.accept(
+                &self.listener,
+                &self.said_no_fds,
+                &format_args!("vsock {}", self.uds.display()),
+            );
+            let stream = match accepted {
+                Ok(Some(stream)) => stream,
+                Ok(None) => continue, // refused: out of descriptors
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if out_of_descriptors(&e) => continue, // refused
+                // Said already (no spare to refuse with).
+                Err(e) if out_of_descriptors(&e) => return,
                 Err(e) => {
                     log::warn!("vsock {}: accept: {e}", self.uds.display());
                     return;

@@ -248,7 +248,7 @@ impl HmpMonitor {
         let Some(listener) = &self.listener else {
             return;
         };
-        let Ok(stream) = self.spare.accept(listener, &SAID_NO_FDS, "monitor") else {
+        let Ok(Some(stream)) = self.spare.accept(listener, &SAID_NO_FDS, &"monitor") else {
             return;
         };
         let Ok(stream) = greet(stream) else {

@@ -299,7 +299,7 @@ impl QmpServer {
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
-        let Ok(stream) = self.spare.accept(&self.listener, &SAID_NO_FDS, "QMP") else {
+        let Ok(Some(stream)) = self.spare.accept(&self.listener, &SAID_NO_FDS, &"QMP") else {
             return;
         };
         if self.clients.len() >= MAX_CLIENTS {
@@ -311,7 +311,7 @@ impl QmpServer {
             Ok(sink) => sink,
             Err(e) => {
                 if devices::host_listener::out_of_descriptors(&e) {
-                    devices::host_listener::say_out_of_descriptors(&SAID_NO_FDS, "QMP");
+                    devices::host_listener::say_out_of_descriptors(&SAID_NO_FDS, &"QMP");
                 }
                 return;
             }

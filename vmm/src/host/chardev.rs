@@ -540,11 +540,13 @@ impl PortBackend for Chardev {
                         Kind::Socket {
                             listener: Some((listener, spare)),
                             ..
-                        } => spare.accept(listener, &SAID_NO_FDS, "a chardev"),
+                        } => spare.accept(listener, &SAID_NO_FDS, &"a chardev"),
                         _ => continue,
                     };
-                    match accepted.and_then(|peer| peer.set_nonblocking(true).map(|()| peer)) {
-                        Ok(new) => {
+                    let ready = |peer: UnixStream| peer.set_nonblocking(true).map(|()| peer);
+                    match accepted.and_then(|peer| peer.map(ready).transpose()) {
+                        Ok(None) => {} // refused: out of descriptors
+                        Ok(Some(new)) => {
                             if let Kind::Socket { peer, .. } = &mut state.kind {
                                 *peer = Some(new);
                             }

@@ -111,9 +111,12 @@ pub struct Server {
 
 /// How many fids a share may have: each holds at most three descriptors (its file, the
 /// folder it is in, an open file), and a share's at most a quarter of the process's
-/// open-files limit, so that several shares leave descriptors for the rest of nixvmm.
+/// open-files limit, so that several shares leave descriptors for the rest of nixvmm. Read
+/// once, by the first server (made before the seccomp filters: the threads that make the
+/// others may not read limits).
 pub fn fid_cap() -> usize {
-    (sys::open_files_limit() / 4 / 3).clamp(MIN_FIDS, MAX_FIDS)
+    static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| (sys::open_files_limit() / 4 / 3).clamp(MIN_FIDS, MAX_FIDS))
 }
 
 fn errno(e: io::Error) -> Errno {
@@ -210,8 +213,8 @@ impl Server {
         if !self.fids.contains_key(&id) && self.fids.len() >= self.max_fids {
             if !std::mem::replace(&mut self.said_full, true) {
                 log::warn!(
-                    "9p share {}: {} fids open (a quarter of the open-files limit); refusing \
-                     more (raise `ulimit -n`)",
+                    "9p share {}: {} fids open (their descriptors up to a quarter of the \
+                     open-files limit); refusing more (raise `ulimit -n`)",
                     self.config.root.display(),
                     self.max_fids
                 );
@@ -685,6 +688,10 @@ impl Server {
                 }
                 let size = 13 + 8 + 1 + 2 + name.len();
                 if entries.len() - start + size > limit {
+                    if entries.len() == start {
+                        // An empty reply would read as the folder's end.
+                        return Err(libc::EINVAL);
+                    }
                     break 'reply;
                 }
                 entries

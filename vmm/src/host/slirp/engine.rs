@@ -14,8 +14,9 @@ use super::{Network, SlirpError};
 
 /// Host sockets slirp may hold for one network (the guest's connections and datagram flows,
 /// forwards); at the cap, frames that would open another are dropped (said once), as a
-/// network that is full drops them: TCP connection requests, UDP datagrams but DHCP's, ICMP
-/// echo requests. Flows already open go on; the guest's retries succeed once some end.
+/// network that is full drops them: TCP connection requests, UDP datagrams but DHCP's (those
+/// of open flows too), ICMP echo requests, IPv4 fragments (slirp reassembles them into any of
+/// these). TCP connections already open go on; the guest's retries succeed once some end.
 pub const MAX_FLOWS: usize = 4096;
 
 /// Tokens of the engine's own fds in its epoll set (slirp's sockets use their fd + 2).
@@ -244,8 +245,9 @@ impl Engine {
 }
 
 /// Whether a guest's Ethernet frame may make slirp open a host socket: a TCP connection
-/// request (SYN without ACK), a UDP datagram other than DHCP's, an ICMP echo request; over
-/// IPv4 or IPv6 (without extension headers).
+/// request (SYN without ACK), a UDP datagram other than DHCP's, an ICMP echo request, over
+/// IPv4 or IPv6 (slirp takes no extension headers); an IPv4 fragment, which slirp reassembles
+/// into any of these.
 pub fn opens_a_flow(frame: &[u8]) -> bool {
     const TCP: u8 = 6;
     const UDP: u8 = 17;
@@ -257,6 +259,12 @@ pub fn opens_a_flow(frame: &[u8]) -> bool {
             let Some(&version_ihl) = frame.get(14) else {
                 return false;
             };
+            let fragment = frame
+                .get(20..22)
+                .map(|f| u16::from_be_bytes([f[0], f[1]]) & 0x3fff);
+            if fragment != Some(0) {
+                return true; // more fragments, or not the first (or cut short)
+            }
             let header = usize::from(version_ihl & 0x0f) * 4;
             (frame.get(23).copied(), 14 + header, (1, 8), 67)
         }

@@ -184,6 +184,9 @@ fn frames_that_open_flows_are_told_apart() {
         Ipv4Addr::new(10, 0, 2, 15),
         Ipv4Addr::new(10, 0, 2, 2)
     )));
+    let mut fragment = tcp(1000, 80, 0x10);
+    fragment[20] |= 0x20; // more fragments: slirp reassembles the rest, which may hold a SYN
+    assert!(opens_a_flow(&fragment), "an IPv4 fragment");
     let syn = tcp(1000, 80, 0x02);
     for len in 0..syn.len() {
         let _ = opens_a_flow(&syn[..len]); // no panic on a cut frame
@@ -194,6 +197,7 @@ fn frames_that_open_flows_are_told_apart() {
 #[test]
 fn the_guests_new_connections_stop_at_the_cap() {
     use super::engine::MAX_FLOWS;
+    crate::host::raise_open_files_limit(); // MAX_FLOWS and more
     let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
