@@ -151,6 +151,63 @@ fn a_guest_refusal_closes_the_host_program_and_a_bad_handshake_is_dropped() {
     nothing_for_the_guest(&mut muxer);
 }
 
+/// Polls the muxer as the device's worker does (when its fd is readable) until `done` holds
+/// or `limit` passes; false then.
+fn poll_until(
+    muxer: &mut Muxer,
+    limit: Duration,
+    mut done: impl FnMut(&mut Muxer) -> bool,
+) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if readable(muxer) {
+            muxer.poll();
+        }
+        if done(muxer) {
+            return true;
+        }
+    }
+    false
+}
+
+/// A host program that never finishes its `CONNECT` line is closed after HANDSHAKE_TIMEOUT,
+/// one the guest never answers after REQUEST_TIMEOUT (and the guest gets RST): neither holds
+/// a slot for ever.
+#[test]
+fn a_silent_host_program_and_an_unanswered_request_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vm.vsock");
+    let mut muxer = Muxer::new(GUEST, &uds).unwrap();
+    let started = std::time::Instant::now();
+    let mut silent = connect(&uds, b"CONNECT 12");
+    silent.set_nonblocking(true).unwrap();
+    let mut waiting = connect(&uds, b"CONNECT 77\n");
+    let (request, _) = next(&mut muxer);
+    assert_eq!(request.dst_port, 77);
+
+    let mut rst = None;
+    let reset = poll_until(&mut muxer, REQUEST_TIMEOUT * 2, |m| {
+        rst = m.next_for_guest(4096);
+        rst.is_some()
+    });
+    assert!(reset, "an RST once the request timed out");
+    let (rst, _) = rst.unwrap();
+    assert_eq!(
+        (rst.op, rst.src_port, rst.dst_port),
+        (OP_RST, request.src_port, 77)
+    );
+    assert!(started.elapsed() >= REQUEST_TIMEOUT);
+    assert!(closed(&mut waiting), "the waiting program is closed");
+
+    let mut byte = [0u8; 1];
+    let gone = poll_until(&mut muxer, HANDSHAKE_TIMEOUT * 2, |_| {
+        matches!(silent.read(&mut byte), Ok(0))
+    });
+    assert!(gone, "the silent program is closed");
+    assert!(started.elapsed() >= HANDSHAKE_TIMEOUT);
+    assert!(!readable(&muxer), "and nothing is left to wake the worker");
+}
+
 #[test]
 fn a_guest_connects_to_a_host_port_through_uds_port() {
     let dir = tempfile::tempdir().unwrap();

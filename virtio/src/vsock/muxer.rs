@@ -21,10 +21,12 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
 use devices::host_listener::{out_of_descriptors, SpareFd};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 pub const HOST_CID: u64 = 2;
 pub const TYPE_STREAM: u16 = 1;
@@ -55,10 +57,18 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Host ports the muxer gives host-initiated connections, from here up.
 const FIRST_HOST_PORT: u32 = 1 << 30;
 
-/// Epoll tokens: the listener, the wake eventfd, then one per stream (see `sources`).
+/// How long a host program may take to write its `CONNECT PORT` line before it is closed.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the guest may take to answer a host program's connection request before the
+/// program is closed and the guest gets RST (Firecracker's timeout).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Epoll tokens: the listener, the wake eventfd, the timeouts' timer, then one per stream
+/// (see `sources`).
 const LISTENER: u64 = 0;
 const WAKE: u64 = 1;
-const FIRST_STREAM_TOKEN: u64 = 2;
+const TIMER: u64 = 2;
+const FIRST_STREAM_TOKEN: u64 = 3;
 
 /// A virtio-vsock packet header, as the muxer sees it (virtio 1.2, 5.10.6).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,6 +105,8 @@ enum State {
 struct Connection {
     stream: UnixStream,
     state: State,
+    /// When a host-initiated connection the guest has not answered is given up.
+    deadline: Option<Instant>,
     /// Guest bytes the host program has not taken yet.
     to_host: VecDeque<u8>,
     /// Bytes of the guest forwarded to the host program, and the count last told the guest.
@@ -125,6 +137,7 @@ impl Connection {
     fn new(stream: UnixStream, state: State) -> Connection {
         Connection {
             stream,
+            deadline: (state == State::Requested).then(|| Instant::now() + REQUEST_TIMEOUT),
             state,
             to_host: VecDeque::new(),
             fwd_cnt: 0,
@@ -188,6 +201,8 @@ impl Connection {
 struct Handshake {
     stream: UnixStream,
     line: Vec<u8>,
+    /// When the program is closed if its line is not complete.
+    deadline: Instant,
 }
 
 pub struct Muxer {
@@ -198,6 +213,9 @@ pub struct Muxer {
     said_no_fds: AtomicBool,
     epoll: Epoll,
     wake: EventFd,
+    /// Fires at the earliest deadline of a handshake or an unanswered request (`armed`).
+    timer: TimerFd,
+    armed: Option<Instant>,
     handshakes: HashMap<u64, Handshake>,
     sources: HashMap<u64, Source>,
     next_token: u64,
@@ -232,6 +250,12 @@ impl Muxer {
             wake.as_raw_fd(),
             EpollEvent::new(EventSet::IN, WAKE),
         )?;
+        let timer = TimerFd::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER),
+        )?;
         Ok(Muxer {
             guest_cid,
             uds: uds.to_path_buf(),
@@ -240,6 +264,8 @@ impl Muxer {
             said_no_fds: AtomicBool::new(false),
             epoll,
             wake,
+            timer,
+            armed: None,
             handshakes: HashMap::new(),
             sources: HashMap::new(),
             next_token: FIRST_STREAM_TOKEN,
@@ -302,6 +328,7 @@ impl Muxer {
                 WAKE => {
                     let _ = self.wake.read();
                 }
+                TIMER => self.expire(),
                 t => match self.sources.get(&t) {
                     Some(Source::Handshake) => self.read_handshake(t),
                     Some(Source::Connection(key)) => self.stream_event(*key, event.event_set()),
@@ -344,8 +371,10 @@ impl Muxer {
                     Handshake {
                         stream,
                         line: Vec::new(),
+                        deadline: Instant::now() + HANDSHAKE_TIMEOUT,
                     },
                 );
+                self.arm_for(Instant::now() + HANDSHAKE_TIMEOUT);
             } else {
                 self.sources.remove(&t);
             }
@@ -382,8 +411,71 @@ impl Muxer {
             return;
         }
         let key = (self.free_host_port(port), port);
-        self.add_connection(key, Connection::new(h.stream, State::Requested));
+        let conn = Connection::new(h.stream, State::Requested);
+        let deadline = conn.deadline;
+        self.add_connection(key, conn);
         self.send(key, OP_REQUEST, 0);
+        if let Some(deadline) = deadline {
+            self.arm_for(deadline);
+        }
+    }
+
+    /// Has the timer fire by `deadline` (the deadlines come in order: the one armed is the
+    /// earliest unless none is).
+    fn arm_for(&mut self, deadline: Instant) {
+        if self.armed.is_some_and(|armed| armed <= deadline) {
+            return;
+        }
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        match self.timer.reset(wait, None) {
+            Ok(()) => self.armed = Some(deadline),
+            Err(e) => log::warn!("vsock {}: cannot arm a timer: {e}", self.uds.display()),
+        }
+    }
+
+    /// Closes the handshakes and unanswered requests whose time is up (the guest gets RST
+    /// for the requests) and arms the timer for the next deadline.
+    fn expire(&mut self) {
+        // Setting the timer again below (or disarming it) also clears its expiry: no read,
+        // which would block on a timer set again meanwhile.
+        self.armed = None;
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .handshakes
+            .iter()
+            .filter(|(_, h)| h.deadline <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in late {
+            if let Some(h) = self.handshakes.remove(&t) {
+                self.sources.remove(&t);
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    h.stream.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
+        }
+        let late: Vec<Key> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in late {
+            self.reset_connection(key);
+        }
+        let next = (self.handshakes.values().map(|h| h.deadline))
+            .chain(self.connections.values().filter_map(|c| c.deadline))
+            .min();
+        match next {
+            Some(next) => self.arm_for(next),
+            None => {
+                let _ = self.timer.reset(Duration::ZERO, None);
+            }
+        }
     }
 
     fn room_for_one_more(&mut self) -> bool {
@@ -608,6 +700,7 @@ impl Muxer {
         match (h.op, &conn.state) {
             (OP_RESPONSE, State::Requested) => {
                 conn.state = State::Established;
+                conn.deadline = None;
                 // A fresh stream's buffer takes these few bytes at once.
                 let ok = format!("OK {}\n", key.0);
                 if conn.stream.write_all(ok.as_bytes()).is_err() {

@@ -332,7 +332,8 @@ fn device(kind: DeviceKind) -> Vec<&'static [c_long]> {
             FILE_IO,
             &[SYS_timerfd_settime, SYS_timerfd_gettime],
         ],
-        DeviceKind::Vsock => vec![SOCKETS, FILE_IO],
+        // The muxer times handshakes and unanswered requests out with a timerfd.
+        DeviceKind::Vsock => vec![SOCKETS, FILE_IO, &[SYS_timerfd_settime]],
         // Requests and replies on swtpm's two sockets, already connected.
         DeviceKind::Tpm => vec![&[SYS_sendto, SYS_recvfrom]],
     }
