@@ -315,16 +315,11 @@ fn device(kind: DeviceKind) -> Vec<&'static [c_long]> {
         DeviceKind::Rng => vec![],
         DeviceKind::NineP | DeviceKind::Fs => vec![FILE_IO, FILESYSTEM],
         // libslirp reads /etc/resolv.conf for the DNS it forwards to; its timers are a
-        // timerfd.
+        // timerfd. Its one ioctl (FIONREAD) is allowed below.
         DeviceKind::Net => vec![
             SOCKETS,
             FILE_IO,
-            &[
-                SYS_openat,
-                SYS_ioctl,
-                SYS_timerfd_settime,
-                SYS_timerfd_gettime,
-            ],
+            &[SYS_openat, SYS_timerfd_settime, SYS_timerfd_gettime],
         ],
         // A chardev that reconnects waits on a timerfd between tries.
         DeviceKind::Console => vec![
@@ -375,6 +370,10 @@ pub fn allowed(kind: ThreadKind, needs: Needs) -> BTreeMap<i64, Vec<SeccompRule>
     // Rust's set_nonblocking on a socket (a vsock or chardev peer, a slirp connection).
     if lists.contains(&SOCKETS) {
         only_with(SYS_ioctl, ioctl_request(FIONBIO));
+    }
+    if kind == ThreadKind::Device(DeviceKind::Net) {
+        // libslirp sizes a UDP datagram before it receives it.
+        only_with(SYS_ioctl, ioctl_request(FIONREAD));
     }
     if kind == ThreadKind::Vcpu {
         // KVM's: KVM_RUN, MSI routes, irqfds and ioeventfds; vhost's: the kernel's

@@ -131,13 +131,41 @@ fn device_workers_make_only_their_own_kind_of_calls() {
             "FIONBIO from a {kind:?} worker"
         );
         // Slirp's timers, and a reconnecting chardev's wait between tries.
-        let timers = matches!(kind, Net | Console);
+        let timers = matches!(kind, Net | Console | Vsock);
         assert_eq!(
             rearm,
             expect(timers),
             "timerfd_settime from a {kind:?} worker"
         );
     }
+}
+
+/// libslirp's one ioctl, FIONREAD on a socket, and Rust's FIONBIO; no other (a tap's TUNSETIFF
+/// is the main thread's).
+#[test]
+fn the_net_worker_makes_only_the_socket_ioctls_libslirp_makes() {
+    let (peer, _other) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+    let peer = peer.as_raw_fd();
+    let (fionread, other) = confined(
+        ThreadKind::Device(DeviceKind::Net),
+        Needs::default(),
+        move || {
+            let mut waiting: libc::c_int = 0;
+            // SAFETY: FIONREAD writes an int through the pointer, which is valid.
+            let fionread = unsafe { libc::ioctl(peer, libc::FIONREAD, &mut waiting) };
+            let mut size: libc::winsize = libc::winsize {
+                ws_row: 0,
+                ws_col: 0,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: TIOCGWINSZ writes a winsize through the pointer, which is valid.
+            let other = unsafe { libc::ioctl(peer, libc::TIOCGWINSZ, &mut size) };
+            (errno_of(fionread.into()), errno_of(other.into()))
+        },
+    );
+    assert_eq!(fionread, 0, "FIONREAD");
+    assert_eq!(other, libc::EPERM, "another ioctl");
 }
 
 #[test]
