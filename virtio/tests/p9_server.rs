@@ -126,7 +126,7 @@ impl Client {
     }
 
     fn call(&mut self, kind: u8, body: T) -> R {
-        self.tag += 1;
+        self.tag = self.tag.wrapping_add(1);
         let mut msg = ((7 + body.0.len()) as u32).to_le_bytes().to_vec();
         msg.push(kind);
         msg.extend_from_slice(&self.tag.to_le_bytes());
@@ -279,18 +279,26 @@ fn raise_open_files_limit() {
     }
 }
 
-/// A guest that keeps fids without end meets the share's cap (ENFILE); until then each fid
-/// walked to a new file holds one descriptor, and a cloned fid none of its own.
+/// The inode number in a getattr reply's qid.
+fn qid_path(attr: &R) -> u64 {
+    u64::from_le_bytes(attr.body[8 + 5..8 + 13].try_into().unwrap())
+}
+
+/// A guest that keeps fids without end: the share's descriptors stay within its budget (idle
+/// fids give theirs up and find their file again by its place, also after a rename through
+/// the share), clones share their source's, and past MAX_FIDS fids are refused (ENFILE).
 #[test]
-fn fids_are_capped_and_clones_share_descriptors() {
+fn fids_hold_descriptors_within_the_budget_and_find_their_files_again() {
+    use std::os::unix::fs::MetadataExt;
     let _counting = counting_descriptors();
     raise_open_files_limit();
     let dir = share();
     let root = dir.path().join("share");
     let many = root.join("many");
-    std::fs::create_dir(&many).unwrap();
+    std::fs::create_dir_all(many.join("d")).unwrap();
     std::fs::write(many.join("0"), "").unwrap();
-    let cap = virtio::ninep::fid_cap();
+    std::fs::write(many.join("d/f"), "").unwrap();
+    let budget = virtio::ninep::descriptor_budget();
     let mut c = Client::new(&root, false);
     c.walk(0, 1, &["many"]).ok();
     let before = open_descriptors();
@@ -302,19 +310,41 @@ fn fids_are_capped_and_clones_share_descriptors() {
         "1000 clones took {} descriptors",
         open_descriptors() - before
     );
-    for i in 1002..cap as u32 {
+    c.walk(1, 1002, &["d", "f"]).ok();
+    let first = 1003;
+    let last = first + budget as u32 + 1000;
+    for i in first..last {
         c.walk(1, i, &["0"]).ok();
     }
     assert!(
-        open_descriptors() < before + cap,
-        "{} descriptors for {cap} fids",
-        open_descriptors() - before
+        open_descriptors() <= before + budget + 64,
+        "{} descriptors for {} fids (budget {budget})",
+        open_descriptors() - before,
+        last
     );
-    // Fids 0..cap are taken: one more is refused, one clunked makes room.
-    let refused = c.walk(1, cap as u32, &["0"]);
-    assert_eq!(refused.errno(), Some(libc::ENFILE));
+    // Fids that gave their descriptor up still stand for their files.
+    let zero = std::fs::metadata(many.join("0")).unwrap().ino();
+    assert_eq!(
+        qid_path(&c.call(24, T::default().u32(first).u64(0x7ff)).ok()),
+        zero
+    );
+    let rename = T::default().u32(1).s("d").u32(1).s("e");
+    c.call(74, rename).ok();
+    let moved = std::fs::metadata(many.join("e/f")).unwrap().ino();
+    let attr = c.call(24, T::default().u32(1002).u64(0x7ff)).ok();
+    assert_eq!(
+        qid_path(&attr),
+        moved,
+        "a fid under a renamed folder follows it"
+    );
+    // Past MAX_FIDS, ENFILE; one clunked makes room.
+    for i in last..virtio::ninep::MAX_FIDS as u32 {
+        c.walk(1, i, &[]).ok();
+    }
+    let over = virtio::ninep::MAX_FIDS as u32;
+    assert_eq!(c.walk(1, over, &[]).errno(), Some(libc::ENFILE));
     c.call(120, T::default().u32(5)).ok();
-    c.walk(1, cap as u32, &["0"]).ok();
+    c.walk(1, over, &[]).ok();
 }
 
 #[test]

@@ -1,15 +1,23 @@
 //! Operations that create, rename or remove directory entries, and locks.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
-use super::{errno, new_name, Loc, Server};
+use super::fids::child;
+use super::{errno, new_name, Server};
 use crate::ninep::mapped;
 use crate::ninep::sys;
 use crate::ninep::wire::{message, Decoder, Encoder, Errno};
 
 impl Server {
+    /// The folder fid `id` stands for: a descriptor, its place, the fid's user.
+    fn folder(&self, id: u32) -> Result<(Arc<OwnedFd>, String, u32), Errno> {
+        let fid = self.fid(id)?;
+        Ok((self.fd_of(fid)?, fid.rel.clone(), fid.uid))
+    }
+
     /// Operations that create, rename or remove entries.
     pub(super) fn change(
         &mut self,
@@ -21,20 +29,21 @@ impl Server {
             message::TMKDIR => {
                 let (dir, name, mode, gid) = (d.u32()?, d.string()?, d.u32()?, d.u32()?);
                 self.writable()?;
-                let (dir, uid) = (&self.fid(dir)?.path, self.fid(dir)?.uid);
+                let (dir, dir_rel, uid) = self.folder(dir)?;
                 let host_mode = if self.mapped() {
                     mapped::DIR_MODE
                 } else {
                     mode & 0o7777
                 };
-                sys::mkdirat(dir, new_name(&name)?, host_mode).map_err(errno)?;
-                self.take_ownership(dir, &name, uid, gid, libc::S_IFDIR | (mode & 0o7777), 0)?;
-                r.qid(self.qid_at(dir, &name)?);
+                sys::mkdirat(&dir, new_name(&name)?, host_mode).map_err(errno)?;
+                let mode = libc::S_IFDIR | (mode & 0o7777);
+                self.take_ownership(&dir, &dir_rel, &name, (uid, gid), mode, 0)?;
+                r.qid(self.qid_at(&dir, &dir_rel, &name)?);
             }
             message::TSYMLINK => {
                 let (dir, name, target, gid) = (d.u32()?, d.string()?, d.string()?, d.u32()?);
                 self.writable()?;
-                let (dir, uid) = (&self.fid(dir)?.path, self.fid(dir)?.uid);
+                let (dir, dir_rel, uid) = self.folder(dir)?;
                 let name = new_name(&name)?;
                 if self.mapped() {
                     // A regular file holding the target, marked as a symlink.
@@ -44,40 +53,42 @@ impl Server {
                     File::from(file)
                         .write_all_at(target.as_bytes(), 0)
                         .map_err(errno)?;
+                    let mode = libc::S_IFLNK | 0o777;
+                    self.take_ownership(&dir, &dir_rel, name, (uid, gid), mode, 0)?;
                 } else {
-                    sys::symlinkat(&target, dir, name).map_err(errno)?;
+                    sys::symlinkat(&target, &dir, name).map_err(errno)?;
                 }
-                if self.mapped() {
-                    self.take_ownership(dir, name, uid, gid, libc::S_IFLNK | 0o777, 0)?;
-                }
-                r.qid(self.qid_at(dir, name)?);
+                r.qid(self.qid_at(&dir, &dir_rel, name)?);
             }
             message::TMKNOD => {
                 let (dir, name, mode) = (d.u32()?, d.string()?, d.u32()?);
                 let (major, minor, gid) = (d.u32()?, d.u32()?, d.u32()?);
                 self.writable()?;
-                let (dir, uid) = (&self.fid(dir)?.path, self.fid(dir)?.uid);
+                let (dir, dir_rel, uid) = self.folder(dir)?;
                 let dev = libc::makedev(major, minor);
                 if self.mapped() {
                     let host_mode = libc::S_IFREG | mapped::FILE_MODE;
-                    sys::mknodat(dir, new_name(&name)?, host_mode, 0).map_err(errno)?;
+                    sys::mknodat(&dir, new_name(&name)?, host_mode, 0).map_err(errno)?;
                 } else {
-                    sys::mknodat(dir, new_name(&name)?, mode, dev).map_err(errno)?;
+                    sys::mknodat(&dir, new_name(&name)?, mode, dev).map_err(errno)?;
                 }
-                self.take_ownership(dir, &name, uid, gid, mode, dev)?;
-                r.qid(self.qid_at(dir, &name)?);
+                self.take_ownership(&dir, &dir_rel, &name, (uid, gid), mode, dev)?;
+                r.qid(self.qid_at(&dir, &dir_rel, &name)?);
             }
             message::TLINK => {
                 let (dir, fid, name) = (d.u32()?, d.u32()?, d.string()?);
                 self.writable()?;
-                let (target, dir) = (self.fid(fid)?, &self.fid(dir)?.path);
+                let target = self.fid(fid)?;
+                let (dir, _, _) = self.folder(dir)?;
                 let name = new_name(&name)?;
-                sys::linkat(&target.path, dir, name).map_err(errno)?;
+                sys::linkat(&*self.fd_of(target)?, &dir, name).map_err(errno)?;
                 if self.mapped_file() {
                     // The new name shows the same guest owner and mode.
-                    if let Some(entry) = target.loc.entry() {
+                    if let Ok(parent) = self.parent_of(&target.rel) {
+                        let entry = parent.as_ref().map(|(d, n)| (&**d, *n));
                         let meta = mapped::file::read(&self.root, entry);
-                        mapped::file::write(&self.root, Some((dir, name)), &meta).map_err(errno)?;
+                        mapped::file::write(&self.root, Some((&dir, name)), &meta)
+                            .map_err(errno)?;
                     }
                 }
             }
@@ -85,47 +96,48 @@ impl Server {
                 let (old_dir, old) = (d.u32()?, d.string()?);
                 let (new_dir, new) = (d.u32()?, d.string()?);
                 self.writable()?;
-                let (old_dir, new_dir) = (&self.fid(old_dir)?.path, &self.fid(new_dir)?.path);
-                sys::renameat(old_dir, new_name(&old)?, new_dir, new_name(&new)?).map_err(errno)?;
+                let ((old_dir, old_rel, _), (new_dir, new_rel, _)) =
+                    (self.folder(old_dir)?, self.folder(new_dir)?);
+                sys::renameat(&old_dir, new_name(&old)?, &new_dir, new_name(&new)?)
+                    .map_err(errno)?;
                 if self.mapped_file() {
-                    mapped::file::rename(old_dir, &old, new_dir, &new);
+                    mapped::file::rename(&old_dir, &old, &new_dir, &new);
                 }
+                self.fids
+                    .moved(&child(&old_rel, &old), &child(&new_rel, &new));
             }
             message::TUNLINKAT => {
                 let (dir, name, flags) = (d.u32()?, d.string()?, d.u32()?);
                 self.writable()?;
                 let flags = flags as i32 & libc::AT_REMOVEDIR;
-                let dir = &self.fid(dir)?.path;
+                let (dir, _, _) = self.folder(dir)?;
                 let name = new_name(&name)?;
                 if self.mapped_file() && flags != 0 {
                     // The directory's own (empty) metadata folder goes first.
-                    if let Ok(sub) = self.lookup(dir, name) {
+                    if let Ok(sub) = self.lookup(&dir, name) {
                         let _ = sys::unlinkat(&sub, mapped::file::META_DIR, libc::AT_REMOVEDIR);
                     }
                 }
-                sys::unlinkat(dir, name, flags).map_err(errno)?;
+                sys::unlinkat(&dir, name, flags).map_err(errno)?;
                 if self.mapped_file() {
-                    mapped::file::remove(dir, name);
+                    mapped::file::remove(&dir, name);
                 }
             }
             message::TRENAME => {
                 // Trename: move the file `fid` stands for to `dir/name`.
-                let (fid_id, dir, name) = (d.u32()?, d.u32()?, d.string()?);
+                let (fid, dir, name) = (d.u32()?, d.u32()?, d.string()?);
                 self.writable()?;
-                let fid = self.fid(fid_id)?;
-                let Loc::In(old_dir, old) = &fid.loc else {
-                    return Err(libc::EOPNOTSUPP); // the root, or reached through ..
+                let from = self.fid(fid)?.rel.clone();
+                let Some((old_dir, old)) = self.parent_of(&from)? else {
+                    return Err(libc::EOPNOTSUPP); // the root
                 };
-                let new_dir = &self.fid(dir)?.path;
+                let (new_dir, new_rel, _) = self.folder(dir)?;
                 let name = new_name(&name)?;
-                sys::renameat(old_dir, old, new_dir, name).map_err(errno)?;
+                sys::renameat(&old_dir, old, &new_dir, name).map_err(errno)?;
                 if self.mapped_file() {
-                    mapped::file::rename(old_dir, old, new_dir, name);
+                    mapped::file::rename(&old_dir, old, &new_dir, name);
                 }
-                let loc = Loc::of(new_dir, name);
-                if let Some(fid) = self.fids.get_mut(&fid_id) {
-                    fid.loc = loc;
-                }
+                self.fids.moved(&from, &child(&new_rel, name));
             }
             message::TXATTRWALK => self.xattr_walk(d, r)?,
             message::TXATTRCREATE => self.xattr_create(d)?,

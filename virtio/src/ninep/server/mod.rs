@@ -1,9 +1,9 @@
 //! The 9P2000.L operations.
 
 mod entries;
+mod fids;
 mod xattr;
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -14,16 +14,13 @@ use std::sync::Arc;
 use super::wire::{message, Decoder, Encoder, Errno, Qid, QID_DIR, QID_FILE, QID_SYMLINK};
 use super::SecurityModel;
 use super::{mapped, sys};
+use fids::{child, split, Fid, Fids, Xattr};
+pub use fids::{descriptor_budget, MAX_FIDS};
 
 /// The largest message nixvmm negotiates (Linux asks for up to its msize= option).
 pub const MAX_MSIZE: u32 = (1 << 20) + 4096;
 /// Bytes of a read or write reply that are not data (size, type, tag, count).
 const IO_HEADER: u32 = 24;
-/// Fids at most per share, whatever the open-files limit.
-const MAX_FIDS: usize = 65536;
-/// Fids a share always allows (below an open-files limit of 12 × this, the process limit
-/// bounds them instead).
-const MIN_FIDS: usize = 4096;
 const MAX_WALK: u16 = 16;
 const O_PATH_NOFOLLOW: libc::c_int = libc::O_PATH | libc::O_NOFOLLOW;
 
@@ -34,67 +31,6 @@ pub struct ShareConfig {
     pub security_model: SecurityModel,
 }
 
-struct Fid {
-    /// O_PATH | O_NOFOLLOW descriptor of the file, shared by the fids cloned from this one
-    /// and by the locations of the files walked to from it.
-    path: Arc<OwnedFd>,
-    /// The guest user this fid acts for (from Tattach), owner of what it creates.
-    uid: u32,
-    /// Set by lopen/lcreate: the file opened for I/O.
-    open: Option<File>,
-    /// An extended attribute being read (Txattrwalk) or written (Txattrcreate).
-    xattr: Option<Xattr>,
-    /// Where the file is, for the mapped-file model's metadata.
-    loc: Loc,
-}
-
-/// Where a file is in the share.
-#[derive(Clone)]
-enum Loc {
-    Root,
-    /// The entry `name` of a directory.
-    In(Arc<OwnedFd>, String),
-    /// Reached through `..`: no metadata location known.
-    Unknown,
-}
-
-impl Loc {
-    fn of(dir: &Arc<OwnedFd>, name: &str) -> Loc {
-        Loc::In(Arc::clone(dir), name.to_string())
-    }
-
-    /// The entry for mapped::file: `Some(None)` is the root, `None` unknown.
-    fn entry(&self) -> Option<Option<(&OwnedFd, &str)>> {
-        match self {
-            Loc::Root => Some(None),
-            Loc::In(dir, name) => Some(Some((dir, name.as_str()))),
-            Loc::Unknown => None,
-        }
-    }
-}
-
-enum Xattr {
-    Read(Vec<u8>),
-    Write {
-        name: String,
-        size: usize,
-        flags: i32,
-        data: Vec<u8>,
-    },
-}
-
-impl Fid {
-    fn new(path: Arc<OwnedFd>, uid: u32, loc: Loc) -> Fid {
-        Fid {
-            path,
-            uid,
-            open: None,
-            xattr: None,
-            loc,
-        }
-    }
-}
-
 /// Largest extended attribute value (Linux's XATTR_SIZE_MAX).
 const XATTR_SIZE_MAX: u64 = 65536;
 
@@ -103,20 +39,7 @@ pub struct Server {
     root_id: (u64, u64),
     config: ShareConfig,
     msize: u32,
-    fids: HashMap<u32, Fid>,
-    /// The cap on `fids` ([`fid_cap`]); reaching it was said.
-    max_fids: usize,
-    said_full: bool,
-}
-
-/// How many fids a share may have: each holds at most three descriptors (its file, the
-/// folder it is in, an open file), and a share's at most a quarter of the process's
-/// open-files limit, so that several shares leave descriptors for the rest of nixvmm. Read
-/// once, by the first server (made before the seccomp filters: the threads that make the
-/// others may not read limits).
-pub fn fid_cap() -> usize {
-    static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CAP.get_or_init(|| (sys::open_files_limit() / 4 / 3).clamp(MIN_FIDS, MAX_FIDS))
+    fids: Fids,
 }
 
 fn errno(e: io::Error) -> Errno {
@@ -184,11 +107,9 @@ impl Server {
         Ok(Server {
             root,
             root_id: (st.st_dev, st.st_ino),
+            fids: Fids::new(config.root.clone()),
             config,
             msize: 8192,
-            fids: HashMap::new(),
-            max_fids: fid_cap(),
-            said_full: false,
         })
     }
 
@@ -206,23 +127,37 @@ impl Server {
     }
 
     fn fid(&self, fid: u32) -> Result<&Fid, Errno> {
-        self.fids.get(&fid).ok_or(libc::EBADF)
+        self.fids.get(fid)
+    }
+
+    /// A descriptor of the file `fid` stands for: the one it holds, or one found by its
+    /// place when it gave its own up.
+    fn fd_of(&self, fid: &Fid) -> Result<Arc<OwnedFd>, Errno> {
+        match &fid.fd {
+            Some(fd) => Ok(Arc::clone(fd)),
+            None => self.resolve(&fid.rel),
+        }
+    }
+
+    /// The file at `rel`, found name by name from the root without following symlinks.
+    fn resolve(&self, rel: &str) -> Result<Arc<OwnedFd>, Errno> {
+        let mut fd = sys::openat(self.root.as_raw_fd(), ".", O_PATH_NOFOLLOW, 0).map_err(errno)?;
+        for name in rel.split('/').filter(|n| !n.is_empty()) {
+            fd = self.lookup(&fd, name)?;
+        }
+        Ok(Arc::new(fd))
+    }
+
+    /// The folder the file at `rel` is in and its name there; `None` for the root.
+    fn parent_of<'r>(&self, rel: &'r str) -> Result<Option<(Arc<OwnedFd>, &'r str)>, Errno> {
+        match split(rel) {
+            Some((dir, name)) => Ok(Some((self.resolve(dir)?, name))),
+            None => Ok(None),
+        }
     }
 
     fn insert_fid(&mut self, id: u32, fid: Fid) -> Result<(), Errno> {
-        if !self.fids.contains_key(&id) && self.fids.len() >= self.max_fids {
-            if !std::mem::replace(&mut self.said_full, true) {
-                log::warn!(
-                    "9p share {}: {} fids open (their descriptors up to a quarter of the \
-                     open-files limit); refusing more (raise `ulimit -n`)",
-                    self.config.root.display(),
-                    self.max_fids
-                );
-            }
-            return Err(libc::ENFILE);
-        }
-        self.fids.insert(id, fid);
-        Ok(())
+        self.fids.insert(id, fid)
     }
 
     fn writable(&self) -> Result<(), Errno> {
@@ -270,8 +205,8 @@ impl Server {
                 let uid = d.u32()?; // n_uname: the user this attach acts for
                 let path =
                     sys::openat(self.root.as_raw_fd(), ".", O_PATH_NOFOLLOW, 0).map_err(errno)?;
-                let qid = qid_of(&self.stat_at(&path, &Loc::Root)?);
-                self.insert_fid(fid, Fid::new(Arc::new(path), uid, Loc::Root))?;
+                let qid = qid_of(&self.stat_at(&path, "")?);
+                self.insert_fid(fid, Fid::new(String::new(), Arc::new(path), uid))?;
                 r.qid(qid);
             }
             message::TAUTH => return Err(libc::EOPNOTSUPP), // Tauth: no authentication
@@ -281,20 +216,20 @@ impl Server {
             message::TWALK => self.walk(d, &mut r)?,
             message::TCLUNK => {
                 let fid = d.u32()?;
-                let fid = self.fids.remove(&fid).ok_or(libc::EBADF)?;
+                let fid = self.fids.remove(fid).ok_or(libc::EBADF)?;
                 if let Some(Xattr::Write {
                     name,
                     size,
                     flags,
                     data,
-                }) = fid.xattr
+                }) = &fid.xattr
                 {
-                    self.commit_xattr(&fid.path, &name, size, flags, &data)?;
+                    self.commit_xattr(&*self.fd_of(&fid)?, name, *size, *flags, data)?;
                 }
             }
             message::TREMOVE => {
                 let fid = d.u32()?;
-                self.fids.remove(&fid);
+                self.fids.remove(fid);
                 return Err(libc::EOPNOTSUPP); // Linux removes through unlinkat
             }
             message::TGETATTR => self.getattr(d, &mut r)?,
@@ -320,9 +255,10 @@ impl Server {
         Ok(r)
     }
 
-    fn qid_at(&self, dir: &Arc<OwnedFd>, name: &str) -> Result<Qid, Errno> {
+    /// The qid of `name` in the folder `dir` (at `dir_rel`).
+    fn qid_at(&self, dir: &OwnedFd, dir_rel: &str, name: &str) -> Result<Qid, Errno> {
         let fd = self.lookup(dir, name)?;
-        Ok(qid_of(&self.stat_at(&fd, &Loc::of(dir, name))?))
+        Ok(qid_of(&self.stat_at(&fd, &child(dir_rel, name))?))
     }
 
     /// Whether the guest's ownership and modes are mapped (kept apart from the host's).
@@ -337,8 +273,9 @@ impl Server {
         self.config.security_model == SecurityModel::MappedFile
     }
 
-    /// The file as the guest sees it: the host's stat, with the mapped owner and mode.
-    fn stat_at(&self, fd: &OwnedFd, loc: &Loc) -> Result<libc::stat, Errno> {
+    /// The file (`fd`, at `rel`) as the guest sees it: the host's stat, with the mapped owner
+    /// and mode.
+    fn stat_at(&self, fd: &OwnedFd, rel: &str) -> Result<libc::stat, Errno> {
         let mut st = sys::stat(fd).map_err(errno)?;
         if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
             return Ok(st);
@@ -346,7 +283,9 @@ impl Server {
         match self.config.security_model {
             SecurityModel::MappedXattr => mapped::overlay(fd, &mut st),
             SecurityModel::MappedFile => {
-                if let Some(entry) = loc.entry() {
+                // A place no longer there (moved on the host) shows the host's view.
+                if let Ok(parent) = self.parent_of(rel) {
+                    let entry = parent.as_ref().map(|(dir, name)| (&**dir, *name));
                     mapped::file::read(&self.root, entry).overlay(&mut st);
                 }
             }
@@ -355,12 +294,11 @@ impl Server {
         Ok(st)
     }
 
-    /// Writes the guest's view of a file under the mapped models.
-    fn record(&self, fd: &OwnedFd, loc: &Loc, meta: mapped::file::Meta) -> io::Result<()> {
+    /// Writes the guest's view of a file (`fd`, at `rel`) under the mapped models.
+    fn record(&self, fd: &OwnedFd, rel: &str, meta: mapped::file::Meta) -> io::Result<()> {
         if self.mapped_file() {
-            let entry = loc
-                .entry()
-                .ok_or_else(|| io::Error::from_raw_os_error(libc::EOPNOTSUPP))?;
+            let parent = self.parent_of(rel).map_err(io::Error::from_raw_os_error)?;
+            let entry = parent.as_ref().map(|(dir, name)| (&**dir, *name));
             return mapped::file::write(&self.root, entry, &meta);
         }
         if let Some(mode) = meta.mode {
@@ -373,14 +311,15 @@ impl Server {
         Ok(())
     }
 
-    /// Gives a new entry `name` in `dir` to the guest user: mapped, the guest's view goes
-    /// into xattrs; otherwise the host file is chowned (failures ignored under `none`).
+    /// Gives a new entry `name` in `dir` (at `dir_rel`) to the guest user and group `owner`:
+    /// mapped, the guest's view goes into xattrs; otherwise the host file is chowned
+    /// (failures ignored under `none`).
     fn take_ownership(
         &self,
-        dir: &Arc<OwnedFd>,
+        dir: &OwnedFd,
+        dir_rel: &str,
         name: &str,
-        uid: u32,
-        gid: u32,
+        (uid, gid): (u32, u32),
         mode: u32,
         rdev: u64,
     ) -> Result<(), Errno> {
@@ -392,7 +331,7 @@ impl Server {
                 mode: Some(mode),
                 rdev: Some(rdev),
             };
-            self.record(&fd, &Loc::of(dir, name), meta)
+            self.record(&fd, &child(dir_rel, name), meta)
         } else {
             sys::chown(&fd, uid, gid)
         };
@@ -412,19 +351,14 @@ impl Server {
             .collect::<Result<Vec<_>, _>>()?;
         let start = self.fid(fid)?;
         let uid = start.uid;
-        let mut current = Arc::clone(&start.path);
-        let mut loc = start.loc.clone();
+        let mut current = self.fd_of(start)?;
+        let mut rel = start.rel.clone();
         let mut qids = Vec::new();
         for (i, name) in names.iter().enumerate() {
             match self.lookup(&current, name) {
                 Ok(next) => {
-                    loc = match name.as_str() {
-                        "." => loc,
-                        ".." if self.is_root(&next) => Loc::Root,
-                        ".." => Loc::Unknown,
-                        _ => Loc::of(&current, name),
-                    };
-                    qids.push(qid_of(&self.stat_at(&next, &loc)?));
+                    rel = child(&rel, name);
+                    qids.push(qid_of(&self.stat_at(&next, &rel)?));
                     current = Arc::new(next);
                 }
                 Err(e) if i == 0 => return Err(e),
@@ -432,7 +366,7 @@ impl Server {
             }
         }
         if qids.len() == names.len() {
-            self.insert_fid(new_fid, Fid::new(current, uid, loc))?;
+            self.insert_fid(new_fid, Fid::new(rel, current, uid))?;
         }
         r.u16(qids.len() as u16);
         for q in qids {
@@ -444,7 +378,7 @@ impl Server {
     fn getattr(&self, d: &mut Decoder, r: &mut Encoder) -> Result<(), Errno> {
         let fid = self.fid(d.u32()?)?;
         let _mask = d.u64()?;
-        let st = self.stat_at(&fid.path, &fid.loc)?;
+        let st = self.stat_at(&*self.fd_of(fid)?, &fid.rel)?;
         const BASIC: u64 = 0x7ff; // mode … blocks, as Linux's P9_STATS_BASIC
         r.u64(BASIC).qid(qid_of(&st));
         r.u32(st.st_mode)
@@ -474,7 +408,8 @@ impl Server {
             (d.u64()?, d.u64()?, d.u64()?, d.u64()?);
         self.writable()?;
         let fid = self.fid(fid)?;
-        let st = sys::stat(&fid.path).map_err(errno)?;
+        let fd = self.fd_of(fid)?;
+        let st = sys::stat(&fd).map_err(errno)?;
         let symlink = st.st_mode & libc::S_IFMT == libc::S_IFLNK;
         const MODE: u32 = 1;
         const UID: u32 = 2;
@@ -485,7 +420,7 @@ impl Server {
         const ATIME_SET: u32 = 128;
         const MTIME_SET: u32 = 256;
         if self.mapped() && !symlink {
-            let guest = self.stat_at(&fid.path, &fid.loc)?;
+            let guest = self.stat_at(&fd, &fid.rel)?;
             let meta = mapped::file::Meta {
                 uid: Some(if valid & UID != 0 { uid } else { guest.st_uid }),
                 gid: Some(if valid & GID != 0 { gid } else { guest.st_gid }),
@@ -496,11 +431,11 @@ impl Server {
                 }),
                 rdev: Some(guest.st_rdev),
             };
-            self.record(&fid.path, &fid.loc, meta).map_err(errno)?;
+            self.record(&fd, &fid.rel, meta).map_err(errno)?;
         } else if valid & (UID | GID) != 0 {
             let uid = if valid & UID != 0 { uid } else { u32::MAX };
             let gid = if valid & GID != 0 { gid } else { u32::MAX };
-            if let Err(e) = sys::chown(&fid.path, uid, gid) {
+            if let Err(e) = sys::chown(&fd, uid, gid) {
                 if self.config.security_model == SecurityModel::Passthrough {
                     return Err(errno(e));
                 }
@@ -517,7 +452,7 @@ impl Server {
         } else {
             libc::O_RDONLY
         };
-        let file = sys::reopen(&fid.path, flags | libc::O_NONBLOCK).map_err(errno)?;
+        let file = sys::reopen(&fd, flags | libc::O_NONBLOCK).map_err(errno)?;
         if valid & MODE != 0 {
             sys::fchmod(&file, mode & 0o7777).map_err(errno)?;
         }
@@ -556,7 +491,7 @@ impl Server {
 
     fn statfs(&self, d: &mut Decoder, r: &mut Encoder) -> Result<(), Errno> {
         let fid = self.fid(d.u32()?)?;
-        let st = sys::statvfs(&fid.path).map_err(errno)?;
+        let st = sys::statvfs(&*self.fd_of(fid)?).map_err(errno)?;
         const V9FS_MAGIC: u32 = 0x0102_1997;
         r.u32(V9FS_MAGIC)
             .u32(st.f_bsize as u32)
@@ -578,18 +513,16 @@ impl Server {
         let iounit = self.msize - IO_HEADER;
         // Neither a host symlink nor, mapped, a guest one is ever opened.
         let fid = self.fid(id)?;
-        let (st, host) = (
-            self.stat_at(&fid.path, &fid.loc)?,
-            sys::stat(&fid.path).map_err(errno)?,
-        );
+        let fd = self.fd_of(fid)?;
+        let (st, host) = (self.stat_at(&fd, &fid.rel)?, sys::stat(&fd).map_err(errno)?);
         if st.st_mode & libc::S_IFMT == libc::S_IFLNK
             || host.st_mode & libc::S_IFMT == libc::S_IFLNK
         {
             return Err(libc::ELOOP);
         }
-        let fid = self.fids.get_mut(&id).ok_or(libc::EBADF)?;
-        let file = sys::reopen(&fid.path, open_flags(flags)).map_err(errno)?;
-        fid.open = Some(File::from(file));
+        self.fids.room_for_an_open_file()?;
+        let file = sys::reopen(&fd, open_flags(flags)).map_err(errno)?;
+        self.fids.set_open(id, File::from(file))?;
         r.qid(qid_of(&st)).u32(iounit);
         Ok(())
     }
@@ -598,13 +531,17 @@ impl Server {
         let (id, name, flags, mode, gid) = (d.u32()?, d.string()?, d.u32()?, d.u32()?, d.u32()?);
         self.writable()?;
         let iounit = self.msize - IO_HEADER;
-        let (dir, uid) = (&self.fid(id)?.path, self.fid(id)?.uid);
+        let (dir, dir_rel, uid) = {
+            let fid = self.fid(id)?;
+            (self.fd_of(fid)?, fid.rel.clone(), fid.uid)
+        };
         let name = new_name(&name)?;
         let host_mode = if self.mapped() {
             mapped::FILE_MODE
         } else {
             mode & 0o7777
         };
+        self.fids.room_for_an_open_file()?;
         let file = sys::openat(
             dir.as_raw_fd(),
             name,
@@ -612,12 +549,19 @@ impl Server {
             host_mode,
         )
         .map_err(errno)?;
-        self.take_ownership(dir, name, uid, gid, libc::S_IFREG | (mode & 0o7777), 0)?;
-        let path = self.lookup(dir, name)?;
-        let loc = Loc::of(dir, name);
-        let qid = qid_of(&self.stat_at(&path, &loc)?);
+        self.take_ownership(
+            &dir,
+            &dir_rel,
+            name,
+            (uid, gid),
+            libc::S_IFREG | (mode & 0o7777),
+            0,
+        )?;
+        let path = self.lookup(&dir, name)?;
+        let rel = child(&dir_rel, name);
+        let qid = qid_of(&self.stat_at(&path, &rel)?);
         // The fid now stands for the new file, opened.
-        let mut fid = Fid::new(Arc::new(path), uid, loc);
+        let mut fid = Fid::new(rel, Arc::new(path), uid);
         fid.open = Some(File::from(file));
         self.insert_fid(id, fid)?;
         r.qid(qid).u32(iounit);
@@ -646,7 +590,7 @@ impl Server {
         self.writable()?;
         if let Some(Xattr::Write {
             size, data: value, ..
-        }) = &mut self.fids.get_mut(&fid).ok_or(libc::EBADF)?.xattr
+        }) = self.fids.xattr_mut(fid)?
         {
             let end = (offset as usize)
                 .checked_add(data.len())

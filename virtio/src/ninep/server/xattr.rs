@@ -3,7 +3,6 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 
 use super::{errno, Fid, Server, Xattr, XATTR_SIZE_MAX};
 use crate::ninep::mapped;
@@ -12,11 +11,11 @@ use crate::ninep::wire::{Decoder, Encoder, Errno};
 
 impl Server {
     pub(super) fn readlink(&self, fid: &Fid) -> Result<String, Errno> {
-        let fd = &fid.path;
+        let fd = &self.fd_of(fid)?;
         let host = sys::stat(fd).map_err(errno)?;
         if self.mapped() && host.st_mode & libc::S_IFMT == libc::S_IFREG {
             // A mapped symlink: its target is the file's content.
-            if self.stat_at(fd, &fid.loc)?.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            if self.stat_at(fd, &fid.rel)?.st_mode & libc::S_IFMT != libc::S_IFLNK {
                 return Err(libc::EINVAL);
             }
             let file = File::from(sys::reopen(fd, libc::O_RDONLY).map_err(errno)?);
@@ -33,11 +32,12 @@ impl Server {
     pub(super) fn xattr_walk(&mut self, d: &mut Decoder, r: &mut Encoder) -> Result<(), Errno> {
         let (fid, new_fid, name) = (d.u32()?, d.u32()?, d.string()?);
         let source = self.fid(fid)?;
-        if sys::stat(&source.path).map_err(errno)?.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        let fd = self.fd_of(source)?;
+        if sys::stat(&fd).map_err(errno)?.st_mode & libc::S_IFMT == libc::S_IFLNK {
             return Err(libc::EOPNOTSUPP);
         }
         let value = if name.is_empty() {
-            let names = sys::listxattr(&source.path).map_err(errno)?;
+            let names = sys::listxattr(&fd).map_err(errno)?;
             names
                 .split(|b| *b == 0)
                 .filter(|n| !n.is_empty())
@@ -48,11 +48,11 @@ impl Server {
             if self.mapped() && mapped::is_private(&name) {
                 return Err(libc::ENODATA);
             }
-            sys::getxattr(&source.path, &name)
+            sys::getxattr(&fd, &name)
                 .map_err(errno)?
                 .ok_or(libc::ENODATA)?
         };
-        let mut fid = Fid::new(Arc::clone(&source.path), source.uid, source.loc.clone());
+        let mut fid = Fid::new(source.rel.clone(), fd, source.uid);
         r.u64(value.len() as u64);
         fid.xattr = Some(Xattr::Read(value));
         self.insert_fid(new_fid, fid)
@@ -68,8 +68,7 @@ impl Server {
         if self.mapped() && mapped::is_private(&name) {
             return Err(libc::EPERM);
         }
-        let fid = self.fids.get_mut(&fid).ok_or(libc::EBADF)?;
-        fid.xattr = Some(Xattr::Write {
+        *self.fids.xattr_mut(fid)? = Some(Xattr::Write {
             name,
             size: size as usize,
             flags: flags as i32,
