@@ -258,3 +258,37 @@ fn sizes_past_what_a_kernel_asks_are_refused_before_any_allocation() {
         "a listing within the limit"
     );
 }
+
+const RELEASE: u32 = 18;
+
+fn release(g: &mut Guest, node: u64, fh: u64) -> Reply {
+    let mut body = fh.to_le_bytes().to_vec();
+    body.extend_from_slice(&[0u8; 16]); // flags, release_flags, lock_owner
+    g.call(RELEASE, node, &body)
+}
+
+/// A guest that opens without releasing: past the share's cap, opens fail with ENFILE
+/// (nixvmm's descriptors stay bounded); a release makes room, a release of a handle that is
+/// not open makes none.
+#[test]
+fn open_handles_stop_at_the_cap_and_releases_make_room() {
+    let dir = share();
+    let mut g = Guest::new(dir.path(), false);
+    let node = nodeid(&g.lookup(ROOT, "greeting"));
+    let cap = virtio::fs::handle_cap();
+    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let before = fds();
+    let mut handles = Vec::new();
+    for _ in 0..cap {
+        let opened = g.call(OPEN, node, &[0u8; 8]);
+        assert_eq!(opened.error, 0);
+        handles.push(u64::from_le_bytes(opened.body[..8].try_into().unwrap()));
+    }
+    assert_eq!(g.call(OPEN, node, &[0u8; 8]).error, -libc::ENFILE);
+    assert!(fds() <= before + cap + 64, "descriptors bounded by the cap");
+    assert_ne!(release(&mut g, node, u64::MAX).error, 0, "no such handle");
+    assert_eq!(g.call(OPEN, node, &[0u8; 8]).error, -libc::ENFILE);
+    let fh = handles.pop().unwrap();
+    assert_eq!(release(&mut g, node, fh).error, 0);
+    assert_eq!(g.call(OPEN, node, &[0u8; 8]).error, 0, "room again");
+}

@@ -71,6 +71,11 @@ impl Client {
             security_model: model,
         })
         .unwrap();
+        Client::attached(server, uid)
+    }
+
+    /// A client of `server`, attached as guest user `uid`.
+    fn attached(server: Server, uid: u32) -> Client {
         let mut c = Client { server, tag: 0 };
         let r = c.call(100, T::default().u32(1 << 20).s("9P2000.L")).ok();
         assert_eq!(r.kind, 101);
@@ -265,20 +270,6 @@ fn counting_descriptors() -> std::sync::MutexGuard<'static, ()> {
     COUNTING.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Raises this process's soft limit of open files to the hard one, as nixvmm does.
-fn raise_open_files_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit read and write the one struct they are given.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        limit.rlim_cur = limit.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-    }
-}
-
 /// The inode number in a getattr reply's qid.
 fn qid_path(attr: &R) -> u64 {
     u64::from_le_bytes(attr.body[8 + 5..8 + 13].try_into().unwrap())
@@ -291,23 +282,28 @@ fn qid_path(attr: &R) -> u64 {
 fn fids_hold_descriptors_within_the_budget_and_find_their_files_again() {
     use std::os::unix::fs::MetadataExt;
     let _counting = counting_descriptors();
-    raise_open_files_limit();
     let dir = share();
     let root = dir.path().join("share");
     let many = root.join("many");
     std::fs::create_dir_all(many.join("d")).unwrap();
     std::fs::write(many.join("0"), "").unwrap();
     std::fs::write(many.join("d/f"), "").unwrap();
-    let budget = virtio::ninep::descriptor_budget();
-    let mut c = Client::new(&root, false);
+    // A small budget: the test does not depend on this host's open-files limit.
+    let budget = 256;
+    let config = ShareConfig {
+        root: root.clone(),
+        readonly: false,
+        security_model: SecurityModel::None,
+    };
+    let mut c = Client::attached(Server::with_budget(config, budget).unwrap(), 0);
     c.walk(0, 1, &["many"]).ok();
     let before = open_descriptors();
-    for i in 0..1000 {
+    for i in 0..200 {
         c.walk(1, 2 + i, &[]).ok();
     }
     assert!(
-        open_descriptors() < before + 64,
-        "1000 clones took {} descriptors",
+        open_descriptors() < before + 32,
+        "200 clones took {} descriptors",
         open_descriptors() - before
     );
     c.walk(1, 1002, &["d", "f"]).ok();
@@ -337,14 +333,41 @@ fn fids_hold_descriptors_within_the_budget_and_find_their_files_again() {
         moved,
         "a fid under a renamed folder follows it"
     );
-    // Past MAX_FIDS, ENFILE; one clunked makes room.
-    for i in last..virtio::ninep::MAX_FIDS as u32 {
-        c.walk(1, i, &[]).ok();
+    // Past MAX_FIDS, ENFILE; one clunked makes room. Fids so far: the root, "many", its 200
+    // clones, d/f and the walks to "0".
+    let so_far = 2 + 200 + 1 + (last - first);
+    let fill = 100_000;
+    for i in 0..virtio::ninep::MAX_FIDS as u32 - so_far {
+        c.walk(1, fill + i, &[]).ok();
     }
-    let over = virtio::ninep::MAX_FIDS as u32;
+    let over = 1_000_000;
     assert_eq!(c.walk(1, over, &[]).errno(), Some(libc::ENFILE));
     c.call(120, T::default().u32(5)).ok();
     c.walk(1, over, &[]).ok();
+}
+
+/// Folders made deeper than Linux's PATH_MAX through the share: a fid's place stays within
+/// it (ENAMETOOLONG), so a guest cannot make fids hold places without end.
+#[test]
+fn places_past_path_max_are_refused() {
+    let dir = share();
+    let mut c = Client::new(&dir.path().join("share"), false);
+    let name = "n".repeat(255);
+    let mut fid = 0;
+    for depth in 1..=16 {
+        let mkdir = T::default().u32(fid).s(&name).u32(0o755).u32(0);
+        c.call(72, mkdir).ok();
+        c.walk(fid, 100 + depth, &[&name]).ok();
+        fid = 100 + depth;
+    }
+    let mkdir = T::default().u32(fid).s(&name).u32(0o755).u32(0);
+    c.call(72, mkdir).ok();
+    assert_eq!(
+        c.walk(fid, 200, &[&name]).errno(),
+        Some(libc::ENAMETOOLONG),
+        "17 levels of 255-byte names"
+    );
+    c.walk(fid, 200, &[".."]).ok();
 }
 
 #[test]

@@ -302,6 +302,8 @@ impl Muxer {
         self.control.clear();
         self.ready.clear();
         self.sources.clear();
+        // The timer is left as it is (a reset comes from a vCPU, which may not set timers):
+        // firing with nothing left to time out, it is disarmed by the worker.
     }
 
     fn new_token(&mut self, source: Source) -> u64 {

@@ -315,7 +315,8 @@ fn device(kind: DeviceKind) -> Vec<&'static [c_long]> {
         DeviceKind::Rng => vec![],
         DeviceKind::NineP | DeviceKind::Fs => vec![FILE_IO, FILESYSTEM],
         // libslirp reads /etc/resolv.conf for the DNS it forwards to; its timers are a
-        // timerfd. Its one ioctl (FIONREAD) is allowed below.
+        // timerfd. Its ioctls (FIONREAD, a tap's TUNSETOFFLOAD, isatty's TCGETS) are allowed
+        // below.
         DeviceKind::Net => vec![
             SOCKETS,
             FILE_IO,
@@ -372,8 +373,12 @@ pub fn allowed(kind: ThreadKind, needs: Needs) -> BTreeMap<i64, Vec<SeccompRule>
         only_with(SYS_ioctl, ioctl_request(FIONBIO));
     }
     if kind == ThreadKind::Device(DeviceKind::Net) {
-        // libslirp sizes a UDP datagram before it receives it.
-        only_with(SYS_ioctl, ioctl_request(FIONREAD));
+        // libslirp sizes a UDP datagram before it receives it; a tap is told the offloads
+        // the guest's driver acked; glib asks whether stderr is a terminal (isatty) when
+        // libslirp logs.
+        for request in [FIONREAD, TUNSETOFFLOAD, TCGETS] {
+            only_with(SYS_ioctl, ioctl_request(request));
+        }
     }
     if kind == ThreadKind::Vcpu {
         // KVM's: KVM_RUN, MSI routes, irqfds and ioeventfds; vhost's: the kernel's

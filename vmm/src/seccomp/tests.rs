@@ -140,19 +140,29 @@ fn device_workers_make_only_their_own_kind_of_calls() {
     }
 }
 
-/// libslirp's one ioctl, FIONREAD on a socket, and Rust's FIONBIO; no other (a tap's TUNSETIFF
-/// is the main thread's).
+/// The ioctls the NIC's worker makes: libslirp's FIONREAD on a socket, a tap's TUNSETOFFLOAD
+/// (the offloads the guest acked), glib's isatty (TCGETS) when libslirp logs, Rust's FIONBIO;
+/// no other (a tap's TUNSETIFF is the main thread's).
 #[test]
-fn the_net_worker_makes_only_the_socket_ioctls_libslirp_makes() {
+fn the_net_worker_makes_only_the_ioctls_it_needs() {
     let (peer, _other) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
     let peer = peer.as_raw_fd();
-    let (fionread, other) = confined(
+    let (fionread, offload, tcgets, other) = confined(
         ThreadKind::Device(DeviceKind::Net),
         Needs::default(),
         move || {
+            // Each errno is read right after its call.
             let mut waiting: libc::c_int = 0;
             // SAFETY: FIONREAD writes an int through the pointer, which is valid.
-            let fionread = unsafe { libc::ioctl(peer, libc::FIONREAD, &mut waiting) };
+            let fionread =
+                errno_of(unsafe { libc::ioctl(peer, libc::FIONREAD, &mut waiting) }.into());
+            // SAFETY: TUNSETOFFLOAD takes its flags by value; a socket refuses it (ENOTTY).
+            let offload = errno_of(unsafe { libc::ioctl(peer, libc::TUNSETOFFLOAD, 0) }.into());
+            // SAFETY: isatty only asks (TCGETS into a termios of its own).
+            let tcgets = match unsafe { libc::isatty(peer) } {
+                1 => 0,
+                _ => std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+            };
             let mut size: libc::winsize = libc::winsize {
                 ws_row: 0,
                 ws_col: 0,
@@ -160,11 +170,13 @@ fn the_net_worker_makes_only_the_socket_ioctls_libslirp_makes() {
                 ws_ypixel: 0,
             };
             // SAFETY: TIOCGWINSZ writes a winsize through the pointer, which is valid.
-            let other = unsafe { libc::ioctl(peer, libc::TIOCGWINSZ, &mut size) };
-            (errno_of(fionread.into()), errno_of(other.into()))
+            let other = errno_of(unsafe { libc::ioctl(peer, libc::TIOCGWINSZ, &mut size) }.into());
+            (fionread, offload, tcgets, other)
         },
     );
     assert_eq!(fionread, 0, "FIONREAD");
+    assert_eq!(offload, libc::ENOTTY, "TUNSETOFFLOAD reaches the kernel");
+    assert_eq!(tcgets, libc::ENOTTY, "isatty reaches the kernel");
     assert_eq!(other, libc::EPERM, "another ioctl");
 }
 

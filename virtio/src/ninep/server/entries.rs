@@ -6,14 +6,14 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use super::fids::child;
-use super::{errno, new_name, Server};
+use super::{errno, new_name, Place, Server};
 use crate::ninep::mapped;
 use crate::ninep::sys;
 use crate::ninep::wire::{message, Decoder, Encoder, Errno};
 
 impl Server {
     /// The folder fid `id` stands for: a descriptor, its place, the fid's user.
-    fn folder(&self, id: u32) -> Result<(Arc<OwnedFd>, String, u32), Errno> {
+    fn folder(&self, id: u32) -> Result<(Arc<OwnedFd>, Arc<str>, u32), Errno> {
         let fid = self.fid(id)?;
         Ok((self.fd_of(fid)?, fid.rel.clone(), fid.uid))
     }
@@ -29,7 +29,7 @@ impl Server {
             message::TMKDIR => {
                 let (dir, name, mode, gid) = (d.u32()?, d.string()?, d.u32()?, d.u32()?);
                 self.writable()?;
-                let (dir, dir_rel, uid) = self.folder(dir)?;
+                let (dir, _, uid) = self.folder(dir)?;
                 let host_mode = if self.mapped() {
                     mapped::DIR_MODE
                 } else {
@@ -37,13 +37,13 @@ impl Server {
                 };
                 sys::mkdirat(&dir, new_name(&name)?, host_mode).map_err(errno)?;
                 let mode = libc::S_IFDIR | (mode & 0o7777);
-                self.take_ownership(&dir, &dir_rel, &name, (uid, gid), mode, 0)?;
-                r.qid(self.qid_at(&dir, &dir_rel, &name)?);
+                self.take_ownership(&dir, &name, (uid, gid), mode, 0)?;
+                r.qid(self.qid_at(&dir, &name)?);
             }
             message::TSYMLINK => {
                 let (dir, name, target, gid) = (d.u32()?, d.string()?, d.string()?, d.u32()?);
                 self.writable()?;
-                let (dir, dir_rel, uid) = self.folder(dir)?;
+                let (dir, _, uid) = self.folder(dir)?;
                 let name = new_name(&name)?;
                 if self.mapped() {
                     // A regular file holding the target, marked as a symlink.
@@ -54,17 +54,17 @@ impl Server {
                         .write_all_at(target.as_bytes(), 0)
                         .map_err(errno)?;
                     let mode = libc::S_IFLNK | 0o777;
-                    self.take_ownership(&dir, &dir_rel, name, (uid, gid), mode, 0)?;
+                    self.take_ownership(&dir, name, (uid, gid), mode, 0)?;
                 } else {
                     sys::symlinkat(&target, &dir, name).map_err(errno)?;
                 }
-                r.qid(self.qid_at(&dir, &dir_rel, name)?);
+                r.qid(self.qid_at(&dir, name)?);
             }
             message::TMKNOD => {
                 let (dir, name, mode) = (d.u32()?, d.string()?, d.u32()?);
                 let (major, minor, gid) = (d.u32()?, d.u32()?, d.u32()?);
                 self.writable()?;
-                let (dir, dir_rel, uid) = self.folder(dir)?;
+                let (dir, _, uid) = self.folder(dir)?;
                 let dev = libc::makedev(major, minor);
                 if self.mapped() {
                     let host_mode = libc::S_IFREG | mapped::FILE_MODE;
@@ -72,8 +72,8 @@ impl Server {
                 } else {
                     sys::mknodat(&dir, new_name(&name)?, mode, dev).map_err(errno)?;
                 }
-                self.take_ownership(&dir, &dir_rel, &name, (uid, gid), mode, dev)?;
-                r.qid(self.qid_at(&dir, &dir_rel, &name)?);
+                self.take_ownership(&dir, &name, (uid, gid), mode, dev)?;
+                r.qid(self.qid_at(&dir, &name)?);
             }
             message::TLINK => {
                 let (dir, fid, name) = (d.u32()?, d.u32()?, d.string()?);
@@ -84,9 +84,9 @@ impl Server {
                 sys::linkat(&*self.fd_of(target)?, &dir, name).map_err(errno)?;
                 if self.mapped_file() {
                     // The new name shows the same guest owner and mode.
-                    if let Ok(parent) = self.parent_of(&target.rel) {
-                        let entry = parent.as_ref().map(|(d, n)| (&**d, *n));
-                        let meta = mapped::file::read(&self.root, entry);
+                    let place = Place::At(&target.rel);
+                    if let Ok(meta) = self.with_entry(place, |e| mapped::file::read(&self.root, e))
+                    {
                         mapped::file::write(&self.root, Some((&dir, name)), &meta)
                             .map_err(errno)?;
                     }
@@ -98,13 +98,16 @@ impl Server {
                 self.writable()?;
                 let ((old_dir, old_rel, _), (new_dir, new_rel, _)) =
                     (self.folder(old_dir)?, self.folder(new_dir)?);
-                sys::renameat(&old_dir, new_name(&old)?, &new_dir, new_name(&new)?)
-                    .map_err(errno)?;
-                if self.mapped_file() {
-                    mapped::file::rename(&old_dir, &old, &new_dir, &new);
+                let (old, new) = (new_name(&old)?, new_name(&new)?);
+                let (from, to) = (child(&old_rel, old)?, child(&new_rel, new)?);
+                if !self.fids.can_move(&from, &to) {
+                    return Err(libc::ENAMETOOLONG);
                 }
-                self.fids
-                    .moved(&child(&old_rel, &old), &child(&new_rel, &new));
+                sys::renameat(&old_dir, old, &new_dir, new).map_err(errno)?;
+                if self.mapped_file() {
+                    mapped::file::rename(&old_dir, old, &new_dir, new);
+                }
+                self.fids.moved(&from, &to);
             }
             message::TUNLINKAT => {
                 let (dir, name, flags) = (d.u32()?, d.string()?, d.u32()?);
@@ -133,11 +136,15 @@ impl Server {
                 };
                 let (new_dir, new_rel, _) = self.folder(dir)?;
                 let name = new_name(&name)?;
+                let to = child(&new_rel, name)?;
+                if !self.fids.can_move(&from, &to) {
+                    return Err(libc::ENAMETOOLONG);
+                }
                 sys::renameat(&old_dir, old, &new_dir, name).map_err(errno)?;
                 if self.mapped_file() {
                     mapped::file::rename(&old_dir, old, &new_dir, name);
                 }
-                self.fids.moved(&from, &child(&new_rel, name));
+                self.fids.moved(&from, &to);
             }
             message::TXATTRWALK => self.xattr_walk(d, r)?,
             message::TXATTRCREATE => self.xattr_create(d)?,

@@ -31,6 +31,14 @@ pub struct ShareConfig {
     pub security_model: SecurityModel,
 }
 
+/// Where the mapped-file model keeps a file's metadata: in the folder `dir` under `name`
+/// (known at hand), or in the folder found by the file's place in the share ("" is the root).
+#[derive(Clone, Copy)]
+enum Place<'a> {
+    In(&'a OwnedFd, &'a str),
+    At(&'a str),
+}
+
 /// Largest extended attribute value (Linux's XATTR_SIZE_MAX).
 const XATTR_SIZE_MAX: u64 = 65536;
 
@@ -94,6 +102,11 @@ fn open_flags(flags: u32) -> libc::c_int {
 
 impl Server {
     pub fn new(config: ShareConfig) -> io::Result<Server> {
+        Server::with_budget(config, descriptor_budget())
+    }
+
+    /// A server whose fids hold at most `budget` descriptors before idle ones give theirs up.
+    pub fn with_budget(config: ShareConfig, budget: usize) -> io::Result<Server> {
         let root = sys::openat(
             libc::AT_FDCWD,
             config
@@ -107,7 +120,7 @@ impl Server {
         Ok(Server {
             root,
             root_id: (st.st_dev, st.st_ino),
-            fids: Fids::new(config.root.clone()),
+            fids: Fids::new(config.root.clone(), budget),
             config,
             msize: 8192,
         })
@@ -205,8 +218,8 @@ impl Server {
                 let uid = d.u32()?; // n_uname: the user this attach acts for
                 let path =
                     sys::openat(self.root.as_raw_fd(), ".", O_PATH_NOFOLLOW, 0).map_err(errno)?;
-                let qid = qid_of(&self.stat_at(&path, "")?);
-                self.insert_fid(fid, Fid::new(String::new(), Arc::new(path), uid))?;
+                let qid = qid_of(&self.stat_at(&path, Place::At(""))?);
+                self.insert_fid(fid, Fid::new("".into(), Arc::new(path), uid))?;
                 r.qid(qid);
             }
             message::TAUTH => return Err(libc::EOPNOTSUPP), // Tauth: no authentication
@@ -255,10 +268,10 @@ impl Server {
         Ok(r)
     }
 
-    /// The qid of `name` in the folder `dir` (at `dir_rel`).
-    fn qid_at(&self, dir: &OwnedFd, dir_rel: &str, name: &str) -> Result<Qid, Errno> {
+    /// The qid of `name` in the folder `dir`.
+    fn qid_at(&self, dir: &OwnedFd, name: &str) -> Result<Qid, Errno> {
         let fd = self.lookup(dir, name)?;
-        Ok(qid_of(&self.stat_at(&fd, &child(dir_rel, name))?))
+        Ok(qid_of(&self.stat_at(&fd, Place::In(dir, name))?))
     }
 
     /// Whether the guest's ownership and modes are mapped (kept apart from the host's).
@@ -273,9 +286,25 @@ impl Server {
         self.config.security_model == SecurityModel::MappedFile
     }
 
-    /// The file (`fd`, at `rel`) as the guest sees it: the host's stat, with the mapped owner
-    /// and mode.
-    fn stat_at(&self, fd: &OwnedFd, rel: &str) -> Result<libc::stat, Errno> {
+    /// Calls `f` with the folder and name where the mapped-file model keeps metadata of the
+    /// file at `place` (`None`: the root's).
+    fn with_entry<T>(
+        &self,
+        place: Place,
+        f: impl FnOnce(Option<(&OwnedFd, &str)>) -> T,
+    ) -> Result<T, Errno> {
+        match place {
+            Place::In(dir, name) => Ok(f(Some((dir, name)))),
+            Place::At(rel) => {
+                let parent = self.parent_of(rel)?;
+                Ok(f(parent.as_ref().map(|(dir, name)| (&**dir, *name))))
+            }
+        }
+    }
+
+    /// The file (`fd`, at `place`) as the guest sees it: the host's stat, with the mapped
+    /// owner and mode.
+    fn stat_at(&self, fd: &OwnedFd, place: Place) -> Result<libc::stat, Errno> {
         let mut st = sys::stat(fd).map_err(errno)?;
         if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
             return Ok(st);
@@ -284,9 +313,8 @@ impl Server {
             SecurityModel::MappedXattr => mapped::overlay(fd, &mut st),
             SecurityModel::MappedFile => {
                 // A place no longer there (moved on the host) shows the host's view.
-                if let Ok(parent) = self.parent_of(rel) {
-                    let entry = parent.as_ref().map(|(dir, name)| (&**dir, *name));
-                    mapped::file::read(&self.root, entry).overlay(&mut st);
+                if let Ok(meta) = self.with_entry(place, |e| mapped::file::read(&self.root, e)) {
+                    meta.overlay(&mut st);
                 }
             }
             _ => {}
@@ -294,12 +322,12 @@ impl Server {
         Ok(st)
     }
 
-    /// Writes the guest's view of a file (`fd`, at `rel`) under the mapped models.
-    fn record(&self, fd: &OwnedFd, rel: &str, meta: mapped::file::Meta) -> io::Result<()> {
+    /// Writes the guest's view of a file (`fd`, at `place`) under the mapped models.
+    fn record(&self, fd: &OwnedFd, place: Place, meta: mapped::file::Meta) -> io::Result<()> {
         if self.mapped_file() {
-            let parent = self.parent_of(rel).map_err(io::Error::from_raw_os_error)?;
-            let entry = parent.as_ref().map(|(dir, name)| (&**dir, *name));
-            return mapped::file::write(&self.root, entry, &meta);
+            return self
+                .with_entry(place, |e| mapped::file::write(&self.root, e, &meta))
+                .map_err(io::Error::from_raw_os_error)?;
         }
         if let Some(mode) = meta.mode {
             mapped::set_mode(fd, mode)?;
@@ -311,13 +339,12 @@ impl Server {
         Ok(())
     }
 
-    /// Gives a new entry `name` in `dir` (at `dir_rel`) to the guest user and group `owner`:
-    /// mapped, the guest's view goes into xattrs; otherwise the host file is chowned
-    /// (failures ignored under `none`).
+    /// Gives a new entry `name` in `dir` to the guest user and group `owner`: mapped, the
+    /// guest's view goes into xattrs; otherwise the host file is chowned (failures ignored
+    /// under `none`).
     fn take_ownership(
         &self,
         dir: &OwnedFd,
-        dir_rel: &str,
         name: &str,
         (uid, gid): (u32, u32),
         mode: u32,
@@ -331,7 +358,7 @@ impl Server {
                 mode: Some(mode),
                 rdev: Some(rdev),
             };
-            self.record(&fd, &child(dir_rel, name), meta)
+            self.record(&fd, Place::In(dir, name), meta)
         } else {
             sys::chown(&fd, uid, gid)
         };
@@ -357,8 +384,16 @@ impl Server {
         for (i, name) in names.iter().enumerate() {
             match self.lookup(&current, name) {
                 Ok(next) => {
-                    rel = child(&rel, name);
-                    qids.push(qid_of(&self.stat_at(&next, &rel)?));
+                    rel = match child(&rel, name) {
+                        Ok(rel) => rel,
+                        Err(e) if i == 0 => return Err(e),
+                        Err(_) => break,
+                    };
+                    let place = match name.as_str() {
+                        "." | ".." => Place::At(&rel),
+                        _ => Place::In(&current, name),
+                    };
+                    qids.push(qid_of(&self.stat_at(&next, place)?));
                     current = Arc::new(next);
                 }
                 Err(e) if i == 0 => return Err(e),
@@ -378,7 +413,7 @@ impl Server {
     fn getattr(&self, d: &mut Decoder, r: &mut Encoder) -> Result<(), Errno> {
         let fid = self.fid(d.u32()?)?;
         let _mask = d.u64()?;
-        let st = self.stat_at(&*self.fd_of(fid)?, &fid.rel)?;
+        let st = self.stat_at(&*self.fd_of(fid)?, Place::At(&fid.rel))?;
         const BASIC: u64 = 0x7ff; // mode … blocks, as Linux's P9_STATS_BASIC
         r.u64(BASIC).qid(qid_of(&st));
         r.u32(st.st_mode)
@@ -420,7 +455,7 @@ impl Server {
         const ATIME_SET: u32 = 128;
         const MTIME_SET: u32 = 256;
         if self.mapped() && !symlink {
-            let guest = self.stat_at(&fd, &fid.rel)?;
+            let guest = self.stat_at(&fd, Place::At(&fid.rel))?;
             let meta = mapped::file::Meta {
                 uid: Some(if valid & UID != 0 { uid } else { guest.st_uid }),
                 gid: Some(if valid & GID != 0 { gid } else { guest.st_gid }),
@@ -431,7 +466,7 @@ impl Server {
                 }),
                 rdev: Some(guest.st_rdev),
             };
-            self.record(&fd, &fid.rel, meta).map_err(errno)?;
+            self.record(&fd, Place::At(&fid.rel), meta).map_err(errno)?;
         } else if valid & (UID | GID) != 0 {
             let uid = if valid & UID != 0 { uid } else { u32::MAX };
             let gid = if valid & GID != 0 { gid } else { u32::MAX };
@@ -514,7 +549,10 @@ impl Server {
         // Neither a host symlink nor, mapped, a guest one is ever opened.
         let fid = self.fid(id)?;
         let fd = self.fd_of(fid)?;
-        let (st, host) = (self.stat_at(&fd, &fid.rel)?, sys::stat(&fd).map_err(errno)?);
+        let (st, host) = (
+            self.stat_at(&fd, Place::At(&fid.rel))?,
+            sys::stat(&fd).map_err(errno)?,
+        );
         if st.st_mode & libc::S_IFMT == libc::S_IFLNK
             || host.st_mode & libc::S_IFMT == libc::S_IFLNK
         {
@@ -536,6 +574,7 @@ impl Server {
             (self.fd_of(fid)?, fid.rel.clone(), fid.uid)
         };
         let name = new_name(&name)?;
+        let rel = child(&dir_rel, name)?;
         let host_mode = if self.mapped() {
             mapped::FILE_MODE
         } else {
@@ -549,17 +588,10 @@ impl Server {
             host_mode,
         )
         .map_err(errno)?;
-        self.take_ownership(
-            &dir,
-            &dir_rel,
-            name,
-            (uid, gid),
-            libc::S_IFREG | (mode & 0o7777),
-            0,
-        )?;
+        let mode = libc::S_IFREG | (mode & 0o7777);
+        self.take_ownership(&dir, name, (uid, gid), mode, 0)?;
         let path = self.lookup(&dir, name)?;
-        let rel = child(&dir_rel, name);
-        let qid = qid_of(&self.stat_at(&path, &rel)?);
+        let qid = qid_of(&self.stat_at(&path, Place::In(&dir, name))?);
         // The fid now stands for the new file, opened.
         let mut fid = Fid::new(rel, Arc::new(path), uid);
         fid.open = Some(File::from(file));

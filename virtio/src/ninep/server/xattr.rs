@@ -4,7 +4,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 
-use super::{errno, Fid, Server, Xattr, XATTR_SIZE_MAX};
+use super::{errno, Fid, Place, Server, Xattr, XATTR_SIZE_MAX};
 use crate::ninep::mapped;
 use crate::ninep::sys;
 use crate::ninep::wire::{Decoder, Encoder, Errno};
@@ -15,7 +15,7 @@ impl Server {
         let host = sys::stat(fd).map_err(errno)?;
         if self.mapped() && host.st_mode & libc::S_IFMT == libc::S_IFREG {
             // A mapped symlink: its target is the file's content.
-            if self.stat_at(fd, &fid.rel)?.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            if self.stat_at(fd, Place::At(&fid.rel))?.st_mode & libc::S_IFMT != libc::S_IFLNK {
                 return Err(libc::EINVAL);
             }
             let file = File::from(sys::reopen(fd, libc::O_RDONLY).map_err(errno)?);

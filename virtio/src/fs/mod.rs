@@ -8,9 +8,12 @@
 //! enforced here, before a request reaches the filesystem: every request that would change
 //! anything is answered with EROFS.
 
+mod bounded;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use bounded::{handle_cap, Bounded};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
@@ -91,7 +94,7 @@ pub struct FsConfig {
 }
 
 pub struct VirtioFs {
-    server: Server<Arc<PassthroughFs>>,
+    server: Server<Arc<Bounded<PassthroughFs>>>,
     tag: Option<String>,
     readonly: bool,
 }
@@ -109,7 +112,7 @@ impl VirtioFs {
             check_tag(tag).map_err(|e| err(format!("tag `{tag}`: {e}")))?;
         }
         Ok(VirtioFs {
-            server: Server::new(Arc::new(passthrough(config)?)),
+            server: Server::new(Arc::new(Bounded::new(passthrough(config)?, handle_cap()))),
             tag: config.tag.clone(),
             readonly: config.readonly,
         })
