@@ -21,7 +21,7 @@ use fuse_backend_rs::transport::FsCacheReqHandler;
 const MIN_HANDLES: usize = 256;
 
 /// Handles a share may hold open: a quarter of the process's open-files limit (read when
-/// the share is made, before the seccomp filters).
+/// the share is made, on the main thread).
 pub fn handle_cap() -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -87,7 +87,9 @@ impl<F: FileSystem<Handle = u64>> FileSystem for Bounded<F> {
     }
 
     fn destroy(&self) {
-        self.inner.destroy()
+        self.inner.destroy();
+        // The filesystem closed every handle.
+        self.handles.store(0, Ordering::Relaxed);
     }
 
     fn lookup(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<Entry> {

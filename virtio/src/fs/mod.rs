@@ -101,6 +101,11 @@ pub struct VirtioFs {
 
 impl VirtioFs {
     pub fn new(config: &FsConfig) -> Result<VirtioFs, FsError> {
+        VirtioFs::with_handle_cap(config, handle_cap())
+    }
+
+    /// A share on which the guest may hold at most `cap` files and folders open.
+    pub fn with_handle_cap(config: &FsConfig, cap: usize) -> Result<VirtioFs, FsError> {
         let err = |reason: String| FsError::Share {
             path: config.shared_dir.clone(),
             reason,
@@ -112,7 +117,7 @@ impl VirtioFs {
             check_tag(tag).map_err(|e| err(format!("tag `{tag}`: {e}")))?;
         }
         Ok(VirtioFs {
-            server: Server::new(Arc::new(Bounded::new(passthrough(config)?, handle_cap()))),
+            server: Server::new(Arc::new(Bounded::new(passthrough(config)?, cap))),
             tag: config.tag.clone(),
             readonly: config.readonly,
         })

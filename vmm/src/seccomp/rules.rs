@@ -364,8 +364,11 @@ pub fn allowed(kind: ThreadKind, needs: Needs) -> BTreeMap<i64, Vec<SeccompRule>
             rules.entry(call).or_default().push(rule);
         }
     };
-    // The SIGSYS handler restores the terminal.
-    only_with(SYS_ioctl, terminal_ioctl());
+    // The SIGSYS handler restores the terminal (tcsetattr: TCSETS, or TCSETS2 from glibc
+    // 2.42 on).
+    for request in [TCSETS, TCSETS2] {
+        only_with(SYS_ioctl, ioctl_request(request));
+    }
     // A panic ends the process with abort(), which raises SIGABRT on its own thread.
     only_with(SYS_tgkill, signal(SIGABRT));
     // Rust's set_nonblocking on a socket (a vsock or chardev peer, a slirp connection).
@@ -374,9 +377,9 @@ pub fn allowed(kind: ThreadKind, needs: Needs) -> BTreeMap<i64, Vec<SeccompRule>
     }
     if kind == ThreadKind::Device(DeviceKind::Net) {
         // libslirp sizes a UDP datagram before it receives it; a tap is told the offloads
-        // the guest's driver acked; glib asks whether stderr is a terminal (isatty) when
-        // libslirp logs.
-        for request in [FIONREAD, TUNSETOFFLOAD, TCGETS] {
+        // the guest's driver acked; glib asks whether stderr is a terminal (isatty: TCGETS,
+        // or TCGETS2 from glibc 2.42 on) when libslirp logs.
+        for request in [FIONREAD, TUNSETOFFLOAD, TCGETS, TCGETS2] {
             only_with(SYS_ioctl, ioctl_request(request));
         }
     }
@@ -429,10 +432,6 @@ fn ioctl_of_type(kind: u64) -> SeccompRule {
 }
 
 /// TCSETS: the terminal restored on the way out.
-fn terminal_ioctl() -> SeccompRule {
-    ioctl_request(TCSETS)
-}
-
 /// One ioctl request.
 fn ioctl_request(request: u64) -> SeccompRule {
     SeccompRule::new(vec![arg(1, SeccompCmpOp::Eq, request)]).expect("a valid rule")

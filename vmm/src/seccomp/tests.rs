@@ -141,7 +141,8 @@ fn device_workers_make_only_their_own_kind_of_calls() {
 }
 
 /// The ioctls the NIC's worker makes: libslirp's FIONREAD on a socket, a tap's TUNSETOFFLOAD
-/// (the offloads the guest acked), glib's isatty (TCGETS) when libslirp logs, Rust's FIONBIO;
+/// (the offloads the guest acked), glib's isatty (TCGETS, TCGETS2) when libslirp logs, Rust's
+/// FIONBIO;
 /// no other (a tap's TUNSETIFF is the main thread's).
 #[test]
 fn the_net_worker_makes_only_the_ioctls_it_needs() {
@@ -158,11 +159,16 @@ fn the_net_worker_makes_only_the_ioctls_it_needs() {
                 errno_of(unsafe { libc::ioctl(peer, libc::FIONREAD, &mut waiting) }.into());
             // SAFETY: TUNSETOFFLOAD takes its flags by value; a socket refuses it (ENOTTY).
             let offload = errno_of(unsafe { libc::ioctl(peer, libc::TUNSETOFFLOAD, 0) }.into());
-            // SAFETY: isatty only asks (TCGETS into a termios of its own).
-            let tcgets = match unsafe { libc::isatty(peer) } {
-                1 => 0,
-                _ => std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
-            };
+            // isatty, as glibc makes it before 2.42 and from then on.
+            // SAFETY: a termios is integers only; all zero is a valid value.
+            let mut termios: libc::termios = unsafe { std::mem::zeroed() };
+            // SAFETY: TCGETS writes a termios through the pointer, which is valid.
+            let tcgets = errno_of(unsafe { libc::ioctl(peer, libc::TCGETS, &mut termios) }.into());
+            // SAFETY: a termios2 is integers only; all zero is a valid value.
+            let mut termios2: libc::termios2 = unsafe { std::mem::zeroed() };
+            // SAFETY: TCGETS2 writes a termios2 through the pointer, which is valid.
+            let tcgets2 =
+                errno_of(unsafe { libc::ioctl(peer, libc::TCGETS2, &mut termios2) }.into());
             let mut size: libc::winsize = libc::winsize {
                 ws_row: 0,
                 ws_col: 0,
@@ -171,12 +177,16 @@ fn the_net_worker_makes_only_the_ioctls_it_needs() {
             };
             // SAFETY: TIOCGWINSZ writes a winsize through the pointer, which is valid.
             let other = errno_of(unsafe { libc::ioctl(peer, libc::TIOCGWINSZ, &mut size) }.into());
-            (fionread, offload, tcgets, other)
+            (fionread, offload, (tcgets, tcgets2), other)
         },
     );
     assert_eq!(fionread, 0, "FIONREAD");
     assert_eq!(offload, libc::ENOTTY, "TUNSETOFFLOAD reaches the kernel");
-    assert_eq!(tcgets, libc::ENOTTY, "isatty reaches the kernel");
+    assert_eq!(
+        tcgets,
+        (libc::ENOTTY, libc::ENOTTY),
+        "isatty reaches the kernel"
+    );
     assert_eq!(other, libc::EPERM, "another ioctl");
 }
 

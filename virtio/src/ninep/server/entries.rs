@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use super::fids::child;
+use super::fids::join;
 use super::{errno, new_name, Place, Server};
 use crate::ninep::mapped;
 use crate::ninep::sys;
@@ -99,7 +99,7 @@ impl Server {
                 let ((old_dir, old_rel, _), (new_dir, new_rel, _)) =
                     (self.folder(old_dir)?, self.folder(new_dir)?);
                 let (old, new) = (new_name(&old)?, new_name(&new)?);
-                let (from, to) = (child(&old_rel, old)?, child(&new_rel, new)?);
+                let (from, to) = (join(&old_rel, old), join(&new_rel, new));
                 if !self.fids.can_move(&from, &to) {
                     return Err(libc::ENAMETOOLONG);
                 }
@@ -136,7 +136,7 @@ impl Server {
                 };
                 let (new_dir, new_rel, _) = self.folder(dir)?;
                 let name = new_name(&name)?;
-                let to = child(&new_rel, name)?;
+                let to = join(&new_rel, name);
                 if !self.fids.can_move(&from, &to) {
                     return Err(libc::ENAMETOOLONG);
                 }

@@ -199,17 +199,20 @@ impl Fids {
         );
     }
 
-    /// Whether the fids at or under `from` can follow it to `to` (their places stay within
-    /// [`MAX_PLACE`]).
+    /// Whether the fids at or under `from` can follow it to `to`: their places stay within
+    /// [`MAX_PLACE`], and all places within [`MAX_PLACE_BYTES`].
     pub fn can_move(&self, from: &str, to: &str) -> bool {
-        let longest = self
-            .map
-            .values()
+        let moving: Vec<usize> = (self.map.values())
             .filter(|f| is_at_or_under(&f.rel, from))
             .map(|f| f.rel.len())
-            .max()
-            .unwrap_or(from.len());
+            .collect();
+        let Some(longest) = moving.iter().max() else {
+            return true; // no fid there
+        };
+        let grown: usize = moving.iter().map(|len| len - from.len() + to.len()).sum();
+        let shrunk: usize = moving.iter().sum();
         longest - from.len() + to.len() <= MAX_PLACE
+            && self.place_bytes - shrunk + grown <= MAX_PLACE_BYTES
     }
 
     /// The file at `from` is now at `to`: fids at or under it follow.
@@ -236,7 +239,16 @@ fn is_at_or_under(rel: &str, at: &str) -> bool {
 /// The place of `name` in the folder at `dir`: `.` is the folder, `..` its parent (the root's
 /// is the root); ENAMETOOLONG past [`MAX_PLACE`].
 pub(super) fn child(dir: &str, name: &str) -> Result<Arc<str>, Errno> {
-    let place = match name {
+    let place = join(dir, name);
+    if place.len() > MAX_PLACE {
+        return Err(libc::ENAMETOOLONG);
+    }
+    Ok(place.into())
+}
+
+/// [`child`] without the limit (a rename's places: no fid needs to be there).
+pub(super) fn join(dir: &str, name: &str) -> String {
+    match name {
         "." => dir.to_string(),
         ".." => dir
             .rsplit_once('/')
@@ -244,11 +256,7 @@ pub(super) fn child(dir: &str, name: &str) -> Result<Arc<str>, Errno> {
             .to_string(),
         _ if dir.is_empty() => name.to_string(),
         _ => format!("{dir}/{name}"),
-    };
-    if place.len() > MAX_PLACE {
-        return Err(libc::ENAMETOOLONG);
     }
-    Ok(place.into())
 }
 
 /// The folder a place is in and its name there; `None` for the root.
