@@ -7,14 +7,17 @@ use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::server::{Server, ShareConfig, MAX_MSIZE};
+use super::server::{descriptor_budget, Server, ShareConfig, MAX_MSIZE, MIN_BUDGET};
 
-/// Serves one connection until it closes or sends something that is not a 9p message.
+/// Serves one connection until it closes or sends something that is not a 9p message. The
+/// share's descriptor budget is split between the [`MAX_CONNECTIONS`] a listener serves (but
+/// never below [`MIN_BUDGET`]).
 pub fn serve_connection<S: Read + Write>(
     mut stream: S,
     config: ShareConfig,
 ) -> std::io::Result<()> {
-    let mut server = Server::new(config)?;
+    let budget = (descriptor_budget() / MAX_CONNECTIONS).max(MIN_BUDGET);
+    let mut server = Server::with_budget(config, budget)?;
     loop {
         let mut size = [0u8; 4];
         match stream.read_exact(&mut size) {

@@ -21,7 +21,7 @@ pub const MAX_PLACE: usize = 4096;
 /// few dozen bytes; only a guest that walks deep folders without end reaches this.
 pub const MAX_PLACE_BYTES: usize = 64 << 20;
 /// Descriptors a share's fids may hold whatever the open-files limit.
-const MIN_BUDGET: usize = 256;
+pub const MIN_BUDGET: usize = 256;
 
 /// The descriptors a share's fids may hold before idle ones are given up: a quarter of the
 /// process's open-files limit, so that several shares leave descriptors for the rest of

@@ -15,7 +15,7 @@ use super::wire::{message, Decoder, Encoder, Errno, Qid, QID_DIR, QID_FILE, QID_
 use super::SecurityModel;
 use super::{mapped, sys};
 use fids::{child, split, Fid, Fids, Xattr};
-pub use fids::{descriptor_budget, MAX_FIDS};
+pub use fids::{descriptor_budget, MAX_FIDS, MIN_BUDGET};
 
 /// The largest message nixvmm negotiates (Linux asks for up to its msize= option).
 pub const MAX_MSIZE: u32 = (1 << 20) + 4096;
