@@ -2,7 +2,7 @@
 
 use std::fmt::Display;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 /// A descriptor held in reserve by a listener. A level-triggered listener whose `accept`
 /// fails for want of descriptors (EMFILE) would wake its event loop without end; with the
@@ -53,7 +53,8 @@ pub fn out_of_descriptors(error: &std::io::Error) -> bool {
 
 /// Says once (`said`) that `what` refuses clients for want of descriptors.
 pub fn say_out_of_descriptors(said: &AtomicBool, what: &dyn Display) {
-    if !said.swap(true, Ordering::Relaxed) {
-        log::warn!("{what}: out of file descriptors; refusing clients");
-    }
+    crate::warn_once(
+        said,
+        format_args!("{what}: out of file descriptors; refusing clients"),
+    );
 }

@@ -99,3 +99,11 @@ impl ExitReceiver {
         self.rx.try_recv().ok()
     }
 }
+
+/// Logs `message` as a warning the first time `said` is found unset: a cap that a guest or
+/// peer hits again and again is said once.
+pub fn warn_once(said: &std::sync::atomic::AtomicBool, message: std::fmt::Arguments) {
+    if !said.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        log::warn!("{message}");
+    }
+}

@@ -795,26 +795,7 @@ fn listeners_out_of_descriptors_refuse_clients_without_spinning() {
     use std::os::unix::net::UnixStream;
     let dir = tempfile::tempdir().unwrap();
     let socket = |name: &str| dir.path().join(name);
-    let mut g = Guest::new();
-    g.text("up\n").unwrap();
-    g.halt_forever().unwrap();
-    let kernel = write_guest(dir.path(), g);
-    let mut child = Command::new(nixvmm_bin())
-        .arg("run")
-        .arg("--kernel")
-        .arg(&kernel)
-        .args(["--memory", "64M", "--qmp"])
-        .arg(socket("qmp"))
-        .arg("--monitor-listen")
-        .arg(socket("monitor"))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(socket("stderr")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut up = [0u8; 3];
-    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut up).unwrap();
-    assert_eq!(&up, b"up\n");
+    let mut child = halted_guest_with_monitors(dir.path(), true);
     let first = UnixStream::connect(socket("qmp")).unwrap();
     first
         .set_read_timeout(Some(Duration::from_secs(10)))

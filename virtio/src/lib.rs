@@ -28,6 +28,22 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use interrupt::Interrupt;
 
+/// Descriptors a share (9p or virtio-fs) may hold for its guest whatever the limit.
+pub const MIN_DESCRIPTOR_BUDGET: usize = 256;
+
+/// The descriptors a share may hold for its guest (9p fids, virtio-fs open files): a quarter
+/// of the process's open-files limit, at least [`MIN_DESCRIPTOR_BUDGET`], so that several
+/// shares leave descriptors for the rest of nixvmm. Read once, by the first share made (on
+/// the main thread).
+pub fn descriptor_budget() -> usize {
+    static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(0, |(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX));
+        (soft / 4).max(MIN_DESCRIPTOR_BUDGET)
+    })
+}
+
 /// Feature bits every modern device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;

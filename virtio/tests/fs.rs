@@ -38,7 +38,7 @@ struct Reply {
 
 impl Guest {
     fn new(dir: &Path, readonly: bool) -> Guest {
-        Guest::with_handle_cap(dir, readonly, virtio::fs::handle_cap())
+        Guest::with_handle_cap(dir, readonly, virtio::descriptor_budget())
     }
 
     fn with_handle_cap(dir: &Path, readonly: bool, cap: usize) -> Guest {

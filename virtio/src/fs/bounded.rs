@@ -17,24 +17,6 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
-/// Open handles (files and folders) at most, whatever the open-files limit.
-const MIN_HANDLES: usize = 256;
-
-/// Handles a share may hold open: a quarter of the process's open-files limit (read when
-/// the share is made, on the main thread).
-pub fn handle_cap() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the one struct it is given.
-    let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
-        0 => usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX),
-        _ => 0,
-    };
-    (soft / 4).max(MIN_HANDLES)
-}
-
 pub struct Bounded<F> {
     inner: F,
     /// Handles open now (counted from what `inner` opened and released).
@@ -53,21 +35,16 @@ impl<F> Bounded<F> {
         }
     }
 
-    pub fn inner(&self) -> &F {
-        &self.inner
-    }
-
     fn room_for_a_handle(&self) -> io::Result<()> {
         if self.handles.load(Ordering::Relaxed) < self.cap {
             return Ok(());
         }
-        if !self.said_full.swap(true, Ordering::Relaxed) {
-            log::warn!(
-                "virtio-fs: {} files open (a quarter of the open-files limit); refusing to \
-                 open more (raise `ulimit -n`)",
-                self.cap
-            );
-        }
+        let message = format_args!(
+            "virtio-fs: {} files open (the share's descriptor budget); refusing to open more \
+             (raise `ulimit -n`)",
+            self.cap
+        );
+        devices::warn_once(&self.said_full, message);
         Err(io::Error::from_raw_os_error(libc::ENFILE))
     }
 

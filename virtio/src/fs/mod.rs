@@ -13,7 +13,7 @@ mod bounded;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use bounded::{handle_cap, Bounded};
+pub use bounded::Bounded;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
@@ -101,7 +101,7 @@ pub struct VirtioFs {
 
 impl VirtioFs {
     pub fn new(config: &FsConfig) -> Result<VirtioFs, FsError> {
-        VirtioFs::with_handle_cap(config, handle_cap())
+        VirtioFs::with_handle_cap(config, crate::descriptor_budget())
     }
 
     /// A share on which the guest may hold at most `cap` files and folders open.

@@ -7,16 +7,17 @@ use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::server::{descriptor_budget, Server, ShareConfig, MAX_MSIZE, MIN_BUDGET};
+use super::server::{Server, ShareConfig, MAX_MSIZE};
+use crate::{descriptor_budget, MIN_DESCRIPTOR_BUDGET};
 
 /// Serves one connection until it closes or sends something that is not a 9p message. The
 /// share's descriptor budget is split between the [`MAX_CONNECTIONS`] a listener serves (but
-/// never below [`MIN_BUDGET`]).
+/// never below [`MIN_DESCRIPTOR_BUDGET`]).
 pub fn serve_connection<S: Read + Write>(
     mut stream: S,
     config: ShareConfig,
 ) -> std::io::Result<()> {
-    let budget = (descriptor_budget() / MAX_CONNECTIONS).max(MIN_BUDGET);
+    let budget = (descriptor_budget() / MAX_CONNECTIONS).max(MIN_DESCRIPTOR_BUDGET);
     let mut server = Server::with_budget(config, budget)?;
     loop {
         let mut size = [0u8; 4];
@@ -61,18 +62,27 @@ pub const MAX_CONNECTIONS: usize = 16;
 /// Accepts connections forever, each served on its own thread, at most [`MAX_CONNECTIONS`]
 /// at once. A failing accept (out of descriptors) is said once and tried again shortly.
 pub fn listen(address: &Address, config: &ShareConfig) -> std::io::Result<()> {
+    let mut accept: Box<dyn FnMut() -> std::io::Result<Box<dyn ReadWrite>>> = match address {
+        Address::Unix(path) => {
+            let listener = UnixListener::bind(path)?;
+            Box::new(move || Ok(Box::new(listener.accept()?.0)))
+        }
+        Address::Tcp(addr) => {
+            let listener = TcpListener::bind(addr)?;
+            Box::new(move || Ok(Box::new(listener.accept()?.0)))
+        }
+    };
     let serving = Arc::new(AtomicUsize::new(0));
-    let mut said_full = false;
-    let mut said_accept = false;
-    let mut serve = |accepted: std::io::Result<Box<dyn ReadWrite>>| {
-        let stream = match accepted {
+    let (mut said_full, mut said_accept) = (false, false);
+    loop {
+        let stream = match accept() {
             Ok(stream) => stream,
             Err(e) => {
                 if !std::mem::replace(&mut said_accept, true) {
                     log::warn!("9p: cannot accept a connection: {e}; trying again");
                 }
                 std::thread::sleep(std::time::Duration::from_millis(100));
-                return;
+                continue;
             }
         };
         if serving.load(Ordering::Acquire) >= MAX_CONNECTIONS {
@@ -81,7 +91,7 @@ pub fn listen(address: &Address, config: &ShareConfig) -> std::io::Result<()> {
                     "9p: {MAX_CONNECTIONS} connections at once (MAX_CONNECTIONS); closing more"
                 );
             }
-            return;
+            continue;
         }
         let slot = Slot::take(&serving);
         let config = config.clone();
@@ -93,28 +103,6 @@ pub fn listen(address: &Address, config: &ShareConfig) -> std::io::Result<()> {
         });
         if let Err(e) = spawned {
             log::warn!("9p: cannot start a thread for a connection: {e}");
-        }
-    };
-    match address {
-        Address::Unix(path) => {
-            let listener = UnixListener::bind(path)?;
-            loop {
-                serve(
-                    listener
-                        .accept()
-                        .map(|(s, _)| Box::new(s) as Box<dyn ReadWrite>),
-                );
-            }
-        }
-        Address::Tcp(addr) => {
-            let listener = TcpListener::bind(addr)?;
-            loop {
-                serve(
-                    listener
-                        .accept()
-                        .map(|(s, _)| Box::new(s) as Box<dyn ReadWrite>),
-                );
-            }
         }
     }
 }

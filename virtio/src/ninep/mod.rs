@@ -16,7 +16,7 @@ mod sys;
 pub mod wire;
 
 pub use device::Virtio9p;
-pub use server::{descriptor_budget, Server, ShareConfig, MAX_FIDS};
+pub use server::{Server, ShareConfig, MAX_FIDS};
 
 /// How guest ownership and modes map to the host (qemu-vm.nix's `security_model`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

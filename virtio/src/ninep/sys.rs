@@ -278,16 +278,3 @@ pub fn read_entries(dir: &std::fs::File, position: u64) -> io::Result<Vec<DirEnt
     }
     Ok(entries)
 }
-
-/// The process's (soft) limit of open files; 0 if it cannot be read.
-pub fn open_files_limit() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the one struct it is given.
-    match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
-        0 => usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX),
-        _ => 0,
-    }
-}

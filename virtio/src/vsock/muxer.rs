@@ -397,15 +397,9 @@ impl Muxer {
                 _ => break None, // EOF, an error or a line too long
             }
         };
-        let Some(h) = self.handshakes.remove(&t) else {
+        let Some(h) = self.remove_handshake(t) else {
             return;
         };
-        self.sources.remove(&t);
-        let _ = self.epoll.ctl(
-            ControlOperation::Delete,
-            h.stream.as_raw_fd(),
-            EpollEvent::default(),
-        );
         let Some(port) = port else {
             return; // closed: not the protocol
         };
@@ -451,14 +445,7 @@ impl Muxer {
             .map(|(t, _)| *t)
             .collect();
         for t in late {
-            if let Some(h) = self.handshakes.remove(&t) {
-                self.sources.remove(&t);
-                let _ = self.epoll.ctl(
-                    ControlOperation::Delete,
-                    h.stream.as_raw_fd(),
-                    EpollEvent::default(),
-                );
-            }
+            self.remove_handshake(t); // its stream closes
         }
         let late: Vec<Key> = self
             .connections
@@ -478,6 +465,19 @@ impl Muxer {
                 let _ = self.timer.reset(Duration::ZERO, None);
             }
         }
+    }
+
+    /// Forgets handshake `t`: it leaves the epoll set and its token; the caller has its
+    /// stream (dropped: closed).
+    fn remove_handshake(&mut self, t: u64) -> Option<Handshake> {
+        let h = self.handshakes.remove(&t)?;
+        self.sources.remove(&t);
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            h.stream.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        Some(h)
     }
 
     fn room_for_one_more(&mut self) -> bool {

@@ -10,6 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
+use devices::host_listener::SpareFd;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use crate::Control;
@@ -123,8 +124,8 @@ pub fn execute(line: &str, control: &Control) -> Answer {
 /// nixvmm listens on and the client connected now (one at a time, as QEMU's monitor; others
 /// wait in the backlog until it leaves).
 pub struct HmpMonitor {
-    listener: Option<UnixListener>,
-    spare: devices::host_listener::SpareFd,
+    /// A listening monitor's socket, with its descriptor in reserve.
+    listener: Option<(UnixListener, SpareFd)>,
     stream: Option<Peer>,
     control: Control,
     input: Vec<u8>,
@@ -139,7 +140,6 @@ impl HmpMonitor {
         let stream = greet(UnixStream::connect(path)?)?;
         Ok(HmpMonitor {
             listener: None,
-            spare: Default::default(),
             stream: Some(Peer::Socket(stream)),
             control,
             input: Vec::new(),
@@ -153,7 +153,6 @@ impl HmpMonitor {
         let input = crate::host::chardev::dup_nonblocking(libc::STDIN_FILENO)?;
         let mut monitor = HmpMonitor {
             listener: None,
-            spare: Default::default(),
             stream: Some(Peer::Stdio(input)),
             control,
             input: Vec::new(),
@@ -175,8 +174,7 @@ impl HmpMonitor {
         };
         listener.set_nonblocking(true)?;
         Ok(HmpMonitor {
-            listener: Some(listener),
-            spare: Default::default(),
+            listener: Some((listener, SpareFd::default())),
             stream,
             control,
             input: Vec::new(),
@@ -188,7 +186,7 @@ impl HmpMonitor {
     fn events(&self) -> Option<Events> {
         match (&self.stream, &self.listener) {
             (Some(peer), _) => Some(Events::new_raw(peer.fd(), EventSet::IN)),
-            (None, Some(listener)) => Some(Events::new(listener, EventSet::IN)),
+            (None, Some((listener, _))) => Some(Events::new(listener, EventSet::IN)),
             (None, None) => None,
         }
     }
@@ -245,10 +243,10 @@ impl HmpMonitor {
 
     /// Takes the next client of a listening monitor.
     fn accept(&mut self, ops: &mut EventOps) {
-        let Some(listener) = &self.listener else {
+        let Some((listener, spare)) = &mut self.listener else {
             return;
         };
-        let Ok(Some(stream)) = self.spare.accept(listener, &SAID_NO_FDS, &"monitor") else {
+        let Ok(Some(stream)) = spare.accept(listener, &SAID_NO_FDS, &"monitor") else {
             return;
         };
         let Ok(stream) = greet(stream) else {
@@ -302,7 +300,7 @@ impl MutEventSubscriber for HmpMonitor {
             if self
                 .listener
                 .as_ref()
-                .is_some_and(|l| l.as_raw_fd() == events.fd())
+                .is_some_and(|(l, _)| l.as_raw_fd() == events.fd())
             {
                 self.accept(ops);
             }

@@ -51,13 +51,7 @@ pub(crate) fn send_answer_until(
     Ok(())
 }
 
-/// Logs `message` as a warning the first time `said` is found unset: a cap that a peer hits
-/// again and again is said once.
-pub(crate) fn warn_once(said: &std::sync::atomic::AtomicBool, message: std::fmt::Arguments) {
-    if !said.swap(true, std::sync::atomic::Ordering::Relaxed) {
-        log::warn!("{message}");
-    }
-}
+pub(crate) use devices::warn_once;
 
 #[derive(Debug, thiserror::Error)]
 #[error("the control plane's event loop: {0}")]

@@ -431,7 +431,6 @@ fn ioctl_of_type(kind: u64) -> SeccompRule {
     SeccompRule::new(vec![arg(1, SeccompCmpOp::MaskedEq(0xff00), kind << 8)]).expect("a valid rule")
 }
 
-/// TCSETS: the terminal restored on the way out.
 /// One ioctl request.
 fn ioctl_request(request: u64) -> SeccompRule {
     SeccompRule::new(vec![arg(1, SeccompCmpOp::Eq, request)]).expect("a valid rule")

@@ -1,9 +1,8 @@
 //! Operations that create, rename or remove directory entries, and locks.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 
 use super::fids::join;
 use super::{errno, new_name, Place, Server};
@@ -12,12 +11,6 @@ use crate::ninep::sys;
 use crate::ninep::wire::{message, Decoder, Encoder, Errno};
 
 impl Server {
-    /// The folder fid `id` stands for: a descriptor, its place, the fid's user.
-    fn folder(&self, id: u32) -> Result<(Arc<OwnedFd>, Arc<str>, u32), Errno> {
-        let fid = self.fid(id)?;
-        Ok((self.fd_of(fid)?, fid.rel.clone(), fid.uid))
-    }
-
     /// Operations that create, rename or remove entries.
     pub(super) fn change(
         &mut self,

@@ -9,7 +9,6 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::sys;
 use crate::ninep::wire::Errno;
 
 /// Fids at most per connection (memory only: a fid past the budget holds no descriptor).
@@ -20,18 +19,6 @@ pub const MAX_PLACE: usize = 4096;
 /// a clone sharing its source's): past it, new fids are refused (ENFILE). Real places are a
 /// few dozen bytes; only a guest that walks deep folders without end reaches this.
 pub const MAX_PLACE_BYTES: usize = 64 << 20;
-/// Descriptors a share's fids may hold whatever the open-files limit.
-pub const MIN_BUDGET: usize = 256;
-
-/// The descriptors a share's fids may hold before idle ones are given up: a quarter of the
-/// process's open-files limit, so that several shares leave descriptors for the rest of
-/// nixvmm. Read once, by the first server (made before the seccomp filters: the threads that
-/// make the others may not read limits).
-pub fn descriptor_budget() -> usize {
-    static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *BUDGET.get_or_init(|| (sys::open_files_limit() / 4).max(MIN_BUDGET))
-}
-
 pub(super) enum Xattr {
     Read(Vec<u8>),
     Write {
@@ -88,7 +75,7 @@ pub(super) struct Fids {
 
 impl Fids {
     /// The fids of a connection to the share at `share`, holding at most `budget`
-    /// descriptors before idle ones give theirs up ([`descriptor_budget`]).
+    /// descriptors before idle ones give theirs up ([`crate::descriptor_budget`]).
     pub fn new(share: PathBuf, budget: usize) -> Fids {
         Fids {
             map: HashMap::new(),
@@ -271,6 +258,7 @@ pub(super) fn split(rel: &str) -> Option<(&str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ninep::sys;
 
     #[test]
     fn places_of_names_and_their_folders() {

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use super::wire::{message, Decoder, Encoder, Errno, Qid, QID_DIR, QID_FILE, QID_SYMLINK};
 use super::SecurityModel;
 use super::{mapped, sys};
+pub use fids::MAX_FIDS;
 use fids::{child, split, Fid, Fids, Xattr};
-pub use fids::{descriptor_budget, MAX_FIDS, MIN_BUDGET};
 
 /// The largest message nixvmm negotiates (Linux asks for up to its msize= option).
 pub const MAX_MSIZE: u32 = (1 << 20) + 4096;
@@ -102,7 +102,7 @@ fn open_flags(flags: u32) -> libc::c_int {
 
 impl Server {
     pub fn new(config: ShareConfig) -> io::Result<Server> {
-        Server::with_budget(config, descriptor_budget())
+        Server::with_budget(config, crate::descriptor_budget())
     }
 
     /// A server whose fids hold at most `budget` descriptors before idle ones give theirs up.
@@ -150,6 +150,12 @@ impl Server {
             Some(fd) => Ok(Arc::clone(fd)),
             None => self.resolve(&fid.rel),
         }
+    }
+
+    /// The folder fid `id` stands for: a descriptor, its place, the fid's user.
+    fn folder(&self, id: u32) -> Result<(Arc<OwnedFd>, Arc<str>, u32), Errno> {
+        let fid = self.fid(id)?;
+        Ok((self.fd_of(fid)?, fid.rel.clone(), fid.uid))
     }
 
     /// The file at `rel`, found name by name from the root without following symlinks.
@@ -569,10 +575,7 @@ impl Server {
         let (id, name, flags, mode, gid) = (d.u32()?, d.string()?, d.u32()?, d.u32()?, d.u32()?);
         self.writable()?;
         let iounit = self.msize - IO_HEADER;
-        let (dir, dir_rel, uid) = {
-            let fid = self.fid(id)?;
-            (self.fd_of(fid)?, fid.rel.clone(), fid.uid)
-        };
+        let (dir, dir_rel, uid) = self.folder(id)?;
         let name = new_name(&name)?;
         let rel = child(&dir_rel, name)?;
         let host_mode = if self.mapped() {
