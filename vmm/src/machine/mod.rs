@@ -4,6 +4,7 @@ pub mod builtin_guest;
 pub mod cpu;
 pub mod msi;
 pub mod pci_devices;
+mod ram;
 pub mod vcpu;
 
 use std::sync::{Arc, Mutex};
@@ -19,12 +20,12 @@ use devices::{ExitReceiver, ExitSender};
 use firmware::acpi::{write_acpi_tables, AcpiConfig};
 use firmware::boot::{self, BootSetup, LoadedKernel};
 use firmware::layout::{
-    self, ACPI_SLEEP_PORT, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT, KEYBOARD_IRQ,
+    ACPI_SLEEP_PORT, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_DATA_PORT, KEYBOARD_IRQ,
     PCI_CONFIG_PORT, PCI_ECAM_SIZE, PCI_ECAM_START, POWER_BUTTON_GSI, TPM_TIS_SIZE, TPM_TIS_START,
 };
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{Decompress, Kernel, Share, VmConfig, VsockConfig};
@@ -127,7 +128,7 @@ impl Vm {
                 .shares
                 .iter()
                 .any(|s| matches!(s, Share::VhostUser { .. }));
-        let memory = guest_memory(&vm_fd, config.memory, shared)?;
+        let memory = ram::guest_memory(&vm_fd, config.memory, shared)?;
         let (entry, cr3) = write_boot_state(&memory, config)?;
 
         let (exit_tx, exit_rx) = devices::exit_channel().map_err(VmError::EventFd)?;
@@ -483,84 +484,6 @@ fn create_vcpus(
         vcpus.push(vcpu);
     }
     Ok(vcpus)
-}
-
-/// A memfd of `size` bytes, for guest RAM that other processes map.
-fn shared_memory_file(size: u64) -> std::io::Result<std::fs::File> {
-    // SAFETY: the name is a valid C string; the returned descriptor is new and ours.
-    let fd = unsafe { libc::memfd_create(c"nixvmm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and nothing else owns it.
-    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    file.set_len(size)?;
-    Ok(file)
-}
-
-fn guest_memory(vm_fd: &VmFd, size: u64, shared: bool) -> Result<GuestMemoryMmap, VmError> {
-    let failed = |reason: String| VmError::Memory {
-        mib: size >> 20,
-        reason,
-    };
-    let ranges = layout::ram_ranges(size);
-    let memory = if shared {
-        let file =
-            std::sync::Arc::new(shared_memory_file(size).map_err(|e| failed(e.to_string()))?);
-        let mut offset = 0u64;
-        let with_files: Vec<_> = ranges
-            .iter()
-            .map(|&(addr, len)| {
-                let at = offset;
-                offset += len as u64;
-                (
-                    addr,
-                    len,
-                    Some(vm_memory::FileOffset::from_arc(file.clone(), at)),
-                )
-            })
-            .collect();
-        GuestMemoryMmap::from_ranges_with_files(&with_files).map_err(|e| failed(e.to_string()))?
-    } else {
-        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| failed(e.to_string()))?
-    };
-    for (slot, region) in memory.iter().enumerate() {
-        let host = memory
-            .get_host_address(region.start_addr())
-            .map_err(|e| VmError::Memory {
-                mib: size >> 20,
-                reason: e.to_string(),
-            })?;
-        ask_for_huge_pages(host, region.len());
-        let region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-            flags: 0,
-        };
-        // SAFETY: the region is a live mapping owned by `memory`, which the returned `Vm`
-        // keeps until after the VM file descriptor is closed (field order).
-        unsafe { vm_fd.set_user_memory_region(region) }
-            .map_err(kvm_err("registering guest memory"))?;
-    }
-    Ok(memory)
-}
-
-/// Asks the host kernel to back guest RAM with transparent huge pages, as QEMU and Cloud
-/// Hypervisor do: on hosts whose THP mode is `madvise` (and shmem's `advise`, for memfd RAM)
-/// guest RAM would otherwise be 4 KiB pages, each TLB miss a longer two-dimensional walk.
-/// Advice only: a host that refuses it runs the guest on small pages.
-fn ask_for_huge_pages(host: *mut u8, len: u64) {
-    // SAFETY: madvise with MADV_HUGEPAGE changes no contents and no protection; the range is
-    // one live mapping of guest RAM owned by the caller's `GuestMemoryMmap`.
-    let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_HUGEPAGE) };
-    if rc != 0 {
-        log::debug!(
-            "guest RAM stays on small pages: madvise(MADV_HUGEPAGE): {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }
 
 fn load_kernel(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<LoadedKernel, VmError> {
