@@ -86,7 +86,7 @@ fn aligned_region(
         let region =
             GuestRegionMmap::from_range(addr, len, file.clone()).map_err(|e| e.to_string())?;
         drop(hole);
-        let aligned = region.as_ptr() as usize % HUGE_PAGE == 0;
+        let aligned = (region.as_ptr() as usize).is_multiple_of(HUGE_PAGE);
         if aligned || attempt == ATTEMPTS {
             if !aligned {
                 log::debug!(
