@@ -52,6 +52,45 @@ fn guest_enumerates_pci_through_cf8_and_ecam() {
     }
 }
 
+/// Writes to the configuration address register take effect in order and before the next
+/// access of either port, however many come in a row (KVM keeps them without exiting where
+/// it can): the last address written is the one read back and the one the data port uses.
+#[test]
+fn configuration_address_writes_apply_in_order_before_the_next_access() {
+    let mut g = Guest::new();
+    let r = || -> Result<Guest, IcedError> {
+        g.a.mov(dx, 0xcf8u32)?;
+        for slot in [1u32, 2, 0] {
+            g.a.mov(eax, 0x8000_0000u32 | (slot << 11))?;
+            g.a.out(dx, eax)?;
+        }
+        // A byte write into the register, as Linux's type-1 probe makes, is ignored.
+        g.a.mov(dx, 0xcfbu32)?;
+        g.a.mov(al, 1)?;
+        g.a.out(dx, al)?;
+        g.a.mov(dx, 0xcf8u32)?;
+        g.a.in_(eax, dx)?;
+        g.a.mov(r12d, eax)?;
+        g.text("ADDRESS=")?;
+        g.hex(r12)?;
+        g.a.mov(dx, 0xcfcu32)?;
+        g.a.in_(eax, dx)?;
+        g.a.mov(r12d, eax)?;
+        g.text("\nID=")?;
+        g.hex(r12)?;
+        g.text("\n")?;
+        g.poweroff()?;
+        Ok(g)
+    };
+    let g = r().expect("guest assembles");
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_guest(dir.path(), g);
+    let (outcome, text) = run(&config(&kernel));
+    assert_eq!(outcome, Outcome::PoweredOff, "{text}");
+    assert_eq!(hex(&text, "ADDRESS"), 0x8000_0000, "{text}");
+    assert_eq!(hex(&text, "ID"), 0x0d57_8086, "{text}");
+}
+
 /// Guest addresses used by the virtio guest.
 mod virtio_guest {
     pub const IDT: u64 = 0x3000;

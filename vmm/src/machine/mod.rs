@@ -1,6 +1,7 @@
 //! Building a VM from a [`VmConfig`] and running it until it stops.
 
 pub mod builtin_guest;
+mod coalesced;
 pub mod cpu;
 pub mod msi;
 pub mod pci_devices;
@@ -158,9 +159,17 @@ impl Vm {
             Arc::new(Mutex::new(PciEcam::new(pci))),
         )?;
 
+        let vcpus = create_vcpus(kvm, &vm_fd, config.cpus, entry, cr3)?;
+        let kept_writes = vcpus
+            .first()
+            .and_then(|vcpu| coalesced::CoalescedWrites::for_pci_config(kvm, &vm_fd, vcpu));
         let vm = Vm {
-            vcpus: create_vcpus(kvm, &vm_fd, config.cpus, entry, cr3)?,
-            buses: Arc::new(Buses { io, mmio }),
+            vcpus,
+            buses: Arc::new(Buses {
+                io,
+                mmio,
+                kept_writes,
+            }),
             serial,
             keyboard,
             power_button: Arc::new(power_button),

@@ -14,6 +14,7 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EV
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::coalesced::CoalescedWrites;
 use crate::seccomp::{self, Needs, Seccomp, ThreadKind};
 
 /// The buses a vCPU's exits are routed to, shared by all vCPUs.
@@ -21,6 +22,26 @@ pub struct Buses {
     pub io: Bus,
     /// Shared with whoever moves PCI BARs on it.
     pub mmio: Arc<Bus>,
+    /// Port writes KVM kept instead of exiting, applied before every port access.
+    pub kept_writes: Option<CoalescedWrites>,
+}
+
+impl Buses {
+    fn port_read(&self, port: u16, data: &mut [u8]) {
+        self.apply_kept_writes();
+        self.io.read(u64::from(port), data);
+    }
+
+    fn port_write(&self, port: u16, data: &[u8]) {
+        self.apply_kept_writes();
+        self.io.write(u64::from(port), data);
+    }
+
+    fn apply_kept_writes(&self) {
+        if let Some(kept) = &self.kept_writes {
+            kept.apply(&self.io);
+        }
+    }
 }
 
 /// What the VM asks of a vCPU thread.
@@ -272,11 +293,11 @@ fn run_until_exit(vcpu: &mut VcpuFd, id: u8, buses: &Buses, shared: &Shared, exi
         }
         let ended = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                buses.io.read(u64::from(port), data);
+                buses.port_read(port, data);
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                buses.io.write(u64::from(port), data);
+                buses.port_write(port, data);
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
