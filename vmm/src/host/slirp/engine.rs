@@ -16,7 +16,8 @@ use super::{Network, SlirpError};
 /// forwards); at the cap, frames that would open another are dropped (said once), as a
 /// network that is full drops them: TCP connection requests, UDP datagrams but DHCP's (those
 /// of open flows too), ICMP echo requests, IPv4 fragments (slirp reassembles them into any of
-/// these). TCP connections already open go on; the guest's retries succeed once some end.
+/// these), and host forwards accept no more connections. TCP connections already open go on;
+/// the guest's retries succeed once some end.
 pub const MAX_FLOWS: usize = 4096;
 
 /// Tokens of the engine's own fds in its epoll set (slirp's sockets use their fd + 2).
@@ -35,6 +36,7 @@ pub(super) struct Engine {
     watched: HashMap<RawFd, EventSet>,
     fds: Vec<libc::pollfd>,
     said_full: bool,
+    said_forwards_full: bool,
 }
 
 // SAFETY: the raw pointers inside (the Slirp, its timers and strings) are owned by the
@@ -93,6 +95,7 @@ impl Engine {
             watched: HashMap::new(),
             fds: Vec::new(),
             said_full: false,
+            said_forwards_full: false,
         };
         engine.update_wake();
         Ok(engine)
@@ -149,6 +152,7 @@ impl Engine {
         let _ = std::io::Read::read(&mut self.timer, &mut expirations);
         let mut fds = std::mem::take(&mut self.fds);
         self.network.fill(&mut fds);
+        self.hold_back_forwards(&mut fds);
         // SAFETY: `fds` is a live, correctly sized array of pollfd; a zero timeout.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
         let error =
@@ -156,10 +160,35 @@ impl Engine {
         self.network.serve(&mut fds, error);
         self.network.fire_timers();
         let timeout = self.network.fill(&mut fds);
+        self.hold_back_forwards(&mut fds);
         self.watch(&fds);
         self.arm(self.network.next_timer_in(timeout));
         self.fds = fds;
         self.step_due = false;
+    }
+
+    /// At [`MAX_FLOWS`], leaves the TCP forwards' listening sockets unwatched, so slirp
+    /// accepts no more host connections: they wait in the kernel's backlog (or are refused
+    /// once it is full) until some flow ends. slirp does not register its listeners (only the
+    /// sockets of flows), so they are told by asking the socket.
+    fn hold_back_forwards(&mut self, fds: &mut [libc::pollfd]) {
+        let callbacks = &self.network.callbacks;
+        if callbacks.sockets.len() < MAX_FLOWS {
+            return;
+        }
+        let mut held = false;
+        for fd in fds.iter_mut() {
+            if !callbacks.sockets.contains(&fd.fd) && is_listening(fd.fd) {
+                fd.events = 0;
+                held = true;
+            }
+        }
+        if held && !std::mem::replace(&mut self.said_forwards_full, true) {
+            log::warn!(
+                "user network: {MAX_FLOWS} connections and flows open (MAX_FLOWS); \
+                 host forwards accept no more connections until some end"
+            );
+        }
     }
 
     /// Makes the epoll set hold exactly the sockets in `fds`, with their events.
@@ -242,6 +271,24 @@ impl Engine {
         }
         self.wake_signalled = wanted;
     }
+}
+
+/// Whether `fd` is a listening socket.
+fn is_listening(fd: RawFd) -> bool {
+    let mut listening: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `listening` and `len` are valid for the call and sized for SO_ACCEPTCONN's
+    // int; a descriptor that is not a socket gives an error, not a write.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut listening).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && listening != 0
 }
 
 /// Whether a guest's Ethernet frame may make slirp open a host socket: a TCP connection

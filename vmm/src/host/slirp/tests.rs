@@ -193,15 +193,23 @@ fn frames_that_open_flows_are_told_apart() {
     }
 }
 
-/// A guest that opens connections without end: slirp's host sockets stop at MAX_FLOWS.
+/// A guest that opens connections without end: slirp's host sockets stop at MAX_FLOWS, and
+/// a host forward then accepts no more connections either.
 #[test]
-fn the_guests_new_connections_stop_at_the_cap() {
+fn the_guests_new_connections_and_forwarded_ones_stop_at_the_cap() {
     use super::engine::MAX_FLOWS;
     crate::host::raise_open_files_limit(); // MAX_FLOWS and more
     let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let network = UserNetwork::start(&user("user")).unwrap();
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let forwarded = probe.local_addr().unwrap();
+    drop(probe);
+    let network = UserNetwork::start(&user(&format!(
+        "user,hostfwd=tcp:127.0.0.1:{}-:22",
+        forwarded.port()
+    )))
+    .unwrap();
     let mut nic = network.backend();
     let before = open_fds();
     for i in 0..MAX_FLOWS + 300 {
@@ -216,5 +224,21 @@ fn the_guests_new_connections_stop_at_the_cap() {
         (MAX_FLOWS - 64..=MAX_FLOWS + 64).contains(&grown),
         "{grown} descriptors for {} connection requests",
         MAX_FLOWS + 300
+    );
+
+    // Host programs connect to the forward; slirp, past the cap, takes none of them (only
+    // the kernel's backlog completes a few handshakes).
+    let mut clients = Vec::new();
+    for _ in 0..150 {
+        let timeout = std::time::Duration::from_millis(30);
+        if let Ok(client) = TcpStream::connect_timeout(&forwarded, timeout) {
+            clients.push(client);
+        }
+        while nic.recv().unwrap().is_some() {}
+    }
+    let slirps = open_fds().saturating_sub(before + clients.len());
+    assert!(
+        slirps <= MAX_FLOWS + 64,
+        "slirp holds {slirps} descriptors after 150 connections to a forward"
     );
 }
