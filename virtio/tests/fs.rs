@@ -38,17 +38,17 @@ struct Reply {
 
 impl Guest {
     fn new(dir: &Path, readonly: bool) -> Guest {
-        Guest::with_handle_cap(dir, readonly, virtio::descriptor_budget())
+        Guest::with_descriptor_cap(dir, readonly, virtio::descriptor_budget())
     }
 
-    fn with_handle_cap(dir: &Path, readonly: bool, cap: usize) -> Guest {
+    fn with_descriptor_cap(dir: &Path, readonly: bool, cap: usize) -> Guest {
         let config = FsConfig {
             shared_dir: dir.to_path_buf(),
             tag: Some("t".into()),
             readonly,
             xattr: false,
         };
-        let fs = VirtioFs::with_handle_cap(&config, cap).unwrap();
+        let fs = VirtioFs::with_descriptor_cap(&config, cap).unwrap();
         let mut guest = Guest {
             fs,
             mem: Memory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap(),
@@ -279,7 +279,7 @@ fn open_handles_stop_at_the_cap_and_releases_make_room() {
     let dir = share();
     // A small cap: the test does not depend on this host's open-files limit.
     let cap = 64;
-    let mut g = Guest::with_handle_cap(dir.path(), false, cap);
+    let mut g = Guest::with_descriptor_cap(dir.path(), false, cap);
     let node = nodeid(&g.lookup(ROOT, "greeting"));
     let mut handles = Vec::new();
     for _ in 0..cap {
@@ -293,4 +293,91 @@ fn open_handles_stop_at_the_cap_and_releases_make_room() {
     let fh = handles.pop().unwrap();
     assert_eq!(release(&mut g, node, fh).error, 0);
     assert_eq!(g.call(OPEN, node, &[0u8; 8]).error, 0, "room again");
+}
+
+const FORGET: u32 = 2;
+const OPENDIR: u32 = 27;
+const READDIRPLUS: u32 = 44;
+
+/// FORGET has no reply.
+fn forget(g: &mut Guest, node: u64, lookups: u64) {
+    g.unique += 1;
+    let mut request = Vec::new();
+    request.extend_from_slice(&48u32.to_le_bytes());
+    request.extend_from_slice(&FORGET.to_le_bytes());
+    request.extend_from_slice(&g.unique.to_le_bytes());
+    request.extend_from_slice(&node.to_le_bytes());
+    request.extend_from_slice(&[0u8; 16]);
+    request.extend_from_slice(&lookups.to_le_bytes());
+    assert_eq!(g.send_raw(&request), 0, "no reply to FORGET");
+}
+
+fn readdirplus(g: &mut Guest, dir: u64) -> Reply {
+    let opened = g.call(OPENDIR, dir, &[0u8; 8]);
+    assert_eq!(opened.error, 0);
+    let mut body = opened.body[..8].to_vec(); // fh
+    body.extend_from_slice(&0u64.to_le_bytes()); // offset
+    body.extend_from_slice(&0x1_0000u32.to_le_bytes()); // size
+    body.extend_from_slice(&[0u8; 20]); // read_flags, lock_owner, flags, padding
+    g.call(READDIRPLUS, dir, &body)
+}
+
+/// A guest that looks up without forgetting: past the share's cap, lookups of files it does
+/// not hold yet fail with ENFILE (fuse-backend-rs keeps a descriptor per inode), and so do
+/// listings with attributes; lookups of files it holds go on, and a forget makes room.
+#[test]
+fn looked_up_files_stop_at_the_cap_and_forgets_make_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 64;
+    for i in 0..cap + 100 {
+        std::fs::write(dir.path().join(format!("f{i}")), "x").unwrap();
+    }
+    let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let mut g = Guest::with_descriptor_cap(dir.path(), false, cap);
+    let before = open_fds();
+    let nodes: Vec<u64> = (0..cap)
+        .map(|i| {
+            let entry = g.lookup(ROOT, &format!("f{i}"));
+            assert_eq!(entry.error, 0, "f{i}");
+            nodeid(&entry)
+        })
+        .collect();
+    for i in cap..cap + 100 {
+        assert_eq!(
+            g.lookup(ROOT, &format!("f{i}")).error,
+            -libc::ENFILE,
+            "f{i}"
+        );
+    }
+    let grown = open_fds() - before;
+    assert!(grown <= cap + 4, "{grown} descriptors for {cap} files held");
+    assert_eq!(g.lookup(ROOT, "f0").error, 0, "a file the guest holds");
+    assert_eq!(readdirplus(&mut g, ROOT).error, -libc::ENFILE);
+
+    // f0 was looked up twice: one forget leaves it held, the second makes room.
+    forget(&mut g, nodes[0], 1);
+    assert_eq!(g.lookup(ROOT, &format!("f{cap}")).error, -libc::ENFILE);
+    forget(&mut g, nodes[0], 1);
+    assert_eq!(g.lookup(ROOT, &format!("f{cap}")).error, 0, "room again");
+}
+
+/// A listing with attributes is a lookup of every entry sent: it stops at the cap, and the
+/// next part of it is refused, rather than handing out more.
+#[test]
+fn listings_with_attributes_count_toward_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 16;
+    for i in 0..cap * 2 {
+        std::fs::write(dir.path().join(format!("f{i}")), "x").unwrap();
+    }
+    let mut g = Guest::with_descriptor_cap(dir.path(), false, cap);
+    let listing = readdirplus(&mut g, ROOT);
+    assert_eq!(listing.error, 0);
+    let sent = listing
+        .body
+        .windows(2)
+        .filter(|w| w[0] == b'f' && w[1].is_ascii_digit());
+    assert_eq!(sent.count(), cap, "entries sent up to the cap");
+    std::fs::write(dir.path().join("late"), "x").unwrap();
+    assert_eq!(g.lookup(ROOT, "late").error, -libc::ENFILE);
 }

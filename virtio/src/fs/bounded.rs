@@ -1,10 +1,15 @@
-//! A filesystem that holds at most so many open handles for the guest: each is a descriptor
-//! of nixvmm's, and a guest that opens without releasing would otherwise take them all.
-//! Every call goes to the filesystem inside; opens past the cap fail with ENFILE (said once).
+//! A filesystem that holds at most so many descriptors for the guest: each open handle is
+//! one, and so is each inode the guest has looked up and not forgotten (fuse-backend-rs keeps
+//! an O_PATH descriptor per inode). A guest that opens without releasing, or looks up without
+//! forgetting, would otherwise take them all, and with them nixvmm's QMP and monitor clients.
+//! Every call goes to the filesystem inside; opens and lookups of new inodes past the cap
+//! fail with ENFILE (said once).
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
@@ -13,7 +18,7 @@ use fuse_backend_rs::abi::fuse_abi::{
 use fuse_backend_rs::abi::virtio_fs::RemovemappingOne;
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileLock, FileSystem, GetxattrReply, IoctlData, ListxattrReply,
-    ZeroCopyReader, ZeroCopyWriter,
+    ZeroCopyReader, ZeroCopyWriter, ROOT_ID,
 };
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
@@ -21,8 +26,13 @@ pub struct Bounded<F> {
     inner: F,
     /// Handles open now (counted from what `inner` opened and released).
     handles: AtomicUsize,
+    /// The inodes the guest holds, with how many lookups of each it has not forgotten
+    /// (the root, which is never forgotten, aside).
+    inodes: Mutex<HashMap<u64, u64>>,
+    /// The most handles, and the most inodes, held at once.
     cap: usize,
     said_full: AtomicBool,
+    said_inodes_full: AtomicBool,
 }
 
 impl<F> Bounded<F> {
@@ -30,8 +40,10 @@ impl<F> Bounded<F> {
         Bounded {
             inner,
             handles: AtomicUsize::new(0),
+            inodes: Mutex::new(HashMap::new()),
             cap,
             said_full: AtomicBool::new(false),
+            said_inodes_full: AtomicBool::new(false),
         }
     }
 
@@ -53,9 +65,68 @@ impl<F> Bounded<F> {
             self.handles.fetch_add(1, Ordering::Relaxed);
         }
     }
+
+    /// Whether the guest may hold one more inode.
+    fn room_for_an_inode(&self) -> io::Result<()> {
+        if devices::bus::lock(&self.inodes).len() < self.cap {
+            return Ok(());
+        }
+        Err(self.inodes_full())
+    }
+
+    fn inodes_full(&self) -> io::Error {
+        let message = format_args!(
+            "virtio-fs: the guest holds {} looked-up files and folders (the share's descriptor \
+             budget); refusing lookups of more until it forgets some (raise `ulimit -n`)",
+            self.cap
+        );
+        devices::warn_once(&self.said_inodes_full, message);
+        io::Error::from_raw_os_error(libc::ENFILE)
+    }
+
+    /// Counts one lookup of `inode` the guest now holds; `false` (nothing counted) where the
+    /// inode is new and the guest holds as many as it may.
+    fn hold(&self, inode: u64) -> bool {
+        if inode == ROOT_ID {
+            return true;
+        }
+        let mut inodes = devices::bus::lock(&self.inodes);
+        let full = inodes.len() >= self.cap;
+        match inodes.get_mut(&inode) {
+            Some(lookups) => *lookups += 1,
+            None if full => return false,
+            None => {
+                inodes.insert(inode, 1);
+            }
+        }
+        true
+    }
+
+    /// Counts `count` lookups of `inode` the guest forgot.
+    fn release(&self, inode: u64, count: u64) {
+        let mut inodes = devices::bus::lock(&self.inodes);
+        if let Some(lookups) = inodes.get_mut(&inode) {
+            *lookups = lookups.saturating_sub(count);
+            if *lookups == 0 {
+                inodes.remove(&inode);
+            }
+        }
+    }
 }
 
-impl<F: FileSystem<Handle = u64>> FileSystem for Bounded<F> {
+impl<F: FileSystem<Inode = u64, Handle = u64>> Bounded<F> {
+    /// Counts the lookup `entry` gives the guest, or, where the guest holds as many inodes as
+    /// it may and this one is new, hands the lookup back to the filesystem and refuses it.
+    fn looked_up(&self, ctx: &Context, entry: Entry) -> io::Result<Entry> {
+        if self.hold(entry.inode) {
+            return Ok(entry);
+        }
+        self.inner.forget(ctx, entry.inode, 1);
+        Err(self.inodes_full())
+    }
+}
+
+impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Bounded<F> {
     type Inode = F::Inode;
     type Handle = F::Handle;
 
@@ -65,19 +136,25 @@ impl<F: FileSystem<Handle = u64>> FileSystem for Bounded<F> {
 
     fn destroy(&self) {
         self.inner.destroy();
-        // The filesystem closed every handle.
+        // The filesystem closed every handle and forgot every inode.
         self.handles.store(0, Ordering::Relaxed);
+        devices::bus::lock(&self.inodes).clear();
     }
 
     fn lookup(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<Entry> {
-        self.inner.lookup(ctx, parent, name)
+        let entry = self.inner.lookup(ctx, parent, name)?;
+        self.looked_up(ctx, entry)
     }
 
     fn forget(&self, ctx: &Context, inode: Self::Inode, count: u64) {
-        self.inner.forget(ctx, inode, count)
+        self.inner.forget(ctx, inode, count);
+        self.release(inode, count);
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(Self::Inode, u64)>) {
+        for &(inode, count) in &requests {
+            self.release(inode, count);
+        }
         self.inner.batch_forget(ctx, requests)
     }
 
@@ -112,7 +189,9 @@ impl<F: FileSystem<Handle = u64>> FileSystem for Bounded<F> {
         parent: Self::Inode,
         name: &CStr,
     ) -> io::Result<Entry> {
-        self.inner.symlink(ctx, linkname, parent, name)
+        self.room_for_an_inode()?;
+        let entry = self.inner.symlink(ctx, linkname, parent, name)?;
+        self.looked_up(ctx, entry)
     }
 
     fn mknod(
@@ -124,7 +203,9 @@ impl<F: FileSystem<Handle = u64>> FileSystem for Bounded<F> {
         rdev: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+        self.room_for_an_inode()?;
+        let entry = self.inner.mknod(ctx, inode, name, mode, rdev, umask)?;
+        self.looked_up(ctx, entry)
     }
 
     fn mkdir(
@@ -135,7 +216,9 @@ impl<F: FileSystem<Handle = u64>> FileSystem for Bounded<F> {
         mode: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        self.room_for_an_inode()?;
+        let entry = self.inner.mkdir(ctx, parent, name, mode, umask)?;
+        self.looked_up(ctx, entry)
     }
 
     fn unlink(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
@@ -166,7 +249,8 @@ impl<F: FileSystem<Handle = u64>> FileSystem for Bounded<F> {
         newparent: Self::Inode,
         newname: &CStr,
     ) -> io::Result<Entry> {
-        self.inner.link(ctx, inode, newparent, newname)
+        let entry = self.inner.link(ctx, inode, newparent, newname)?;
+        self.looked_up(ctx, entry)
     }
 
     fn open(
@@ -190,8 +274,12 @@ impl<F: FileSystem<Handle = u64>> FileSystem for Bounded<F> {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions, Option<u32>)> {
         self.room_for_a_handle()?;
+        self.room_for_an_inode()?;
         let created = self.inner.create(ctx, parent, name, args)?;
         self.opened(created.1);
+        // Room was made sure of above: requests that add inodes come on the one request
+        // queue, served in order.
+        self.hold(created.0.inode);
         Ok(created)
     }
 
@@ -360,8 +448,21 @@ impl<F: FileSystem<Handle = u64>> FileSystem for Bounded<F> {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        self.room_for_an_inode()?;
+        // Each entry sent is a lookup the guest holds; one that would be a new inode past
+        // the cap ends this listing (the filesystem forgets it), and the next one is refused.
         self.inner
-            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+            .readdirplus(ctx, inode, handle, size, offset, &mut |dir_entry, entry| {
+                let inode = entry.inode;
+                if !self.hold(inode) {
+                    return Ok(0);
+                }
+                let sent = add_entry(dir_entry, entry);
+                if !matches!(sent, Ok(n) if n > 0) {
+                    self.release(inode, 1);
+                }
+                sent
+            })
     }
 
     fn fsyncdir(

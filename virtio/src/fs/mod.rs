@@ -101,11 +101,12 @@ pub struct VirtioFs {
 
 impl VirtioFs {
     pub fn new(config: &FsConfig) -> Result<VirtioFs, FsError> {
-        VirtioFs::with_handle_cap(config, crate::descriptor_budget())
+        VirtioFs::with_descriptor_cap(config, crate::descriptor_budget())
     }
 
-    /// A share on which the guest may hold at most `cap` files and folders open.
-    pub fn with_handle_cap(config: &FsConfig, cap: usize) -> Result<VirtioFs, FsError> {
+    /// A share on which the guest may hold at most `cap` files and folders open, and at most
+    /// `cap` files and folders looked up (each is a descriptor of nixvmm's).
+    pub fn with_descriptor_cap(config: &FsConfig, cap: usize) -> Result<VirtioFs, FsError> {
         let err = |reason: String| FsError::Share {
             path: config.shared_dir.clone(),
             reason,
