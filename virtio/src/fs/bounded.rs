@@ -29,7 +29,7 @@ pub struct Bounded<F> {
     /// The inodes the guest holds, with how many lookups of each it has not forgotten
     /// (the root, which is never forgotten, aside).
     inodes: Mutex<HashMap<u64, u64>>,
-    /// The most handles, and the most inodes, held at once.
+    /// The most handles and inodes held at once, together.
     cap: usize,
     said_full: AtomicBool,
     said_inodes_full: AtomicBool,
@@ -47,13 +47,18 @@ impl<F> Bounded<F> {
         }
     }
 
+    /// Descriptors the guest holds: its open handles and its looked-up inodes.
+    fn held(&self, inodes: &HashMap<u64, u64>) -> usize {
+        self.handles.load(Ordering::Relaxed) + inodes.len()
+    }
+
     fn room_for_a_handle(&self) -> io::Result<()> {
-        if self.handles.load(Ordering::Relaxed) < self.cap {
+        if self.held(&devices::bus::lock(&self.inodes)) < self.cap {
             return Ok(());
         }
         let message = format_args!(
-            "virtio-fs: {} files open (the share's descriptor budget); refusing to open more \
-             (raise `ulimit -n`)",
+            "virtio-fs: the guest holds {} files open or looked up (the share's descriptor \
+             budget); refusing to open more until it closes or forgets some (raise `ulimit -n`)",
             self.cap
         );
         devices::warn_once(&self.said_full, message);
@@ -68,7 +73,7 @@ impl<F> Bounded<F> {
 
     /// Whether the guest may hold one more inode.
     fn room_for_an_inode(&self) -> io::Result<()> {
-        if devices::bus::lock(&self.inodes).len() < self.cap {
+        if self.held(&devices::bus::lock(&self.inodes)) < self.cap {
             return Ok(());
         }
         Err(self.inodes_full())
@@ -76,8 +81,9 @@ impl<F> Bounded<F> {
 
     fn inodes_full(&self) -> io::Error {
         let message = format_args!(
-            "virtio-fs: the guest holds {} looked-up files and folders (the share's descriptor \
-             budget); refusing lookups of more until it forgets some (raise `ulimit -n`)",
+            "virtio-fs: the guest holds {} files open or looked up (the share's descriptor \
+             budget); refusing lookups of more until it closes or forgets some (raise \
+             `ulimit -n`)",
             self.cap
         );
         devices::warn_once(&self.said_inodes_full, message);
@@ -91,7 +97,7 @@ impl<F> Bounded<F> {
             return true;
         }
         let mut inodes = devices::bus::lock(&self.inodes);
-        let full = inodes.len() >= self.cap;
+        let full = self.held(&inodes) >= self.cap;
         match inodes.get_mut(&inode) {
             Some(lookups) => *lookups += 1,
             None if full => return false,
@@ -448,17 +454,20 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Bounded<F> {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.room_for_an_inode()?;
-        // Each entry sent is a lookup the guest holds; one that would be a new inode past
-        // the cap ends this listing (the filesystem forgets it), and the next one is refused.
+        // Each entry sent is a lookup the guest holds. One that would be a new inode past
+        // the cap is handed back and refused: the listing ends before it (the filesystem
+        // fails the call if nothing was sent yet), so the guest gets ENFILE, never a listing
+        // that looks complete.
         self.inner
             .readdirplus(ctx, inode, handle, size, offset, &mut |dir_entry, entry| {
                 let inode = entry.inode;
                 if !self.hold(inode) {
-                    return Ok(0);
+                    self.inner.forget(ctx, inode, 1);
+                    return Err(self.inodes_full());
                 }
                 let sent = add_entry(dir_entry, entry);
-                if !matches!(sent, Ok(n) if n > 0) {
+                // The filesystem forgets an entry that did not fit (Ok(0)), and only that.
+                if matches!(sent, Ok(0)) {
                     self.release(inode, 1);
                 }
                 sent

@@ -11,9 +11,11 @@
 mod bounded;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub use bounded::Bounded;
+use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
@@ -65,6 +67,7 @@ const MUTATING_OPCODES: &[u32] = &[
     51, // TMPFILE
 ];
 const FUSE_OPEN: u32 = 14;
+const FUSE_INIT: u32 = 26;
 const FUSE_GETXATTR: u32 = 22;
 const FUSE_LISTXATTR: u32 = 23;
 const FUSE_READDIR: u32 = 28;
@@ -95,6 +98,11 @@ pub struct FsConfig {
 
 pub struct VirtioFs {
     server: Server<Arc<Bounded<PassthroughFs>>>,
+    /// The filesystem the server serves, to let the guest's state go when a new driver
+    /// session starts.
+    fs: Arc<Bounded<PassthroughFs>>,
+    /// A driver has sent FUSE_INIT since the share was made or last reset.
+    initialized: AtomicBool,
     tag: Option<String>,
     readonly: bool,
 }
@@ -104,8 +112,8 @@ impl VirtioFs {
         VirtioFs::with_descriptor_cap(config, crate::descriptor_budget())
     }
 
-    /// A share on which the guest may hold at most `cap` files and folders open, and at most
-    /// `cap` files and folders looked up (each is a descriptor of nixvmm's).
+    /// A share on which the guest may hold at most `cap` files and folders open or looked up
+    /// together (each is a descriptor of nixvmm's).
     pub fn with_descriptor_cap(config: &FsConfig, cap: usize) -> Result<VirtioFs, FsError> {
         let err = |reason: String| FsError::Share {
             path: config.shared_dir.clone(),
@@ -117,8 +125,11 @@ impl VirtioFs {
         if let Some(tag) = &config.tag {
             check_tag(tag).map_err(|e| err(format!("tag `{tag}`: {e}")))?;
         }
+        let fs = Arc::new(Bounded::new(passthrough(config)?, cap));
         Ok(VirtioFs {
-            server: Server::new(Arc::new(Bounded::new(passthrough(config)?, cap))),
+            server: Server::new(fs.clone()),
+            fs,
+            initialized: AtomicBool::new(false),
             tag: config.tag.clone(),
             readonly: config.readonly,
         })
@@ -126,6 +137,14 @@ impl VirtioFs {
 
     /// Handles one FUSE request; returns the bytes written into the chain.
     fn handle(&self, chain: Chain, mem: &Memory) -> u32 {
+        // A second FUSE_INIT starts a new driver session: the guest rebooted without
+        // unmounting (nothing tells a vhost-user backend of a reboot) or reloaded its driver.
+        // What the old session held is let go first, or a backend serving boot after boot
+        // (`nixvmm device fs`) would keep it and fill its descriptor budget.
+        if opcode(&chain, mem) == Some(FUSE_INIT) && self.initialized.swap(true, Ordering::Relaxed)
+        {
+            self.fs.destroy();
+        }
         if self.readonly && is_mutating(&chain, mem) {
             return reply_error(&chain, mem, libc::EROFS).unwrap_or(0);
         }
@@ -217,6 +236,13 @@ fn peek(mem: &Memory, readable: &[Buffer], len: usize) -> Vec<u8> {
 }
 
 /// Whether the request changes the share: a mutating opcode, or an open for writing.
+/// The opcode of the request in `chain`, where its header is there to read.
+fn opcode(chain: &Chain, mem: &Memory) -> Option<u32> {
+    let (readable, _) = buffers(chain);
+    let head = peek(mem, &readable, 8);
+    Some(u32::from_le_bytes(head.get(4..8)?.try_into().ok()?))
+}
+
 fn is_mutating(chain: &Chain, mem: &Memory) -> bool {
     let (readable, _) = buffers(chain);
     let head = peek(mem, &readable, IN_HEADER_LEN + 4);
@@ -274,6 +300,13 @@ fn reply_error(chain: &Chain, mem: &Memory, errno: i32) -> Option<u32> {
 impl QueueDevice for VirtioFs {
     fn device_type(&self) -> u32 {
         device_type::FS
+    }
+
+    /// A driver that reset its device holds nothing any more: its handles and looked-up
+    /// files are let go, as at FUSE_DESTROY.
+    fn reset(&mut self) {
+        self.fs.destroy();
+        self.initialized.store(false, Ordering::Relaxed);
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

@@ -9,7 +9,7 @@
 //! (`first`), under one lock for all vCPUs.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use devices::bus::{lock, Bus};
@@ -105,27 +105,26 @@ impl Ring {
     /// The oldest write KVM kept, taken off the ring.
     fn pop(&mut self) -> Option<kvm_coalesced_mmio> {
         let ring = self.page.as_ptr();
-        // SAFETY: `ring` is the live, page-sized mapping; KVM writes `last` and the entries,
-        // only this side writes `first`; volatile accesses because KVM changes them.
+        // SAFETY: `ring` is the live, page-sized mapping, aligned for its u32 indices; KVM
+        // moves `last` past an entry once it is written, only this side moves `first`.
         let (first, last) = unsafe {
             (
-                std::ptr::read_volatile(&raw const (*ring).first),
-                std::ptr::read_volatile(&raw const (*ring).last),
+                AtomicU32::from_ptr(&raw mut (*ring).first),
+                AtomicU32::from_ptr(&raw mut (*ring).last),
             )
         };
-        if first == last || first >= self.capacity() {
+        let index = first.load(Ordering::Relaxed);
+        if index == last.load(Ordering::Acquire) || index >= self.capacity() {
             return None;
         }
-        // KVM fills an entry before it moves `last` past it.
-        fence(Ordering::Acquire);
-        // SAFETY: `first` is below the ring's capacity, so the entry lies within the page.
+        // SAFETY: `index` is below the ring's capacity, so the entry lies within the page;
+        // KVM wrote it before it moved `last` (acquired above).
         let write = unsafe {
             let entries = (&raw const (*ring).coalesced_mmio).cast::<kvm_coalesced_mmio>();
-            std::ptr::read_volatile(entries.add(first as usize))
+            std::ptr::read_volatile(entries.add(index as usize))
         };
-        fence(Ordering::Release);
-        // SAFETY: as above; handing the entry back to KVM.
-        unsafe { std::ptr::write_volatile(&raw mut (*ring).first, (first + 1) % self.capacity()) };
+        // Hands the entry back to KVM once it is read.
+        first.store((index + 1) % self.capacity(), Ordering::Release);
         Some(write)
     }
 }

@@ -72,31 +72,33 @@ fn map_guest_memory(size: u64, shared: bool) -> Result<GuestMemoryMmap, String> 
 /// One range of guest RAM, mapped by vm-memory (which owns and unmaps it) into a 2 MiB-aligned
 /// hole made for it: mmap places a mapping at the top of the highest free gap that fits, so a
 /// gap of exactly `len` bytes at an aligned address, fenced on both sides, is where it lands.
-/// Another thread's mapping can take the hole first: then it is tried again, and after
-/// `ATTEMPTS` the range is kept misaligned (said at debug level): slower, never wrong.
+/// Another thread's mapping can take the hole first, or a free gap higher up may fit `len`
+/// but not the reservation: then it is tried again with the misplaced mapping still held
+/// (so the next one cannot land there), and after `ATTEMPTS` the last is kept misaligned
+/// (said at debug level): slower, never wrong.
 fn aligned_region(
     addr: GuestAddress,
     len: usize,
     file: Option<FileOffset>,
 ) -> Result<GuestRegionMmap, String> {
     const ATTEMPTS: usize = 4;
-    let mut attempt = 1;
+    let mut misplaced = Vec::new();
     loop {
         let hole = AlignedHole::make(len);
         let region =
             GuestRegionMmap::from_range(addr, len, file.clone()).map_err(|e| e.to_string())?;
         drop(hole);
-        let aligned = (region.as_ptr() as usize).is_multiple_of(HUGE_PAGE);
-        if aligned || attempt == ATTEMPTS {
-            if !aligned {
-                log::debug!(
-                    "guest RAM at {:#x} is not 2 MiB-aligned on the host; it runs on 4 KiB pages",
-                    addr.0
-                );
-            }
+        if (region.as_ptr() as usize).is_multiple_of(HUGE_PAGE) {
             return Ok(region);
         }
-        attempt += 1;
+        if misplaced.len() + 1 == ATTEMPTS {
+            log::debug!(
+                "guest RAM at {:#x} is not 2 MiB-aligned on the host; it runs on 4 KiB pages",
+                addr.0
+            );
+            return Ok(region);
+        }
+        misplaced.push(region);
     }
 }
 
