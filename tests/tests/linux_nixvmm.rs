@@ -683,20 +683,7 @@ fn vhost_user_fs_share_works(backend: impl Fn(&str, &str) -> String) {
         ]),
         ..Guest::default()
     };
-    let job = format!(
-        "rm -f {socket}\n\
-         {} &\n\
-         backend=$!\n\
-         for i in $(seq 100); do [ -S {socket} ] && break; sleep 0.1; done\n\
-         {}\n\
-         rc=$?\n\
-         wait $backend\n\
-         echo BACKEND_ENDED=$?\n\
-         exit $rc",
-        backend(&socket, path(dir.path())),
-        guest.command(),
-    );
-    let log = host().run(&job, BOOT_LIMIT).unwrap();
+    let log = with_vhost_user_backend(&backend(&socket, path(dir.path())), &socket, &guest, 1);
     boots_and_powers_off(&log);
     let tail = log.tail();
     assert_eq!(log.value_of("GREETING"), Some("hello"), "{tail}");
@@ -706,6 +693,77 @@ fn vhost_user_fs_share_works(backend: impl Fn(&str, &str) -> String) {
         std::fs::read_to_string(dir.path().join("back")).unwrap(),
         "from-guest\n"
     );
+}
+
+/// Runs `guest` (for up to `boots` boots) against a vhost-user backend started by `backend`
+/// on `socket`; `BACKEND_ENDED=` says how the backend ended once nixvmm had.
+fn with_vhost_user_backend(backend: &str, socket: &str, guest: &Guest, boots: u32) -> BootLog {
+    let job = format!(
+        "rm -f {socket}\n\
+         {backend} &\n\
+         backend=$!\n\
+         for i in $(seq 100); do [ -S {socket} ] && break; sleep 0.1; done\n\
+         {}\n\
+         rc=$?\n\
+         wait $backend\n\
+         echo BACKEND_ENDED=$?\n\
+         exit $rc",
+        guest.command(),
+    );
+    host().run(&job, BOOT_LIMIT * boots).unwrap()
+}
+
+/// A guest that reboots with a vhost-user-fs share still mounted starts a new FUSE session
+/// (FUSE_INIT again), which nothing else tells the backend of: what the old session held is
+/// let go, so boot after boot the guest has the whole descriptor budget. Here `nixvmm device
+/// fs` runs with 300 open files (a budget of 256) and each boot looks up 200 other files.
+#[test]
+fn tier4_a_guest_rebooting_with_a_vhost_user_fs_share_mounted_keeps_its_budget() {
+    let dir = host().tempdir().unwrap();
+    for boot in 0..3 {
+        let folder = dir.path().join(format!("files{boot}"));
+        std::fs::create_dir(&folder).unwrap();
+        for i in 0..200 {
+            std::fs::write(folder.join(format!("f{i}")), "x").unwrap();
+        }
+    }
+    let script = "mount -t virtiofs data /mnt || exit 1\n\
+                  n=$(cat /mnt/boots 2>/dev/null || echo 0)\n\
+                  echo $((n + 1)) > /mnt/boots; sync\n\
+                  echo BOOT$n=$(ls -l /mnt/files$n | grep -c ' f[0-9]')\n\
+                  [ $n -lt 2 ] && reboot -f\n\
+                  umount /mnt";
+    let socket = format!("/tmp/nixvmm-tier4-fs-reboot-{}.sock", std::process::id());
+    let guest = Guest {
+        modules: &["virtio_pci", "virtiofs"],
+        script,
+        memory: "256M",
+        args: args(&[
+            "--share",
+            &format!("tag=data,socket={socket},fs=vhost-user"),
+        ]),
+        no_reboot: false,
+        ..Guest::default()
+    };
+    let backend = format!(
+        "prlimit --nofile=300:300 {}",
+        shell_words(&[
+            path(&nixvmm_bin()),
+            "device",
+            "fs",
+            "--socket-path",
+            &socket,
+            "--shared-dir",
+            path(dir.path()),
+        ])
+    );
+    let log = with_vhost_user_backend(&backend, &socket, &guest, 3);
+    let tail = log.tail();
+    for n in 0..3 {
+        assert_eq!(log.value_of(&format!("BOOT{n}")), Some("200"), "{tail}");
+    }
+    assert!(log.exit_ok, "{tail}");
+    assert_eq!(log.value_of("BACKEND_ENDED"), Some("0"), "{tail}");
 }
 
 #[test]

@@ -101,7 +101,9 @@ pub struct VirtioFs {
     /// The filesystem the server serves, to let the guest's state go when a new driver
     /// session starts.
     fs: Arc<Bounded<PassthroughFs>>,
-    /// A driver has sent FUSE_INIT since the share was made or last reset.
+    /// A driver has sent FUSE_INIT since the share was made. (A device reset changes nothing
+    /// here: it comes on a vCPU thread, whose filter forbids the filesystem's calls, and the
+    /// next driver's FUSE_INIT lets the old session go on the worker.)
     initialized: AtomicBool,
     tag: Option<String>,
     readonly: bool,
@@ -300,13 +302,6 @@ fn reply_error(chain: &Chain, mem: &Memory, errno: i32) -> Option<u32> {
 impl QueueDevice for VirtioFs {
     fn device_type(&self) -> u32 {
         device_type::FS
-    }
-
-    /// A driver that reset its device holds nothing any more: its handles and looked-up
-    /// files are let go, as at FUSE_DESTROY.
-    fn reset(&mut self) {
-        self.fs.destroy();
-        self.initialized.store(false, Ordering::Relaxed);
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
