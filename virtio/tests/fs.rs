@@ -333,23 +333,26 @@ fn readdirplus(g: &mut Guest, dir: u64, fh: u64) -> Reply {
     g.call(READDIRPLUS, dir, &body)
 }
 
-/// The names in a READDIRPLUS reply: each a fuse_entry_out (128 bytes), then a fuse_dirent
-/// (ino, off, namelen, type, the name padded to 8 bytes).
-fn names(listing: &Reply) -> Vec<String> {
-    let (body, mut at, mut names) = (&listing.body, 0, Vec::new());
+/// The entries in a READDIRPLUS reply, by name with their node IDs: each a fuse_entry_out
+/// (128 bytes, the node ID first), then a fuse_dirent (ino, off, namelen, type, the name
+/// padded to 8 bytes).
+fn entries(listing: &Reply) -> Vec<(String, u64)> {
+    let (body, mut at, mut entries) = (&listing.body, 0, Vec::new());
     while at + 128 + 24 <= body.len() {
+        let node = u64::from_le_bytes(body[at..at + 8].try_into().unwrap());
         let dirent = at + 128;
         let len = u32::from_le_bytes(body[dirent + 16..dirent + 20].try_into().unwrap()) as usize;
-        names.push(String::from_utf8_lossy(&body[dirent + 24..dirent + 24 + len]).into());
+        let name = String::from_utf8_lossy(&body[dirent + 24..dirent + 24 + len]).into();
+        entries.push((name, node));
         at = dirent + (24 + len).next_multiple_of(8);
     }
-    names
+    entries
 }
 
 /// A guest that looks up without forgetting: past the share's cap (open files and looked-up
 /// ones together), lookups of files it does not hold yet fail with ENFILE (fuse-backend-rs
-/// keeps a descriptor per inode) and listings with attributes stop before them; lookups of
-/// files it holds go on, a forget makes room, and a reset of the device lets everything go.
+/// keeps a descriptor per inode) and listings give them by name only; lookups of files it
+/// holds go on, a forget makes room, and a new driver session (FUSE_INIT) lets all go.
 #[test]
 fn looked_up_files_stop_at_the_cap_and_forgets_make_room() {
     let dir = tempfile::tempdir().unwrap();
@@ -384,21 +387,32 @@ fn looked_up_files_stop_at_the_cap_and_forgets_make_room() {
     let grown = open_fds() - before;
     assert!(grown <= cap + 4, "{grown} descriptors for {cap} held");
     assert_eq!(g.lookup(ROOT, "held0").error, 0, "a file the guest holds");
+    // A listing at the cap is whole; what the guest does not hold comes by name only.
     let listing = readdirplus(&mut g, ROOT, fh);
-    if listing.error == 0 {
-        let listed = names(&listing);
-        assert!(
-            listed.iter().all(|n| n.starts_with("held") || n == "new0"),
-            "only files the guest holds: {listed:?}"
+    assert_eq!(listing.error, 0);
+    let listed = entries(&listing);
+    assert_eq!(listed.len(), cap - 2 + 100, "every file listed");
+    for (name, node) in &listed {
+        let held = name.starts_with("held") || name == "new0";
+        assert_eq!(
+            *node != 0,
+            held,
+            "{name}: attributes only for what the guest holds"
         );
-    } else {
-        assert_eq!(listing.error, -libc::ENFILE);
     }
 
-    // held0 was looked up twice: one forget leaves it held, the second makes room.
-    forget(&mut g, nodes[0], 1);
+    // held0 was looked up twice and listed once: forgetting two leaves it held, the third
+    // makes room.
+    forget(&mut g, nodes[0], 2);
     assert_eq!(g.lookup(ROOT, "new1").error, -libc::ENFILE);
     forget(&mut g, nodes[0], 1);
+    // Room for one: a creation, a handle and a new file, does not fit; a lookup does.
+    let mut create = Vec::new();
+    for v in [libc::O_WRONLY as u32 | libc::O_CREAT as u32, 0o644, 0, 0] {
+        create.extend_from_slice(&v.to_le_bytes());
+    }
+    create.extend_from_slice(b"made\0");
+    assert_eq!(g.call(CREATE, ROOT, &create).error, -libc::ENFILE);
     assert_eq!(g.lookup(ROOT, "new1").error, 0, "room again");
 
     // A new driver session (a reboot without unmounting: FUSE_INIT again) lets the old
@@ -414,8 +428,8 @@ fn looked_up_files_stop_at_the_cap_and_forgets_make_room() {
     }
 }
 
-/// A listing with attributes is a lookup of every entry sent: it stops at the cap, and the
-/// next part of it is refused, rather than handing out more.
+/// A listing with attributes is a lookup of every entry sent with them: past the cap the
+/// entries come by name only, so the listing stays whole and hands out no more.
 #[test]
 fn listings_with_attributes_count_toward_the_cap() {
     let dir = tempfile::tempdir().unwrap();
@@ -427,10 +441,12 @@ fn listings_with_attributes_count_toward_the_cap() {
     let fh = opendir(&mut g, ROOT);
     let listing = readdirplus(&mut g, ROOT, fh);
     assert_eq!(listing.error, 0);
+    let listed = entries(&listing);
+    assert_eq!(listed.len(), cap * 2, "every file listed");
     assert_eq!(
-        names(&listing).len(),
+        listed.iter().filter(|(_, node)| *node != 0).count(),
         cap - 1,
-        "entries sent up to the cap (the open folder holds one)"
+        "attributes (a lookup each) up to the cap; the open folder holds one"
     );
     std::fs::write(dir.path().join("late"), "x").unwrap();
     assert_eq!(g.lookup(ROOT, "late").error, -libc::ENFILE);

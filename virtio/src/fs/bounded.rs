@@ -73,7 +73,12 @@ impl<F> Bounded<F> {
 
     /// Whether the guest may hold one more inode.
     fn room_for_an_inode(&self) -> io::Result<()> {
-        if self.held(&devices::bus::lock(&self.inodes)) < self.cap {
+        self.room_for(1)
+    }
+
+    /// Whether the guest may hold `more` descriptors besides those it holds.
+    fn room_for(&self, more: usize) -> io::Result<()> {
+        if self.held(&devices::bus::lock(&self.inodes)) + more <= self.cap {
             return Ok(());
         }
         Err(self.inodes_full())
@@ -279,13 +284,13 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Bounded<F> {
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        self.room_for_a_handle()?;
-        self.room_for_an_inode()?;
+        // A handle and (as a rule) a new inode: room for both.
+        self.room_for(2)?;
         let created = self.inner.create(ctx, parent, name, args)?;
-        self.opened(created.1);
         // Room was made sure of above: requests that add inodes come on the one request
         // queue, served in order.
         self.hold(created.0.inode);
+        self.opened(created.1);
         Ok(created)
     }
 
@@ -454,16 +459,28 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Bounded<F> {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        // Each entry sent is a lookup the guest holds. One that would be a new inode past
-        // the cap is handed back and refused: the listing ends before it (the filesystem
-        // fails the call if nothing was sent yet), so the guest gets ENFILE, never a listing
-        // that looks complete.
+        // Each entry sent with its attributes is a lookup the guest holds. One that would be
+        // a new inode past the cap is sent by name only (node ID 0: Linux lists it and looks
+        // it up when it needs it, which is refused then), and its lookup handed back: the
+        // listing stays whole.
         self.inner
             .readdirplus(ctx, inode, handle, size, offset, &mut |dir_entry, entry| {
                 let inode = entry.inode;
                 if !self.hold(inode) {
-                    self.inner.forget(ctx, inode, 1);
-                    return Err(self.inodes_full());
+                    self.inodes_full();
+                    let name_only = Entry {
+                        inode: 0,
+                        generation: 0,
+                        attr_timeout: Duration::ZERO,
+                        entry_timeout: Duration::ZERO,
+                        ..entry
+                    };
+                    let sent = add_entry(dir_entry, name_only);
+                    // The filesystem forgets an entry that did not fit (Ok(0)) itself.
+                    if matches!(sent, Ok(n) if n > 0) {
+                        self.inner.forget(ctx, inode, 1);
+                    }
+                    return sent;
                 }
                 let sent = add_entry(dir_entry, entry);
                 // The filesystem forgets an entry that did not fit (Ok(0)), and only that.

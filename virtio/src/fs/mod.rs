@@ -237,7 +237,6 @@ fn peek(mem: &Memory, readable: &[Buffer], len: usize) -> Vec<u8> {
     out
 }
 
-/// Whether the request changes the share: a mutating opcode, or an open for writing.
 /// The opcode of the request in `chain`, where its header is there to read.
 fn opcode(chain: &Chain, mem: &Memory) -> Option<u32> {
     let (readable, _) = buffers(chain);
@@ -245,6 +244,7 @@ fn opcode(chain: &Chain, mem: &Memory) -> Option<u32> {
     Some(u32::from_le_bytes(head.get(4..8)?.try_into().ok()?))
 }
 
+/// Whether the request changes the share: a mutating opcode, or an open for writing.
 fn is_mutating(chain: &Chain, mem: &Memory) -> bool {
     let (readable, _) = buffers(chain);
     let head = peek(mem, &readable, IN_HEADER_LEN + 4);

@@ -169,8 +169,9 @@ impl Engine {
 
     /// At [`MAX_FLOWS`], leaves the TCP forwards' listening sockets unwatched, so slirp
     /// accepts no more host connections: they wait in the kernel's backlog (beyond it the
-    /// kernel drops their SYNs and clients retry) until some flow ends. slirp does not register its listeners (only the
-    /// sockets of flows), so they are told by asking the socket.
+    /// kernel drops their SYNs and clients retry) until some flow ends. slirp does not
+    /// register its listeners (only the sockets of flows), so they are told by asking the
+    /// socket.
     fn hold_back_forwards(&mut self, fds: &mut [libc::pollfd]) {
         let callbacks = &self.network.callbacks;
         if callbacks.sockets.len() < MAX_FLOWS {
