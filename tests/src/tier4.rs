@@ -11,7 +11,8 @@
 //! A test hands a bash script to [`Tier4Host::run`] and gets its output and exit status. One
 //! L1 serves every test of a process, one script at a time, each under `timeout`. QEMU's
 //! emulated SVM occasionally wedges L1 (a soft lockup of an L1 CPU, seen about once in 30
-//! boots): a job whose L1 dies or stops answering runs again in a new L1, up to four L1s in
+//! boots): a job whose L1 dies, stops answering, or keeps reporting stalled CPUs on its
+//! console for a minute runs again in a new L1, up to four L1s in
 //! all, and stderr says so.
 
 use std::io::Write;
@@ -29,6 +30,19 @@ const L1_MEMORY: &str = "8G";
 const L1_START_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long past a job's limit L1 may take to report it before it counts as hung.
 const L1_GRACE: Duration = Duration::from_secs(60);
+/// What L1's kernel prints about a CPU that stopped making progress.
+const STALL_MARKERS: [&str; 3] = [
+    "rcu_preempt detected stalls",
+    "rcu_preempt self-detected stall",
+    "soft lockup",
+];
+/// A stall reported again this long after the first report in one job means L1 is wedged
+/// (TCG's emulated SVM now and then leaves an L1 CPU stuck for good; the kernel repeats its
+/// report while it lasts), and the job runs again in a new L1 rather than waiting out its
+/// limit. A stall reported once and then over is not counted.
+const L1_STALL_PERSISTS: Duration = Duration::from_secs(60);
+/// How often the console is read for stall reports.
+const STALL_SCAN_EVERY: Duration = Duration::from_secs(2);
 /// How many L1s a job may take when L1 fails under it.
 const L1_ATTEMPTS: u32 = 4;
 /// Modules L1 loads: its 9p shares, KVM on the (emulated) SVM CPU, taps and bridges for the
@@ -179,6 +193,56 @@ struct L1 {
     /// How QEMU ended, once it has.
     ended: Mutex<Option<String>>,
     pid: u32,
+    stalls: Mutex<StallWatch>,
+}
+
+/// Stall reports on L1's console during the current job.
+#[derive(Default)]
+struct StallWatch {
+    /// Console bytes read so far.
+    read: u64,
+    scanned: Option<Instant>,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl StallWatch {
+    /// Reads what `console` gained (every [`STALL_SCAN_EVERY`], whole lines only: a report
+    /// cut in two is read with its end next time) and says whether stall reports have come
+    /// for at least [`L1_STALL_PERSISTS`].
+    fn scan(&mut self, console: &Path, now: Instant) -> bool {
+        if self
+            .scanned
+            .is_some_and(|t| now.duration_since(t) < STALL_SCAN_EVERY)
+        {
+            return false;
+        }
+        self.scanned = Some(now);
+        let mut new = Vec::new();
+        if let Ok(mut file) = std::fs::File::open(console) {
+            use std::io::{Read, Seek, SeekFrom};
+            if file.seek(SeekFrom::Start(self.read)).is_ok() {
+                let _ = file.read_to_end(&mut new);
+            }
+        }
+        let whole = new.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        self.read += whole as u64;
+        let text = String::from_utf8_lossy(&new[..whole]);
+        if STALL_MARKERS.iter().any(|m| text.contains(m)) {
+            self.first.get_or_insert(now);
+            self.last = Some(now);
+        }
+        match (self.first, self.last) {
+            (Some(first), Some(last)) => last.duration_since(first) >= L1_STALL_PERSISTS,
+            _ => false,
+        }
+    }
+
+    /// A job ended: stalls reported during it are over.
+    fn forget(&mut self) {
+        self.first = None;
+        self.last = None;
+    }
 }
 
 /// Why a job got no result: L1 itself failed (the job may run again in a new L1), or the job
@@ -436,6 +500,7 @@ impl L1 {
             exited: Mutex::new(exited_rx),
             ended: Mutex::new(None),
             pid,
+            stalls: Mutex::new(StallWatch::default()),
         };
         if let Err(e) = l1.wait_ready() {
             l1.kill();
@@ -498,6 +563,12 @@ impl L1 {
         )
     }
 
+    /// Whether L1's console has reported stalled CPUs during the current job for at least
+    /// [`L1_STALL_PERSISTS`].
+    fn wedged(&self) -> bool {
+        lock(&self.stalls).scan(&self.console, Instant::now())
+    }
+
     fn run(&self, script: &str, limit: Duration) -> Result<BootLog, JobError> {
         let id = format!("{:06}", next_job());
         let path = |ext: &str| self.jobs.join(format!("{id}.{ext}"));
@@ -510,6 +581,7 @@ impl L1 {
         std::fs::rename(path("sh.tmp"), path("sh")).map_err(|e| JobError::Other(e.to_string()))?;
         loop {
             if let Ok(rc) = std::fs::read_to_string(path("rc")) {
+                lock(&self.stalls).forget();
                 let console = std::fs::read(path("out")).unwrap_or_default();
                 for ext in ["rc", "out", "limit", "started"] {
                     let _ = std::fs::remove_file(path(ext));
@@ -533,6 +605,12 @@ impl L1 {
                 });
             }
             self.check_alive().map_err(JobError::L1Failed)?;
+            if self.wedged() {
+                return Err(JobError::L1Failed(format!(
+                    "L1's console has reported stalled CPUs for over {L1_STALL_PERSISTS:?}\n{}",
+                    self.console_tail()
+                )));
+            }
             // L1 stops every job after its limit; one that runs far longer means L1 hangs.
             let started = std::fs::metadata(path("started")).and_then(|m| m.modified());
             if let Ok(age) = started.map(|t| t.elapsed().unwrap_or_default()) {
@@ -576,4 +654,42 @@ pub fn shell_words<S: AsRef<str>>(words: &[S]) -> String {
         .map(|w| shell_quote(w.as_ref()))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wedged L1 keeps reporting its stall; one report, or reports in two jobs, do not
+    /// count; a report cut in two is read whole.
+    #[test]
+    fn stall_reports_repeated_for_a_minute_mean_a_wedged_l1() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console.log");
+        let append = |text: &str| {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&console)
+                .unwrap();
+            file.write_all(text.as_bytes()).unwrap();
+        };
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut watch = StallWatch::default();
+        append("[ 1.0] booting\n");
+        assert!(!watch.scan(&console, at(0)));
+        append("[ 30.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n");
+        assert!(!watch.scan(&console, at(10)), "one report");
+        append("[ 95.0] rcu: INFO: rcu_preempt detec");
+        assert!(!watch.scan(&console, at(75)), "half a line is not read yet");
+        append("ted stalls on CPUs/tasks:\n");
+        assert!(!watch.scan(&console, at(76)), "scanned at most every 2 s");
+        assert!(watch.scan(&console, at(78)), "reported again 68 s later");
+
+        watch.forget();
+        append("[ 99.0] watchdog: BUG: soft lockup - CPU#1 stuck for 22s!\n");
+        assert!(!watch.scan(&console, at(100)), "a new job starts afresh");
+        assert!(!watch.scan(&console, at(200)), "no report since");
+    }
 }
