@@ -226,8 +226,10 @@ fn the_guests_new_connections_and_forwarded_ones_stop_at_the_cap() {
         MAX_FLOWS + 300
     );
 
-    // Host programs connect to the forward; slirp, past the cap, takes none of them (only
-    // the kernel's backlog completes a few handshakes).
+    // Host programs connect to the forward; slirp, past the cap, accepts none of them: only
+    // the kernel's backlog completes a few handshakes (slirp listens with a backlog of 1),
+    // the others time out. (Counted by the clients, not by this process's descriptors, which
+    // other tests open meanwhile.)
     let mut clients = Vec::new();
     for _ in 0..150 {
         let timeout = std::time::Duration::from_millis(30);
@@ -236,9 +238,9 @@ fn the_guests_new_connections_and_forwarded_ones_stop_at_the_cap() {
         }
         while nic.recv().unwrap().is_some() {}
     }
-    let slirps = open_fds().saturating_sub(before + clients.len());
     assert!(
-        slirps <= MAX_FLOWS + 64,
-        "slirp holds {slirps} descriptors after 150 connections to a forward"
+        clients.len() <= 8,
+        "{} of 150 connections to a forward were taken past the cap",
+        clients.len()
     );
 }
