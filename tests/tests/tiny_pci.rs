@@ -9,6 +9,15 @@ use vmm::{Outcome, VmConfig};
 use nixvmm_tests::tiny::Guest;
 use nixvmm_tests::tiny_run::{config, hex, run, write_guest};
 
+/// Runs a tiny guest that ends by powering off; returns what it printed.
+fn run_to_poweroff(g: Guest) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = write_guest(dir.path(), g);
+    let (outcome, text) = run(&config(&kernel));
+    assert_eq!(outcome, Outcome::PoweredOff, "{text}");
+    text
+}
+
 /// Reads the vendor/device register of bus 0 slots 0..3 through both configuration
 /// mechanisms and reports them.
 #[test]
@@ -33,11 +42,7 @@ fn guest_enumerates_pci_through_cf8_and_ecam() {
         g.poweroff()?;
         Ok(g)
     };
-    let g = r().expect("guest assembles");
-    let dir = tempfile::tempdir().unwrap();
-    let kernel = write_guest(dir.path(), g);
-    let (outcome, text) = run(&config(&kernel));
-    assert_eq!(outcome, Outcome::PoweredOff, "{text}");
+    let text = run_to_poweroff(r().expect("guest assembles"));
     for mechanism in ["CF8", "ECAM"] {
         assert_eq!(
             hex(&text, &format!("{mechanism}_SLOT0")),
@@ -82,11 +87,7 @@ fn configuration_address_writes_apply_in_order_before_the_next_access() {
         g.poweroff()?;
         Ok(g)
     };
-    let g = r().expect("guest assembles");
-    let dir = tempfile::tempdir().unwrap();
-    let kernel = write_guest(dir.path(), g);
-    let (outcome, text) = run(&config(&kernel));
-    assert_eq!(outcome, Outcome::PoweredOff, "{text}");
+    let text = run_to_poweroff(r().expect("guest assembles"));
     assert_eq!(hex(&text, "ADDRESS"), 0x8000_0000, "{text}");
     assert_eq!(hex(&text, "ID"), 0x0d57_8086, "{text}");
 }

@@ -32,7 +32,6 @@ pub struct Bounded<F> {
     /// The most handles and inodes held at once, together.
     cap: usize,
     said_full: AtomicBool,
-    said_inodes_full: AtomicBool,
 }
 
 impl<F> Bounded<F> {
@@ -43,7 +42,6 @@ impl<F> Bounded<F> {
             inodes: Mutex::new(HashMap::new()),
             cap,
             said_full: AtomicBool::new(false),
-            said_inodes_full: AtomicBool::new(false),
         }
     }
 
@@ -52,47 +50,29 @@ impl<F> Bounded<F> {
         self.handles.load(Ordering::Relaxed) + inodes.len()
     }
 
-    fn room_for_a_handle(&self) -> io::Result<()> {
-        if self.held(&devices::bus::lock(&self.inodes)) < self.cap {
+    /// Whether the guest may hold `more` descriptors besides those it holds.
+    fn room_for(&self, more: usize) -> io::Result<()> {
+        if self.held(&devices::bus::lock(&self.inodes)) + more <= self.cap {
             return Ok(());
         }
+        Err(self.full())
+    }
+
+    /// The error past the cap, said once.
+    fn full(&self) -> io::Error {
         let message = format_args!(
             "virtio-fs: the guest holds {} files open or looked up (the share's descriptor \
-             budget); refusing to open more until it closes or forgets some (raise `ulimit -n`)",
+             budget); refusing more until it closes or forgets some (raise `ulimit -n`)",
             self.cap
         );
         devices::warn_once(&self.said_full, message);
-        Err(io::Error::from_raw_os_error(libc::ENFILE))
+        io::Error::from_raw_os_error(libc::ENFILE)
     }
 
     fn opened(&self, handle: Option<u64>) {
         if handle.is_some() {
             self.handles.fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    /// Whether the guest may hold one more inode.
-    fn room_for_an_inode(&self) -> io::Result<()> {
-        self.room_for(1)
-    }
-
-    /// Whether the guest may hold `more` descriptors besides those it holds.
-    fn room_for(&self, more: usize) -> io::Result<()> {
-        if self.held(&devices::bus::lock(&self.inodes)) + more <= self.cap {
-            return Ok(());
-        }
-        Err(self.inodes_full())
-    }
-
-    fn inodes_full(&self) -> io::Error {
-        let message = format_args!(
-            "virtio-fs: the guest holds {} files open or looked up (the share's descriptor \
-             budget); refusing lookups of more until it closes or forgets some (raise \
-             `ulimit -n`)",
-            self.cap
-        );
-        devices::warn_once(&self.said_inodes_full, message);
-        io::Error::from_raw_os_error(libc::ENFILE)
     }
 
     /// Counts one lookup of `inode` the guest now holds; `false` (nothing counted) where the
@@ -104,7 +84,7 @@ impl<F> Bounded<F> {
         let mut inodes = devices::bus::lock(&self.inodes);
         let full = self.held(&inodes) >= self.cap;
         match inodes.get_mut(&inode) {
-            Some(lookups) => *lookups += 1,
+            Some(lookups) => *lookups = lookups.saturating_add(1),
             None if full => return false,
             None => {
                 inodes.insert(inode, 1);
@@ -133,7 +113,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> Bounded<F> {
             return Ok(entry);
         }
         self.inner.forget(ctx, entry.inode, 1);
-        Err(self.inodes_full())
+        Err(self.full())
     }
 }
 
@@ -200,7 +180,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Bounded<F> {
         parent: Self::Inode,
         name: &CStr,
     ) -> io::Result<Entry> {
-        self.room_for_an_inode()?;
+        self.room_for(1)?;
         let entry = self.inner.symlink(ctx, linkname, parent, name)?;
         self.looked_up(ctx, entry)
     }
@@ -214,7 +194,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Bounded<F> {
         rdev: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.room_for_an_inode()?;
+        self.room_for(1)?;
         let entry = self.inner.mknod(ctx, inode, name, mode, rdev, umask)?;
         self.looked_up(ctx, entry)
     }
@@ -227,7 +207,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Bounded<F> {
         mode: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.room_for_an_inode()?;
+        self.room_for(1)?;
         let entry = self.inner.mkdir(ctx, parent, name, mode, umask)?;
         self.looked_up(ctx, entry)
     }
@@ -271,7 +251,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Bounded<F> {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        self.room_for_a_handle()?;
+        self.room_for(1)?;
         let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
         self.opened(opened.0);
         Ok(opened)
@@ -431,7 +411,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Bounded<F> {
         inode: Self::Inode,
         flags: u32,
     ) -> io::Result<(Option<Self::Handle>, OpenOptions)> {
-        self.room_for_a_handle()?;
+        self.room_for(1)?;
         let opened = self.inner.opendir(ctx, inode, flags)?;
         self.opened(opened.0);
         Ok(opened)
@@ -467,7 +447,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Bounded<F> {
             .readdirplus(ctx, inode, handle, size, offset, &mut |dir_entry, entry| {
                 let inode = entry.inode;
                 if !self.hold(inode) {
-                    self.inodes_full();
+                    self.full();
                     let name_only = Entry {
                         inode: 0,
                         generation: 0,

@@ -143,14 +143,14 @@ impl VirtioFs {
         // unmounting (nothing tells a vhost-user backend of a reboot) or reloaded its driver.
         // What the old session held is let go first, or a backend serving boot after boot
         // (`nixvmm device fs`) would keep it and fill its descriptor budget.
-        if opcode(&chain, mem) == Some(FUSE_INIT) && self.initialized.swap(true, Ordering::Relaxed)
-        {
+        let head = request_head(&chain, mem);
+        if opcode(&head) == Some(FUSE_INIT) && self.initialized.swap(true, Ordering::Relaxed) {
             self.fs.destroy();
         }
-        if self.readonly && is_mutating(&chain, mem) {
+        if self.readonly && is_mutating(&head) {
             return reply_error(&chain, mem, libc::EROFS).unwrap_or(0);
         }
-        if let Some(errno) = oversized(&chain, mem) {
+        if let Some(errno) = oversized(&head) {
             return reply_error(&chain, mem, errno).unwrap_or(0);
         }
         let chain_copy = chain.clone();
@@ -237,21 +237,26 @@ fn peek(mem: &Memory, readable: &[Buffer], len: usize) -> Vec<u8> {
     out
 }
 
-/// The opcode of the request in `chain`, where its header is there to read.
-fn opcode(chain: &Chain, mem: &Memory) -> Option<u32> {
+/// The start of the request in `chain`: its header and the first 20 bytes after it, or as
+/// much of them as the chain holds (all the checks below look at).
+fn request_head(chain: &Chain, mem: &Memory) -> Vec<u8> {
     let (readable, _) = buffers(chain);
-    let head = peek(mem, &readable, 8);
+    peek(mem, &readable, IN_HEADER_LEN + 20)
+}
+
+/// The request's opcode, where its header is there to read.
+fn opcode(head: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(head.get(4..8)?.try_into().ok()?))
 }
 
 /// Whether the request changes the share: a mutating opcode, or an open for writing.
-fn is_mutating(chain: &Chain, mem: &Memory) -> bool {
-    let (readable, _) = buffers(chain);
-    let head = peek(mem, &readable, IN_HEADER_LEN + 4);
+fn is_mutating(head: &[u8]) -> bool {
     if head.len() < IN_HEADER_LEN {
         return false; // the server rejects malformed headers itself
     }
-    let opcode = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let Some(opcode) = opcode(head) else {
+        return false;
+    };
     let open_for_write = opcode == FUSE_OPEN && head.len() >= IN_HEADER_LEN + 4 && {
         let flags = u32::from_le_bytes([head[40], head[41], head[42], head[43]]) as i32;
         flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
@@ -263,15 +268,12 @@ fn is_mutating(chain: &Chain, mem: &Memory) -> bool {
 /// passthrough filesystem allocates what GETXATTR, LISTXATTR and READDIR ask for before it
 /// looks (a guest could make nixvmm allocate gigabytes; found by the `virtiofs_requests`
 /// fuzz target).
-fn oversized(chain: &Chain, mem: &Memory) -> Option<i32> {
-    let (readable, _) = buffers(chain);
+fn oversized(head: &[u8]) -> Option<i32> {
     // GETXATTR/LISTXATTR: size, padding; READDIR(PLUS): fh, offset, size, …
-    let head = peek(mem, &readable, IN_HEADER_LEN + 20);
-    let opcode = u32::from_le_bytes(head.get(4..8)?.try_into().ok()?);
     let size_at = |at: usize| -> Option<u32> {
         Some(u32::from_le_bytes(head.get(at..at + 4)?.try_into().ok()?))
     };
-    match opcode {
+    match opcode(head)? {
         FUSE_GETXATTR | FUSE_LISTXATTR if size_at(IN_HEADER_LEN)? > XATTR_SIZE_MAX => {
             Some(libc::E2BIG)
         }
